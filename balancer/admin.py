@@ -1,0 +1,155 @@
+"""Admin API: ``/fleet/status`` and per-replica drain / undrain / restart.
+
+Loopback clients only unless ``admin_from_any_host`` is set, and a bearer token when one is
+configured. Without a supervisor (``neuron-fleet balance``) drain and undrain still work —
+they only change routing — and restart answers 501.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import time
+from typing import TYPE_CHECKING, Any, Protocol
+
+from aiohttp import web
+
+from balancer.errors import json_error
+from balancer.upstream import ReplicaState
+
+if TYPE_CHECKING:
+    from balancer.app import Balancer
+
+
+class FleetControl(Protocol):
+    """What the supervisor offers the admin API (``supervisor.fleet.Fleet``)."""
+
+    async def drain(self, name: str) -> None: ...
+    async def undrain(self, name: str) -> None: ...
+    async def restart(self, name: str) -> None: ...
+    async def rolling_restart(self) -> None: ...
+    def status(self) -> dict[str, Any]: ...
+
+
+FLEET_KEY = web.AppKey("fleet", object)
+ACTIONS = ("drain", "undrain", "restart")
+
+
+def _is_loopback(remote: str | None) -> bool:
+    if not remote:
+        return False
+    try:
+        return ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        return False  # unix sockets and the like: not a network client we can vouch for
+
+
+def _check_access(request: web.Request, balancer: Balancer) -> web.Response | None:
+    cfg = balancer.config
+    if not cfg.admin_from_any_host and not _is_loopback(request.remote):
+        return json_error(403, "Admin routes answer loopback clients only", "forbidden")
+    if cfg.admin_token:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), cfg.admin_token.encode()
+        ):
+            return json_error(
+                401,
+                "Admin routes need `Authorization: Bearer <admin token>`",
+                "unauthorized",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+    return None
+
+
+def fleet_status(balancer: Balancer, fleet: FleetControl | None) -> dict[str, Any]:
+    now = time.monotonic()
+    replicas = []
+    for r in balancer.registry.replicas:
+        uptime = r.uptime_s(now)
+        replicas.append(
+            {
+                "name": r.name,
+                "url": r.url,
+                "state": r.display_state,
+                "healthy": r.healthy,
+                "cores": r.cores,
+                "pid": r.pid,
+                "port": r.port,
+                "inflight": r.inflight,
+                "slot_cap": r.slot_cap,
+                "restarts": r.restarts,
+                "uptime_s": None if uptime is None else round(uptime, 1),
+                "last_exit": r.last_exit,
+            }
+        )
+    status: dict[str, Any] = {
+        "replicas": replicas,
+        "ready_replicas": balancer.registry.ready_count(),
+        "queue_depth": balancer.admission.queue_depth,
+        "max_queue": balancer.config.max_queue,
+        "inflight": balancer.inflight,
+        "policy": balancer.config.policy,
+        "draining": balancer.draining,
+        "supervised": fleet is not None,
+    }
+    if fleet is not None:
+        status.update(fleet.status())
+    return status
+
+
+def add_admin_routes(app: web.Application, balancer: Balancer) -> None:
+    def fleet() -> FleetControl | None:
+        return app.get(FLEET_KEY)  # type: ignore[return-value]
+
+    async def status(request: web.Request) -> web.Response:
+        denied = _check_access(request, balancer)
+        if denied is not None:
+            return denied
+        return web.json_response(fleet_status(balancer, fleet()))
+
+    async def action(request: web.Request) -> web.Response:
+        denied = _check_access(request, balancer)
+        if denied is not None:
+            return denied
+        name = request.match_info["name"]
+        verb = request.match_info["action"]
+        replica = balancer.registry.get(name)
+        if replica is None:
+            known = ", ".join(r.name for r in balancer.registry.replicas)
+            return json_error(404, f"No replica {name!r}; known: {known}", "not_found")
+        control = fleet()
+        if control is not None:
+            await getattr(control, verb)(name)
+        elif verb == "drain":
+            balancer.registry.set_state(replica, ReplicaState.DRAINING)
+        elif verb == "undrain":
+            balancer.registry.set_state(replica, ReplicaState.READY)
+        else:
+            return json_error(
+                501, "Restart needs the supervisor (`neuron-fleet serve`)", "not_supported"
+            )
+        return web.json_response({"replica": name, "action": verb, "state": replica.display_state})
+
+    async def rolling(request: web.Request) -> web.Response:
+        denied = _check_access(request, balancer)
+        if denied is not None:
+            return denied
+        control = fleet()
+        if control is None:
+            return json_error(
+                501, "Rolling restart needs the supervisor (`neuron-fleet serve`)", "not_supported"
+            )
+        task = asyncio.get_running_loop().create_task(control.rolling_restart())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+        return web.json_response({"action": "rolling-restart", "started": True}, status=202)
+
+    app.router.add_get("/fleet/status", status, allow_head=False)
+    app.router.add_post(r"/fleet/replicas/{name}/{action:drain|undrain|restart}", action)
+    app.router.add_post("/fleet/rolling-restart", rolling)
+
+
+_background: set[asyncio.Task[None]] = set()
+"""Rolling restarts run after the 202 answer; keep a reference so they are not collected."""

@@ -1,0 +1,288 @@
+"""The aiohttp application: routes, request checks, and the ``Balancer`` that owns them.
+
+Each generation request is checked once, cheaply, before it may take a replica slot:
+size (413), content type (415), JSON syntax (400), token limits (422). Everything else is
+the replica's business, so any TGI- or OpenAI-compatible server keeps its own semantics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from balancer.admission import Admission
+from balancer.config import BalancerConfig
+from balancer.errors import json_error
+from balancer.metrics import BalancerMetrics, route_label
+from balancer.policy import make_policy
+from balancer.relay import CLIENT_GONE, STAGE, Relay, RelayRequest
+from balancer.tokens import TokenCounter, requested_new_tokens
+from balancer.upstream import Registry
+
+log = logging.getLogger("neuron_fleet.app")
+
+GENERATION_ROUTES = (
+    "/generate",
+    "/generate_stream",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/",
+    "/invocations",
+)
+PASSTHROUGH_GET = ("/info", "/v1/models")
+PASSTHROUGH_POST = ("/tokenize",)
+OPEN_ROUTES = frozenset({"/health", "/ping", "/metrics"})
+"""Answered without an API key: probes and scrapers carry none."""
+DEFAULT_NEW_TOKENS = 256
+"""Work estimate for requests that do not say how many tokens they want."""
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+
+BALANCER_KEY = web.AppKey("balancer", "Balancer")
+
+
+class Balancer:
+    """Everything one balancer instance owns: registry view, admission, relay, metrics."""
+
+    def __init__(
+        self,
+        config: BalancerConfig,
+        registry: Registry,
+        session: aiohttp.ClientSession,
+        tokens: TokenCounter | None = None,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.draining = False
+        self.tokens = tokens or TokenCounter(config.tokenizer_path)
+        self.admission = Admission(
+            registry,
+            make_policy(config.policy),
+            config.max_queue,
+            config.queue_timeout_s,
+            on_wait=self._observe_wait,
+        )
+        self.metrics = BalancerMetrics(registry, lambda: self.admission.queue_depth)
+        self.relay = Relay(config, registry, self.admission, self.metrics, session)
+        self.replica_metrics: Any = None
+        """Optional re-exporter of the replicas' own metrics (set by the server)."""
+
+    def _observe_wait(self, seconds: float) -> None:
+        self.metrics.queue_wait.observe(seconds)
+
+    @property
+    def inflight(self) -> int:
+        return sum(r.inflight for r in self.registry.replicas)
+
+    @property
+    def idle(self) -> bool:
+        return self.inflight == 0 and self.admission.queue_depth == 0 and self.relay.active == 0
+
+    # ------------------------------------------------------------------ handlers
+    async def generation(self, request: web.Request) -> web.StreamResponse:
+        request_id = _request_id(request)
+        if self.draining:
+            return json_error(
+                503,
+                "The balancer is shutting down; retry on another instance",
+                "unavailable",
+                headers={"Retry-After": "5", "x-request-id": request_id},
+            )
+        body, doc = await _read_json(request, self.config.max_body_bytes)
+        new_tokens = requested_new_tokens(doc)
+        if new_tokens is not None and (
+            not isinstance(new_tokens, int) or isinstance(new_tokens, bool) or new_tokens < 0
+        ):
+            raise _Invalid(422, f"max tokens must be a non-negative integer, got {new_tokens!r}")
+        prompt_tokens = await self.tokens.count_request(doc)
+        self.metrics.prompt_tokens.observe(prompt_tokens)
+        limit = self.config.max_input_tokens
+        if limit and self.tokens.exact and prompt_tokens > limit:
+            self.metrics.rejected.labels(reason="too_many_tokens").inc()
+            raise _Invalid(
+                422,
+                f"Input validation error: `inputs` must have less than {limit} tokens. "
+                f"Given: {prompt_tokens}",
+            )
+        path = request.path
+        openai = path.startswith("/v1/") or (
+            path == "/invocations" and ("messages" in doc or "prompt" in doc)
+        )
+        work = prompt_tokens + (new_tokens if new_tokens is not None else DEFAULT_NEW_TOKENS)
+        rr = RelayRequest(route_label(path), body, request_id, openai, admit=True, work=work)
+        return await self.relay.forward(request, rr)
+
+    async def passthrough(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read() if request.can_read_body else b""
+        rr = RelayRequest(route_label(request.path), body, _request_id(request), False, admit=False)
+        return await self.relay.forward(request, rr)
+
+    async def health(self, request: web.Request) -> web.Response:
+        ready = self.registry.ready_count()
+        total = len(self.registry)
+        if self.draining:
+            return json_error(503, "The balancer is shutting down", "healthcheck")
+        if ready == 0:
+            return json_error(
+                503,
+                f"No ready replica ({ready}/{total} ready); see `neuron-fleet status`",
+                "healthcheck",
+            )
+        return web.json_response({"status": "ok", "ready_replicas": ready, "replicas": total})
+
+    async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.metrics.prometheus)
+        if self.replica_metrics is not None:
+            body += await self.replica_metrics.render()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+class _Invalid(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("x-request-id", "")
+    return given if REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+async def _read_json(request: web.Request, max_bytes: int) -> tuple[bytes, dict[str, Any]]:
+    length = request.content_length
+    if length is not None and length > max_bytes:
+        raise _Invalid(413, f"Request body of {length} bytes is over the {max_bytes}-byte limit")
+    ctype = request.content_type
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        raise _Invalid(
+            415,
+            f"Expected request with `Content-Type: application/json`, got {ctype or 'none'!r}",
+        )
+    body = await request.read()
+    try:
+        doc = json.loads(body)
+    except UnicodeDecodeError:
+        raise _Invalid(400, "Request body is not valid UTF-8") from None
+    except ValueError as exc:
+        raise _Invalid(400, f"Failed to parse the request body as JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise _Invalid(422, "Request body must be a JSON object")
+    return body, doc
+
+
+ERROR_TYPES = {
+    400: "validation",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "validation",
+    415: "validation",
+    422: "validation",
+}
+
+
+def _authorized(request: web.Request, keys: tuple[str, ...]) -> bool:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return False
+    given = token.strip().encode()
+    # Compare against every key (no early exit) in constant time per key.
+    return any([hmac.compare_digest(given, key.encode()) for key in keys])
+
+
+def _make_observer(balancer: Balancer) -> Any:
+    metrics = balancer.metrics
+    api_keys = balancer.config.api_keys
+
+    @web.middleware
+    async def observe(request: web.Request, handler: Any) -> web.StreamResponse:
+        started = time.monotonic()
+        route = route_label(request.path)
+        code = "500"
+        try:
+            if (
+                api_keys
+                and request.path not in OPEN_ROUTES
+                and not request.path.startswith("/fleet/")
+            ):
+                if not _authorized(request, api_keys):
+                    code = "401"
+                    return json_error(
+                        401,
+                        "Missing or invalid API key: send `Authorization: Bearer <key>`",
+                        "unauthorized",
+                        headers={"WWW-Authenticate": "Bearer"},
+                    )
+            response = await handler(request)
+            code = str(response.status)
+            if request.get(CLIENT_GONE):
+                code = "499"
+                metrics.client_disconnects.labels(stage="streaming").inc()
+            return response
+        except _Invalid as exc:
+            code = str(exc.status)
+            metrics.rejected.labels(reason=f"invalid_{exc.status}").inc()
+            return json_error(exc.status, exc.message, ERROR_TYPES.get(exc.status, "validation"))
+        except web.HTTPException as exc:
+            code = str(exc.status)
+            if exc.status < 400:
+                raise
+            reason = exc.text or exc.reason
+            if exc.status == 404:
+                reason = f"No route {request.method} {request.path}"
+            elif exc.status == 405:
+                reason = f"Method {request.method} is not allowed on {request.path}"
+            elif exc.status == 413:
+                reason = f"Request body is over the {balancer.config.max_body_bytes}-byte limit"
+            return json_error(
+                exc.status,
+                reason,
+                ERROR_TYPES.get(exc.status, "error"),
+                headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"},
+            )
+        except asyncio.CancelledError:
+            code = "499"
+            metrics.client_disconnects.labels(stage=request.get(STAGE, "request")).inc()
+            raise
+        except Exception:
+            log.exception("unexpected error on %s %s", request.method, request.path)
+            return json_error(500, "Internal error in the balancer; see its log", "internal")
+        finally:
+            metrics.requests.labels(route=route, code=code).inc()
+            metrics.request_duration.labels(route=route).observe(time.monotonic() - started)
+
+    return observe
+
+
+def create_app(balancer: Balancer) -> web.Application:
+    app = web.Application(
+        client_max_size=balancer.config.max_body_bytes,
+        middlewares=[_make_observer(balancer)],
+        handler_args={"max_field_size": 16384, "max_line_size": 16384},
+    )
+    app[BALANCER_KEY] = balancer
+    for path in GENERATION_ROUTES:
+        app.router.add_post(path, balancer.generation)
+    for path in PASSTHROUGH_POST:
+        app.router.add_post(path, balancer.passthrough)
+    for path in PASSTHROUGH_GET:
+        app.router.add_get(path, balancer.passthrough, allow_head=False)
+    for path in ("/health", "/ping", "/"):
+        app.router.add_get(path, balancer.health, allow_head=False)
+    app.router.add_get("/metrics", balancer.metrics_endpoint, allow_head=False)
+    from balancer.admin import add_admin_routes
+
+    add_admin_routes(app, balancer)
+    return app

@@ -1,0 +1,150 @@
+"""``neuron-fleet balance``: the balancer alone, in front of replicas that run elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from dataclasses import replace
+
+from balancer.config import BalancerConfig, UpstreamSpec
+from balancer.policy import POLICIES
+from balancer.server import BalancerServer
+
+log = logging.getLogger("neuron_fleet")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:8080`` for IPv6) or a bare port."""
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", value
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        return host, int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}") from None
+
+
+def _upstream(value: str) -> UpstreamSpec:
+    """``URL`` or ``NAME=URL``."""
+    name, sep, url = value.partition("=")
+    if not sep or name.startswith(("http://", "https://")):
+        name, url = "", value
+    if not url.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"upstream must be an http:// URL, got {value!r}")
+    return UpstreamSpec(url=url, name=name or None)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = BalancerConfig()
+    parser.add_argument(
+        "--listen",
+        default=f"{d.host}:{d.port}",
+        type=parse_listen,
+        help="address to listen on (default %(default)s)",
+    )
+    parser.add_argument(
+        "--upstream",
+        action="append",
+        type=_upstream,
+        required=True,
+        metavar="[NAME=]URL",
+        help="a replica's base URL; repeat per replica",
+    )
+    parser.add_argument("--policy", choices=sorted(POLICIES), default=d.policy)
+    parser.add_argument(
+        "--max-inflight-per-replica",
+        type=int,
+        default=d.max_inflight_per_replica,
+        help="slot cap per replica, normally the compiled batch size; 0 = no cap "
+        "(default %(default)s)",
+    )
+    parser.add_argument("--max-queue", type=int, default=d.max_queue)
+    parser.add_argument("--queue-timeout", type=float, default=d.queue_timeout_s, metavar="S")
+    parser.add_argument("--retries", type=int, default=d.retries)
+    parser.add_argument(
+        "--first-byte-timeout", type=float, default=d.first_byte_timeout_s, metavar="S"
+    )
+    parser.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s, metavar="S")
+    parser.add_argument("--health-interval", type=float, default=d.health_interval_s, metavar="S")
+    parser.add_argument("--max-input-tokens", type=int, default=None)
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="DIR",
+        help="local model folder to count prompt tokens with",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM, how long in-flight streams may finish",
+    )
+    parser.add_argument("--log-level", default=os.environ.get("NEURON_FLEET_LOG_LEVEL", "INFO"))
+
+
+def config_from_args(args: argparse.Namespace) -> BalancerConfig:
+    host, port = args.listen
+    return replace(
+        BalancerConfig(),
+        host=host,
+        port=port,
+        upstreams=tuple(args.upstream),
+        policy=args.policy,
+        max_inflight_per_replica=args.max_inflight_per_replica,
+        max_queue=args.max_queue,
+        queue_timeout_s=args.queue_timeout,
+        retries=args.retries,
+        first_byte_timeout_s=args.first_byte_timeout,
+        idle_timeout_s=args.idle_timeout,
+        health_interval_s=args.health_interval,
+        max_input_tokens=args.max_input_tokens,
+        tokenizer_path=args.tokenizer,
+        admin_token=os.environ.get("NEURON_FLEET_ADMIN_TOKEN") or None,
+        api_keys=tuple(k for k in os.environ.get("NEURON_FLEET_API_KEYS", "").split(",") if k),
+    )
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def serve_balancer(config: BalancerConfig, drain_timeout_s: float) -> int:
+    server = BalancerServer(config)
+    try:
+        await server.start()
+    except OSError as exc:
+        log.error(
+            "cannot listen on %s:%s: %s (is another process using it?)",
+            config.host,
+            config.port,
+            exc,
+        )
+        return 2
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: draining in-flight requests (up to %.0f s)", drain_timeout_s)
+    await server.begin_shutdown()
+    if not await server.wait_idle(drain_timeout_s):
+        log.warning("drain timeout: closing the remaining streams")
+    await server.stop()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvloop
+
+    setup_logging(args.log_level)
+    return uvloop.run(serve_balancer(config_from_args(args), args.drain_timeout))

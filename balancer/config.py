@@ -1,0 +1,67 @@
+"""The balancer's settings: one frozen dataclass, filled from the CLI or a fleet.toml.
+
+Defaults are sized for TGI on Neuron: a 16k-token prefill takes ~1.6 s and a request can
+wait tens of seconds for a static batch slot, so timeouts are generous where a replica is
+legitimately silent and short where a socket is simply dead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class UpstreamSpec:
+    """A replica given to the balancer: where it is and how many slots it has."""
+
+    url: str
+    name: str | None = None
+    slot_cap: int | None = None
+    """None: take ``BalancerConfig.max_inflight_per_replica``."""
+    cores: str | None = None
+
+
+@dataclass(frozen=True)
+class BalancerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    upstreams: tuple[UpstreamSpec, ...] = ()
+
+    policy: str = "least-outstanding"
+    """``least-outstanding`` | ``round-robin`` | ``least-work``."""
+    max_inflight_per_replica: int = 8
+    """Default slot cap per replica (the compiled batch size); 0 = no cap."""
+    max_queue: int = 1024
+    """Requests waiting at the balancer for a free slot; beyond it: 429."""
+    queue_timeout_s: float = 120.0
+    """Longest wait for a slot; beyond it: 503 + Retry-After."""
+
+    retries: int = 2
+    """Extra attempts on another replica when nothing was sent to the client yet."""
+    connect_timeout_s: float = 5.0
+    first_byte_timeout_s: float = 300.0
+    """Until the upstream's response headers *and* first body bytes (a 16k-token prefill
+    behind a full batch takes tens of seconds on Neuron)."""
+    idle_timeout_s: float = 120.0
+    """Longest silence between two chunks of a started response (TGI sends a keep-alive
+    comment after 15 s idle; a long prefill pauses every stream of the batch)."""
+    client_timeout_s: float = 60.0
+    """Longest a client may take to send its request, and to take a chunk we wrote."""
+    max_body_bytes: int = 8 * 1024 * 1024
+
+    health_interval_s: float = 5.0
+    health_timeout_s: float = 5.0
+    health_rise: int = 2
+    health_fall: int = 3
+    eject_after_failures: int = 3
+    """Consecutive connection failures seen by the relay before a replica is ejected."""
+
+    max_input_tokens: int | None = None
+    """Refuse longer prompts with 422 before they take a slot (None: let replicas judge)."""
+    tokenizer_path: str | None = None
+    """Local model folder to count prompt tokens with; None: estimate (4 chars/token)."""
+
+    admin_token: str | None = field(default=None, repr=False)
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    admin_from_any_host: bool = False
+    """Admin routes (/fleet/*) answer loopback clients only unless this is set."""

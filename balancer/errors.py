@@ -1,0 +1,50 @@
+"""Error bodies and error events in TGI's shapes, so clients parse our errors like a replica's.
+
+Non-streaming: ``{"error": "...", "error_type": "..."}`` with an HTTP status.
+Streaming, once the response has started (HTTP 200 already sent), errors are events:
+TGI routes ``data:{"error":"...","error_type":"..."}``; OpenAI routes
+``data:{"error":{"message":"...","http_status_code":N}}`` followed by ``data:[DONE]``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from aiohttp import web
+
+JSON_CONTENT_TYPE = "application/json"
+
+
+def error_body(message: str, error_type: str) -> bytes:
+    return json.dumps({"error": message, "error_type": error_type}).encode()
+
+
+def json_error(
+    status: int,
+    message: str,
+    error_type: str,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    """A TGI-shaped error response."""
+    return web.Response(
+        status=status,
+        body=error_body(message, error_type),
+        content_type=JSON_CONTENT_TYPE,
+        headers=headers,
+    )
+
+
+def stream_error_event(
+    openai: bool, message: str, error_type: str, status: int, data_prefix: bytes = b"data:"
+) -> bytes:
+    """The event(s) that end a started stream with an explicit error, in the route's format.
+
+    ``data_prefix`` mirrors the upstream's spelling (TGI: ``data:``; vLLM: ``data: ``).
+    """
+    if openai:
+        payload = {"error": {"message": message, "type": error_type, "http_status_code": status}}
+        doc = json.dumps(payload, separators=(",", ":")).encode()
+        return data_prefix + doc + b"\n\n" + data_prefix + b"[DONE]\n\n"
+    doc = json.dumps({"error": message, "error_type": error_type}, separators=(",", ":")).encode()
+    return data_prefix + doc + b"\n\n"

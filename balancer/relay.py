@@ -1,0 +1,485 @@
+"""The hot path: send one request to a replica and pipe its response back, byte for byte.
+
+1. Take a slot (admission) and open the upstream request.
+2. Before anything reaches the client, look at the status and, for SSE, the first event:
+   connection refused/reset, 424/429/5xx, or TGI's HTTP-200 stream whose first event is an
+   error (overloaded) are retried on another replica within the retry budget.
+3. Commit: send the upstream's status and headers, then relay chunks as they arrive, with
+   no parsing and no re-serialising. Event boundaries (``\\n\\n``) are *counted* to measure
+   time to first token and inter-token latency.
+4. If the upstream fails after the client got bytes, end the stream with an explicit error
+   event in the route's format (never a silent truncation); no retry once a token was sent.
+5. ``finally``: release the slot, which hands it to the oldest queued request; a client
+   that left (cancellation) closes the upstream connection at once, so the replica frees
+   its batch slot at the next token.
+
+A single watchdog task enforces the idle and slow-client timeouts of every stream, so the
+per-chunk cost is two attribute stores rather than a timer per read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from balancer.admission import Admission, QueueFull, QueueTimeout
+from balancer.config import BalancerConfig
+from balancer.errors import json_error, stream_error_event
+from balancer.metrics import BalancerMetrics
+from balancer.upstream import Registry, Replica
+
+log = logging.getLogger("neuron_fleet.relay")
+
+RETRYABLE_STATUS = frozenset({424, 429, 500, 502, 503, 504})
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+SPOOFABLE = frozenset({"x-forwarded-for", "x-real-ip", "forwarded", "x-neuron-fleet-replica"})
+SSE = "text/event-stream"
+STAGE = web.RequestKey("neuron_fleet_stage", str)
+"""request[STAGE]: where a request is (queued / waiting_first_byte / streaming)."""
+CLIENT_GONE = web.RequestKey("neuron_fleet_client_gone", bool)
+"""request[CLIENT_GONE]: the client disconnected while we were writing to it."""
+FIRST_EVENT_LIMIT = 1 << 20
+"""Most bytes read while looking for the first event before we give up looking."""
+
+
+@dataclass(frozen=True)
+class RelayRequest:
+    """What the app decided about a request before it reaches the relay."""
+
+    route: str
+    body: bytes
+    request_id: str
+    openai: bool
+    """Error events in OpenAI's shape (+ ``data:[DONE]``) rather than TGI's."""
+    admit: bool = True
+    """Generation routes take a batch slot; /info, /tokenize and friends do not."""
+    work: int = 0
+    """Prompt tokens + tokens to generate, for the work-aware policy."""
+
+
+class _Retry(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Stream:
+    """Mutable per-request state the watchdog inspects."""
+
+    __slots__ = ("expired", "phase", "request", "since", "upstream")
+
+    IDLE, READING, WRITING = 0, 1, 2
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.upstream: aiohttp.ClientResponse | None = None
+        self.phase = _Stream.IDLE
+        self.since = 0.0
+        self.expired: str | None = None
+
+
+class Relay:
+    def __init__(
+        self,
+        config: BalancerConfig,
+        registry: Registry,
+        admission: Admission,
+        metrics: BalancerMetrics,
+        session: aiohttp.ClientSession,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.admission = admission
+        self.metrics = metrics
+        self.session = session
+        self._streams: set[_Stream] = set()
+        self._any_turn = 0
+
+    # ---------------------------------------------------------------- entry point
+    async def forward(self, request: web.Request, rr: RelayRequest) -> web.StreamResponse:
+        started = time.monotonic()
+        headers = upstream_headers(request, rr.request_id)
+        tried: set[Replica] = set()
+        stream = _Stream(request)
+        self._streams.add(stream)
+        try:
+            for attempt in range(self.config.retries + 1):
+                last_attempt = attempt == self.config.retries
+                request[STAGE] = "queued"
+                replica = await self._acquire(rr, frozenset(tried))
+                if replica is None:
+                    return self._reject_no_replica(rr)
+                try:
+                    request[STAGE] = "waiting_first_byte"
+                    return await self._attempt(
+                        request, rr, replica, headers, stream, started, last_attempt
+                    )
+                except _Retry as retry:
+                    tried.add(replica)
+                    self.metrics.retries.labels(reason=retry.reason).inc()
+                    log.info(
+                        "retrying %s %s on another replica: %s from %s",
+                        rr.request_id,
+                        rr.route,
+                        retry.reason,
+                        replica.name,
+                    )
+                finally:
+                    if rr.admit:
+                        self.admission.release(replica, rr.work)
+            raise AssertionError("unreachable: the last attempt never retries")
+        except QueueFull:
+            self.metrics.rejected.labels(reason="queue_full").inc()
+            return json_error(
+                429,
+                f"Model is overloaded: {self.admission.queue_depth} requests are queued "
+                "at the balancer (max_queue reached); retry later",
+                "overloaded",
+                headers={"Retry-After": "1", "x-request-id": rr.request_id},
+            )
+        except QueueTimeout as exc:
+            reason = "no_replica" if exc.no_replica else "queue_timeout"
+            self.metrics.rejected.labels(reason=reason).inc()
+            what = "no replica is ready" if exc.no_replica else "every replica slot stayed busy"
+            return json_error(
+                503,
+                f"Waited {exc.waited_s:.1f} s for a replica slot but {what}; retry later",
+                "unavailable" if exc.no_replica else "overloaded",
+                headers={"Retry-After": "5", "x-request-id": rr.request_id},
+            )
+        finally:
+            self._streams.discard(stream)
+            if stream.upstream is not None:
+                stream.upstream.close()
+
+    async def _acquire(self, rr: RelayRequest, exclude: frozenset[Replica]) -> Replica | None:
+        if rr.admit:
+            return await self.admission.acquire(rr.work, exclude)
+        candidates = [r for r in self.registry.replicas if r.routable and r not in exclude]
+        if not candidates:
+            return None
+        self._any_turn += 1
+        return candidates[self._any_turn % len(candidates)]
+
+    def _reject_no_replica(self, rr: RelayRequest) -> web.Response:
+        self.metrics.rejected.labels(reason="no_replica").inc()
+        return json_error(
+            503,
+            "No replica is ready to answer; check `neuron-fleet status`",
+            "unavailable",
+            headers={"Retry-After": "5", "x-request-id": rr.request_id},
+        )
+
+    # ---------------------------------------------------------------- one attempt
+    async def _attempt(
+        self,
+        request: web.Request,
+        rr: RelayRequest,
+        replica: Replica,
+        headers: CIMultiDict[str],
+        stream: _Stream,
+        started: float,
+        last_attempt: bool,
+    ) -> web.StreamResponse:
+        cfg = self.config
+        url = replica.url + request.path_qs
+        stream.upstream = None
+        try:
+            async with asyncio.timeout(cfg.first_byte_timeout_s):
+                upstream = await self.session.request(
+                    request.method, url, data=rr.body or None, headers=headers
+                )
+                stream.upstream = upstream
+                self._passed(replica)
+                self.metrics.upstream_responses.labels(
+                    replica=replica.name, code=str(upstream.status)
+                ).inc()
+                if upstream.status in RETRYABLE_STATUS:
+                    if upstream.status != 429:
+                        self._failed(replica, f"status_{upstream.status}")
+                    if not last_attempt:
+                        raise _Retry(f"status_{upstream.status}")
+                is_sse = upstream.content_type == SSE
+                first = await self._read_first(upstream, is_sse)
+        except TimeoutError:
+            self._failed(replica, "first_byte_timeout")
+            if not last_attempt:
+                raise _Retry("first_byte_timeout") from None
+            return json_error(
+                504,
+                f"Replica {replica.name} sent nothing within {cfg.first_byte_timeout_s:g} s "
+                "(first_byte_timeout)",
+                "timeout",
+                headers={"x-request-id": rr.request_id},
+            )
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            kind = _connection_error_kind(exc)
+            self._failed(replica, kind)
+            if not last_attempt:
+                raise _Retry(kind) from None
+            return json_error(
+                502,
+                f"Replica {replica.name} failed before answering ({kind}: {exc})",
+                "unavailable",
+                headers={"x-request-id": rr.request_id},
+            )
+
+        if is_sse and first.startswith(b"data:") and b'{"error"' in first[:64]:
+            retryable = _retryable_error_event(first)
+            self.metrics.upstream_errors.labels(replica=replica.name, kind="error_event").inc()
+            if retryable and not last_attempt:
+                if b"generation" in first:
+                    self._failed(replica, "generation_event")
+                raise _Retry(f"{retryable}_event")
+
+        response = web.StreamResponse(status=upstream.status, headers=response_headers(upstream))
+        response.headers["x-request-id"] = rr.request_id
+        if is_sse:
+            response.headers["Cache-Control"] = "no-cache"
+            response.headers["X-Accel-Buffering"] = "no"
+        request[STAGE] = "streaming"
+        try:
+            await response.prepare(request)
+            if is_sse:
+                await self._pipe_events(rr, replica, upstream, response, stream, first, started)
+            else:
+                await self._pipe_bytes(upstream, response, stream, first)
+        except ConnectionResetError:
+            # The client left (or was cut off as a slow reader): close upstream, free the slot.
+            request[CLIENT_GONE] = True
+            upstream.close()
+        return response
+
+    async def _read_first(self, upstream: aiohttp.ClientResponse, is_sse: bool) -> bytes:
+        """For SSE, read until the first complete event; otherwise the first chunk."""
+        content = upstream.content
+        if not is_sse:
+            return await content.readany()
+        buf = b""
+        while b"\n\n" not in buf and b"\r\n\r\n" not in buf and len(buf) < FIRST_EVENT_LIMIT:
+            chunk = await content.readany()
+            if not chunk:
+                break
+            buf += chunk
+        return buf
+
+    # ---------------------------------------------------------------- piping
+    async def _pipe_bytes(
+        self,
+        upstream: aiohttp.ClientResponse,
+        response: web.StreamResponse,
+        stream: _Stream,
+        first: bytes,
+    ) -> None:
+        loop_time = asyncio.get_running_loop().time
+        content = upstream.content
+        chunk = first
+        while chunk:
+            stream.phase, stream.since = _Stream.WRITING, loop_time()
+            await response.write(chunk)
+            stream.phase, stream.since = _Stream.READING, loop_time()
+            chunk = await content.readany()
+        stream.phase = _Stream.IDLE
+        if stream.expired:
+            raise aiohttp.ClientPayloadError(stream.expired)
+        await response.write_eof()
+
+    async def _pipe_events(
+        self,
+        rr: RelayRequest,
+        replica: Replica,
+        upstream: aiohttp.ClientResponse,
+        response: web.StreamResponse,
+        stream: _Stream,
+        first: bytes,
+        started: float,
+    ) -> None:
+        rm = self.metrics.for_replica(replica)
+        loop_time = asyncio.get_running_loop().time
+        sep = b"\r\n\r\n" if b"\r\n\r\n" in first and b"\n\n" not in first else b"\n\n"
+        data_prefix = b"data: " if first.startswith(b"data: ") else b"data:"
+        content = upstream.content
+        # Wall-clock origin of this request, on the loop's clock.
+        origin = loop_time() - (time.monotonic() - started)
+        last_token = 0.0
+        tokens = 0
+        saw_error = False
+        chunk = first
+        try:
+            while chunk:
+                now = loop_time()
+                events = chunk.count(sep)
+                if events:
+                    # Not tokens: [DONE], the usage-only chunk, keep-alive comments.
+                    events -= chunk.count(b"[DONE]") + chunk.count(b'"choices":[]')
+                    if chunk[0] == 58:  # b":"
+                        events -= 1
+                    events -= chunk.count(sep + b":")
+                    if not saw_error and b'{"error"' in chunk:
+                        saw_error = True
+                        self.metrics.upstream_errors.labels(
+                            replica=replica.name, kind="error_event"
+                        ).inc()
+                    if events > 0:
+                        if tokens == 0:
+                            rm.ttft.observe(now - origin)
+                        else:
+                            rm.itl.observe(now - last_token)
+                        for _ in range(events - 1):
+                            rm.itl.observe(0.0)
+                        tokens += events
+                        last_token = now
+                stream.phase, stream.since = _Stream.WRITING, now
+                await response.write(chunk)
+                stream.phase, stream.since = _Stream.READING, loop_time()
+                chunk = await content.readany()
+            stream.phase = _Stream.IDLE
+            if stream.expired:
+                raise aiohttp.ClientPayloadError(stream.expired)
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+            stream.phase = _Stream.IDLE
+            if stream.expired == "slow_client":
+                raise ConnectionResetError("client stopped reading") from exc
+            reason = stream.expired or _connection_error_kind(exc)
+            self._failed(replica, reason)
+            self.metrics.stream_errors.labels(replica=replica.name, reason=reason).inc()
+            log.warning(
+                "stream %s from %s failed after %d tokens (%s): sent an error event",
+                rr.request_id,
+                replica.name,
+                tokens,
+                reason,
+            )
+            event = stream_error_event(
+                rr.openai,
+                f"Replica {replica.name} failed mid-stream ({reason}) after {tokens} tokens",
+                "incomplete_generation",
+                502,
+                data_prefix,
+            )
+            await response.write(event)
+        finally:
+            if tokens:
+                rm.output_tokens.inc(tokens)
+        await response.write_eof()
+
+    # ---------------------------------------------------------------- health signals
+    def _passed(self, replica: Replica) -> None:
+        replica.consecutive_failures = 0
+
+    def _failed(self, replica: Replica, kind: str) -> None:
+        """Count a failure; enough in a row ejects the replica until health checks pass."""
+        self.metrics.upstream_errors.labels(replica=replica.name, kind=kind).inc()
+        replica.consecutive_failures += 1
+        if replica.healthy and replica.consecutive_failures >= self.config.eject_after_failures:
+            replica.healthy = False
+            replica.health_successes = 0
+            log.warning(
+                "ejected %s after %d consecutive failures (last: %s); health checks re-admit it",
+                replica.name,
+                replica.consecutive_failures,
+                kind,
+            )
+            self.registry.notify()
+
+    # ---------------------------------------------------------------- watchdog
+    def check_timeouts(self, now: float) -> None:
+        """Called by the watchdog: cut streams idle upstream or stuck on a slow client."""
+        idle = self.config.idle_timeout_s
+        client = self.config.client_timeout_s
+        for s in list(self._streams):
+            if s.phase == _Stream.READING and now - s.since > idle and s.upstream is not None:
+                s.expired = "idle_timeout"
+                s.phase = _Stream.IDLE
+                s.upstream.close()
+            elif s.phase == _Stream.WRITING and now - s.since > client:
+                s.expired = "slow_client"
+                s.phase = _Stream.IDLE
+                transport = s.request.transport
+                if transport is not None:
+                    transport.abort()
+                if s.upstream is not None:
+                    s.upstream.close()
+
+    @property
+    def active(self) -> int:
+        return len(self._streams)
+
+
+def upstream_headers(request: web.Request, request_id: str) -> CIMultiDict[str]:
+    """Client headers minus hop-by-hop and spoofable ones, plus forwarding and request id."""
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in request.headers.items():
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in SPOOFABLE or lower == "x-request-id":
+            continue
+        out.add(name, value)
+    for token in _connection_tokens(request.headers.getall("Connection", ())):
+        out.popall(token, None)
+    peer = request.remote or ""
+    prior = request.headers.get("X-Forwarded-For")
+    out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    out["x-request-id"] = request_id
+    return out
+
+
+def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    drop = set(_connection_tokens(upstream.headers.getall("Connection", ())))
+    for name, value in upstream.headers.items():
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in drop or lower == "x-request-id":
+            continue
+        out.add(name, value)
+    cl = upstream.headers.get("Content-Length")
+    if cl is not None and "Transfer-Encoding" not in upstream.headers:
+        out["Content-Length"] = cl
+    return out
+
+
+def _connection_tokens(values: Iterable[str]) -> list[str]:
+    return [t.strip().lower() for v in values for t in v.split(",") if t.strip()]
+
+
+def _connection_error_kind(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "connect_error"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "disconnected"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "payload_error"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return "connection_error"
+
+
+def _retryable_error_event(first: bytes) -> str | None:
+    """TGI streams answer HTTP 200 with an error event when overloaded or on a batch failure."""
+    head = first[:512]
+    if b"overloaded" in head or b'"http_status_code":429' in head:
+        return "overloaded"
+    if b'"error_type":"generation"' in head or b'"http_status_code":424' in head:
+        return "generation"
+    return None

@@ -1,0 +1,159 @@
+"""Run a balancer: listen, health-check, watch timeouts, and stop gracefully.
+
+``BalancerServer`` is used both by ``neuron-fleet balance`` (replicas given as URLs) and by
+the supervisor (``serve``/``demo``), which shares its replica registry and passes itself as
+the ``FleetControl`` for the admin API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import aiohttp
+from aiohttp import web
+
+from balancer.admin import FLEET_KEY, FleetControl
+from balancer.app import Balancer, create_app
+from balancer.config import BalancerConfig
+from balancer.health import HealthChecker
+from balancer.replica_metrics import ReplicaMetricsExporter
+from balancer.upstream import Registry, Replica, ReplicaState
+
+log = logging.getLogger("neuron_fleet.server")
+
+WATCHDOG_TICK_S = 0.25
+
+
+def registry_from_config(config: BalancerConfig) -> Registry:
+    """Replicas given as URLs (balance-only mode): ready for routing once health passes."""
+    registry = Registry()
+    for i, spec in enumerate(config.upstreams):
+        cap = spec.slot_cap if spec.slot_cap is not None else config.max_inflight_per_replica
+        registry.add(
+            Replica(
+                name=spec.name or f"replica-{i}",
+                url=spec.url,
+                slot_cap=cap,
+                cores=spec.cores,
+                state=ReplicaState.READY,
+            )
+        )
+    return registry
+
+
+class BalancerServer:
+    def __init__(
+        self,
+        config: BalancerConfig,
+        registry: Registry | None = None,
+        fleet: FleetControl | None = None,
+    ) -> None:
+        self.config = config
+        self.registry = registry if registry is not None else registry_from_config(config)
+        self.fleet = fleet
+        self.balancer: Balancer | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.bound_port: int | None = None
+
+    async def start(self) -> None:
+        """Bind and serve; raises OSError when the address is taken."""
+        cfg = self.config
+        connector = aiohttp.TCPConnector(
+            limit=0, keepalive_timeout=30, ttl_dns_cache=None, use_dns_cache=True
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=cfg.connect_timeout_s, sock_connect=cfg.connect_timeout_s
+            ),
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            read_bufsize=2**16,
+        )
+        balancer = Balancer(cfg, self.registry, self._session)
+        balancer.replica_metrics = ReplicaMetricsExporter(self.registry, self._session)
+        self.balancer = balancer
+        app = create_app(balancer)
+        if self.fleet is not None:
+            app[FLEET_KEY] = self.fleet
+        self._runner = web.AppRunner(
+            app,
+            handler_cancellation=True,  # a client that leaves cancels its handler: frees its slot
+            access_log=None,
+            shutdown_timeout=1.0,
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, cfg.host, cfg.port, backlog=1024, reuse_address=True)
+        try:
+            await site.start()
+        except OSError:
+            await self._cleanup()
+            raise
+        server = getattr(site, "_server", None)
+        sockets = getattr(server, "sockets", None) or []
+        self.bound_port = sockets[0].getsockname()[1] if sockets else cfg.port
+        health = HealthChecker(cfg, self.registry, self._session)
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(health.run(), name="health-checks"),
+            loop.create_task(self._watchdog(), name="stream-watchdog"),
+            loop.create_task(balancer.tokens.load(), name="tokenizer-load"),
+        ]
+        log.info(
+            "balancer listening on http://%s:%s (%d replicas, policy %s)",
+            cfg.host,
+            self.bound_port,
+            len(self.registry),
+            cfg.policy,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.bound_port}"
+
+    async def _watchdog(self) -> None:
+        assert self.balancer is not None
+        relay = self.balancer.relay
+        loop = asyncio.get_running_loop()
+        tick = min(
+            WATCHDOG_TICK_S, self.config.idle_timeout_s / 4, self.config.client_timeout_s / 4
+        )
+        while True:
+            await asyncio.sleep(tick)
+            relay.check_timeouts(loop.time())
+
+    async def begin_shutdown(self) -> None:
+        """Stop taking new work: /health answers 503, new requests get 503."""
+        if self.balancer is not None:
+            self.balancer.draining = True
+
+    async def wait_idle(self, timeout: float) -> bool:  # noqa: ASYNC109
+        """Wait until nothing is in flight or queued; False if ``timeout`` ran out first."""
+        deadline = time.monotonic() + timeout
+        while self.balancer is not None and not self.balancer.idle:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        await self._cleanup()
+
+    async def _cleanup(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

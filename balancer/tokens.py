@@ -1,0 +1,127 @@
+"""Prompt size: extracted from any request shape, counted with the model's tokenizer.
+
+The tokenizer (transformers, from the *local* model folder, never a hub) loads off the event
+loop at startup; long prompts are tokenized in a worker thread, so a 16k-token prompt never
+stalls the streams being relayed. Without a tokenizer we estimate ~4 characters per token,
+which is good enough for the work-aware policy but never used to refuse a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("neuron_fleet.tokens")
+
+CHARS_PER_TOKEN = 4
+INLINE_CHARS = 2_000
+"""Prompts shorter than this are tokenized on the loop (well under a millisecond)."""
+CHAT_TOKENS_PER_MESSAGE = 4
+"""Chat-template overhead per message (role markers), added to the content's tokens."""
+
+
+def prompt_text(body: dict[str, Any]) -> str:
+    """The text a replica will prefill, from a TGI, OpenAI chat or completion body."""
+    if isinstance(body.get("inputs"), str):
+        return body["inputs"]
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list):
+        return "".join(p for p in prompt if isinstance(p, str))
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        parts: list[str] = []
+        for message in messages:
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, str):
+                parts.append(content)
+            elif isinstance(content, list):
+                parts.extend(
+                    c["text"]
+                    for c in content
+                    if isinstance(c, dict) and isinstance(c.get("text"), str)
+                )
+        return "\n".join(parts)
+    return ""
+
+
+def message_count(body: dict[str, Any]) -> int:
+    messages = body.get("messages")
+    return len(messages) if isinstance(messages, list) else 0
+
+
+def requested_new_tokens(body: dict[str, Any]) -> Any:
+    """``max_new_tokens`` (TGI) or ``max_tokens`` / ``max_completion_tokens`` (OpenAI)."""
+    params = body.get("parameters")
+    if isinstance(params, dict) and "max_new_tokens" in params:
+        return params["max_new_tokens"]
+    for key in ("max_tokens", "max_completion_tokens"):
+        if key in body:
+            return body[key]
+    return None
+
+
+def has_tokenizer_files(folder: str | Path) -> bool:
+    path = Path(folder)
+    return path.is_dir() and any(
+        (path / name).exists()
+        for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    )
+
+
+class TokenCounter:
+    def __init__(self, tokenizer_path: str | None = None) -> None:
+        self.tokenizer_path = tokenizer_path
+        self._tokenizer: Any = None
+
+    @property
+    def exact(self) -> bool:
+        """True once a real tokenizer is loaded (only then may we refuse long prompts)."""
+        return self._tokenizer is not None
+
+    async def load(self) -> None:
+        """Load the tokenizer in a thread; on failure keep estimating and say why, once."""
+        if not self.tokenizer_path:
+            return
+        if not has_tokenizer_files(self.tokenizer_path):
+            log.warning(
+                "no tokenizer files in %s: prompt tokens are estimated (%d chars/token)",
+                self.tokenizer_path,
+                CHARS_PER_TOKEN,
+            )
+            return
+        try:
+            self._tokenizer = await asyncio.to_thread(_load_tokenizer, self.tokenizer_path)
+            log.info("tokenizer loaded from %s", self.tokenizer_path)
+        except Exception as exc:
+            log.warning(
+                "could not load the tokenizer from %s (%s): prompt tokens are estimated",
+                self.tokenizer_path,
+                exc,
+            )
+
+    def estimate(self, text: str) -> int:
+        return len(text) // CHARS_PER_TOKEN + 1 if text else 0
+
+    async def count(self, text: str) -> int:
+        if self._tokenizer is None or not text:
+            return self.estimate(text)
+        if len(text) < INLINE_CHARS:
+            return self._count_now(text)
+        return await asyncio.to_thread(self._count_now, text)
+
+    def _count_now(self, text: str) -> int:
+        return len(self._tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    async def count_request(self, body: dict[str, Any]) -> int:
+        tokens = await self.count(prompt_text(body))
+        return tokens + CHAT_TOKENS_PER_MESSAGE * message_count(body)
+
+
+def _load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer  # heavy import: only when a tokenizer is configured
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -1,0 +1,143 @@
+"""Replicas and the registry both halves of neuron-fleet share.
+
+One `Replica` object per upstream server is the single source of truth:
+
+- the supervisor moves its lifecycle ``state`` (starting -> ready -> draining -> stopped,
+  failed) and fills in process facts (pid, restarts, last exit);
+- the health checker and the relay record observations (``healthy``, consecutive failures);
+- admission counts ``inflight`` requests against ``slot_cap``;
+- policies only read it.
+
+A replica gets traffic only when it is ``routable``: lifecycle state READY *and* healthy.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ReplicaState(enum.StrEnum):
+    """Lifecycle states, as shown by ``/fleet/status`` and the ``replica_state`` metric."""
+
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    UNHEALTHY = "unhealthy"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+@dataclass(eq=False)
+class Replica:
+    """One upstream TGI/OpenAI-compatible server."""
+
+    name: str
+    url: str
+    """Base URL without a trailing slash, e.g. ``http://127.0.0.1:8081``."""
+    slot_cap: int = 8
+    """Most in-flight requests sent to this replica at once; 0 means no cap."""
+    cores: str | None = None
+    """NeuronCore range this replica owns (``"0-7"``), informational in balance-only mode."""
+
+    state: ReplicaState = ReplicaState.STARTING
+    healthy: bool = False
+    """Health checker / passive ejection verdict; ``state`` is the supervisor's."""
+    inflight: int = 0
+    outstanding_work: int = 0
+    """Tokens still to prefill + to generate over the in-flight requests (work-aware policy)."""
+
+    consecutive_failures: int = 0
+    health_successes: int = 0
+    health_failures: int = 0
+    ever_healthy: bool = False
+
+    # Process facts, filled in by the supervisor (None in balance-only mode).
+    pid: int | None = None
+    port: int | None = None
+    restarts: int = 0
+    started_at: float | None = None
+    last_exit: str | None = None
+    start_duration_s: float | None = None
+    """Seconds from process start to the first healthy answer, for the last start."""
+    failed_reason: str | None = None
+    """Why the supervisor gave up on this replica (state FAILED), for operators."""
+
+    # Per-replica metric children, cached here so the hot path skips label lookups.
+    metrics: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.url = self.url.rstrip("/")
+
+    @property
+    def routable(self) -> bool:
+        return self.state is ReplicaState.READY and self.healthy
+
+    @property
+    def has_free_slot(self) -> bool:
+        return self.slot_cap <= 0 or self.inflight < self.slot_cap
+
+    @property
+    def display_state(self) -> str:
+        """State as an operator sees it: a READY replica that fails health is 'unhealthy'."""
+        if self.state is ReplicaState.READY and not self.healthy:
+            return ReplicaState.UNHEALTHY.value
+        return self.state.value
+
+    def uptime_s(self, now: float | None = None) -> float | None:
+        if self.started_at is None:
+            return None
+        return (time.monotonic() if now is None else now) - self.started_at
+
+
+class Registry:
+    """Ordered collection of replicas, looked up by name."""
+
+    def __init__(self, replicas: Iterable[Replica] = ()) -> None:
+        self._replicas: dict[str, Replica] = {}
+        self._listeners: list[Callable[[], None]] = []
+        for replica in replicas:
+            self.add(replica)
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` whenever a replica may have become routable (or not)."""
+        self._listeners.append(listener)
+
+    def notify(self) -> None:
+        """Tell listeners (admission) that states changed: call after moving a state."""
+        for listener in self._listeners:
+            listener()
+
+    def set_state(self, replica: Replica, state: ReplicaState) -> None:
+        replica.state = state
+        self.notify()
+
+    def add(self, replica: Replica) -> None:
+        if replica.name in self._replicas:
+            raise ValueError(f"duplicate replica name {replica.name!r}")
+        self._replicas[replica.name] = replica
+
+    def remove(self, name: str) -> Replica:
+        return self._replicas.pop(name)
+
+    def get(self, name: str) -> Replica | None:
+        return self._replicas.get(name)
+
+    def __iter__(self) -> Iterator[Replica]:
+        return iter(list(self._replicas.values()))
+
+    def __len__(self) -> int:
+        return len(self._replicas)
+
+    @property
+    def replicas(self) -> list[Replica]:
+        return list(self._replicas.values())
+
+    def routable(self) -> list[Replica]:
+        return [r for r in self._replicas.values() if r.routable]
+
+    def ready_count(self) -> int:
+        return sum(1 for r in self._replicas.values() if r.routable)

@@ -1,0 +1,146 @@
+"""A scripted upstream for balancer tests: behaves exactly as a test tells it to.
+
+The simulated TGI replica covers TGI's behaviour; this one covers the cases a balancer must
+survive from *any* server: vLLM's ``data: `` spelling and missing ``/info``, 5xx answers,
+overloaded first events, hangs, connections dropped mid-stream. It records what it received
+and how many of its streams are still open, so tests can see cancellations arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+
+@dataclass
+class Script:
+    tokens: int = 5
+    token_delay_s: float = 0.0
+    first_delay_s: float = 0.0
+    status: int = 200
+    """Non-200: answer every generation request with this status and a TGI error body."""
+    first_event_error: str | None = None
+    """Send this error event first on streams (TGI's overloaded quirk), then end."""
+    drop_after_tokens: int | None = None
+    """Abort the TCP connection after this many tokens (a crash mid-stream)."""
+    hang_after_tokens: int | None = None
+    """Stop sending (but keep the connection open) after this many tokens."""
+    space: bool = False
+    """vLLM spelling: ``data: {...}`` instead of TGI's ``data:{...}``."""
+    healthy: bool = True
+    has_info: bool = True
+
+
+@dataclass
+class Observed:
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    active_streams: int = 0
+    cancelled_streams: int = 0
+    completed_streams: int = 0
+
+
+def token_event(i: int, space: bool, openai: bool, last: bool, n: int) -> bytes:
+    prefix = b"data: " if space else b"data:"
+    if openai:
+        doc: dict[str, Any] = {
+            "object": "chat.completion.chunk",
+            "id": "",
+            "created": 0,
+            "model": "scripted",
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": f" tok{i}"},
+                    "logprobs": None,
+                    "finish_reason": "length" if last else None,
+                }
+            ],
+        }
+    else:
+        doc = {
+            "index": i,
+            "token": {"id": i, "text": f" tok{i}", "logprob": 0.0, "special": False},
+            "generated_text": "".join(f" tok{j}" for j in range(1, n + 1)) if last else None,
+            "details": None,
+        }
+    return prefix + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
+
+
+class ScriptedReplica:
+    def __init__(self, script: Script | None = None) -> None:
+        self.script = script or Script()
+        self.seen = Observed()
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        for path in ("/generate_stream", "/v1/chat/completions", "/v1/completions", "/generate"):
+            app.router.add_post(path, self.generate)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/info", self.info)
+        app.router.add_get("/metrics", self.metrics)
+        return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.script.healthy else 503)
+
+    async def info(self, request: web.Request) -> web.Response:
+        if not self.script.has_info:
+            raise web.HTTPNotFound()
+        return web.json_response({"model_id": "scripted", "max_concurrent_requests": 128})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        text = (
+            "# HELP tgi_queue_size Queue size\n# TYPE tgi_queue_size gauge\n"
+            f"tgi_queue_size {self.seen.active_streams}\n"
+        )
+        return web.Response(text=text, content_type="text/plain")
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        s = self.script
+        body = await request.json()
+        self.seen.requests.append({"path": request.path, "headers": dict(request.headers), "body": body})
+        if s.status != 200:
+            return web.json_response(
+                {"error": f"scripted {s.status}", "error_type": "generation"}, status=s.status
+            )
+        stream = request.path == "/generate_stream" or bool(body.get("stream"))
+        openai = request.path.startswith("/v1/")
+        if s.first_delay_s:
+            await asyncio.sleep(s.first_delay_s)
+        if not stream:
+            text = "".join(f" tok{j}" for j in range(1, s.tokens + 1))
+            return web.json_response({"generated_text": text})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        self.seen.active_streams += 1
+        prefix = b"data: " if s.space else b"data:"
+        try:
+            if s.first_event_error is not None:
+                await resp.write(prefix + s.first_event_error.encode() + b"\n\n")
+                if openai:
+                    await resp.write(prefix + b"[DONE]\n\n")
+                return resp
+            for i in range(1, s.tokens + 1):
+                if s.drop_after_tokens is not None and i > s.drop_after_tokens:
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return resp
+                if s.hang_after_tokens is not None and i > s.hang_after_tokens:
+                    await asyncio.sleep(3600)
+                if s.token_delay_s and i > 1:
+                    await asyncio.sleep(s.token_delay_s)
+                await resp.write(token_event(i, s.space, openai, i == s.tokens, s.tokens))
+            if openai:
+                await resp.write(prefix + b"[DONE]\n\n")
+            await resp.write_eof()
+            self.seen.completed_streams += 1
+            return resp
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.seen.cancelled_streams += 1
+            raise
+        finally:
+            self.seen.active_streams -= 1
