@@ -212,15 +212,16 @@ class Relay:
                     request.method, url, data=rr.body or None, headers=headers
                 )
                 stream.upstream = upstream
-                self._passed(replica)
                 self.metrics.upstream_responses.labels(
                     replica=replica.name, code=str(upstream.status)
                 ).inc()
                 if upstream.status in RETRYABLE_STATUS:
-                    if upstream.status != 429:
+                    if upstream.status != 429:  # busy is not broken
                         self._failed(replica, f"status_{upstream.status}")
                     if not last_attempt:
                         raise _Retry(f"status_{upstream.status}")
+                else:
+                    self._passed(replica)
                 is_sse = upstream.content_type == SSE
                 first = await self._read_first(upstream, is_sse)
         except TimeoutError:

@@ -140,3 +140,11 @@ async def read_sse(resp: aiohttp.ClientResponse) -> list[bytes]:
     """All events of an SSE response, as raw bytes without the trailing blank line."""
     raw = await resp.read()
     return [e for e in raw.split(b"\n\n") if e]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A tokenizer folder trained locally (never downloaded), shared by the session."""
+    from tests.helpers_tokenizer import build_tiny_tokenizer
+
+    return build_tiny_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))
