@@ -1,0 +1,210 @@
+"""What an exported model folder says about itself, and what TGI's entry point will refuse.
+
+An optimum-neuron export is compiled for one batch size, one sequence length and one
+tensor-parallel degree. TGI's Neuron entry point (tgi_entry_point.py) reads them from
+``neuron_config.json`` (or, for optimum-neuron <= 0.0.28, the ``"neuron"`` section of
+``config.json``), fills MAX_BATCH_SIZE / MAX_TOTAL_TOKENS / HF_NUM_CORES /
+HF_AUTO_CAST_TYPE from them and refuses a mismatching environment -- minutes into a
+container start, once per replica. Reading the same file here turns that into one error
+before anything starts, and gives the native launcher (which has no entry point) the
+same defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+NEURON_CONFIG = "neuron_config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+_DTYPES = {
+    "bf16": "bf16",
+    "bfloat16": "bf16",
+    "torch.bfloat16": "bf16",
+    "fp16": "fp16",
+    "float16": "fp16",
+    "torch.float16": "fp16",
+    "f16": "fp16",
+    "fp32": "fp32",
+    "float32": "fp32",
+    "torch.float32": "fp32",
+    "f32": "fp32",
+}
+
+
+class ModelInfoError(ValueError):
+    """A model folder whose Neuron metadata cannot be read."""
+
+
+@dataclass(frozen=True)
+class NeuronModelInfo:
+    """The compiled shape of an exported model."""
+
+    path: str
+    source: str
+    """``neuron_config.json`` or ``config.json ("neuron" section)``."""
+    batch_size: int | None
+    sequence_length: int | None
+    tp_degree: int | None
+    dtype: str | None
+    """Normalised: ``bf16``, ``fp16``, ``fp32`` (or the raw string if unknown)."""
+    optimum_neuron_version: str | None = None
+    neuronxcc_version: str | None = None
+
+    @property
+    def default_max_input_tokens(self) -> int | None:
+        """What the entry point uses when MAX_INPUT_TOKENS is unset."""
+        return self.sequence_length // 2 if self.sequence_length else None
+
+    def describe(self) -> str:
+        parts = [
+            f"batch {self.batch_size}",
+            f"sequence {self.sequence_length}",
+            f"tp {self.tp_degree}",
+            str(self.dtype),
+        ]
+        if self.optimum_neuron_version:
+            parts.append(f"optimum-neuron {self.optimum_neuron_version}")
+        return ", ".join(parts)
+
+
+def normalize_dtype(value: str | None) -> str | None:
+    if value is None:
+        return None
+    return _DTYPES.get(str(value).strip().lower(), str(value).strip())
+
+
+def is_local_model(model_id: str) -> bool:
+    return os.path.isdir(model_id)
+
+
+def has_tokenizer(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES)
+
+
+def read_model_info(path: str) -> NeuronModelInfo | None:
+    """Neuron metadata of a local folder; None when it holds none (a plain checkpoint)."""
+    neuron_config = os.path.join(path, NEURON_CONFIG)
+    if os.path.isfile(neuron_config):
+        data = _read_json(neuron_config)
+        return _info(path, NEURON_CONFIG, data)
+    config = os.path.join(path, "config.json")
+    if os.path.isfile(config):
+        data = _read_json(config)
+        section = data.get("neuron")
+        if isinstance(section, dict):
+            return _info(path, 'config.json ("neuron" section)', section)
+    return None
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelInfoError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ModelInfoError(f"{path} is not a JSON object")
+    return data
+
+
+def _int(data: dict[str, Any], *keys: str) -> int | None:
+    for key in keys:
+        value = data.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.isdigit():
+            return int(value)
+    return None
+
+
+def _info(path: str, source: str, data: dict[str, Any]) -> NeuronModelInfo:
+    dtype = data.get("auto_cast_type") or data.get("torch_dtype")
+    return NeuronModelInfo(
+        path=path,
+        source=source,
+        batch_size=_int(data, "batch_size"),
+        sequence_length=_int(data, "sequence_length", "max_context_length"),
+        tp_degree=_int(data, "tp_degree", "num_cores", "tensor_parallel_size"),
+        dtype=normalize_dtype(dtype) if dtype else None,
+        optimum_neuron_version=data.get("optimum_neuron_version"),
+        neuronxcc_version=data.get("neuronxcc_version") or data.get("compiler_version"),
+    )
+
+
+def check_model(
+    info: NeuronModelInfo,
+    *,
+    cores_per_replica: int | None,
+    batch_size: int | None,
+    max_total_tokens: int | None,
+    max_input_tokens: int | None,
+    auto_cast_type: str | None,
+) -> list[str]:
+    """The refusals of TGI's Neuron entry point, as messages that say what to change.
+
+    Stricter on one point: a tp degree *below* the cores per replica would start, but the
+    extra cores would sit idle (and be reserved), so it is refused too.
+    """
+    where = (
+        f"{info.path}/{info.source}"
+        if info.source == NEURON_CONFIG
+        else f"{info.path} {info.source}"
+    )
+    errors = []
+    if (
+        info.tp_degree is not None
+        and cores_per_replica is not None
+        and info.tp_degree != cores_per_replica
+    ):
+        errors.append(
+            f"the model was compiled for {info.tp_degree} NeuronCores (tp_degree in {where}) "
+            f"but each replica gets {cores_per_replica}: set [fleet] cores_per_replica = "
+            f"{info.tp_degree}, or re-export with --num-cores {cores_per_replica}"
+        )
+    if info.batch_size is not None and batch_size is not None and batch_size > info.batch_size:
+        errors.append(
+            f"MAX_BATCH_SIZE / [model] batch_size = {batch_size} exceeds the compiled batch "
+            f"size {info.batch_size} ({where}): lower it to {info.batch_size} or re-export"
+        )
+    seq = info.sequence_length
+    if seq is not None and max_total_tokens is not None and max_total_tokens > seq:
+        errors.append(
+            f"MAX_TOTAL_TOKENS / [model] max_total_tokens = {max_total_tokens} exceeds the "
+            f"compiled sequence length {seq} ({where}): lower it to {seq} or re-export"
+        )
+    if seq is not None and max_input_tokens is not None and max_input_tokens >= seq:
+        errors.append(
+            f"MAX_INPUT_TOKENS / [model] max_input_tokens = {max_input_tokens} must be below "
+            f"the compiled sequence length {seq} ({where}): the default is {seq // 2}"
+        )
+    want = normalize_dtype(auto_cast_type)
+    if want and info.dtype and want != info.dtype:
+        errors.append(
+            f"HF_AUTO_CAST_TYPE / [model] auto_cast_type = {auto_cast_type!r} differs from the "
+            f"compiled type {info.dtype!r} ({where}): remove it or set it to {info.dtype!r}"
+        )
+    return errors
+
+
+def export_differences(
+    info: NeuronModelInfo,
+    *,
+    batch_size: int,
+    sequence_length: int,
+    tp_degree: int,
+    dtype: str,
+) -> list[str]:
+    """What differs between an existing export and the one asked for (empty: reuse it)."""
+    wanted = {
+        "batch_size": (info.batch_size, batch_size),
+        "sequence_length": (info.sequence_length, sequence_length),
+        "tp_degree": (info.tp_degree, tp_degree),
+        "dtype": (info.dtype, normalize_dtype(dtype)),
+    }
+    return [
+        f"{key}: found {have}, want {want}" for key, (have, want) in wanted.items() if have != want
+    ]

@@ -1,0 +1,124 @@
+"""``neuron-fleet status``: one look at a running service (``GET /fleet/status``).
+
+Standard library only, so it answers instantly even on a host under load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+COLUMNS = ("NAME", "STATE", "CORES", "PID", "PORT", "INFLIGHT", "RESTARTS", "UPTIME", "LAST EXIT")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--url", default=DEFAULT_URL, help=f"the balancer (default {DEFAULT_URL})")
+    add("--token", help="admin token (default: env NEURON_FLEET_ADMIN_TOKEN)")
+    add("--json", action="store_true", help="print the raw JSON")
+    add("--timeout", type=float, default=5.0, help="seconds to wait for an answer (default 5)")
+
+
+def fetch_status(url: str, token: str | None, timeout: float = 5.0) -> dict[str, Any]:
+    request = urllib.request.Request(f"{url.rstrip('/')}/fleet/status")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def format_uptime(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+def format_table(status: dict[str, Any], url: str = "") -> str:
+    replicas = status.get("replicas", [])
+    ready = status.get("ready_replicas", sum(1 for r in replicas if r.get("state") == "ready"))
+    head = [f"{ready}/{len(replicas)} replicas ready"]
+    if "queue_depth" in status:
+        head.append(f"queue {status['queue_depth']}/{status.get('max_queue', '?')}")
+    if "inflight" in status:
+        head.append(f"{status['inflight']} in flight")
+    for key in ("policy", "launcher"):
+        if status.get(key):
+            head.append(f"{key} {status[key]}")
+    if status.get("draining"):
+        head.append("SHUTTING DOWN")
+    lines = [f"neuron-fleet{' at ' + url if url else ''}: {', '.join(head)}"]
+    if status.get("operation"):
+        lines.append(f"in progress: {status['operation']}")
+
+    rows = [COLUMNS]
+    for r in replicas:
+        cap = r.get("slot_cap")
+        inflight = f"{r.get('inflight', 0)}/{cap}" if cap else _cell(r.get("inflight"))
+        rows.append(
+            (
+                _cell(r.get("name")),
+                _cell(r.get("state")),
+                _cell(r.get("cores")),
+                _cell(r.get("pid")),
+                _cell(r.get("port")),
+                inflight,
+                _cell(r.get("restarts")),
+                format_uptime(r.get("uptime_s")),
+                _cell(r.get("last_exit")),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    for row in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    for name, reason in (status.get("failed") or {}).items():
+        lines.append(f"{name} failed: {reason}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    token = args.token or os.environ.get("NEURON_FLEET_ADMIN_TOKEN") or None
+    url = args.url.rstrip("/")
+    try:
+        status = fetch_status(url, token, args.timeout)
+    except urllib.error.HTTPError as exc:
+        hints = {
+            401: "it needs the admin token: pass --token or set NEURON_FLEET_ADMIN_TOKEN",
+            403: "admin routes answer loopback clients only: run this on the host itself",
+            404: "no /fleet/status there: is that a neuron-fleet balancer?",
+        }
+        print(
+            f"neuron-fleet status: {url} answered HTTP {exc.code}; "
+            f"{hints.get(exc.code, exc.reason)}",
+            file=sys.stderr,
+        )
+        return 1
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(
+            f"neuron-fleet status: cannot reach {url}: {reason}. Is the service running "
+            "(systemctl status neuron-fleet)? Pass --url if it listens elsewhere.",
+            file=sys.stderr,
+        )
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        print(format_table(status, url))
+    return 0

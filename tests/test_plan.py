@@ -1,0 +1,337 @@
+"""supervisor.neuron + supervisor.plan + `neuron-fleet plan`: cores, devices, ports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from supervisor import cli
+from supervisor.config import ENV_VARS, ConfigError, FleetSettings, load_config
+from supervisor.neuron import (
+    Inventory,
+    NeuronLsError,
+    discover_inventory,
+    format_core_range,
+    format_devices,
+    inventory_from_count,
+    inventory_from_dev,
+    parse_core_range,
+    parse_neuron_ls,
+    read_neuron_ls_file,
+    run_neuron_ls,
+)
+from supervisor.plan import compute_plan, plan_replicas
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "neuron-ls"
+
+
+def fixture(name: str) -> Inventory:
+    return read_neuron_ls_file(str(FIXTURES / name))
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+# -- neuron-ls parsing -------------------------------------------------------------------
+
+
+def test_inf2_48xlarge_matches_the_blog_table() -> None:
+    inv = fixture("inf2.48xlarge.json")
+    assert len(inv.devices) == 12 and inv.total_cores == 24 and inv.cores_per_device == 2
+    first, fifth = inv.devices[0], inv.devices[5]
+    assert (first.bdf, first.connected_to) == ("80:1e.0", (11, 1))
+    assert fifth.core_ids == (10, 11)  # no neuroncore_ids in the old shape: device N = 2N, 2N+1
+    assert fifth.path == "/dev/neuron5"
+    assert inv.busy_cores() == {}
+
+
+def test_small_and_trn1_hosts() -> None:
+    small = fixture("inf2.xlarge.json")
+    assert (len(small.devices), small.total_cores, small.devices[0].connected_to) == (1, 2, ())
+    trn1 = fixture("trn1.32xlarge.json")
+    assert trn1.total_cores == 32 and trn1.devices[15].core_ids == (30, 31)
+
+
+def test_newer_output_format_shape() -> None:
+    inv = fixture("inf2.24xlarge-output-format.json")
+    assert inv.instance_type == "inf2.24xlarge"
+    assert len(inv.devices) == 6
+    assert inv.busy_cores()[10][0].pid == 4242
+    assert inv.busy_cores()[11][0].command == "python train.py"
+
+
+def test_tolerant_object_shapes() -> None:
+    devices = [{"neuron_device": 1, "nc_count": 2}, {"neuron_device": 0, "nc_count": 2}]
+    for document in (
+        {"devices": devices},
+        {"instance": {"instance_type": "x"}, "data": {"list": devices}},
+    ):
+        inv = parse_neuron_ls(json.dumps(document))
+        assert [d.index for d in inv.devices] == [0, 1]
+        assert inv.devices[1].core_ids == (2, 3)
+    with pytest.raises(NeuronLsError):
+        parse_neuron_ls("not json")
+    with pytest.raises(NeuronLsError):
+        parse_neuron_ls({"instance_type": "inf2.xlarge"})
+    with pytest.raises(NeuronLsError):
+        parse_neuron_ls([{"neuron_device": "zero"}])
+
+
+def _completed(
+    argv: list[str], rc: int, out: str = "", err: str = ""
+) -> subprocess.CompletedProcess:
+    return subprocess.CompletedProcess(argv, rc, out, err)
+
+
+def test_run_neuron_ls_falls_back_to_the_legacy_flag() -> None:
+    calls = []
+    text = (FIXTURES / "inf2.xlarge.json").read_text()
+
+    def runner(argv, **kwargs):
+        calls.append(argv)
+        assert kwargs["timeout"] == 3
+        if "--output-format" in argv:
+            return _completed(argv, 2, err="unrecognized option '--output-format'")
+        return _completed(argv, 0, out=text)
+
+    inv = run_neuron_ls("neuron-ls", timeout_s=3, runner=runner)
+    assert inv is not None and inv.total_cores == 2 and inv.source == "neuron-ls -j"
+    assert calls == [["neuron-ls", "--output-format", "json"], ["neuron-ls", "-j"]]
+
+
+def test_run_neuron_ls_missing_or_hanging() -> None:
+    def missing(argv, **kwargs):
+        raise FileNotFoundError(argv[0])
+
+    def hanging(argv, **kwargs):
+        raise subprocess.TimeoutExpired(argv, kwargs["timeout"])
+
+    assert run_neuron_ls(runner=missing) is None
+    with pytest.raises(NeuronLsError, match="did not answer"):
+        run_neuron_ls(runner=hanging)
+
+
+def test_dev_fallback_and_discovery_order(tmp_path: Path) -> None:
+    for name in ("neuron0", "neuron1", "neuron3", "neuronx", "null"):
+        (tmp_path / name).touch()
+    inv = inventory_from_dev(str(tmp_path))
+    assert [d.index for d in inv.devices] == [0, 1, 3]
+    assert inv.devices[2].core_ids == (6, 7)
+
+    def missing(argv, **kwargs):
+        raise FileNotFoundError(argv[0])
+
+    found = discover_inventory(dev_dir=str(tmp_path), runner=missing)
+    assert len(found.devices) == 3 and "not installed" in found.source
+    assert len(discover_inventory(devices=12, runner=missing).devices) == 12
+    from_file = discover_inventory(
+        neuron_ls_file=str(FIXTURES / "trn1.32xlarge.json"), runner=missing
+    )
+    assert from_file.total_cores == 32
+
+
+# -- core ranges -------------------------------------------------------------------------
+
+
+@given(st.integers(min_value=0, max_value=200), st.integers(min_value=1, max_value=64))
+def test_core_range_round_trip(first: int, count: int) -> None:
+    cores = tuple(range(first, first + count))
+    text = format_core_range(cores)
+    assert parse_core_range(text) == cores
+    assert ("-" in text) == (count > 1)
+
+
+def test_core_range_errors() -> None:
+    with pytest.raises(ValueError, match="not contiguous"):
+        format_core_range([0, 1, 3])
+    for bad in ("0,1", "7-0", "a-b", ""):
+        with pytest.raises(ValueError):
+            parse_core_range(bad)
+    assert format_devices(["/dev/neuron4", "/dev/neuron5", "/dev/neuron6"]) == "neuron4-6"
+
+
+# -- planning ----------------------------------------------------------------------------
+
+
+def settings(**kwargs) -> FleetSettings:
+    kwargs.setdefault("cores_per_replica", 8)
+    return FleetSettings(**kwargs)
+
+
+def test_blog_plan_three_by_eight() -> None:
+    plan, errors = plan_replicas(
+        settings(replicas=3), fixture("inf2.48xlarge.json"), whole_devices=True
+    )
+    assert errors == [] and plan is not None
+    assert [r.cores for r in plan.replicas] == ["0-7", "8-15", "16-23"]
+    assert plan.replicas[1].devices == tuple(f"/dev/neuron{i}" for i in range(4, 8))
+    assert [(r.port, r.metrics_port) for r in plan.replicas] == [
+        (8081, 9081),
+        (8082, 9082),
+        (8083, 9083),
+    ]
+    assert plan.replicas[2].name == "replica-2" and plan.replicas[2].url == "http://127.0.0.1:8083"
+    assert plan.inventory["total_cores"] == 24
+
+
+def test_default_replicas_is_as_many_as_fit() -> None:
+    plan, _ = plan_replicas(settings(), fixture("inf2.48xlarge.json"), whole_devices=True)
+    assert plan is not None and len(plan.replicas) == 3
+    plan, _ = plan_replicas(
+        settings(cores_per_replica=2), fixture("inf2.48xlarge.json"), whole_devices=True
+    )
+    assert plan is not None and len(plan.replicas) == 12
+    plan, _ = plan_replicas(settings(), fixture("trn1.32xlarge.json"), whole_devices=True)
+    assert plan is not None and [r.cores for r in plan.replicas][-1] == "24-31"
+
+
+def test_cores_held_by_a_process_are_refused_with_its_pid() -> None:
+    busy = fixture("inf2.48xlarge-cores-in-use.json")
+    plan, errors = plan_replicas(settings(replicas=3), busy, whole_devices=True)
+    assert plan is None
+    assert "PID 113985 (text-generation-server serve /data/exportedmodel" in errors[0]
+    assert "0-7" in errors[0]
+
+    # Unset replicas: the free groups only, and a note says why.
+    plan, errors = plan_replicas(settings(), busy, whole_devices=True)
+    assert errors == [] and plan is not None
+    assert [r.cores for r in plan.replicas] == ["8-15", "16-23"]
+    assert [r.port for r in plan.replicas] == [8081, 8082]
+
+
+def test_explicit_core_groups_are_checked() -> None:
+    inv = fixture("inf2.48xlarge.json")
+    plan, errors = plan_replicas(settings(core_groups=("0-7", "4-11")), inv, whole_devices=True)
+    assert plan is None and any("overlaps '0-7'" in e for e in errors)
+
+    plan, errors = plan_replicas(settings(core_groups=("1-8",)), inv, whole_devices=True)
+    assert any("device boundary" in e for e in errors)
+    plan, errors = plan_replicas(settings(core_groups=("1-8",)), inv, whole_devices=False)
+    assert errors == [] and plan is not None and plan.replicas[0].devices[0] == "/dev/neuron0"
+
+    plan, errors = plan_replicas(settings(core_groups=("0-3",)), inv, whole_devices=False)
+    assert any("has 4 cores but cores_per_replica is 8" in e for e in errors)
+    plan, errors = plan_replicas(
+        settings(core_groups=("16-31",), cores_per_replica=16), inv, whole_devices=False
+    )
+    assert any("has 24" in e for e in errors)
+
+
+def test_docker_needs_whole_devices_native_does_not() -> None:
+    small = fixture("inf2.xlarge.json")
+    plan, errors = plan_replicas(settings(cores_per_replica=1), small, whole_devices=True)
+    assert plan is None and "multiple of the 2 cores" in errors[0]
+    plan, errors = plan_replicas(settings(cores_per_replica=1), small, whole_devices=False)
+    assert plan is not None and [r.cores for r in plan.replicas] == ["0", "1"]
+    assert plan.replicas[1].devices == ("/dev/neuron0",)
+
+
+def test_device_numbering_gaps_and_too_small_hosts(tmp_path: Path) -> None:
+    for name in ("neuron0", "neuron1", "neuron3", "neuron4"):
+        (tmp_path / name).touch()
+    gappy = inventory_from_dev(str(tmp_path))
+    plan, errors = plan_replicas(settings(cores_per_replica=4), gappy, whole_devices=True)
+    assert errors == [] and plan is not None and [r.cores for r in plan.replicas] == ["0-3"]
+    plan, errors = plan_replicas(
+        settings(cores_per_replica=4, replicas=2), gappy, whole_devices=True
+    )
+    assert plan is None and "only 1 groups of 4 contiguous NeuronCores" in errors[0]
+
+    plan, errors = plan_replicas(settings(), fixture("inf2.xlarge.json"), whole_devices=True)
+    assert plan is None and "fewer than one replica's cores_per_replica = 8" in errors[0]
+
+
+def test_no_devices_says_what_to_do() -> None:
+    empty = inventory_from_count(0, source="/dev/neuron*")
+    plan, errors = plan_replicas(settings(), empty, whole_devices=True)
+    assert plan is None and "set [fleet] devices = N" in errors[0]
+
+
+def test_compute_plan_raises_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.toml"
+    path.write_text(
+        '[model]\nid = "org/model"\n[fleet]\nlauncher = "native"\ncores_per_replica = 8\n'
+    )
+    config = load_config(
+        str(path), env={}, inventory=fixture("trn1.32xlarge.json"), check_host=False
+    )
+    assert len(config.plan.replicas) == 4
+    assert compute_plan(config, fixture("inf2.48xlarge.json")).replicas[-1].cores == "16-23"
+
+    holder = fixture("inf2.48xlarge-cores-in-use.json").devices[0].processes
+    all_busy = Inventory(
+        devices=tuple(replace(d, processes=holder) for d in fixture("inf2.48xlarge.json").devices),
+        source="test",
+    )
+    with pytest.raises(ConfigError, match="no free group of 8 NeuronCores") as excinfo:
+        compute_plan(config, all_busy)
+    assert "PID 113985" in str(excinfo.value)
+
+
+# -- neuron-fleet plan -------------------------------------------------------------------
+
+PLAN_TOML = """
+[model]
+id = "meta-llama/Meta-Llama-3.1-8B-Instruct"
+batch_size = 8
+max_input_tokens = 16000
+max_total_tokens = 16512
+max_concurrent_requests = 512
+[fleet]
+launcher = "native"
+cores_per_replica = 8
+"""
+
+
+def test_plan_command_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "fleet.toml"
+    path.write_text(PLAN_TOML)
+    neuron_ls = str(FIXTURES / "inf2.48xlarge.json")
+    args = ["plan", "--config", str(path), "--neuron-ls", neuron_ls, "--no-host-checks"]
+
+    assert cli.main(args) == 0
+    table = capsys.readouterr().out
+    assert "12 devices x 2 cores = 24 NeuronCores" in table
+    row = next(line for line in table.splitlines() if line.startswith("replica-2"))
+    assert row.split()[:5] == ["replica-2", "16-23", "neuron8-11", "8083", "9083"]
+    assert "NEURON_RT_VISIBLE_CORES=16-23" in row and "text-generation-launcher" in row
+
+    assert cli.main([*args, "--json", "--replicas", "2"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert [r["cores"] for r in document["replicas"]] == ["0-7", "8-15"]
+    assert document["replicas"][0]["argv"][0] == "text-generation-launcher"
+    assert document["replicas"][0]["env"]["NEURON_RT_VISIBLE_CORES"] == "0-7"
+
+
+def test_plan_command_invalid_exits_2_with_every_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "fleet.toml"
+    path.write_text(
+        PLAN_TOML.replace("cores_per_replica = 8", "cores_per_replica = 8\nreplicass = 4")
+    )
+    args = ["plan", "--config", str(path), "--neuron-ls", str(FIXTURES / "inf2.48xlarge.json")]
+    assert cli.main([*args, "--no-host-checks", "--replicas", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'replicas'" in err
+    assert "needs 32 NeuronCores (4 replicas x 8)" in err
+
+    busy = [
+        "plan",
+        "--config",
+        str(path),
+        "--neuron-ls",
+        str(FIXTURES / "inf2.48xlarge-cores-in-use.json"),
+    ]
+    path.write_text(PLAN_TOML)
+    assert cli.main([*busy, "--no-host-checks", "--replicas", "3"]) == 2
+    assert "PID 113985" in capsys.readouterr().err
