@@ -132,7 +132,7 @@ class BalancerServer:
         if self.balancer is not None:
             self.balancer.draining = True
 
-    async def wait_idle(self, timeout: float) -> bool:  # noqa: ASYNC109
+    async def wait_idle(self, timeout: float) -> bool:
         """Wait until nothing is in flight or queued; False if ``timeout`` ran out first."""
         deadline = time.monotonic() + timeout
         while self.balancer is not None and not self.balancer.idle:

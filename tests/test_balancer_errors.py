@@ -17,18 +17,50 @@ async def setup(scripted, balancer):
 @pytest.mark.parametrize(
     ("method", "path", "kwargs", "status", "error_type"),
     [
-        ("POST", "/generate", {"data": b"{not json", "headers": {"Content-Type": "application/json"}}, 400, "validation"),
-        ("POST", "/generate", {"data": b'{"inputs": "\xff\xfe"}', "headers": {"Content-Type": "application/json"}}, 400, "validation"),
-        ("POST", "/generate", {"data": b'{"inputs":"x"}', "headers": {"Content-Type": "text/plain"}}, 415, "validation"),
+        (
+            "POST",
+            "/generate",
+            {"data": b"{not json", "headers": {"Content-Type": "application/json"}},
+            400,
+            "validation",
+        ),
+        (
+            "POST",
+            "/generate",
+            {"data": b'{"inputs": "\xff\xfe"}', "headers": {"Content-Type": "application/json"}},
+            400,
+            "validation",
+        ),
+        (
+            "POST",
+            "/generate",
+            {"data": b'{"inputs":"x"}', "headers": {"Content-Type": "text/plain"}},
+            415,
+            "validation",
+        ),
         ("POST", "/generate", {"json": ["a", "list"]}, 422, "validation"),
-        ("POST", "/generate", {"json": {"inputs": "x", "parameters": {"max_new_tokens": -5}}}, 422, "validation"),
-        ("POST", "/v1/completions", {"json": {"prompt": "x", "max_tokens": "lots"}}, 422, "validation"),
+        (
+            "POST",
+            "/generate",
+            {"json": {"inputs": "x", "parameters": {"max_new_tokens": -5}}},
+            422,
+            "validation",
+        ),
+        (
+            "POST",
+            "/v1/completions",
+            {"json": {"prompt": "x", "max_tokens": "lots"}},
+            422,
+            "validation",
+        ),
         ("POST", "/generate", {"json": {"inputs": "x" * 5000}}, 413, "validation"),
         ("GET", "/nope", {}, 404, "not_found"),
         ("DELETE", "/generate", {}, 405, "method_not_allowed"),
     ],
 )
-async def test_bad_requests_are_refused_in_tgi_shape(setup, http, method, path, kwargs, status, error_type):
+async def test_bad_requests_are_refused_in_tgi_shape(
+    setup, http, method, path, kwargs, status, error_type
+):
     replica, server = setup
     async with http.request(method, f"{server.url}{path}", **kwargs) as resp:
         assert resp.status == status

@@ -19,8 +19,14 @@ GEN = {"inputs": "hello", "parameters": {"max_new_tokens": 5}}
 
 def _replicas(*inflight: int, cap: int = 8) -> list[Replica]:
     return [
-        Replica(f"r{i}", f"http://x{i}", slot_cap=cap, state=ReplicaState.READY, healthy=True,
-                inflight=n)
+        Replica(
+            f"r{i}",
+            f"http://x{i}",
+            slot_cap=cap,
+            state=ReplicaState.READY,
+            healthy=True,
+            inflight=n,
+        )
         for i, n in enumerate(inflight)
     ]
 
@@ -61,7 +67,7 @@ async def test_admission_caps_queues_and_hands_over_in_fifo_order():
     with pytest.raises(QueueFull):
         await adm.acquire(1)
     adm.release(first, 1)
-    done, pending = await asyncio.wait(waiters, timeout=1, return_when=asyncio.FIRST_COMPLETED)
+    done, _pending = await asyncio.wait(waiters, timeout=1, return_when=asyncio.FIRST_COMPLETED)
     assert done == {waiters[0]}  # FIFO: the oldest waiter gets the slot
     adm.release(await waiters[0], 1)
     assert (await waiters[1]).inflight == 1
@@ -192,7 +198,7 @@ async def test_health_transitions_with_rise_and_fall(scripted, balancer, http):
 
 async def test_passive_ejection_after_consecutive_failures(scripted, balancer, http):
     bad, bad_url = await scripted(Script(status=500))
-    good, good_url = await scripted(Script(tokens=1))
+    _good, good_url = await scripted(Script(tokens=1))
     server = await balancer([bad_url, good_url], eject_after_failures=2, health_interval_s=60)
     for _ in range(6):
         async with http.post(f"{server.url}/generate", json=GEN) as resp:
@@ -216,8 +222,7 @@ async def test_metrics_count_tokens_ttft_and_requests(scripted, balancer, http):
     assert metric_value(text, "neuron_fleet_time_to_first_token_seconds_count", replica="r0") == 4
     assert metric_value(text, "neuron_fleet_inter_token_latency_seconds_count", replica="r0") == 20
     assert (
-        metric_value(text, "neuron_fleet_requests_total", route="/generate_stream", code="200")
-        == 3
+        metric_value(text, "neuron_fleet_requests_total", route="/generate_stream", code="200") == 3
     )
     assert metric_value(text, "neuron_fleet_replica_inflight", replica="r0") == 0
     assert metric_value(text, "neuron_fleet_queue_depth") == 0
@@ -227,7 +232,7 @@ async def test_metrics_count_tokens_ttft_and_requests(scripted, balancer, http):
 
 async def test_drain_and_undrain_without_supervisor(scripted, balancer, http):
     a, url_a = await scripted(Script(tokens=1))
-    b, url_b = await scripted(Script(tokens=1))
+    _b, url_b = await scripted(Script(tokens=1))
     server = await balancer([url_a, url_b])
     async with http.post(f"{server.url}/fleet/replicas/r0/drain") as resp:
         assert resp.status == 200

@@ -70,7 +70,7 @@ async def test_retry_on_5xx_goes_to_another_replica(scripted, balancer, http):
 
 
 async def test_overloaded_first_event_is_retried(scripted, balancer, http):
-    busy, busy_url = await scripted(
+    _busy, busy_url = await scripted(
         Script(first_event_error='{"error":"Model is overloaded","error_type":"overloaded"}')
     )
     ok, ok_url = await scripted(Script(tokens=3))
@@ -159,7 +159,7 @@ async def test_client_disconnect_mid_stream_cancels_upstream(scripted, balancer)
 
 
 async def test_client_disconnect_while_waiting_first_byte(scripted, balancer):
-    replica, url = await scripted(Script(first_delay_s=30))
+    _replica, url = await scripted(Script(first_delay_s=30))
     server = await balancer([url])
     async with aiohttp.ClientSession() as session:
         task = asyncio.ensure_future(session.post(f"{server.url}/generate_stream", json=GEN))
@@ -170,10 +170,7 @@ async def test_client_disconnect_while_waiting_first_byte(scripted, balancer):
         async with session.get(f"{server.url}/metrics") as resp:
             text = await resp.text()
     assert (
-        metric_value(
-            text, "neuron_fleet_client_disconnects_total", stage="waiting_first_byte"
-        )
-        == 1
+        metric_value(text, "neuron_fleet_client_disconnects_total", stage="waiting_first_byte") == 1
     )
 
 

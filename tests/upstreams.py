@@ -102,7 +102,9 @@ class ScriptedReplica:
     async def generate(self, request: web.Request) -> web.StreamResponse:
         s = self.script
         body = await request.json()
-        self.seen.requests.append({"path": request.path, "headers": dict(request.headers), "body": body})
+        self.seen.requests.append(
+            {"path": request.path, "headers": dict(request.headers), "body": body}
+        )
         if s.status != 200:
             return web.json_response(
                 {"error": f"scripted {s.status}", "error_type": "generation"}, status=s.status
