@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import logging
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -31,6 +32,8 @@ class FleetControl(Protocol):
     async def rolling_restart(self) -> None: ...
     def status(self) -> dict[str, Any]: ...
 
+
+log = logging.getLogger("neuron_fleet.admin")
 
 FLEET_KEY = web.AppKey("fleet", object)
 ACTIONS = ("drain", "undrain", "restart")
@@ -82,6 +85,8 @@ def fleet_status(balancer: Balancer, fleet: FleetControl | None) -> dict[str, An
                 "restarts": r.restarts,
                 "uptime_s": None if uptime is None else round(uptime, 1),
                 "last_exit": r.last_exit,
+                "start_duration_s": r.start_duration_s,
+                "failed_reason": r.failed_reason,
             }
         )
     status: dict[str, Any] = {
@@ -121,8 +126,8 @@ def add_admin_routes(app: web.Application, balancer: Balancer) -> None:
             return json_error(404, f"No replica {name!r}; known: {known}", "not_found")
         control = fleet()
         if control is not None:
-            await getattr(control, verb)(name)
-        elif verb == "drain":
+            return await _run_operation(getattr(control, verb)(name), f"{verb} {name}")
+        if verb == "drain":
             balancer.registry.set_state(replica, ReplicaState.DRAINING)
         elif verb == "undrain":
             balancer.registry.set_state(replica, ReplicaState.READY)
@@ -141,10 +146,7 @@ def add_admin_routes(app: web.Application, balancer: Balancer) -> None:
             return json_error(
                 501, "Rolling restart needs the supervisor (`neuron-fleet serve`)", "not_supported"
             )
-        task = asyncio.get_running_loop().create_task(control.rolling_restart())
-        _background.add(task)
-        task.add_done_callback(_background.discard)
-        return web.json_response({"action": "rolling-restart", "started": True}, status=202)
+        return await _run_operation(control.rolling_restart(), "rolling restart")
 
     app.router.add_get("/fleet/status", status, allow_head=False)
     app.router.add_post(r"/fleet/replicas/{name}/{action:drain|undrain|restart}", action)
@@ -152,4 +154,36 @@ def add_admin_routes(app: web.Application, balancer: Balancer) -> None:
 
 
 _background: set[asyncio.Task[None]] = set()
-"""Rolling restarts run after the 202 answer; keep a reference so they are not collected."""
+"""Operations still running after their 202 answer (kept referenced until done)."""
+OPERATION_GRACE_S = 0.2
+"""How long an admin call waits for its operation: quick ones answer 200, slow ones 202."""
+
+
+async def _run_operation(coro: Any, what: str) -> web.Response:
+    """Run a fleet operation; answer when done, or 202 if it is still going (a restart of a
+    Neuron replica takes minutes). Errors carry ``http_status`` (busy: 409, failed start: 503).
+    """
+    task = asyncio.get_running_loop().create_task(coro)
+    done, _ = await asyncio.wait({task}, timeout=OPERATION_GRACE_S)
+    if not done:
+        _background.add(task)
+        task.add_done_callback(_log_outcome(what))
+        return web.json_response({"action": what, "accepted": True}, status=202)
+    exc = task.exception()
+    if exc is not None:
+        if isinstance(exc, KeyError):
+            return json_error(404, f"{what}: unknown replica {exc}", "not_found")
+        status = getattr(exc, "http_status", 500)
+        return json_error(status, f"{what} failed: {exc}", "conflict" if status == 409 else "fleet")
+    return web.json_response({"action": what, "done": True})
+
+
+def _log_outcome(what: str) -> Any:
+    def done(task: asyncio.Task[None]) -> None:
+        _background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s failed: %s", what, task.exception())
+        else:
+            log.info("%s finished", what)
+
+    return done

@@ -27,6 +27,8 @@ log = logging.getLogger("neuron_fleet.fleet")
 class FleetBusyError(RuntimeError):
     """Another restart is already taking replicas out; try again when it is done."""
 
+    http_status = 409  # the admin API answers "conflict"
+
 
 @dataclass(frozen=True)
 class FleetSettings:

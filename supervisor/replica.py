@@ -92,6 +92,8 @@ def backoff_delay(failures: int, initial: float, maximum: float, rng: random.Ran
 class ReplicaStartError(RuntimeError):
     """The replica did not become ready (it failed, or was stopped meanwhile)."""
 
+    http_status = 503  # the admin API answers "unavailable"
+
 
 class _Command(enum.Enum):
     RESTART = "restart"
