@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The README's test command, and what CI (.ci/run) calls. On a fresh Debian machine it
+# installs what the tests drive for real (prometheus + promtool, systemd-analyze), sets up
+# .venv with the test extras, runs ruff and then pytest with any arguments given.
+# pytest's "no tests collected" (exit 5) counts as a failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup-venv.sh
+
+missing=()
+command -v promtool >/dev/null || missing+=(prometheus)
+command -v prometheus >/dev/null || missing+=(prometheus)
+command -v systemd-analyze >/dev/null || missing+=(systemd)
+if ((${#missing[@]})); then
+    apt_install $(printf '%s\n' "${missing[@]}" | sort -u)
+fi
+EXTRAS="[test]" source scripts/setup-venv.sh
+
+.venv/bin/ruff check .
+set +e
+.venv/bin/python -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+    echo "pytest collected no tests: failing" >&2
+    exit 1
+fi
+exit "$rc"
