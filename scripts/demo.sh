@@ -4,5 +4,6 @@
 # `neuron-fleet demo` (e.g. --speed 10).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="" source scripts/setup-venv.sh
+source scripts/setup-venv.sh
+setup_venv ""
 exec .venv/bin/neuron-fleet demo "$@"

@@ -14,7 +14,7 @@ command -v systemd-analyze >/dev/null || missing+=(systemd)
 if ((${#missing[@]})); then
     apt_install $(printf '%s\n' "${missing[@]}" | sort -u)
 fi
-EXTRAS="[test]" source scripts/setup-venv.sh
+setup_venv "[test]"
 
 .venv/bin/ruff check .
 set +e

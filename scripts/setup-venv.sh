@@ -1,6 +1,6 @@
-# Sourced by demo.sh and run-tests.sh: make sure .venv exists and has neuron-fleet installed
-# with the extras in $EXTRAS (e.g. "[test]"). Debian's python3 lacks ensurepip until the
-# python3-venv package is installed, so that is installed first when needed.
+# Sourced by demo.sh and run-tests.sh. `setup_venv EXTRAS` makes sure .venv exists and has
+# neuron-fleet installed with those extras (e.g. "[test]"). Debian's python3 lacks ensurepip
+# until the python3-venv package is installed, so that is installed first when needed.
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 
@@ -12,10 +12,12 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
-if [ ! -x .venv/bin/python ]; then
-    if ! "$PYTHON" -c "import ensurepip, venv" >/dev/null 2>&1; then
-        apt_install python3-venv
+setup_venv() {
+    if [ ! -x .venv/bin/python ]; then
+        if ! "$PYTHON" -c "import ensurepip, venv" >/dev/null 2>&1; then
+            apt_install python3-venv
+        fi
+        "$PYTHON" -m venv .venv
     fi
-    "$PYTHON" -m venv .venv
-fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".${EXTRAS:-}"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${1:-}"
+}
