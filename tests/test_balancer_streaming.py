@@ -199,3 +199,22 @@ async def test_request_headers(scripted, balancer, http):
     assert len(generated) == 32
     seen = {k.lower(): v for k, v in replica.seen.requests[1]["headers"].items()}
     assert seen["x-request-id"] == generated
+
+
+async def test_client_disconnect_while_queued_frees_its_place(scripted, balancer):
+    replica, url = await scripted(Script(tokens=1000, token_delay_s=0.02))
+    server = await balancer([url], max_inflight_per_replica=1)
+    async with aiohttp.ClientSession() as session:
+        held = await session.post(f"{server.url}/generate_stream", json=GEN)
+        await held.content.readuntil(b"\n\n")
+        task = asyncio.ensure_future(session.post(f"{server.url}/generate_stream", json=GEN))
+        await wait_until(lambda: server.balancer.admission.queue_depth == 1, what="queued")
+        task.cancel()
+        await wait_until(lambda: server.balancer.admission.queue_depth == 0, what="dequeued")
+        held.close()
+    await wait_until(lambda: server.balancer.inflight == 0, what="slot released")
+    assert len(replica.seen.requests) == 1  # the queued request never reached the replica
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{server.url}/metrics") as resp:
+            text = await resp.text()
+    assert metric_value(text, "neuron_fleet_client_disconnects_total", stage="queued") == 1
