@@ -3,26 +3,64 @@
 One Prometheus target then shows the whole host. Replicas are scraped concurrently when the
 balancer's ``/metrics`` is scraped, each with a short timeout; a replica that does not answer
 is simply absent from that scrape (its ``neuron_fleet_replica_up`` says why).
+
+The text is relabelled line by line rather than parsed and re-rendered, so every name stays
+exactly as the replica wrote it (TGI's counters have no ``_total`` suffix; dashboards built
+for TGI keep working) and the samples of one family stay together across replicas, as the
+exposition format requires.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import aiohttp
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import Metric
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.registry import Collector
 
 from balancer.upstream import Registry, Replica, ReplicaState
 
-log = logging.getLogger("neuron_fleet.replica_metrics")
-
 PREFIXES = ("tgi_", "vllm:")
 SCRAPE_TIMEOUT_S = 2.0
+
+
+@dataclass
+class _Family:
+    meta: list[str] = field(default_factory=list)
+    """``# HELP`` / ``# TYPE`` lines, once each."""
+    samples: list[str] = field(default_factory=list)
+
+
+def relabel(text: str, replica: str, families: dict[str, _Family]) -> None:
+    """Add ``replica="<name>"`` to every sample of the kept families of one replica."""
+    current: str | None = None
+    label = f'replica="{replica}"'
+    for line in text.splitlines():
+        if not line:
+            continue
+        if line[0] == "#":
+            parts = line.split(None, 3)
+            if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+                current = parts[2] if parts[2].startswith(PREFIXES) else None
+                if current is not None:
+                    family = families.setdefault(current, _Family())
+                    if line not in family.meta:
+                        family.meta.append(line)
+            continue
+        brace, space = line.find("{"), line.find(" ")
+        end = brace if brace != -1 and (space == -1 or brace < space) else space
+        if end <= 0:
+            continue
+        name = line[:end]
+        if current is None or not name.startswith(current):
+            current = name if name.startswith(PREFIXES) else None
+        if current is None:
+            continue
+        if end == brace:
+            inner = "" if line[brace + 1] == "}" else ","
+            line = f"{name}{{{label}{inner}{line[brace + 1 :]}"
+        else:
+            line = f"{name}{{{label}}}{line[end:]}"
+        families.setdefault(current, _Family()).samples.append(line)
 
 
 class ReplicaMetricsExporter:
@@ -37,30 +75,15 @@ class ReplicaMetricsExporter:
             if r.state in (ReplicaState.READY, ReplicaState.DRAINING)
         ]
         texts = await asyncio.gather(*(self._scrape(r) for r in replicas))
-        families: dict[str, Metric] = {}
+        families: dict[str, _Family] = {}
         for replica, text in zip(replicas, texts, strict=True):
-            if not text:
-                continue
-            try:
-                parsed = list(text_string_to_metric_families(text))
-            except ValueError as exc:
-                log.debug("unparsable /metrics from %s: %s", replica.name, exc)
-                continue
-            for family in parsed:
-                if not family.name.startswith(PREFIXES):
-                    continue
-                merged = families.get(family.name)
-                if merged is None:
-                    merged = Metric(family.name, family.documentation, family.type, family.unit)
-                    families[family.name] = merged
-                for sample in family.samples:
-                    labels = {**sample.labels, "replica": replica.name}
-                    merged.add_sample(sample.name, labels, sample.value, sample.timestamp)
-        if not families:
-            return b""
-        out = CollectorRegistry(auto_describe=False)
-        out.register(_Fixed(list(families.values())))
-        return generate_latest(out)
+            if text:
+                relabel(text, replica.name, families)
+        lines: list[str] = []
+        for family in families.values():
+            lines += family.meta
+            lines += family.samples
+        return ("\n".join(lines) + "\n").encode() if lines else b""
 
     async def _scrape(self, replica: Replica) -> str:
         timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_S)
@@ -71,11 +94,3 @@ class ReplicaMetricsExporter:
                 return await resp.text()
         except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError):
             return ""
-
-
-class _Fixed(Collector):
-    def __init__(self, metrics: list[Metric]) -> None:
-        self._metrics = metrics
-
-    def collect(self) -> Iterator[Metric]:
-        return iter(self._metrics)
