@@ -136,7 +136,6 @@ class FleetSettings:
     startup_timeout_s: float = 1800.0
     drain_timeout_s: float = 300.0
     stop_grace_s: float = 30.0
-    health_interval_s: float = 5.0
     restart_backoff_initial_s: float = 1.0
     restart_backoff_max_s: float = 60.0
     crash_loop_max_exits: int = 5
@@ -773,7 +772,6 @@ def _check_fleet(fleet: FleetSettings, launcher: LauncherConfig, check_host: boo
         "min_ready": fleet.min_ready,
         "crash_loop_max_exits": fleet.crash_loop_max_exits,
         "startup_timeout_s": fleet.startup_timeout_s,
-        "health_interval_s": fleet.health_interval_s,
         "restart_backoff_initial_s": fleet.restart_backoff_initial_s,
         "restart_backoff_max_s": fleet.restart_backoff_max_s,
         "crash_loop_window_s": fleet.crash_loop_window_s,
