@@ -1,0 +1,232 @@
+"""``neuron-fleet install-service`` into a temporary --prefix: files, modes, secrets, unit."""
+
+from __future__ import annotations
+
+import argparse
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+from supervisor import install
+from tests.test_deploy import DEPLOY, TEMPLATE_EXEC, unit_directives, verify_problems
+
+pytestmark = pytest.mark.timeout(60)
+
+SECRET = "hf_s3cr3t-VALUE-never-printed"
+ADMIN = "admin-token-never-printed"
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    install.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def run_install(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    rc = install.run(parse(*argv))
+    captured = capsys.readouterr()
+    return rc, captured.out + captured.err
+
+
+@pytest.fixture
+def blog_env(tmp_path: Path) -> Path:
+    """The blog's .env, plus secrets."""
+    path = tmp_path / "blog.env"
+    path.write_text(
+        "MODEL_ID='/data/exportedmodel'\n"
+        "MAX_BATCH_SIZE=8\n"
+        "MAX_INPUT_TOKENS=16000\n"
+        "MAX_TOTAL_TOKENS=16512\n"
+        f"HF_TOKEN={SECRET}\n"
+        f'NEURON_FLEET_ADMIN_TOKEN="{ADMIN}"\n'
+    )
+    return path
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def service(prefix: Path) -> dict[str, str]:
+    text = (prefix / "etc/systemd/system/neuron-fleet.service").read_text()
+    return {k: v for s, k, v in unit_directives(text) if s == "Service"}
+
+
+def test_installs_unit_config_and_env_file(
+    tmp_path: Path, blog_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prefix = tmp_path / "root"
+    rc, out = run_install(capsys, "--prefix", str(prefix), "--env-source", str(blog_env))
+    assert rc == 0, out
+
+    unit = prefix / "etc/systemd/system/neuron-fleet.service"
+    config = prefix / "etc/neuron-fleet/fleet.toml"
+    env = prefix / "etc/neuron-fleet/neuron-fleet.env"
+    assert mode(unit) == 0o644 and mode(config) == 0o644
+    assert mode(env) == 0o600
+    assert config.read_text() == (DEPLOY / "fleet.toml").read_text()
+
+    # ExecStart: this venv's neuron-fleet, not the template's /opt path.
+    exe = Path(sys.executable).parent / "neuron-fleet"
+    svc = service(prefix)
+    assert svc["ExecStart"] == f"{exe} serve --config /etc/neuron-fleet/fleet.toml"
+    assert TEMPLATE_EXEC not in unit.read_text()
+    assert svc["User"] == svc["Group"] == "neuron-fleet"
+    # deploy/fleet.toml uses the docker launcher: the docker group comes along.
+    assert svc["SupplementaryGroups"] == "neuron docker"
+    # Only those lines differ from the shipped unit.
+    shipped = (DEPLOY / "neuron-fleet.service").read_text().splitlines()
+    changed = [a for a, b in zip(shipped, unit.read_text().splitlines(), strict=True) if a != b]
+    assert [c.split("=")[0] for c in changed] == ["ExecStart"]
+
+    # The env file: systemd syntax, every variable, the secrets included...
+    env_text = env.read_text()
+    assert f'HF_TOKEN="{SECRET}"' in env_text
+    assert f'NEURON_FLEET_ADMIN_TOKEN="{ADMIN}"' in env_text
+    assert 'MODEL_ID="/data/exportedmodel"' in env_text
+    # ...which are never printed: names only.
+    assert SECRET not in out and ADMIN not in out
+    assert "HF_TOKEN (secret, not shown)" in out
+    assert "MAX_BATCH_SIZE" in out
+    # The next commands.
+    for command in (
+        "useradd --system --user-group --home-dir /var/lib/neuron-fleet",
+        "groupadd --system neuron",
+        "systemctl daemon-reload",
+        "systemctl enable --now neuron-fleet",
+    ):
+        assert command in out
+    # deploy/fleet.toml keeps the blog's model in /home/ubuntu: ProtectHome hides it.
+    assert "ProtectHome" in out
+
+
+def test_installed_unit_passes_verify(
+    tmp_path: Path, blog_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prefix = tmp_path / "root"
+    assert run_install(capsys, "--prefix", str(prefix), "--env-source", str(blog_env))[0] == 0
+    assert verify_problems(prefix / "etc/systemd/system/neuron-fleet.service") == []
+
+
+def test_env_example_installed_without_env_source(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, out = run_install(capsys, "--prefix", str(tmp_path))
+    assert rc == 0, out
+    env = tmp_path / "etc/neuron-fleet/neuron-fleet.env"
+    assert env.read_text() == (DEPLOY / "neuron-fleet.env.example").read_text()
+    assert mode(env) == 0o600
+
+
+def test_existing_files_kept_and_env_mode_repaired(
+    tmp_path: Path, blog_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_install(capsys, "--prefix", str(tmp_path), "--env-source", str(blog_env))[0] == 0
+    config = tmp_path / "etc/neuron-fleet/fleet.toml"
+    env = tmp_path / "etc/neuron-fleet/neuron-fleet.env"
+    config.write_text(config.read_text() + "\n# edited by the operator\n")
+    env.write_text(f"HF_TOKEN={SECRET}-rotated\n")
+    env.chmod(0o644)
+
+    rc, out = run_install(capsys, "--prefix", str(tmp_path))
+    assert rc == 0, out
+    assert config.read_text().endswith("# edited by the operator\n")
+    assert env.read_text() == f"HF_TOKEN={SECRET}-rotated\n"
+    assert mode(env) == 0o600
+    assert "0644 -> 0600" in out
+    assert SECRET not in out
+
+    # --force replaces fleet.toml, never the env file.
+    rc, out = run_install(capsys, "--prefix", str(tmp_path), "--force")
+    assert rc == 0, out
+    assert config.read_text() == (DEPLOY / "fleet.toml").read_text()
+    assert env.read_text() == f"HF_TOKEN={SECRET}-rotated\n"
+
+
+def test_dry_run_writes_nothing(
+    tmp_path: Path, blog_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, out = run_install(
+        capsys, "--prefix", str(tmp_path), "--env-source", str(blog_env), "--dry-run"
+    )
+    assert rc == 0
+    assert list(tmp_path.iterdir()) == [blog_env]
+    assert "would write" in out and SECRET not in out
+
+
+def test_native_launcher_without_device_group(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "fleet.toml"
+    source.write_text(
+        '[model]\nid = "/var/lib/neuron-fleet/models/m"\n[fleet]\nlauncher = "native"\n'
+    )
+    prefix = tmp_path / "root"
+    rc, out = run_install(
+        capsys, "--prefix", str(prefix), "--config-source", str(source), "--device-group", ""
+    )
+    assert rc == 0, out
+    assert service(prefix)["SupplementaryGroups"] == ""
+    assert "groupadd" not in out and "docker" not in out
+    assert "warning" not in out
+    assert verify_problems(prefix / "etc/systemd/system/neuron-fleet.service") == []
+
+
+def test_secret_in_fleet_toml_is_flagged_not_printed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "fleet.toml"
+    source.write_text(f'[model]\nid = "m"\nhf_token = "{SECRET}"\n[fleet]\nlauncher = "native"\n')
+    rc, out = run_install(capsys, "--prefix", str(tmp_path / "r"), "--config-source", str(source))
+    assert rc == 0
+    assert "[model] hf_token" in out and SECRET not in out
+
+
+def test_without_a_config_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """From an installed wheel (no deploy/ beside the package): --config-source is needed."""
+    monkeypatch.setattr(install, "SOURCE_DEPLOY_DIR", tmp_path / "nowhere")
+    rc, out = run_install(capsys, "--prefix", str(tmp_path / "r"))
+    assert rc == 2 and "--config-source" in out
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_env_source_does_not_echo_its_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.env"
+    bad.write_text(f"{SECRET}\n")  # a token pasted without KEY=
+    rc, out = run_install(capsys, "--prefix", str(tmp_path / "r"), "--env-source", str(bad))
+    assert rc == 2 and "bad.env:1" in out and SECRET not in out
+
+
+def test_embedded_copies_match_deploy_files() -> None:
+    """An installed wheel has no deploy/: install.py carries the same text."""
+    assert install.UNIT_TEMPLATE == (DEPLOY / "neuron-fleet.service").read_text()
+    assert install.ENV_EXAMPLE == (DEPLOY / "neuron-fleet.env.example").read_text()
+
+
+def test_exec_start_quoting_and_escaping() -> None:
+    assert install.systemd_word("/opt/nf/bin/neuron-fleet") == "/opt/nf/bin/neuron-fleet"
+    assert install.systemd_word("/opt/my venv/bin/nf") == '"/opt/my venv/bin/nf"'
+    assert install.systemd_word("/opt/50%/$x") == "/opt/50%%/$$x"
+    assert install.env_value('a"b\\c$d`e') == '"a\\"b\\\\c\\$d\\`e"'
+    with pytest.raises(ValueError):
+        install.env_value("two\nlines")
+
+
+def test_warns_about_paths_hidden_by_protect_home() -> None:
+    warnings = install.config_warnings({}, "/home/ubuntu/venv/bin/neuron-fleet")
+    assert len(warnings) == 1 and "ProtectHome" in warnings[0]
+    assert install.config_warnings({}, "/opt/neuron-fleet/venv/bin/neuron-fleet") == []
+    assert install.config_warnings({}, "/homework/bin/neuron-fleet") == []
+
+
+def test_subcommand_is_wired(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from supervisor.cli import main
+
+    assert main(["install-service", "--prefix", str(tmp_path), "--dry-run"]) == 0
+    assert "would write" in capsys.readouterr().out
