@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
-from balancer.errors import json_error
+from balancer.errors import expect_handler, json_error
 from balancer.upstream import ReplicaState
 
 if TYPE_CHECKING:
@@ -148,9 +148,13 @@ def add_admin_routes(app: web.Application, balancer: Balancer) -> None:
             )
         return await _run_operation(control.rolling_restart(), "rolling restart")
 
-    app.router.add_get("/fleet/status", status, allow_head=False)
-    app.router.add_post(r"/fleet/replicas/{name}/{action:drain|undrain|restart}", action)
-    app.router.add_post("/fleet/rolling-restart", rolling)
+    app.router.add_get("/fleet/status", status, allow_head=False, expect_handler=expect_handler)
+    app.router.add_post(
+        r"/fleet/replicas/{name}/{action:drain|undrain|restart}",
+        action,
+        expect_handler=expect_handler,
+    )
+    app.router.add_post("/fleet/rolling-restart", rolling, expect_handler=expect_handler)
 
 
 _background: set[asyncio.Task[None]] = set()

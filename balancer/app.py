@@ -8,6 +8,7 @@ the replica's business, so any TGI- or OpenAI-compatible server keeps its own se
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -22,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from balancer.admission import Admission
 from balancer.config import BalancerConfig
-from balancer.errors import json_error
+from balancer.errors import expect_handler, json_error
 from balancer.metrics import BalancerMetrics, route_label
 from balancer.policy import make_policy
 from balancer.relay import CLIENT_GONE, STAGE, Relay, RelayRequest
@@ -97,7 +98,7 @@ class Balancer:
                 "unavailable",
                 headers={"Retry-After": "5", "x-request-id": request_id},
             )
-        body, doc = await _read_json(request, self.config.max_body_bytes)
+        body, doc = await _read_json(request, self.config)
         new_tokens = requested_new_tokens(doc)
         if new_tokens is not None and (
             not isinstance(new_tokens, int) or isinstance(new_tokens, bool) or new_tokens < 0
@@ -122,7 +123,7 @@ class Balancer:
         return await self.relay.forward(request, rr)
 
     async def passthrough(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read() if request.can_read_body else b""
+        body = await _read_body(request, self.config) if request.can_read_body else b""
         rr = RelayRequest(route_label(request.path), body, _request_id(request), False, admit=False)
         return await self.relay.forward(request, rr)
 
@@ -158,7 +159,22 @@ def _request_id(request: web.Request) -> str:
     return given if REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
-async def _read_json(request: web.Request, max_bytes: int) -> tuple[bytes, dict[str, Any]]:
+async def _read_body(request: web.Request, config: BalancerConfig) -> bytes:
+    """The whole body, or 408 after ``client_timeout_s``: aiohttp's server has no body-read
+    timeout, and a client trickling its body in must not hold a connection forever (it never
+    holds a replica slot: bodies are read before admission)."""
+    try:
+        async with asyncio.timeout(config.client_timeout_s):
+            return await request.read()
+    except TimeoutError:
+        raise _Invalid(
+            408,
+            f"The request body did not arrive within {config.client_timeout_s:g} s",
+        ) from None
+
+
+async def _read_json(request: web.Request, config: BalancerConfig) -> tuple[bytes, dict[str, Any]]:
+    max_bytes = config.max_body_bytes
     length = request.content_length
     if length is not None and length > max_bytes:
         raise _Invalid(413, f"Request body of {length} bytes is over the {max_bytes}-byte limit")
@@ -168,11 +184,13 @@ async def _read_json(request: web.Request, max_bytes: int) -> tuple[bytes, dict[
             415,
             f"Expected request with `Content-Type: application/json`, got {ctype or 'none'!r}",
         )
-    body = await request.read()
+    body = await _read_body(request, config)
     try:
         doc = json.loads(body)
     except UnicodeDecodeError:
         raise _Invalid(400, "Request body is not valid UTF-8") from None
+    except RecursionError:  # "[[[[..." deeper than the interpreter's recursion limit
+        raise _Invalid(400, "Request body is nested too deeply to parse as JSON") from None
     except ValueError as exc:
         raise _Invalid(400, f"Failed to parse the request body as JSON: {exc}") from None
     if not isinstance(doc, dict):
@@ -186,6 +204,7 @@ ERROR_TYPES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "timeout",
     413: "validation",
     415: "validation",
     422: "validation",
@@ -234,7 +253,12 @@ def _make_observer(balancer: Balancer) -> Any:
         except _Invalid as exc:
             code = str(exc.status)
             metrics.rejected.labels(reason=f"invalid_{exc.status}").inc()
-            return json_error(exc.status, exc.message, ERROR_TYPES.get(exc.status, "validation"))
+            error = json_error(exc.status, exc.message, ERROR_TYPES.get(exc.status, "validation"))
+            if exc.status == 408:
+                # Connection: close, so the rest of the body is never parsed as a request
+                # (aiohttp still reads and drops it for up to lingering_time, 10 s).
+                error.force_close()
+            return error
         except web.HTTPException as exc:
             code = str(exc.status)
             if exc.status < 400:
@@ -273,15 +297,17 @@ def create_app(balancer: Balancer) -> web.Application:
         handler_args={"max_field_size": 16384, "max_line_size": 16384},
     )
     app[BALANCER_KEY] = balancer
+    post = functools.partial(app.router.add_post, expect_handler=expect_handler)
+    get = functools.partial(app.router.add_get, allow_head=False, expect_handler=expect_handler)
     for path in GENERATION_ROUTES:
-        app.router.add_post(path, balancer.generation)
+        post(path, balancer.generation)
     for path in PASSTHROUGH_POST:
-        app.router.add_post(path, balancer.passthrough)
+        post(path, balancer.passthrough)
     for path in PASSTHROUGH_GET:
-        app.router.add_get(path, balancer.passthrough, allow_head=False)
+        get(path, balancer.passthrough)
     for path in ("/health", "/ping", "/"):
-        app.router.add_get(path, balancer.health, allow_head=False)
-    app.router.add_get("/metrics", balancer.metrics_endpoint, allow_head=False)
+        get(path, balancer.health)
+    get("/metrics", balancer.metrics_endpoint)
     from balancer.admin import add_admin_routes
 
     add_admin_routes(app, balancer)

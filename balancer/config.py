@@ -46,7 +46,8 @@ class BalancerConfig:
     """Longest silence between two chunks of a started response (TGI sends a keep-alive
     comment after 15 s idle; a long prefill pauses every stream of the batch)."""
     client_timeout_s: float = 60.0
-    """Longest a client may take to send its request, and to take a chunk we wrote."""
+    """Longest a client may take to send its request (headers: aiohttp's keep-alive timer,
+    also the idle keep-alive limit; body: 408), and to take a chunk we wrote."""
     max_body_bytes: int = 8 * 1024 * 1024
 
     health_interval_s: float = 5.0

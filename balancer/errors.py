@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 JSON_CONTENT_TYPE = "application/json"
 
@@ -48,3 +48,16 @@ def stream_error_event(
         return data_prefix + doc + b"\n\n" + data_prefix + b"[DONE]\n\n"
     doc = json.dumps({"error": message, "error_type": error_type}, separators=(",", ":")).encode()
     return data_prefix + doc + b"\n\n"
+
+
+async def expect_handler(request: web.Request) -> web.Response | None:
+    """aiohttp's default for ``Expect``, except that an unknown expectation gets a TGI-shaped
+    417: aiohttp answers it in plain text, and fails with an unhandled 500 when the header
+    is not valid UTF-8 (its error text cannot be encoded). Pass as ``expect_handler=``."""
+    if request.version != HttpVersion11:
+        return None
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # type: ignore[attr-defined]  # as aiohttp does
+        return None
+    return json_error(417, "Only `Expect: 100-continue` is supported", "validation")

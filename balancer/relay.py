@@ -55,6 +55,9 @@ HOP_BY_HOP = frozenset(
     }
 )
 SPOOFABLE = frozenset({"x-forwarded-for", "x-real-ip", "forwarded", "x-neuron-fleet-replica"})
+REQUEST_ONLY_DROP = frozenset({"content-encoding", "expect"})
+"""Not forwarded either: aiohttp already decoded a compressed body, and already answered
+``Expect: 100-continue`` (the whole body is read before the replica is called)."""
 SSE = "text/event-stream"
 STAGE = web.RequestKey("neuron_fleet_stage", str)
 """request[STAGE]: where a request is (queued / waiting_first_byte / streaming)."""
@@ -116,21 +119,28 @@ class Relay:
         self.session = session
         self._streams: set[_Stream] = set()
         self._any_turn = 0
+        # The client's API key is the balancer's to check, not the replicas' to see.
+        self._consumed = frozenset({"authorization"}) if config.api_keys else frozenset()
 
     # ---------------------------------------------------------------- entry point
     async def forward(self, request: web.Request, rr: RelayRequest) -> web.StreamResponse:
         started = time.monotonic()
-        headers = upstream_headers(request, rr.request_id)
+        headers = upstream_headers(request, rr.request_id, drop=self._consumed)
         tried: set[Replica] = set()
         stream = _Stream(request)
         self._streams.add(stream)
         try:
             for attempt in range(self.config.retries + 1):
-                last_attempt = attempt == self.config.retries
                 request[STAGE] = "queued"
                 replica = await self._acquire(rr, frozenset(tried))
                 if replica is None:
                     return self._reject_no_replica(rr)
+                # No replica left to retry on: answer with this one's error now, rather than
+                # wait queue_timeout_s for a slot on a replica this request excludes.
+                last_attempt = attempt == self.config.retries or not any(
+                    r.routable and r is not replica and r not in tried
+                    for r in self.registry.replicas
+                )
                 try:
                     request[STAGE] = "waiting_first_byte"
                     return await self._attempt(
@@ -138,6 +148,11 @@ class Relay:
                     )
                 except _Retry as retry:
                     tried.add(replica)
+                    if stream.upstream is not None:
+                        # Release the failed attempt's connection now: a replica still
+                        # working on it (first-byte timeout) must see the request cancelled.
+                        stream.upstream.close()
+                        stream.upstream = None
                     self.metrics.retries.labels(reason=retry.reason).inc()
                     log.info(
                         "retrying %s %s on another replica: %s from %s",
@@ -271,6 +286,16 @@ class Relay:
             # The client left (or was cut off as a slow reader): close upstream, free the slot.
             request[CLIENT_GONE] = True
             upstream.close()
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            # A non-SSE body cut after it started (replica died or went idle): there is no
+            # error event for it, and ending it cleanly would pass a truncated body off as
+            # complete, so reset the client's connection.
+            reason = stream.expired or _connection_error_kind(exc)
+            self._failed(replica, reason)
+            self.metrics.stream_errors.labels(replica=replica.name, reason=reason).inc()
+            log.warning("response %s from %s cut (%s)", rr.request_id, replica.name, reason)
+            if request.transport is not None:
+                request.transport.abort()
         return response
 
     async def _read_first(self, upstream: aiohttp.ClientResponse, is_sse: bool) -> bytes:
@@ -305,6 +330,7 @@ class Relay:
         stream.phase = _Stream.IDLE
         if stream.expired:
             raise aiohttp.ClientPayloadError(stream.expired)
+        stream.phase, stream.since = _Stream.WRITING, loop_time()  # may block: a client write
         await response.write_eof()
 
     async def _pipe_events(
@@ -360,9 +386,13 @@ class Relay:
             if stream.expired:
                 raise aiohttp.ClientPayloadError(stream.expired)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+            writing = stream.phase == _Stream.WRITING
             stream.phase = _Stream.IDLE
-            if stream.expired == "slow_client":
-                raise ConnectionResetError("client stopped reading") from exc
+            if writing or stream.expired == "slow_client":
+                # The client's side failed: it left (aiohttp's ClientConnectionResetError is a
+                # ClientConnectionError too) or was cut as a slow reader. Not the replica's
+                # fault, and nobody to send an error event to.
+                raise ConnectionResetError("client gone") from exc
             reason = stream.expired or _connection_error_kind(exc)
             self._failed(replica, reason)
             self.metrics.stream_errors.labels(replica=replica.name, reason=reason).inc()
@@ -380,10 +410,13 @@ class Relay:
                 502,
                 data_prefix,
             )
+            stream.phase, stream.since = _Stream.WRITING, loop_time()
             await response.write(event)
         finally:
             if tokens:
                 rm.output_tokens.inc(tokens)
+        # Every write to the client may block on a full socket: keep it under the watchdog.
+        stream.phase, stream.since = _Stream.WRITING, loop_time()
         await response.write_eof()
 
     # ---------------------------------------------------------------- health signals
@@ -429,18 +462,27 @@ class Relay:
         return len(self._streams)
 
 
-def upstream_headers(request: web.Request, request_id: str) -> CIMultiDict[str]:
-    """Client headers minus hop-by-hop and spoofable ones, plus forwarding and request id."""
+def upstream_headers(
+    request: web.Request, request_id: str, drop: frozenset[str] = frozenset()
+) -> CIMultiDict[str]:
+    """Client headers minus hop-by-hop and spoofable ones (and ``drop``, lower case), plus
+    forwarding and request id."""
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in request.headers.items():
         lower = name.lower()
-        if lower in HOP_BY_HOP or lower in SPOOFABLE or lower == "x-request-id":
+        if (
+            lower in HOP_BY_HOP
+            or lower in SPOOFABLE
+            or lower in REQUEST_ONLY_DROP
+            or lower in drop
+            or lower == "x-request-id"
+        ):
             continue
         out.add(name, value)
     for token in _connection_tokens(request.headers.getall("Connection", ())):
         out.popall(token, None)
     peer = request.remote or ""
-    prior = request.headers.get("X-Forwarded-For")
+    prior = ", ".join(request.headers.getall("X-Forwarded-For", ()))
     out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
     out["x-request-id"] = request_id
     return out

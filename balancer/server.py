@@ -86,6 +86,11 @@ class BalancerServer:
             handler_cancellation=True,  # a client that leaves cancels its handler: frees its slot
             access_log=None,
             shutdown_timeout=1.0,
+            # aiohttp arms this timer when a connection opens and after each response, and
+            # only closes a connection still waiting for a complete request head: so it is
+            # both the keep-alive idle limit and the deadline for a client trickling its
+            # headers in (slowloris). Bodies have their own deadline (app._read_body).
+            keepalive_timeout=cfg.client_timeout_s,
         )
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.host, cfg.port, backlog=1024, reuse_address=True)

@@ -30,6 +30,10 @@ _SUPERVISOR_ONLY_ENV = (
     "WATCHDOG_PID",
     "LISTEN_FDS",
     "LISTEN_PID",
+    # The balancer's own secrets: a replica never needs them (HF_TOKEN, which it may need,
+    # comes through the launch spec).
+    "NEURON_FLEET_ADMIN_TOKEN",
+    "NEURON_FLEET_API_KEYS",
 )
 
 _libc: ctypes.CDLL | None = None
@@ -67,7 +71,8 @@ def die_with_parent_preexec() -> Callable[[], None] | None:
 
 
 def child_env(extra: Mapping[str, str]) -> dict[str, str]:
-    """The supervisor's environment minus systemd hand-offs, plus the launch spec's variables."""
+    """The supervisor's environment minus systemd hand-offs and the balancer's secrets, plus
+    the launch spec's variables."""
     env = {k: v for k, v in os.environ.items() if k not in _SUPERVISOR_ONLY_ENV}
     env.update(extra)
     return env
