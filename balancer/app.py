@@ -108,11 +108,11 @@ class Balancer:
         self.metrics.prompt_tokens.observe(prompt_tokens)
         limit = self.config.max_input_tokens
         if limit and self.tokens.exact and prompt_tokens > limit:
-            self.metrics.rejected.labels(reason="too_many_tokens").inc()
             raise _Invalid(
                 422,
                 f"Input validation error: `inputs` must have less than {limit} tokens. "
                 f"Given: {prompt_tokens}",
+                reason="too_many_tokens",
             )
         path = request.path
         openai = path.startswith("/v1/") or (
@@ -148,10 +148,13 @@ class Balancer:
 
 
 class _Invalid(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    """A request refused before it takes a slot; counted once, by ``reason``."""
+
+    def __init__(self, status: int, message: str, reason: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.reason = reason or f"invalid_{status}"
 
 
 def _request_id(request: web.Request) -> str:
@@ -252,7 +255,7 @@ def _make_observer(balancer: Balancer) -> Any:
             return response
         except _Invalid as exc:
             code = str(exc.status)
-            metrics.rejected.labels(reason=f"invalid_{exc.status}").inc()
+            metrics.rejected.labels(reason=exc.reason).inc()
             error = json_error(exc.status, exc.message, ERROR_TYPES.get(exc.status, "validation"))
             if exc.status == 408:
                 # Connection: close, so the rest of the body is never parsed as a request

@@ -84,6 +84,13 @@ async def test_prompt_over_max_input_tokens_is_refused_with_a_tokenizer(
     async with http.post(f"{server.url}/generate", json={"inputs": "hello world"}) as resp:
         assert resp.status == 200
     assert len(replica.seen.requests) == 1
+    async with http.get(f"{server.url}/metrics") as resp:
+        text = await resp.text()
+    from tests.conftest import metric_value
+
+    rejected = "neuron_fleet_rejected_requests_total"
+    assert metric_value(text, rejected, reason="too_many_tokens") == 1
+    assert metric_value(text, rejected, reason="invalid_422") == 0  # counted once
 
 
 async def test_api_keys_guard_public_routes(scripted, balancer, http):
