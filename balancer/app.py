@@ -119,7 +119,15 @@ class Balancer:
             path == "/invocations" and ("messages" in doc or "prompt" in doc)
         )
         work = prompt_tokens + (new_tokens if new_tokens is not None else DEFAULT_NEW_TOKENS)
-        rr = RelayRequest(route_label(path), body, request_id, openai, admit=True, work=work)
+        rr = RelayRequest(
+            route_label(path),
+            body,
+            request_id,
+            openai,
+            admit=True,
+            work=work,
+            prompt_tokens=prompt_tokens,
+        )
         return await self.relay.forward(request, rr)
 
     async def passthrough(self, request: web.Request) -> web.StreamResponse:

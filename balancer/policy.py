@@ -34,15 +34,20 @@ class _Rotating:
 
 
 class LeastOutstanding(_Rotating):
-    """Fewest in-flight requests wins (HAProxy ``leastconn``, Envoy LEAST_REQUEST)."""
+    """Fewest in-flight requests wins (HAProxy ``leastconn``, Envoy LEAST_REQUEST).
+
+    Among replicas with as few requests, the one with the least work still to do wins:
+    a replica still prefilling a long prompt (which pauses its whole batch on Neuron) is a
+    worse place for the next request than one that is only decoding.
+    """
 
     name = "least-outstanding"
 
     def pick(self, candidates: Sequence[Replica], work: int) -> Replica | None:
         if not candidates:
             return None
-        least = min(r.inflight for r in candidates)
-        return self._rotate([r for r in candidates if r.inflight == least])
+        best = min((r.inflight, r.outstanding_work) for r in candidates)
+        return self._rotate([r for r in candidates if (r.inflight, r.outstanding_work) == best])
 
 
 class LeastWork(_Rotating):

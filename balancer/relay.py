@@ -79,7 +79,9 @@ class RelayRequest:
     admit: bool = True
     """Generation routes take a batch slot; /info, /tokenize and friends do not."""
     work: int = 0
-    """Prompt tokens + tokens to generate, for the work-aware policy."""
+    """Prompt tokens + tokens to generate, for the work-aware policies."""
+    prompt_tokens: int = 0
+    """The prefill part of ``work``: done once the first token arrives."""
 
 
 class _Retry(Exception):
@@ -91,7 +93,7 @@ class _Retry(Exception):
 class _Stream:
     """Mutable per-request state the watchdog inspects."""
 
-    __slots__ = ("expired", "phase", "request", "since", "upstream")
+    __slots__ = ("expired", "phase", "request", "since", "upstream", "work_done")
 
     IDLE, READING, WRITING = 0, 1, 2
 
@@ -101,6 +103,8 @@ class _Stream:
         self.phase = _Stream.IDLE
         self.since = 0.0
         self.expired: str | None = None
+        self.work_done = 0
+        """Part of the request's work the replica has done (prefill, then one per token)."""
 
 
 class Relay:
@@ -141,6 +145,7 @@ class Relay:
                     r.routable and r is not replica and r not in tried
                     for r in self.registry.replicas
                 )
+                stream.work_done = 0
                 try:
                     request[STAGE] = "waiting_first_byte"
                     return await self._attempt(
@@ -163,7 +168,7 @@ class Relay:
                     )
                 finally:
                     if rr.admit:
-                        self.admission.release(replica, rr.work)
+                        self.admission.release(replica, rr.work - stream.work_done)
             raise AssertionError("unreachable: the last attempt never retries")
         except QueueFull:
             self.metrics.rejected.labels(reason="queue_full").inc()
@@ -370,6 +375,12 @@ class Relay:
                             replica=replica.name, kind="error_event"
                         ).inc()
                     if events > 0:
+                        # Remaining work on the replica: the prefill is done at the first
+                        # token, then one token per event (never below what we added).
+                        done = events + (rr.prompt_tokens if tokens == 0 else 0)
+                        done = min(done, rr.work - stream.work_done)
+                        stream.work_done += done
+                        replica.outstanding_work -= done
                         if tokens == 0:
                             rm.ttft.observe(now - origin)
                         else:

@@ -39,6 +39,13 @@ def test_least_outstanding_prefers_idle_and_rotates_ties():
     assert picks == {"r1": 5, "r2": 5}
 
 
+def test_least_outstanding_breaks_ties_on_remaining_work():
+    policy = LeastOutstanding()
+    a, b, c = _replicas(2, 2, 3)
+    a.outstanding_work, b.outstanding_work, c.outstanding_work = 16_400, 700, 0
+    assert policy.pick([a, b, c], 0) is b  # same request count, b is only decoding
+
+
 def test_least_work_counts_tokens_not_requests():
     policy = LeastWork()
     a, b = _replicas(1, 3)
@@ -250,3 +257,18 @@ async def test_drain_and_undrain_without_supervisor(scripted, balancer, http):
         assert resp.status == 501
     async with http.post(f"{server.url}/fleet/replicas/nope/drain") as resp:
         assert resp.status == 404
+
+
+async def test_outstanding_work_shrinks_as_the_replica_works(scripted, balancer):
+    _, url = await scripted(Script(tokens=50, token_delay_s=0.05))
+    server = await balancer([url])
+    replica = server.registry.get("r0")
+    body = {"inputs": "hello", "parameters": {"max_new_tokens": 50}}  # ~2 prompt tokens
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{server.url}/generate_stream", json=body) as resp:
+            await resp.content.readuntil(b"\n\n")
+            # Admitted with 52 (prefill + 50 tokens); after the first token 49 remain.
+            await wait_until(lambda: replica.outstanding_work == 49, what="prefill done")
+            await resp.read()
+    await wait_until(lambda: replica.inflight == 0, what="released")
+    assert replica.outstanding_work == 0
