@@ -16,7 +16,9 @@ the wall-clock benchmark cannot afford, and isolate the *policy* from relay over
 - ``least-work``: as ``lor-cap``, fewest (prompt + max_tokens) summed over in-flight
   requests (neuron-fleet least-work today: the total is only decremented at completion);
 - ``remaining-work``: as ``least-work`` but counting what is *left*: prompt tokens until
-  the first token, then tokens still to generate (a proposed change to least-work).
+  the first token, then tokens still to generate (neuron-fleet least-work);
+- ``lor-remaining``: fewest in-flight, ties broken by the remaining work (neuron-fleet
+  least-outstanding).
 
 Run: ``python bench/policy_sim.py [--load 0.9] [--hours 20]``.
 """
@@ -32,8 +34,17 @@ from collections.abc import Callable
 
 from supervisor.simulator.engine import Job, NeuronBatcher, Step
 
-POLICIES = ("rr", "random", "jsq", "lor-cap", "least-work", "prefill-aware", "remaining-work")
-CAPPED = ("lor-cap", "least-work", "prefill-aware", "remaining-work")
+POLICIES = (
+    "rr",
+    "random",
+    "jsq",
+    "lor-cap",
+    "least-work",
+    "prefill-aware",
+    "remaining-work",
+    "lor-remaining",
+)
+CAPPED = ("lor-cap", "least-work", "prefill-aware", "remaining-work", "lor-remaining")
 
 
 def simulate(
@@ -111,6 +122,9 @@ def simulate(
         if policy == "lor-cap":
             least = min(inflight[i] for i in free)
             tied = [i for i in free if inflight[i] == least]
+        elif policy == "lor-remaining":
+            best = min((inflight[i], remaining[i]) for i in free)
+            tied = [i for i in free if (inflight[i], remaining[i]) == best]
         elif policy in ("least-work", "remaining-work"):
             work = total_work if policy == "least-work" else remaining
             best = min((work[i], inflight[i]) for i in free)
