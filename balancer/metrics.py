@@ -11,11 +11,17 @@ the Replica object, so the token hot path does no label lookups.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from balancer.upstream import Registry, Replica, ReplicaState
@@ -55,11 +61,32 @@ def route_label(path: str) -> str:
 
 
 @dataclass
+class LoopHistogram:
+    """A histogram for the token hot path: plain counters, no lock.
+
+    prometheus-client's Histogram takes a lock and walks its buckets on every observation;
+    inter-token latency is observed once per relayed event, from the event loop's single
+    thread, so a bisect into a list is enough. Exported at scrape time by ``_LoopCollector``.
+    """
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+
+    def observe(self, value: float, times: int = 1) -> None:
+        self.counts[bisect_left(self.bounds, value)] += times
+        self.total += value * times
+
+
+@dataclass
 class ReplicaMetrics:
     """The per-replica children the relay touches for every token event."""
 
     ttft: Histogram
-    itl: Histogram
+    itl: LoopHistogram
     output_tokens: Counter
 
 
@@ -88,13 +115,8 @@ class BalancerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.itl = Histogram(
-            f"{p}_inter_token_latency_seconds",
-            "Time between consecutive token events of a stream, as relayed.",
-            ["replica"],
-            buckets=ITL_BUCKETS,
-            registry=r,
-        )
+        self.itl: dict[str, LoopHistogram] = {}
+        """Per replica; exported as ``neuron_fleet_inter_token_latency_seconds``."""
         self.output_tokens = Counter(
             f"{p}_output_tokens", "Token events relayed to clients.", ["replica"], registry=r
         )
@@ -147,13 +169,14 @@ class BalancerMetrics:
             registry=r,
         )
         r.register(_StateCollector(registry, queue_depth))
+        r.register(_LoopCollector(self.itl))
 
     def for_replica(self, replica: Replica) -> ReplicaMetrics:
         if replica.metrics is None:
             name = replica.name
             replica.metrics = ReplicaMetrics(
                 ttft=self.ttft.labels(replica=name),
-                itl=self.itl.labels(replica=name),
+                itl=self.itl.setdefault(name, LoopHistogram(ITL_BUCKETS)),
                 output_tokens=self.output_tokens.labels(replica=name),
             )
         return replica.metrics
@@ -222,3 +245,24 @@ class _StateCollector(Collector):
             "Requests waiting at the balancer for a slot.",
             value=self._queue_depth(),
         )
+
+
+class _LoopCollector(Collector):
+    """Exports the inter-token latency histograms kept by the relay."""
+
+    def __init__(self, histograms: dict[str, LoopHistogram]) -> None:
+        self._histograms = histograms
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(
+            f"{PREFIX}_inter_token_latency_seconds",
+            "Time between consecutive token events of a stream, as relayed.",
+            labels=["replica"],
+        )
+        for name, h in list(self._histograms.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip((*h.bounds, float("inf")), h.counts, strict=True):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            family.add_metric([name], buckets, h.total)
+        yield family

@@ -385,8 +385,8 @@ class Relay:
                             rm.ttft.observe(now - origin)
                         else:
                             rm.itl.observe(now - last_token)
-                        for _ in range(events - 1):
-                            rm.itl.observe(0.0)
+                        if events > 1:  # arrived together: no time between them
+                            rm.itl.observe(0.0, events - 1)
                         tokens += events
                         last_token = now
                 stream.phase, stream.since = _Stream.WRITING, now

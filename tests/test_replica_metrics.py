@@ -35,3 +35,23 @@ def test_relabel_keeps_names_groups_families_and_drops_foreign_metrics():
     buckets = [s for s in parsed["tgi_request_duration"].samples if s.name.endswith("_bucket")]
     assert {s.labels["replica"] for s in buckets} == {"replica-0", "replica-1"}
     assert len(buckets) == 4
+
+
+def test_loop_histogram_buckets_are_inclusive_and_cumulative():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from balancer.metrics import LoopHistogram, _LoopCollector
+
+    h = LoopHistogram((0.01, 0.1))
+    h.observe(0.01)  # le is inclusive
+    h.observe(0.05)
+    h.observe(0.0, times=3)
+    h.observe(7.0)
+    registry = CollectorRegistry()
+    registry.register(_LoopCollector({"r0": h}))
+    text = generate_latest(registry).decode()
+    bucket = "neuron_fleet_inter_token_latency_seconds_bucket"
+    assert f'{bucket}{{le="0.01",replica="r0"}} 4.0' in text
+    assert f'{bucket}{{le="0.1",replica="r0"}} 5.0' in text
+    assert f'{bucket}{{le="+Inf",replica="r0"}} 6.0' in text
+    assert 'neuron_fleet_inter_token_latency_seconds_count{replica="r0"} 6.0' in text
