@@ -509,55 +509,28 @@ class ReplicaProcess:
         """Remove what a crashed earlier run left (``docker rm -f``); failures are expected."""
         argv = self.spec.cleanup_argv or ()
         try:
-            cleaner = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL,
-                env=child_env(self.spec.env),
-            )
+            await run_helper(argv, self.spec.env, timeout_s=60)
         except OSError as exc:
             log.debug("%s: cleanup command %s: %s", self.name, argv[0], exc)
-            return
-        try:
-            async with asyncio.timeout(60):
-                await cleaner.wait()
         except TimeoutError:
             log.warning("%s: cleanup command %s hung; killed it", self.name, shlex.join(argv))
-            with contextlib.suppress(ProcessLookupError):
-                cleaner.kill()
-            await cleaner.wait()
 
     async def _run_stop_command(self, grace: float) -> None:
         argv = self.spec.stop_argv or ()
         try:
-            stopper = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                env=child_env(self.spec.env),
-            )
+            returncode, out = await run_helper(argv, self.spec.env, timeout_s=grace + 15)
         except OSError as exc:
             log.warning("%s: cannot run the stop command %s: %s", self.name, argv[0], exc)
             if self._proc is not None:
                 signal_group(self._proc.pid, signal.SIGTERM)
             return
-        try:
-            async with asyncio.timeout(grace + 15):
-                out, _ = await stopper.communicate()
-        except (TimeoutError, asyncio.CancelledError):
-            with contextlib.suppress(ProcessLookupError):
-                stopper.kill()
-            await stopper.wait()
-            raise
-        if stopper.returncode:
-            text = out.decode("utf-8", "replace").strip().splitlines()
+        if returncode:
+            text = out.strip().splitlines()
             log.warning(
                 "%s: stop command %s failed (%s): %s",
                 self.name,
                 shlex.join(argv),
-                describe_returncode(stopper.returncode),
+                describe_returncode(returncode),
                 text[-1] if text else "",
             )
 
@@ -626,3 +599,29 @@ class ReplicaProcess:
             f"\n  last output:{tail}" if tail else "",
         )
         self._signal_changed()
+
+
+async def run_helper(
+    argv: tuple[str, ...], env: dict[str, str], timeout_s: float
+) -> tuple[int, str]:
+    """Run a short helper command (``docker stop``, ``docker rm -f``) to completion.
+
+    Returns its exit code and output; raises OSError if it cannot start, TimeoutError if
+    it outlives ``timeout_s`` (it is killed first, also when the caller is cancelled).
+    """
+    helper = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=child_env(env),
+    )
+    try:
+        async with asyncio.timeout(timeout_s):
+            out, _ = await helper.communicate()
+    except (TimeoutError, asyncio.CancelledError):
+        with contextlib.suppress(ProcessLookupError):
+            helper.kill()
+        await helper.wait()
+        raise
+    return helper.returncode or 0, out.decode("utf-8", "replace")
