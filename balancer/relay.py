@@ -269,8 +269,9 @@ class Relay:
 
         if is_sse and first.startswith(b"data:") and b'{"error"' in first[:64]:
             retryable = _retryable_error_event(first)
-            self.metrics.upstream_errors.labels(replica=replica.name, kind="error_event").inc()
             if retryable and not last_attempt:
+                # Counted here because it never reaches _pipe_events, which counts the rest.
+                self.metrics.upstream_errors.labels(replica=replica.name, kind="error_event").inc()
                 if b"generation" in first:
                     self._failed(replica, "generation_event")
                 raise _Retry(f"{retryable}_event")

@@ -218,3 +218,19 @@ async def test_client_disconnect_while_queued_frees_its_place(scripted, balancer
         async with session.get(f"{server.url}/metrics") as resp:
             text = await resp.text()
     assert metric_value(text, "neuron_fleet_client_disconnects_total", stage="queued") == 1
+
+
+async def test_error_event_relayed_on_the_last_attempt_is_counted_once(scripted, balancer, http):
+    _, url = await scripted(
+        Script(first_event_error='{"error":"Model is overloaded","error_type":"overloaded"}')
+    )
+    server = await balancer([url], retries=0)
+    async with http.post(f"{server.url}/generate_stream", json=GEN) as resp:
+        events = await read_sse(resp)
+    assert b"overloaded" in events[0]  # nothing left to retry on: relayed as TGI sent it
+    async with http.get(f"{server.url}/metrics") as resp:
+        text = await resp.text()
+    assert (
+        metric_value(text, "neuron_fleet_upstream_errors_total", replica="r0", kind="error_event")
+        == 1
+    )
