@@ -17,6 +17,7 @@ from supervisor.config import (
     split_listen,
 )
 from supervisor.neuron import read_neuron_ls_file
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "neuron-ls"
@@ -53,12 +54,6 @@ def write(tmp_path: Path, text: str, name: str = "fleet.toml") -> str:
     path = tmp_path / name
     path.write_text(text)
     return str(path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load(tmp_path: Path, text: str, **kwargs) -> FleetConfig:

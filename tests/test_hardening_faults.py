@@ -508,7 +508,8 @@ async def test_a_batch_failure_mid_stream_ends_running_streams_with_an_error_eve
 
 
 def _serve(tmp_path: Path) -> tuple[subprocess.Popen[str], str, list[int]]:
-    from tests.test_serve import demo_config, free_ports, start_serve
+    from tests.conftest import free_ports
+    from tests.test_serve import demo_config, start_serve
 
     listen, *replica_ports = free_ports(4)
     config = demo_config(tmp_path, replica_ports[0], drain_timeout_s=20)

@@ -20,7 +20,8 @@ import psutil
 import pytest
 
 from supervisor.procutil import pid_alive
-from tests.test_serve import demo_config, free_ports, start_serve
+from tests.conftest import free_ports
+from tests.test_serve import demo_config, start_serve
 
 pytestmark = pytest.mark.timeout(90)
 

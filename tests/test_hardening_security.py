@@ -312,7 +312,8 @@ async def test_secrets_never_leak_from_a_running_service(tmp_path: Path) -> None
     DEBUG log level: none of them in its log, /fleet/status, /metrics (with the replicas'
     metrics re-exported), /info, nor any process's command line; the replicas' environments
     hold HF_TOKEN (they may need it) but never the balancer's keys."""
-    from tests.test_serve import ROOT, demo_config, free_ports
+    from tests.conftest import free_ports
+    from tests.test_serve import ROOT, demo_config
 
     listen, *replica_ports = free_ports(4)
     config = demo_config(tmp_path, replica_ports[0])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 from supervisor.config import ENV_VARS, ConfigError, FleetConfig, load_config
 from supervisor.launchers import LaunchSpec, launch_spec
 from supervisor.neuron import read_neuron_ls_file
+from tests.conftest import free_port
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -197,12 +197,6 @@ def test_command_spec_unknown_placeholder_is_a_config_error(tmp_path: Path) -> N
 
 
 # -- end to end on the fake executables --------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_health(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:

@@ -12,7 +12,6 @@ import logging
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -31,6 +30,7 @@ from supervisor.replica import (
     ReplicaStartError,
     backoff_delay,
 )
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -82,12 +82,6 @@ FAST = LifecycleSettings(
     crash_loop_window_s=60,
     unhealthy_restart_after_s=None,
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stub_spec(

@@ -29,6 +29,7 @@ from supervisor import cli
 from supervisor.demo import DEMO_TOML
 from supervisor.procutil import pid_alive
 from supervisor.status_cli import format_table, format_uptime
+from tests.conftest import free_ports
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,24 +41,6 @@ CHAT = {
     "stream": True,
     "max_tokens": 16,
 }
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` consecutive free ports (replicas use base_port + k)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n > 65535:
-            continue
-        try:
-            for port in range(base, base + n):
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return list(range(base, base + n))
-    raise RuntimeError("no free port range")
 
 
 def demo_config(tmp_path: Path, base_port: int, **fleet: Any) -> Path:

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from text_generation import AsyncClient
 
 from supervisor.simulator.engine import FaultConfig, NeuronTiming, SimConfig
 from supervisor.simulator.server import SimServer, serve, start_server
+from tests.conftest import free_port
 from tests.helpers_tokenizer import build_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,12 +86,6 @@ async def eventually(probe: Any, expected: Any, within: float = 10.0) -> None:
             return
         await asyncio.sleep(0.01)
     assert value == expected
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def gen_body(max_new_tokens: int, **params: Any) -> dict[str, Any]:
