@@ -73,7 +73,7 @@ class Balancer:
             on_wait=self._observe_wait,
         )
         self.metrics = BalancerMetrics(registry, lambda: self.admission.queue_depth)
-        self.relay = Relay(config, registry, self.admission, self.metrics, session)
+        self.relay = Relay(config, registry, self.admission, self.metrics)
         self.replica_metrics: Any = None
         """Optional re-exporter of the replicas' own metrics (set by the server)."""
 

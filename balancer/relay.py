@@ -13,8 +13,12 @@
    that left (cancellation) closes the upstream connection at once, so the replica frees
    its batch slot at the next token.
 
+The replica side is ``balancer.upstream_http``: once committed, the replica's body is pushed
+from the connection's ``data_received`` into a sink that writes straight to the client's
+transport, so no coroutine runs per token event; the relay's coroutine wakes only when the
+response ends, fails or the client's socket is full (then it waits for it to drain).
 A single watchdog task enforces the idle and slow-client timeouts of every stream, so the
-per-chunk cost is two attribute stores rather than a timer per read.
+per-chunk cost is an attribute store rather than a timer per read.
 """
 
 from __future__ import annotations
@@ -22,10 +26,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -34,6 +37,7 @@ from balancer.config import BalancerConfig
 from balancer.errors import json_error, stream_error_event
 from balancer.metrics import BalancerMetrics
 from balancer.upstream import Registry, Replica
+from balancer.upstream_http import ReplicaConnection, UpstreamError, UpstreamPool
 
 log = logging.getLogger("neuron_fleet.relay")
 
@@ -93,16 +97,18 @@ class _Retry(Exception):
 class _Stream:
     """Mutable per-request state the watchdog inspects."""
 
-    __slots__ = ("expired", "phase", "request", "since", "upstream", "work_done")
+    __slots__ = ("client_gone", "expired", "phase", "request", "since", "upstream", "work_done")
 
     IDLE, READING, WRITING = 0, 1, 2
 
     def __init__(self, request: web.Request) -> None:
         self.request = request
-        self.upstream: aiohttp.ClientResponse | None = None
+        self.upstream: ReplicaConnection | None = None
         self.phase = _Stream.IDLE
         self.since = 0.0
         self.expired: str | None = None
+        self.client_gone = False
+        """The client's transport was found closing while relaying to it."""
         self.work_done = 0
         """Part of the request's work the replica has done (prefill, then one per token)."""
 
@@ -114,13 +120,13 @@ class Relay:
         registry: Registry,
         admission: Admission,
         metrics: BalancerMetrics,
-        session: aiohttp.ClientSession,
+        pool: UpstreamPool | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
         self.admission = admission
         self.metrics = metrics
-        self.session = session
+        self.pool = pool if pool is not None else UpstreamPool(config.connect_timeout_s)
         self._streams: set[_Stream] = set()
         self._any_turn = 0
         # The client's API key is the balancer's to check, not the replicas' to see.
@@ -156,7 +162,7 @@ class Relay:
                     if stream.upstream is not None:
                         # Release the failed attempt's connection now: a replica still
                         # working on it (first-byte timeout) must see the request cancelled.
-                        stream.upstream.close()
+                        stream.upstream.abort()
                         stream.upstream = None
                     self.metrics.retries.labels(reason=retry.reason).inc()
                     log.info(
@@ -192,7 +198,7 @@ class Relay:
         finally:
             self._streams.discard(stream)
             if stream.upstream is not None:
-                stream.upstream.close()
+                stream.upstream.release()  # kept for the next request if it ended cleanly
 
     async def _acquire(self, rr: RelayRequest, exclude: frozenset[Replica]) -> Replica | None:
         if rr.admit:
@@ -224,14 +230,10 @@ class Relay:
         last_attempt: bool,
     ) -> web.StreamResponse:
         cfg = self.config
-        url = replica.url + request.path_qs
         stream.upstream = None
         try:
             async with asyncio.timeout(cfg.first_byte_timeout_s):
-                upstream = await self.session.request(
-                    request.method, url, data=rr.body or None, headers=headers
-                )
-                stream.upstream = upstream
+                upstream = await self._send(request, rr, replica, headers, stream)
                 self.metrics.upstream_responses.labels(
                     replica=replica.name, code=str(upstream.status)
                 ).inc()
@@ -242,8 +244,8 @@ class Relay:
                         raise _Retry(f"status_{upstream.status}")
                 else:
                     self._passed(replica)
-                is_sse = upstream.content_type == SSE
-                first = await self._read_first(upstream, is_sse)
+                is_sse = _content_type(upstream.headers) == SSE
+                first = await upstream.read_first(is_sse, FIRST_EVENT_LIMIT)
         except TimeoutError:
             self._failed(replica, "first_byte_timeout")
             if not last_attempt:
@@ -255,14 +257,13 @@ class Relay:
                 "timeout",
                 headers={"x-request-id": rr.request_id},
             )
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            kind = _connection_error_kind(exc)
-            self._failed(replica, kind)
+        except UpstreamError as exc:
+            self._failed(replica, exc.kind)
             if not last_attempt:
-                raise _Retry(kind) from None
+                raise _Retry(exc.kind) from None
             return json_error(
                 502,
-                f"Replica {replica.name} failed before answering ({kind}: {exc})",
+                f"Replica {replica.name} failed before answering ({exc})",
                 "unavailable",
                 headers={"x-request-id": rr.request_id},
             )
@@ -276,7 +277,9 @@ class Relay:
                     self._failed(replica, "generation_event")
                 raise _Retry(f"{retryable}_event")
 
-        response = web.StreamResponse(status=upstream.status, headers=response_headers(upstream))
+        response = web.StreamResponse(
+            status=upstream.status, headers=response_headers(upstream.headers)
+        )
         response.headers["x-request-id"] = rr.request_id
         if is_sse:
             response.headers["Cache-Control"] = "no-cache"
@@ -291,12 +294,12 @@ class Relay:
         except ConnectionResetError:
             # The client left (or was cut off as a slow reader): close upstream, free the slot.
             request[CLIENT_GONE] = True
-            upstream.close()
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            upstream.abort()
+        except UpstreamError as exc:
             # A non-SSE body cut after it started (replica died or went idle): there is no
             # error event for it, and ending it cleanly would pass a truncated body off as
             # complete, so reset the client's connection.
-            reason = stream.expired or _connection_error_kind(exc)
+            reason = stream.expired or exc.kind
             self._failed(replica, reason)
             self.metrics.stream_errors.labels(replica=replica.name, reason=reason).inc()
             log.warning("response %s from %s cut (%s)", rr.request_id, replica.name, reason)
@@ -304,38 +307,94 @@ class Relay:
                 request.transport.abort()
         return response
 
-    async def _read_first(self, upstream: aiohttp.ClientResponse, is_sse: bool) -> bytes:
-        """For SSE, read until the first complete event; otherwise the first chunk."""
-        content = upstream.content
-        if not is_sse:
-            return await content.readany()
-        buf = b""
-        while b"\n\n" not in buf and b"\r\n\r\n" not in buf and len(buf) < FIRST_EVENT_LIMIT:
-            chunk = await content.readany()
-            if not chunk:
-                break
-            buf += chunk
-        return buf
+    async def _send(
+        self,
+        request: web.Request,
+        rr: RelayRequest,
+        replica: Replica,
+        headers: CIMultiDict[str],
+        stream: _Stream,
+    ) -> ReplicaConnection:
+        """Send the request and wait for the replica's status line and headers."""
+        args = (replica.url, request.method, request.path_qs, headers, rr.body)
+        upstream = stream.upstream = await self.pool.request(*args)
+        try:
+            await upstream.read_head()
+        except UpstreamError:
+            fresh = await self.pool.resend_if_stale(upstream, *args)
+            if fresh is None:
+                raise
+            upstream = stream.upstream = fresh
+            await upstream.read_head()
+        return upstream
 
     # ---------------------------------------------------------------- piping
+    def _client_writer(
+        self, request: web.Request, response: web.StreamResponse, stream: _Stream
+    ) -> Callable[[bytes], None]:
+        """A function that writes one piece to the client's socket, chunk-framed if the
+        response is; it pauses the replica's connection when the client's buffer is full."""
+        transport = request.transport
+        upstream = stream.upstream
+        if transport is None or transport.is_closing() or upstream is None:
+            raise ConnectionResetError("client gone")
+        request.writer.send_headers()  # the head first: pieces bypass aiohttp's writer
+        high = transport.get_write_buffer_limits()[1]
+        chunked = response.headers.get("Transfer-Encoding") == "chunked"
+        write, closing = transport.write, transport.is_closing
+        buffered = transport.get_write_buffer_size
+
+        def to_client(piece: bytes) -> None:
+            if closing():
+                stream.client_gone = True
+                upstream.abort()
+                return
+            write(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
+            if buffered() > high:
+                upstream.pause()
+
+        return to_client
+
+    async def _drain_loop(
+        self, request: web.Request, upstream: ReplicaConnection, stream: _Stream
+    ) -> None:
+        """Wait for the response to end; while the client's socket is full, wait for it."""
+        loop_time = asyncio.get_running_loop().time
+        stream.phase, stream.since = _Stream.READING, loop_time()
+        while True:
+            await upstream.wait()
+            if upstream.complete:
+                break
+            stream.phase, stream.since = _Stream.WRITING, loop_time()
+            await request.writer.drain()
+            stream.phase, stream.since = _Stream.READING, loop_time()
+            upstream.resume()
+        stream.phase = _Stream.IDLE
+
     async def _pipe_bytes(
         self,
-        upstream: aiohttp.ClientResponse,
+        upstream: ReplicaConnection,
         response: web.StreamResponse,
         stream: _Stream,
         first: bytes,
     ) -> None:
+        request = stream.request
+        to_client = self._client_writer(request, response, stream)
         loop_time = asyncio.get_running_loop().time
-        content = upstream.content
-        chunk = first
-        while chunk:
-            stream.phase, stream.since = _Stream.WRITING, loop_time()
-            await response.write(chunk)
-            stream.phase, stream.since = _Stream.READING, loop_time()
-            chunk = await content.readany()
-        stream.phase = _Stream.IDLE
-        if stream.expired:
-            raise aiohttp.ClientPayloadError(stream.expired)
+
+        def piece(chunk: bytes) -> None:
+            stream.since = loop_time()
+            to_client(chunk)
+
+        if first:
+            to_client(first)
+        upstream.pipe(piece)
+        try:
+            await self._drain_loop(request, upstream, stream)
+        except UpstreamError:
+            if stream.client_gone or stream.expired == "slow_client":
+                raise ConnectionResetError("client gone") from None
+            raise
         stream.phase, stream.since = _Stream.WRITING, loop_time()  # may block: a client write
         await response.write_eof()
 
@@ -343,69 +402,73 @@ class Relay:
         self,
         rr: RelayRequest,
         replica: Replica,
-        upstream: aiohttp.ClientResponse,
+        upstream: ReplicaConnection,
         response: web.StreamResponse,
         stream: _Stream,
         first: bytes,
         started: float,
     ) -> None:
         rm = self.metrics.for_replica(replica)
+        request = stream.request
         loop_time = asyncio.get_running_loop().time
         sep = b"\r\n\r\n" if b"\r\n\r\n" in first and b"\n\n" not in first else b"\n\n"
         data_prefix = b"data: " if first.startswith(b"data: ") else b"data:"
-        content = upstream.content
         # Wall-clock origin of this request, on the loop's clock.
         origin = loop_time() - (time.monotonic() - started)
         last_token = 0.0
         tokens = 0
         saw_error = False
-        chunk = first
+        to_client = self._client_writer(request, response, stream)
+
+        def event(chunk: bytes) -> None:
+            """One piece of the replica's stream: count its token events, pass it on."""
+            nonlocal last_token, tokens, saw_error
+            now = loop_time()
+            events = chunk.count(sep)
+            if events:
+                # Not tokens: [DONE], the usage-only chunk, keep-alive comments.
+                events -= chunk.count(b"[DONE]") + chunk.count(b'"choices":[]')
+                if chunk[0] == 58:  # b":"
+                    events -= 1
+                events -= chunk.count(sep + b":")
+                if not saw_error and b'{"error"' in chunk:
+                    saw_error = True
+                    self.metrics.upstream_errors.labels(
+                        replica=replica.name, kind="error_event"
+                    ).inc()
+                if events > 0:
+                    # Remaining work on the replica: the prefill is done at the first
+                    # token, then one token per event (never below what we added).
+                    done = events + (rr.prompt_tokens if tokens == 0 else 0)
+                    done = min(done, rr.work - stream.work_done)
+                    stream.work_done += done
+                    replica.outstanding_work -= done
+                    if tokens == 0:
+                        rm.ttft.observe(now - origin)
+                    else:
+                        rm.itl.observe(now - last_token)
+                    if events > 1:  # arrived together: no time between them
+                        rm.itl.observe(0.0, events - 1)
+                    tokens += events
+                    last_token = now
+            stream.since = now
+            to_client(chunk)
+
         try:
-            while chunk:
-                now = loop_time()
-                events = chunk.count(sep)
-                if events:
-                    # Not tokens: [DONE], the usage-only chunk, keep-alive comments.
-                    events -= chunk.count(b"[DONE]") + chunk.count(b'"choices":[]')
-                    if chunk[0] == 58:  # b":"
-                        events -= 1
-                    events -= chunk.count(sep + b":")
-                    if not saw_error and b'{"error"' in chunk:
-                        saw_error = True
-                        self.metrics.upstream_errors.labels(
-                            replica=replica.name, kind="error_event"
-                        ).inc()
-                    if events > 0:
-                        # Remaining work on the replica: the prefill is done at the first
-                        # token, then one token per event (never below what we added).
-                        done = events + (rr.prompt_tokens if tokens == 0 else 0)
-                        done = min(done, rr.work - stream.work_done)
-                        stream.work_done += done
-                        replica.outstanding_work -= done
-                        if tokens == 0:
-                            rm.ttft.observe(now - origin)
-                        else:
-                            rm.itl.observe(now - last_token)
-                        if events > 1:  # arrived together: no time between them
-                            rm.itl.observe(0.0, events - 1)
-                        tokens += events
-                        last_token = now
-                stream.phase, stream.since = _Stream.WRITING, now
-                await response.write(chunk)
-                stream.phase, stream.since = _Stream.READING, loop_time()
-                chunk = await content.readany()
-            stream.phase = _Stream.IDLE
+            if first:
+                event(first)
+            upstream.pipe(event)
+            await self._drain_loop(request, upstream, stream)
             if stream.expired:
-                raise aiohttp.ClientPayloadError(stream.expired)
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+                raise UpstreamError(stream.expired, "stream cut by the watchdog")
+        except (UpstreamError, TimeoutError) as exc:
             writing = stream.phase == _Stream.WRITING
             stream.phase = _Stream.IDLE
-            if writing or stream.expired == "slow_client":
-                # The client's side failed: it left (aiohttp's ClientConnectionResetError is a
-                # ClientConnectionError too) or was cut as a slow reader. Not the replica's
-                # fault, and nobody to send an error event to.
+            if writing or stream.client_gone or stream.expired == "slow_client":
+                # The client's side failed: it left or was cut as a slow reader. Not the
+                # replica's fault, and nobody to send an error event to.
                 raise ConnectionResetError("client gone") from exc
-            reason = stream.expired or _connection_error_kind(exc)
+            reason = stream.expired or (exc.kind if isinstance(exc, UpstreamError) else "timeout")
             self._failed(replica, reason)
             self.metrics.stream_errors.labels(replica=replica.name, reason=reason).inc()
             log.warning(
@@ -415,7 +478,7 @@ class Relay:
                 tokens,
                 reason,
             )
-            event = stream_error_event(
+            event_bytes = stream_error_event(
                 rr.openai,
                 f"Replica {replica.name} failed mid-stream ({reason}) after {tokens} tokens",
                 "incomplete_generation",
@@ -423,7 +486,7 @@ class Relay:
                 data_prefix,
             )
             stream.phase, stream.since = _Stream.WRITING, loop_time()
-            await response.write(event)
+            await response.write(event_bytes)
         finally:
             if tokens:
                 rm.output_tokens.inc(tokens)
@@ -459,7 +522,7 @@ class Relay:
             if s.phase == _Stream.READING and now - s.since > idle and s.upstream is not None:
                 s.expired = "idle_timeout"
                 s.phase = _Stream.IDLE
-                s.upstream.close()
+                s.upstream.abort()
             elif s.phase == _Stream.WRITING and now - s.since > client:
                 s.expired = "slow_client"
                 s.phase = _Stream.IDLE
@@ -467,7 +530,7 @@ class Relay:
                 if transport is not None:
                     transport.abort()
                 if s.upstream is not None:
-                    s.upstream.close()
+                    s.upstream.abort()
 
     @property
     def active(self) -> int:
@@ -500,16 +563,16 @@ def upstream_headers(
     return out
 
 
-def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
+def response_headers(headers: CIMultiDict[str]) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
-    drop = set(_connection_tokens(upstream.headers.getall("Connection", ())))
-    for name, value in upstream.headers.items():
+    drop = set(_connection_tokens(headers.getall("Connection", ())))
+    for name, value in headers.items():
         lower = name.lower()
         if lower in HOP_BY_HOP or lower in drop or lower == "x-request-id":
             continue
         out.add(name, value)
-    cl = upstream.headers.get("Content-Length")
-    if cl is not None and "Transfer-Encoding" not in upstream.headers:
+    cl = headers.get("Content-Length")
+    if cl is not None and "Transfer-Encoding" not in headers:
         out["Content-Length"] = cl
     return out
 
@@ -518,16 +581,8 @@ def _connection_tokens(values: Iterable[str]) -> list[str]:
     return [t.strip().lower() for v in values for t in v.split(",") if t.strip()]
 
 
-def _connection_error_kind(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return "connect_error"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "disconnected"
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return "payload_error"
-    if isinstance(exc, TimeoutError):
-        return "timeout"
-    return "connection_error"
+def _content_type(headers: CIMultiDict[str]) -> str:
+    return headers.get("Content-Type", "").partition(";")[0].strip().lower()
 
 
 def _retryable_error_event(first: bytes) -> str | None:

@@ -159,6 +159,8 @@ class BalancerServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self.balancer is not None:
+            self.balancer.relay.pool.close()
         if self._session is not None:
             await self._session.close()
             self._session = None

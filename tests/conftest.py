@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import uvloop
 from aiohttp import web
 
 from balancer.config import BalancerConfig, UpstreamSpec
@@ -18,6 +19,12 @@ from balancer.server import BalancerServer
 from tests.upstreams import Script, ScriptedReplica
 
 LOOPBACK = "127.0.0.1"
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """Tests run on the loop production runs on (``uvloop.run``): its transports differ from
+    asyncio's (they are not ``asyncio.Transport`` subclasses, and write and buffer differently)."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 def free_port() -> int:

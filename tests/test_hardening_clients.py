@@ -396,21 +396,35 @@ async def test_slowloris_crowd_holds_no_replica_slot_and_slows_no_one(guarded, h
 # --------------------------------------------------------------------------- watchdog
 
 
-class _Aborted:
-    """A client transport whose ``abort()`` fails the write that waits on it."""
+class _ClientTransport:
+    """A client transport that takes pieces; ``abort()`` fails the write waiting on it."""
 
     def __init__(self) -> None:
         self.event = asyncio.Event()
+        self.pieces: list[bytes] = []
 
     def abort(self) -> None:
         self.event.set()
+
+    def is_closing(self) -> bool:
+        return self.event.is_set()
+
+    def write(self, data: bytes) -> None:
+        self.pieces.append(data)
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (16384, 65536)
 
 
 class _FullSocketResponse:
     """A started response whose chosen write blocks until the transport is aborted."""
 
-    def __init__(self, transport: _Aborted, block: str) -> None:
+    def __init__(self, transport: _ClientTransport, block: str) -> None:
         self.transport, self.block = transport, block
+        self.headers = {"Transfer-Encoding": "chunked"}
         self.written: list[bytes] = []
 
     async def _wait_abort(self) -> None:
@@ -425,6 +439,26 @@ class _FullSocketResponse:
     async def write_eof(self) -> None:
         if self.block == "eof":
             await self._wait_abort()
+
+
+class _EndingUpstream:
+    """A replica connection whose response ends (cleanly or not) right after the first event."""
+
+    def __init__(self, fails: bool) -> None:
+        self.fails, self.complete, self.paused = fails, False, False
+
+    def pipe(self, sink) -> None:
+        self.sink = sink
+
+    async def wait(self) -> None:
+        from balancer.upstream_http import UpstreamError
+
+        if self.fails:
+            raise UpstreamError("payload_error", "the replica died")
+        self.complete = True
+
+    def abort(self) -> None:
+        pass
 
 
 @pytest.mark.parametrize("block", ["error-event", "eof"])
@@ -442,16 +476,13 @@ async def test_every_client_write_is_under_the_slow_client_watchdog(block):
     replica = Replica("r0", "http://127.0.0.1:9", state=ReplicaState.READY, healthy=True)
     registry = Registry([replica])
     config = BalancerConfig(client_timeout_s=5.0)
-    relay = Relay(config, registry, mock.Mock(), BalancerMetrics(registry, lambda: 0), mock.Mock())
-    transport = _Aborted()
+    relay = Relay(config, registry, mock.Mock(), BalancerMetrics(registry, lambda: 0))
+    transport = _ClientTransport()
     request = mock.Mock(transport=transport)
     stream = _Stream(request)
+    upstream = _EndingUpstream(fails=block == "error-event")
+    stream.upstream = upstream  # type: ignore[assignment]
     relay._streams.add(stream)
-    upstream = mock.Mock()
-    if block == "error-event":
-        upstream.content.readany = mock.AsyncMock(side_effect=aiohttp.ClientPayloadError("died"))
-    else:
-        upstream.content.readany = mock.AsyncMock(return_value=b"")
     response = _FullSocketResponse(transport, block)
     rr = RelayRequest("/generate_stream", b"{}", "rid", openai=False)
     first = b'data:{"token":{"id":1}}\n\n'
@@ -459,7 +490,8 @@ async def test_every_client_write_is_under_the_slow_client_watchdog(block):
         relay._pipe_events(rr, replica, upstream, response, stream, first, time.monotonic())
     )
     loop = asyncio.get_running_loop()
-    await wait_until(lambda: response.written == [first], what="first event relayed")
+    await wait_until(lambda: transport.pieces, what="first event relayed")
+    assert transport.pieces == [b"%x\r\n%b\r\n" % (len(first), first)]  # chunk-framed
     await asyncio.sleep(0.05)  # now blocked in the final write
     assert not task.done() and stream.phase == _Stream.WRITING
     relay.check_timeouts(loop.time() + config.client_timeout_s + 1)

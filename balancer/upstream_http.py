@@ -1,0 +1,351 @@
+"""A small HTTP/1.1 client for the relay: the replica's response body is pushed, not pulled.
+
+aiohttp's client hands every body chunk to a coroutine through a ``StreamReader``: a future,
+a task wake-up and several coroutine frames per token event, which was about half of the
+balancer's CPU per relayed event (bench/profile_balancer.py). Here httptools (llhttp, the
+parser uvicorn uses) calls ``on_body`` from ``data_received``; before the relay commits a
+response the body is buffered for it to inspect, after that every piece goes straight to the
+relay's *sink*, which writes it to the client's transport. No coroutine runs per event: the
+relay's coroutine only wakes for "done", "failed" or "paused" (the client reads slowly).
+
+Connections are kept alive per replica and reused most-recent-first. One the replica closed
+while idle is dropped when it notices (``connection_lost``); a request that meets such a
+connection closing under it before any response byte is sent again once on a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Callable
+from typing import cast
+from urllib.parse import urlsplit
+
+import httptools
+from multidict import CIMultiDict
+
+Sink = Callable[[bytes], None]
+"""Receives each body piece once the relay has committed the response."""
+
+IDLE_KEEPALIVE_S = 30.0
+"""Idle connections older than this are closed rather than reused."""
+MAX_IDLE_PER_REPLICA = 256
+
+
+class UpstreamError(Exception):
+    """The connection to a replica failed; ``kind`` says how (a metrics label)."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+
+
+class ReplicaConnection(asyncio.Protocol):
+    """One keep-alive connection to a replica and the response currently on it."""
+
+    def __init__(self, pool: UpstreamPool, key: str) -> None:
+        self._pool = pool
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._waiter: asyncio.Future[None] | None = None
+        self.reused = False
+        self.idle_since = 0.0
+        self._new_response()
+
+    def _new_response(self) -> None:
+        self.status = 0
+        self.headers: CIMultiDict[str] = CIMultiDict()
+        self.head_done = False
+        self.complete = False
+        self.paused = False
+        self.got_bytes = False
+        self.error: UpstreamError | None = None
+        self._buffered: list[bytes] = []
+        self._sink: Sink | None = None
+        self._until_eof = False
+        self._keep_alive = False
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.got_bytes = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail("payload_error", f"malformed response: {exc}")
+            self.abort()
+
+    def eof_received(self) -> bool | None:
+        return False  # close our side too: connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._pool.forget(self)
+        self.transport = None
+        if self.complete or self.error is not None:
+            return
+        if self.head_done and self._until_eof:
+            self._on_complete()  # a body delimited by the connection's end is now complete
+            return
+        if self.head_done:
+            self._fail("payload_error", "the replica closed the connection mid-response")
+        else:
+            self._fail("disconnected", "the replica closed the connection before answering")
+
+    # ------------------------------------------------------------------ httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.add(name.decode("latin-1"), value.decode("latin-1"))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status < 200:  # 1xx interim answer: the real one follows
+            self.headers = CIMultiDict()
+            return
+        self.status = status
+        self._keep_alive = self._parser.should_keep_alive()
+        te = self.headers.get("Transfer-Encoding", "")
+        self._until_eof = (
+            "Content-Length" not in self.headers
+            and "chunked" not in te.lower()
+            and status not in (204, 304)
+        )
+        self.head_done = True
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        sink = self._sink
+        if sink is not None:
+            sink(body)
+        else:
+            self._buffered.append(body)
+            self._wake()
+
+    def on_message_complete(self) -> None:
+        if self.head_done:
+            self._on_complete()
+
+    # ------------------------------------------------------------------ the relay's side
+    def send(self, request: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(request)
+
+    async def read_head(self) -> None:
+        """Wait for the status line and headers (``status``, ``headers``)."""
+        while not self.head_done:
+            await self._wait()
+
+    async def read_first(self, until_event: bool, limit: int) -> bytes:
+        """Body bytes buffered so far: for SSE until the first complete event (or ``limit``
+        bytes, or the end), else whatever the first piece is. Empty means the body is empty."""
+        while True:
+            buf = b"".join(self._buffered)
+            if (
+                self.complete
+                or self.error is not None
+                or (buf and not until_event)
+                or b"\n\n" in buf
+                or b"\r\n\r\n" in buf
+                or len(buf) >= limit
+            ):
+                self._buffered.clear()
+                if not buf and self.error is not None:
+                    raise self.error
+                return buf
+            await self._wait()
+
+    def pipe(self, sink: Sink) -> None:
+        """From now on every body piece goes to ``sink`` as it arrives."""
+        pending, self._buffered = self._buffered, []
+        for piece in pending:
+            sink(piece)
+        self._sink = sink
+
+    async def wait(self) -> None:
+        """Return once the response is complete or paused; raise if it failed."""
+        while not (self.complete or self.paused):
+            await self._wait()
+
+    def pause(self) -> None:
+        """Stop reading (the client is slow); wakes the relay to wait for it to drain."""
+        if self.transport is not None and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+            self._wake()
+
+    def resume(self) -> None:
+        if self.paused:
+            self.paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
+
+    def release(self) -> None:
+        """Done with this response: back to the pool if it can carry another, else close."""
+        if self.complete and self._keep_alive and self.transport is not None and not self.paused:
+            self._new_response()
+            self._pool.put(self)
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop the connection now (a replica still generating sees the client leave)."""
+        transport = self.transport
+        if transport is not None:
+            self._fail("connection_error", "closed by the balancer")
+            transport.abort()
+
+    # ------------------------------------------------------------------ internals
+    def _on_complete(self) -> None:
+        self.complete = True
+        self._wake()
+
+    def _fail(self, kind: str, detail: str) -> None:
+        if self.error is None and not self.complete:
+            self.error = UpstreamError(kind, detail)
+        self._wake()
+
+    async def _wait(self) -> None:
+        if self.error is not None:
+            raise self.error
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+        if self.error is not None:
+            raise self.error
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class UpstreamPool:
+    """Keep-alive connections per replica base URL."""
+
+    def __init__(self, connect_timeout_s: float) -> None:
+        self.connect_timeout_s = connect_timeout_s
+        self._idle: dict[str, list[ReplicaConnection]] = {}
+        self._targets: dict[str, tuple[str, int, ssl.SSLContext | None, str, str]] = {}
+        self._closed = False
+
+    async def request(
+        self, base_url: str, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes
+    ) -> ReplicaConnection:
+        """Send a request and return its connection once it is on the wire.
+
+        The caller awaits ``read_head`` and must ``release`` (or ``abort``) the connection.
+        """
+        host, port, context, netloc, prefix = self._target(base_url)
+        raw = _serialize(method, prefix + path_qs, netloc, headers, body)
+        conn = self._take_idle(base_url)
+        if conn is None:
+            conn = await self._connect(base_url, host, port, context)
+        conn.send(raw)
+        return conn
+
+    async def resend_if_stale(
+        self,
+        conn: ReplicaConnection,
+        base_url: str,
+        method: str,
+        path_qs: str,
+        headers: CIMultiDict[str],
+        body: bytes,
+    ) -> ReplicaConnection | None:
+        """A reused connection the replica closed before answering: send once more on a
+        new one (the replica never saw the request; its idle timer closed the socket)."""
+        if not (conn.reused and not conn.got_bytes and conn.error is not None):
+            return None
+        host, port, context, netloc, prefix = self._target(base_url)
+        fresh = await self._connect(base_url, host, port, context)
+        fresh.send(_serialize(method, prefix + path_qs, netloc, headers, body))
+        return fresh
+
+    def put(self, conn: ReplicaConnection) -> None:
+        idle = self._idle.setdefault(conn.key, [])
+        if self._closed or len(idle) >= MAX_IDLE_PER_REPLICA:
+            conn.abort()
+            return
+        conn.idle_since = time.monotonic()
+        conn.reused = True
+        idle.append(conn)
+
+    def forget(self, conn: ReplicaConnection) -> None:
+        idle = self._idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    def close(self) -> None:
+        self._closed = True
+        for idle in self._idle.values():
+            for conn in list(idle):
+                if conn.transport is not None:
+                    conn.transport.close()
+        self._idle.clear()
+
+    def _take_idle(self, key: str) -> ReplicaConnection | None:
+        idle = self._idle.get(key)
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            transport = conn.transport
+            if transport is None or transport.is_closing():
+                continue
+            if conn.got_bytes or now - conn.idle_since > IDLE_KEEPALIVE_S:
+                # Bytes while idle are not an answer to anything: the connection is unusable.
+                transport.close()
+                continue
+            return conn
+        return None
+
+    async def _connect(
+        self, key: str, host: str, port: int, context: ssl.SSLContext | None
+    ) -> ReplicaConnection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                _, conn = await loop.create_connection(
+                    lambda: ReplicaConnection(self, key),
+                    host,
+                    port,
+                    ssl=context,
+                    server_hostname=host if context is not None else None,
+                )
+        except TimeoutError:
+            raise UpstreamError(
+                "connect_error", f"no connection to {key} within {self.connect_timeout_s:g} s"
+            ) from None
+        except OSError as exc:
+            raise UpstreamError("connect_error", f"cannot connect to {key}: {exc}") from None
+        return conn
+
+    def _target(self, base_url: str) -> tuple[str, int, ssl.SSLContext | None, str, str]:
+        target = self._targets.get(base_url)
+        if target is None:
+            parts = urlsplit(base_url)
+            https = parts.scheme == "https"
+            host = parts.hostname or "127.0.0.1"
+            port = parts.port or (443 if https else 80)
+            context = ssl.create_default_context() if https else None
+            target = (host, port, context, parts.netloc, parts.path.rstrip("/"))
+            self._targets[base_url] = target
+        return target
+
+
+def _serialize(
+    method: str, target: str, netloc: str, headers: CIMultiDict[str], body: bytes
+) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {netloc}"]
+    for name, value in headers.items():
+        if "\r" in value or "\n" in value:  # never let a value split the head
+            continue
+        lines.append(f"{name}: {value}")
+    if body or method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
+        lines.append(f"Content-Length: {len(body)}")
+    head = "\r\n".join(lines) + "\r\n\r\n"
+    return head.encode("utf-8", "surrogateescape") + body

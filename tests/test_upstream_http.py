@@ -1,0 +1,221 @@
+"""The relay's own HTTP/1.1 client (balancer/upstream_http.py) against hand-written replicas.
+
+Each replica here is a raw asyncio server writing exact bytes, so the framings and the
+connection behaviours a library server would smooth over (keep-alive closed under a request,
+bodies ended by the connection's close, garbage) are what the balancer really meets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+import uvloop
+
+from tests.conftest import LOOPBACK, metric_value
+from tests.test_hardening_input import metric_sum
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[bool]]
+"""Answers the n-th request (0-based) on a connection; False closes the connection."""
+
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+EVENTS = [b'data:{"token":{"id":%d,"text":" t%d"}}\n\n' % (i, i) for i in range(3)]
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+class RawReplica:
+    """Counts connections; answers /health itself and every other request with ``handler``."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, LOOPBACK, 0)
+        return f"http://{LOOPBACK}:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        n = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    name, _, value = line.partition(b":")
+                    if name.lower() == b"content-length":
+                        length = int(value)
+                body = await reader.readexactly(length)
+                if head.startswith(b"GET /health"):
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                    await writer.drain()
+                    continue
+                self.requests.append(head + body)
+                keep = await self.handler(reader, writer, n)
+                n += 1
+                await writer.drain()
+                if not keep:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+@pytest.fixture
+async def raw_replica() -> AsyncIterator[Callable[[Handler], Awaitable[tuple[RawReplica, str]]]]:
+    started: list[RawReplica] = []
+
+    async def make(handler: Handler) -> tuple[RawReplica, str]:
+        replica = RawReplica(handler)
+        started.append(replica)
+        return replica, await replica.start()
+
+    yield make
+    for replica in started:
+        await replica.stop()
+
+
+async def sse_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> bool:
+    writer.write(SSE_HEAD + b"".join(chunk(e) for e in EVENTS) + b"0\r\n\r\n")
+    return True
+
+
+async def test_tests_run_on_uvloop() -> None:
+    assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
+
+
+async def test_connections_to_a_replica_are_kept_alive_and_reused(
+    raw_replica, balancer, http
+) -> None:
+    replica, url = await raw_replica(sse_answer)
+    server = await balancer([url])
+    health_connections = replica.connections  # the health checker's own session
+    for _ in range(5):
+        async with http.post(f"{server.url}/generate_stream", json={"inputs": "x"}) as resp:
+            assert resp.status == 200
+            assert await resp.read() == b"".join(EVENTS)
+    assert len(replica.requests) == 5
+    assert replica.connections - health_connections == 1
+
+
+async def test_a_keepalive_connection_closed_under_a_request_is_retried_unseen(
+    raw_replica, balancer, http
+) -> None:
+    """The replica's idle timer closes a kept-alive connection just as a request is sent on
+    it (uvicorn's is 5 s): the request is sent again on a new connection, not failed, and the
+    replica is not blamed for it."""
+
+    async def once_per_connection(reader, writer, n: int) -> bool:
+        if n == 0:
+            return await sse_answer(reader, writer, n)
+        return False  # read the request, then close without a byte of answer
+
+    replica, url = await raw_replica(once_per_connection)
+    server = await balancer([url])
+    for _ in range(4):
+        async with http.post(f"{server.url}/generate_stream", json={"inputs": "x"}) as resp:
+            assert resp.status == 200
+            assert await resp.read() == b"".join(EVENTS)
+    async with http.get(f"{server.url}/metrics") as resp:
+        text = await resp.text()
+    assert metric_sum(text, "neuron_fleet_upstream_errors_total") == 0
+    assert metric_sum(text, "neuron_fleet_retries_total") == 0
+    generations = [r for r in replica.requests if r.startswith(b"POST /generate_stream")]
+    assert len(generations) == 7  # 4 answered + 3 sent on a connection being closed
+
+
+@pytest.mark.parametrize(
+    "framing",
+    ["content-length", "chunked", "until-close"],
+)
+async def test_every_body_framing_is_relayed_whole(raw_replica, balancer, http, framing) -> None:
+    body = b'{"generated_text":"' + b"abc " * 5000 + b'"}'
+
+    async def answer(reader, writer, n: int) -> bool:
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        if framing == "content-length":
+            writer.write(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            return True
+        if framing == "chunked":
+            pieces = [body[i : i + 3000] for i in range(0, len(body), 3000)]
+            writer.write(head + b"Transfer-Encoding: chunked\r\n\r\n")
+            for piece in pieces:
+                writer.write(chunk(piece))
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+            return True
+        writer.write(head + b"Connection: close\r\n\r\n" + body)  # ended by the close
+        return False
+
+    _, url = await raw_replica(answer)
+    server = await balancer([url])
+    for _ in range(2):  # the second one on a reused (or, until-close, a new) connection
+        async with http.post(f"{server.url}/generate", json={"inputs": "x"}) as resp:
+            assert resp.status == 200
+            assert await resp.read() == body
+
+
+async def test_a_malformed_replica_answer_is_a_502_in_tgi_shape(
+    raw_replica, balancer, http
+) -> None:
+    async def garbage(reader, writer, n: int) -> bool:
+        writer.write(b"HTTP/1.1 2OO NOT A STATUS\r\n\r\n")
+        return False
+
+    _, url = await raw_replica(garbage)
+    server = await balancer([url], retries=0)
+    async with http.post(f"{server.url}/generate", json={"inputs": "x"}) as resp:
+        assert resp.status == 502
+        doc = await resp.json()
+    assert doc["error_type"] == "unavailable" and "payload_error" in doc["error"]
+    async with http.get(f"{server.url}/metrics") as resp:
+        text = await resp.text()
+    assert metric_value(text, "neuron_fleet_upstream_errors_total", kind="payload_error") == 1
+
+
+async def test_a_client_that_stops_reading_pauses_the_replica_connection(
+    raw_replica, balancer
+) -> None:
+    """Backpressure: the balancer stops reading a replica whose client does not read, so
+    neither process buffers the whole stream."""
+    sent = 0
+    blocked = asyncio.Event()
+
+    async def firehose(reader, writer, n: int) -> bool:
+        nonlocal sent
+        writer.write(SSE_HEAD)
+        event = chunk(b"data:" + b"x" * 4000 + b"\n\n")
+        for _ in range(20_000):  # 80 MB if nothing pushed back
+            writer.write(event)
+            sent += len(event)
+            try:
+                await asyncio.wait_for(writer.drain(), 1.0)
+            except TimeoutError:
+                blocked.set()
+                return False
+        return False
+
+    _, url = await raw_replica(firehose)
+    server = await balancer([url], client_timeout_s=30.0)
+    _, writer = await asyncio.open_connection(LOOPBACK, server.bound_port)
+    writer.write(
+        b"POST /generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 14\r\n\r\n" + b'{"inputs":"x"}'
+    )
+    await writer.drain()
+    await asyncio.wait_for(blocked.wait(), 20)  # the replica's writes stopped draining
+    assert sent < 20 * 1024 * 1024, f"{sent} bytes left the replica for a client reading none"
+    writer.close()
