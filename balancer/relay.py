@@ -459,7 +459,7 @@ class Relay:
                 event(first)
             upstream.pipe(event)
             await self._drain_loop(request, upstream, stream)
-            if stream.expired:
+            if stream.expired and not upstream.complete:
                 raise UpstreamError(stream.expired, "stream cut by the watchdog")
         except (UpstreamError, TimeoutError) as exc:
             writing = stream.phase == _Stream.WRITING

@@ -16,6 +16,7 @@ connection closing under it before any response byte is sent again once on a new
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import time
 from collections.abc import Callable
@@ -25,11 +26,14 @@ from urllib.parse import urlsplit
 import httptools
 from multidict import CIMultiDict
 
+log = logging.getLogger("neuron_fleet.upstream")
+
 Sink = Callable[[bytes], None]
 """Receives each body piece once the relay has committed the response."""
 
-IDLE_KEEPALIVE_S = 30.0
-"""Idle connections older than this are closed rather than reused."""
+IDLE_KEEPALIVE_S = 4.0
+"""Idle connections older than this are closed rather than reused: under uvicorn's (vLLM's)
+5 s keep-alive, so a replica rarely closes a connection just as a request goes out on it."""
 MAX_IDLE_PER_REPLICA = 256
 
 
@@ -72,11 +76,20 @@ class ReplicaConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
+        if self.complete:  # bytes after a whole response answer nothing: unusable connection
+            self.got_bytes = True
+            self.abort()
+            return
         self.got_bytes = True
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail("payload_error", f"malformed response: {exc}")
+        except httptools.HttpParserCallbackError as exc:
+            # Our own callback (the relay's sink) raised: a balancer bug, not the replica's.
+            log.error("relaying a replica response failed", exc_info=exc.__context__ or exc)
+            self._fail("relay_error", f"balancer error while relaying: {exc.__context__!r}")
+            self.abort()
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self._fail("payload_error", f"malformed or upgraded response: {exc!r}")
             self.abort()
 
     def eof_received(self) -> bool | None:
@@ -87,7 +100,7 @@ class ReplicaConnection(asyncio.Protocol):
         self.transport = None
         if self.complete or self.error is not None:
             return
-        if self.head_done and self._until_eof:
+        if self.head_done and self._until_eof and exc is None:
             self._on_complete()  # a body delimited by the connection's end is now complete
             return
         if self.head_done:
@@ -97,7 +110,8 @@ class ReplicaConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.add(name.decode("latin-1"), value.decode("latin-1"))
+        # As aiohttp decodes them, so that non-ASCII bytes reach the client unchanged.
+        self.headers.add(name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -129,8 +143,8 @@ class ReplicaConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ the relay's side
     def send(self, request: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(request)
+        if self.transport is not None:  # else it closed already: read_head raises why
+            self.transport.write(request)
 
     async def read_head(self) -> None:
         """Wait for the status line and headers (``status``, ``headers``)."""
@@ -151,8 +165,9 @@ class ReplicaConnection(asyncio.Protocol):
                 or len(buf) >= limit
             ):
                 self._buffered.clear()
-                if not buf and self.error is not None:
-                    raise self.error
+                whole = not until_event or b"\n\n" in buf or b"\r\n\r\n" in buf
+                if self.error is not None and not (buf and whole):
+                    raise self.error  # nothing usable arrived: the relay may still retry
                 return buf
             await self._wait()
 
@@ -183,7 +198,14 @@ class ReplicaConnection(asyncio.Protocol):
 
     def release(self) -> None:
         """Done with this response: back to the pool if it can carry another, else close."""
-        if self.complete and self._keep_alive and self.transport is not None and not self.paused:
+        transport = self.transport
+        if (
+            self.complete
+            and self._keep_alive
+            and transport is not None
+            and not transport.is_closing()
+            and not self.paused
+        ):
             self._new_response()
             self._pool.put(self)
         else:
@@ -192,9 +214,13 @@ class ReplicaConnection(asyncio.Protocol):
     def abort(self) -> None:
         """Drop the connection now (a replica still generating sees the client leave)."""
         transport = self.transport
-        if transport is not None:
-            self._fail("connection_error", "closed by the balancer")
-            transport.abort()
+        if transport is None:
+            return
+        if self.complete:
+            transport.close()  # nothing in flight: an orderly close
+            return
+        self._fail("connection_error", "closed by the balancer")
+        transport.abort()
 
     # ------------------------------------------------------------------ internals
     def _on_complete(self) -> None:
@@ -257,8 +283,10 @@ class UpstreamPool:
         headers: CIMultiDict[str],
         body: bytes,
     ) -> ReplicaConnection | None:
-        """A reused connection the replica closed before answering: send once more on a
-        new one (the replica never saw the request; its idle timer closed the socket)."""
+        """A reused connection the replica closed before answering a byte: send once more on a
+        new one. Unlike aiohttp (idempotent methods only) this re-sends POSTs: generation has
+        no side effects, and the usual cause is the replica's keep-alive timer closing the
+        socket as the request went out, which the replica then never processes."""
         if not (conn.reused and not conn.got_bytes and conn.error is not None):
             return None
         host, port, context, netloc, prefix = self._target(base_url)
@@ -332,7 +360,10 @@ class UpstreamPool:
             host = parts.hostname or "127.0.0.1"
             port = parts.port or (443 if https else 80)
             context = ssl.create_default_context() if https else None
-            target = (host, port, context, parts.netloc, parts.path.rstrip("/"))
+            netloc = f"[{host}]" if ":" in host else host
+            if parts.port is not None:
+                netloc += f":{parts.port}"
+            target = (host, port, context, netloc, parts.path.rstrip("/"))
             self._targets[base_url] = target
         return target
 

@@ -20,7 +20,11 @@ the wall-clock benchmark cannot afford, and isolate the *policy* from relay over
 - ``lor-remaining``: fewest in-flight, ties broken by the remaining work (neuron-fleet
   least-outstanding).
 
-Run: ``python bench/policy_sim.py [--load 0.9] [--hours 20]``.
+The balancer queue's order (capped policies) is ``--order``: ``fifo`` (neuron-fleet, HAProxy),
+``sjf`` (least estimated service first: prefill + max_tokens decode steps) or ``edfA``
+(earliest virtual deadline: arrival + A x estimated service, i.e. SJF with ageing).
+
+Run: ``python bench/policy_sim.py [--load 0.9] [--hours 20] [--order fifo]``.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ def simulate(
     seed: int = 3,
     dispatch_delay_s: float = 0.0,
     cap: int | None = None,
+    order: str = "fifo",
 ) -> dict[str, list[float]]:
     """TTFTs (s) and ITL gaps, per class, of requests arriving after the warm-up."""
     cap = batch if cap is None else cap
@@ -134,12 +139,26 @@ def simulate(
             tied = [i for i in free if (pending_prefill[i], inflight[i]) == best]
         return tied[next(rr_turn) % len(tied)]
 
+    def service(job: Job) -> float:
+        """Estimated seconds in a slot: its prefill plus max_tokens full-batch decode steps."""
+        return job.input_length * 0.0997e-3 + job.max_new_tokens * 0.039
+
+    def next_job() -> Job:
+        if order == "fifo":
+            return queue[0]
+        if order == "sjf":
+            return min(queue, key=service)
+        ageing = float(order.removeprefix("edf"))
+        return min(queue, key=lambda j: j.queued_at + ageing * service(j))
+
     def dispatch(now: float) -> None:
         while queue:
-            i = choose(queue[0])
+            job = next_job()
+            i = choose(job)
             if i is None:
                 return
-            send(queue.popleft(), i, now)
+            queue.remove(job)
+            send(job, i, now)
 
     t = 0.0
     while True:
@@ -206,6 +225,7 @@ if __name__ == "__main__":
     ap.add_argument("--hours", type=float, default=20.0)
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--cap", type=int, default=None, help="slot cap of capped policies")
+    ap.add_argument("--order", default="fifo", help="balancer queue: fifo, sjf, edf<A>")
     ap.add_argument("--json", help="merge the figures into this JSON file")
     args = ap.parse_args()
     sampler = SAMPLERS[args.workload]
@@ -213,7 +233,14 @@ if __name__ == "__main__":
     print(f"{args.workload}: capacity {cap:.3f} req/s; load {args.load:.0%}")
     figures: dict[str, dict[str, float]] = {}
     for policy in args.policies.split(","):
-        r = simulate(policy, sampler, args.load * cap, duration_s=args.hours * 3600, cap=args.cap)
+        r = simulate(
+            policy,
+            sampler,
+            args.load * cap,
+            duration_s=args.hours * 3600,
+            cap=args.cap,
+            order=args.order,
+        )
         allt = [x for v in r["ttft"].values() for x in v]
         alli = [x for v in r["itl"].values() for x in v]
         line = (
@@ -243,7 +270,8 @@ if __name__ == "__main__":
 
         path = Path(args.json)
         doc = json.loads(path.read_text()) if path.exists() else {}
-        doc[f"{args.workload}@{args.load:g}"] = {
+        order = "" if args.order == "fifo" else f" queue {args.order}"
+        doc[f"{args.workload}@{args.load:g}{order}"] = {
             "hours": args.hours,
             "capacity_req_per_s": cap,
             "slot_cap": args.cap or 8,

@@ -30,7 +30,9 @@ if [ ! -x bench/.venv/bin/python ]; then
     "$PYTHON" -m venv bench/.venv
 fi
 PIP="bench/.venv/bin/python -m pip install -q --disable-pip-version-check"
-stamp=bench/.venv/.bench-deps-v1
+# Bump the stamp when the project gains a dependency: the block reinstalls everything
+# (neuron-fleet first; guidellm then moves transformers to the 5.x its datasets needs).
+stamp=bench/.venv/.bench-deps-v2
 if [ ! -f "$stamp" ]; then
     $PIP -e .
     $PIP "guidellm>=0.8,<0.9" "matplotlib>=3.8" "tokenizers>=0.21" psutil \

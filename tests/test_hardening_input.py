@@ -643,3 +643,13 @@ async def test_fuzzing_left_no_state_behind(target, http):
         text = await m.text()
     assert metric_sum(text, "neuron_fleet_requests_total", code="500") == 0
     assert metric_sum(text, "neuron_fleet_rejected_requests_total") >= 5
+
+
+async def test_an_empty_prompt_list_is_a_422_from_the_simulated_replica(sim_target) -> None:
+    """Found by the fuzzer above: ``"prompt": []`` made the simulated replica answer 500."""
+    body = b'{"prompt":[],"max_tokens":2}'
+    resp = await raw_exchange(
+        sim_target.bound_port, build_request("POST", b"/v1/completions", [JSON], body)
+    )
+    assert resp.status == 422, resp.raw[:300]
+    assert b"cannot be empty" in resp.raw

@@ -8,8 +8,11 @@ bodies ended by the connection's close, garbage) are what the balancer really me
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import aiohttp
 import pytest
 import uvloop
 
@@ -111,12 +114,12 @@ async def test_connections_to_a_replica_are_kept_alive_and_reused(
     assert replica.connections - health_connections == 1
 
 
-async def test_a_keepalive_connection_closed_under_a_request_is_retried_unseen(
+async def test_a_keepalive_connection_closed_under_a_request_is_sent_again(
     raw_replica, balancer, http
 ) -> None:
-    """The replica's idle timer closes a kept-alive connection just as a request is sent on
-    it (uvicorn's is 5 s): the request is sent again on a new connection, not failed, and the
-    replica is not blamed for it."""
+    """The replica closes a kept-alive connection, without answering, as a request is sent on
+    it (uvicorn's keep-alive timer is 5 s): the request is sent again once on a new
+    connection, not failed, and the replica is not blamed for it."""
 
     async def once_per_connection(reader, writer, n: int) -> bool:
         if n == 0:
@@ -219,3 +222,118 @@ async def test_a_client_that_stops_reading_pauses_the_replica_connection(
     await asyncio.wait_for(blocked.wait(), 20)  # the replica's writes stopped draining
     assert sent < 20 * 1024 * 1024, f"{sent} bytes left the replica for a client reading none"
     writer.close()
+
+
+@pytest.mark.parametrize(
+    "interim",
+    [b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"],
+)
+async def test_an_interim_1xx_answer_is_skipped(raw_replica, balancer, http, interim) -> None:
+    async def answer(reader, writer, n: int) -> bool:
+        writer.write(interim)
+        return await sse_answer(reader, writer, n)
+
+    _, url = await raw_replica(answer)
+    server = await balancer([url])
+    async with http.post(f"{server.url}/generate_stream", json={"inputs": "x"}) as resp:
+        assert resp.status == 200 and "Link" not in resp.headers
+        assert await resp.read() == b"".join(EVENTS)
+
+
+@pytest.mark.parametrize("keep_alive", [False, True])
+async def test_an_http10_replica(raw_replica, balancer, http, keep_alive) -> None:
+    body = b'{"generated_text":"ok"}'
+
+    async def answer(reader, writer, n: int) -> bool:
+        head = b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n"
+        if keep_alive:
+            head += b"Connection: keep-alive\r\nContent-Length: %d\r\n" % len(body)
+        writer.write(head + b"\r\n" + body)
+        return keep_alive
+
+    replica, url = await raw_replica(answer)
+    server = await balancer([url])
+    before = replica.connections
+    for _ in range(3):
+        async with http.post(f"{server.url}/generate", json={"inputs": "x"}) as resp:
+            assert resp.status == 200
+            assert await resp.read() == body
+    assert replica.connections - before == (1 if keep_alive else 3)
+
+
+async def test_a_partial_first_event_then_a_drop_is_retried_elsewhere(
+    raw_replica, balancer, http
+) -> None:
+    """Nothing reached the client yet, so the request moves to another replica rather than
+    committing a 200 that starts with half an event."""
+
+    async def half(reader, writer, n: int) -> bool:
+        writer.write(SSE_HEAD + chunk(b'data:{"token":{"id":0,'))  # then close at once
+        return False
+
+    broken, url1 = await raw_replica(half)
+    _, url2 = await raw_replica(sse_answer)
+    server = await balancer([url1, url2], policy="round-robin")
+    for _ in range(2):  # one of the two starts on the broken replica
+        async with http.post(f"{server.url}/generate_stream", json={"inputs": "x"}) as resp:
+            assert resp.status == 200
+            assert await resp.read() == b"".join(EVENTS)
+    assert broken.requests  # it was tried
+    async with http.get(f"{server.url}/metrics") as resp:
+        text = await resp.text()
+    assert metric_sum(text, "neuron_fleet_retries_total") >= 1
+
+
+async def test_a_replica_that_accepts_then_closes_gets_a_502_not_a_500(
+    raw_replica, balancer, http
+) -> None:
+    async def hang_up(reader, writer, n: int) -> bool:
+        return False
+
+    _, url = await raw_replica(hang_up)
+    server = await balancer([url], retries=0)
+    async with http.post(f"{server.url}/generate", json={"inputs": "x"}) as resp:
+        assert resp.status == 502
+        assert (await resp.json())["error_type"] == "unavailable"
+
+
+async def test_a_reset_inside_a_close_delimited_body_is_not_a_complete_answer(
+    raw_replica, balancer, http
+) -> None:
+    async def reset(reader, writer, n: int) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + b"x" * 5000)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # with linger 0: an RST, a crash, not the end of the body
+        return False
+
+    _, url = await raw_replica(reset)
+    server = await balancer([url], retries=0)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with http.post(f"{server.url}/generate", json={"inputs": "x"}) as resp:
+            await resp.read()
+
+
+async def test_a_first_event_cut_before_it_was_read_is_an_error_not_a_start() -> None:
+    """Deterministic form of the above: the head, half an event and the close all arrive
+    before the relay reads the first event; it must get the error (and retry), not the half."""
+    from unittest import mock
+
+    from balancer.upstream_http import ReplicaConnection, UpstreamError
+
+    conn = ReplicaConnection(mock.Mock(), "http://replica")
+    conn.connection_made(mock.Mock())
+    conn.data_received(SSE_HEAD + chunk(b'data:{"token":{"id":0,'))
+    conn.connection_lost(None)
+    await conn.read_head()
+    with pytest.raises(UpstreamError) as cut:
+        await conn.read_first(True, 1 << 20)
+    assert cut.value.kind == "payload_error"
+    whole = ReplicaConnection(mock.Mock(), "http://replica")
+    whole.connection_made(mock.Mock())
+    whole.data_received(SSE_HEAD + chunk(EVENTS[0]))
+    whole.connection_lost(None)
+    await whole.read_head()
+    assert await whole.read_first(True, 1 << 20) == EVENTS[0]  # a whole event is relayed

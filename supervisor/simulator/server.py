@@ -604,6 +604,8 @@ class _Replica:
                     "Failed to deserialize the JSON body into the target type: "
                     "prompt: expected a string or a sequence of strings"
                 )
+            if not prompts:
+                raise InvalidRequest("Input validation error: `prompt` cannot be empty")
             params = self._openai_params(body, body.get("max_tokens"))
         except SimError as err:
             return _error_response(err)
