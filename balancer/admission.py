@@ -1,20 +1,28 @@
-"""Admission: a slot on a replica now, or a place in a bounded FIFO queue until one frees.
+"""Admission: a slot on a replica now, or a place in a bounded queue until one frees.
 
 A request is bound to a replica only when that replica has a free slot (HAProxy's
 ``maxconn`` + queue model). Neuron replicas have a static number of batch slots; sending a
 request to a full replica only moves the queue into the replica, where it can no longer go
 to whichever replica frees a slot first.
 
-Freeing a slot hands it straight to the oldest waiter; a waiter that gives up (timeout, or
-its client left) is removed, and a slot granted to it at the same instant is given back.
+Freeing a slot hands it straight to the first waiter in queue order; a waiter that gives up
+(timeout, or its client left) is removed, and a slot granted to it at the same instant is
+given back.
+
+Queue order ``fifo`` serves by arrival (HAProxy's model). ``deadline`` serves the earliest
+*virtual deadline*: arrival + ``ageing`` x the request's estimated time in a slot (its
+prefill plus ``max_new_tokens`` decode steps). Short requests stop queueing behind long
+ones, and a long one is overtaken only by requests that arrive within ``ageing`` x the
+difference of their estimates, so nothing starves. On mixed lengths at 90 % load it lowers
+TTFT p90 by ~15 % and p99 by ~9 % against FIFO (bench/policy_sim.py ``--order edf0.3``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,6 +30,18 @@ from balancer.policy import Policy
 from balancer.upstream import Registry, Replica
 
 log = logging.getLogger("neuron_fleet.admission")
+
+QUEUE_ORDERS = ("fifo", "deadline")
+PREFILL_S_PER_TOKEN = 1.0e-4
+"""Estimate of a prompt token's prefill time: inf2, Llama-3-8B on 8 cores (the blog's 15.9k
+tokens in ~1.6 s). Only its ratio to the decode figure and ``ageing`` shape the order."""
+DECODE_S_PER_TOKEN = 0.039
+"""Estimate of one generated token's time: a decode step of a full batch of 8 (the blog)."""
+
+
+def estimated_service_s(work: int, prompt_tokens: int) -> float:
+    """Seconds a request is expected to hold a slot: prefill, then one step per new token."""
+    return prompt_tokens * PREFILL_S_PER_TOKEN + (work - prompt_tokens) * DECODE_S_PER_TOKEN
 
 
 class QueueFull(Exception):
@@ -43,6 +63,8 @@ class _Waiter:
     work: int
     exclude: frozenset[Replica]
     enqueued_at: float = field(default_factory=time.monotonic)
+    deadline: float = 0.0
+    """The queue's sort key: ``enqueued_at`` for FIFO."""
 
 
 class Admission:
@@ -53,12 +75,18 @@ class Admission:
         max_queue: int,
         queue_timeout_s: float,
         on_wait: Callable[[float], None] | None = None,
+        order: str = "fifo",
+        ageing: float = 0.3,
     ) -> None:
+        if order not in QUEUE_ORDERS:
+            raise ValueError(f"queue order {order!r}: expected one of {', '.join(QUEUE_ORDERS)}")
         self.registry = registry
         self.policy = policy
         self.max_queue = max_queue
         self.queue_timeout_s = queue_timeout_s
-        self._queue: deque[_Waiter] = deque()
+        self.ageing = ageing if order == "deadline" else 0.0
+        self._queue: list[_Waiter] = []
+        """Sorted by ``deadline``; ties keep arrival order."""
         self._on_wait = on_wait
         registry.subscribe(self.dispatch)
 
@@ -81,7 +109,9 @@ class Admission:
         replica = self.policy.pick(self._candidates(exclude), work)
         return None if replica is None else self._take(replica, work)
 
-    async def acquire(self, work: int, exclude: frozenset[Replica] = frozenset()) -> Replica:
+    async def acquire(
+        self, work: int, exclude: frozenset[Replica] = frozenset(), prompt_tokens: int = 0
+    ) -> Replica:
         """Wait for a slot; raises QueueFull, QueueTimeout, or CancelledError (client left)."""
         if not self._queue:
             replica = self.try_acquire(work, exclude)
@@ -92,7 +122,10 @@ class Admission:
         if len(self._queue) >= self.max_queue:
             raise QueueFull()
         waiter = _Waiter(asyncio.get_running_loop().create_future(), work, exclude)
-        self._queue.append(waiter)
+        waiter.deadline = waiter.enqueued_at
+        if self.ageing:
+            waiter.deadline += self.ageing * estimated_service_s(work, prompt_tokens)
+        bisect.insort_right(self._queue, waiter, key=_deadline)
         try:
             async with asyncio.timeout(self.queue_timeout_s):
                 replica = await waiter.future
@@ -118,7 +151,7 @@ class Admission:
             self.release(waiter.future.result(), waiter.work)
 
     def release(self, replica: Replica, work: int) -> None:
-        """Give a slot back and hand it to the oldest waiter that can use it."""
+        """Give a slot back and hand it to the first waiter that can use it."""
         replica.inflight -= 1
         replica.outstanding_work -= work
         if replica.inflight < 0:  # a bug, but never let a counter drift for good
@@ -128,11 +161,11 @@ class Admission:
         self.dispatch()
 
     def dispatch(self) -> None:
-        """Grant free slots to waiters in FIFO order (skipping those that excluded them)."""
+        """Grant free slots to waiters in queue order (skipping those that excluded them)."""
         while self._queue:
             head = self._queue[0]
             if head.future.done():
-                self._queue.popleft()
+                del self._queue[0]
                 continue
             free = [r for r in self.registry.replicas if r.routable and r.has_free_slot]
             if not free:
@@ -148,3 +181,7 @@ class Admission:
                     break
             else:
                 return
+
+
+def _deadline(waiter: _Waiter) -> float:
+    return waiter.deadline

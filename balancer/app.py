@@ -71,6 +71,8 @@ class Balancer:
             config.max_queue,
             config.queue_timeout_s,
             on_wait=self._observe_wait,
+            order=config.queue_order,
+            ageing=config.queue_ageing,
         )
         self.metrics = BalancerMetrics(registry, lambda: self.admission.queue_depth)
         self.relay = Relay(config, registry, self.admission, self.metrics)

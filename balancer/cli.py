@@ -10,6 +10,7 @@ import signal
 import sys
 from dataclasses import replace
 
+from balancer.admission import QUEUE_ORDERS
 from balancer.config import BalancerConfig, UpstreamSpec
 from balancer.policy import POLICIES
 from balancer.server import BalancerServer
@@ -65,6 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-queue", type=int, default=d.max_queue)
     parser.add_argument("--queue-timeout", type=float, default=d.queue_timeout_s, metavar="S")
+    parser.add_argument(
+        "--queue-order",
+        choices=QUEUE_ORDERS,
+        default=d.queue_order,
+        help="fifo, or deadline: short requests first with ageing (default %(default)s)",
+    )
     parser.add_argument("--retries", type=int, default=d.retries)
     parser.add_argument(
         "--first-byte-timeout", type=float, default=d.first_byte_timeout_s, metavar="S"
@@ -99,6 +106,7 @@ def config_from_args(args: argparse.Namespace) -> BalancerConfig:
         max_inflight_per_replica=args.max_inflight_per_replica,
         max_queue=args.max_queue,
         queue_timeout_s=args.queue_timeout,
+        queue_order=args.queue_order,
         retries=args.retries,
         first_byte_timeout_s=args.first_byte_timeout,
         idle_timeout_s=args.idle_timeout,

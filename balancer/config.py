@@ -35,6 +35,10 @@ class BalancerConfig:
     """Requests waiting at the balancer for a free slot; beyond it: 429."""
     queue_timeout_s: float = 120.0
     """Longest wait for a slot; beyond it: 503 + Retry-After."""
+    queue_order: str = "fifo"
+    """``fifo`` | ``deadline``: earliest arrival + ``queue_ageing`` x estimated slot time
+    first (short requests stop waiting behind long ones; see balancer/admission.py)."""
+    queue_ageing: float = 0.3
 
     retries: int = 2
     """Extra attempts on another replica when nothing was sent to the client yet."""

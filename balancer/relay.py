@@ -202,7 +202,7 @@ class Relay:
 
     async def _acquire(self, rr: RelayRequest, exclude: frozenset[Replica]) -> Replica | None:
         if rr.admit:
-            return await self.admission.acquire(rr.work, exclude)
+            return await self.admission.acquire(rr.work, exclude, rr.prompt_tokens)
         candidates = [r for r in self.registry.replicas if r.routable and r not in exclude]
         if not candidates:
             return None

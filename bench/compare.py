@@ -117,6 +117,7 @@ def blog_plan(speed: float, quick: bool) -> FleetPlan:
             "vllm-router-p2": ["p90"],
             "sglang-router-ca": ["p90"],
             "neuron-fleet-lw": ["p90"],
+            "neuron-fleet-dl": ["p90"],
             "neuron-fleet-cap9": ["throughput"],  # experiment: slot cap = batch + 1
         },
     )
@@ -139,6 +140,7 @@ def mixed_plan(speed: float, quick: bool) -> FleetPlan:
             "sglang-router-rr",
             "neuron-fleet",
             "neuron-fleet-lw",
+            "neuron-fleet-dl",
         ],
     )
 

@@ -16,6 +16,8 @@
 | sglang-router-ca | sglang-router ``--policy cache_aware`` (its default)                   |
 | neuron-fleet     | ``neuron-fleet balance --policy least-outstanding``, slot cap = batch  |
 | neuron-fleet-lw  | ``neuron-fleet balance --policy least-work``, slot cap = batch         |
+| neuron-fleet-dl  | least-outstanding with ``--queue-order deadline`` (short requests first, |
+|                  | with ageing), slot cap = batch                                         |
 
 Each ``start`` returns the processes (the first one is the balancer whose process tree is
 charged for CPU) and the URL clients use.
@@ -249,6 +251,7 @@ def start_neuron_fleet(
     policy: str,
     slot_cap: int,
     extra_slots: int = 0,
+    queue_order: str = "fifo",
     **_: object,
 ) -> Started:
     argv = [PY, "-m", "supervisor", "balance", "--listen", f"127.0.0.1:{listen}"]
@@ -263,6 +266,8 @@ def start_neuron_fleet(
         "4096",
         "--queue-timeout",
         "600",
+        "--queue-order",
+        queue_order,
         "--health-interval",
         "1",
         "--log-level",
@@ -342,6 +347,13 @@ TARGETS: dict[str, Target] = {
             "neuron-fleet least-work",
             start_neuron_fleet,
             (("policy", "least-work"),),
+            ours=True,
+        ),
+        Target(
+            "neuron-fleet-dl",
+            "neuron-fleet least-outstanding, deadline queue",
+            start_neuron_fleet,
+            (("policy", "least-outstanding"), ("queue_order", "deadline")),
             ours=True,
         ),
         # Experiment (not in the default plans): slot cap = batch + 1, i.e. one request

@@ -37,6 +37,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from balancer.admission import QUEUE_ORDERS
 from balancer.config import BalancerConfig, UpstreamSpec
 from supervisor.model import (
     ModelInfoError,
@@ -699,6 +700,10 @@ def load_config(
             errors.append(f"[balancer] {exc}")
     if balancer_raw.get("policy", "least-outstanding") not in POLICIES:
         errors.append(_not_one_of("[balancer] policy", balancer_raw["policy"], POLICIES))
+    if balancer_raw.get("queue_order", "fifo") not in QUEUE_ORDERS:
+        errors.append(
+            _not_one_of("[balancer] queue_order", balancer_raw["queue_order"], QUEUE_ORDERS)
+        )
 
     plan = None
     if fleet.cores_per_replica is not None and fleet.cores_per_replica >= 1:

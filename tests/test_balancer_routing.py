@@ -80,6 +80,44 @@ async def test_admission_caps_queues_and_hands_over_in_fifo_order():
     assert (await waiters[1]).inflight == 1
 
 
+async def _grant_order(order: str, ageing: float, gap_s: float) -> list[str]:
+    """A long request queues, then (``gap_s`` later) a short one; one slot frees at a time."""
+    registry = Registry(_replicas(0, cap=1))
+    adm = Admission(
+        registry, LeastOutstanding(), max_queue=8, queue_timeout_s=5, order=order, ageing=ageing
+    )
+    held = await adm.acquire(1)
+    long = asyncio.ensure_future(adm.acquire(16_000 + 1_000, prompt_tokens=16_000))
+    await asyncio.sleep(gap_s)
+    short = asyncio.ensure_future(adm.acquire(1_000 + 10, prompt_tokens=1_000))
+    await asyncio.sleep(0)
+    granted = []
+    adm.release(held, 1)
+    for _ in range(2):
+        done, _ = await asyncio.wait(
+            [t for t in (long, short) if t not in granted],
+            timeout=1,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        (task,) = done
+        granted.append(task)
+        adm.release(await task, 1)
+    return ["long" if t is long else "short" for t in granted]
+
+
+async def test_deadline_queue_lets_short_requests_pass_long_ones_within_the_ageing():
+    # Long: 1.6 s prefill + 1000 x 39 ms; short: 0.1 s + 10 x 39 ms. Deadlines at 0.3 x that.
+    assert await _grant_order("fifo", 0.3, 0.0) == ["long", "short"]
+    assert await _grant_order("deadline", 0.3, 0.0) == ["short", "long"]
+    # Ageing bounds the overtaking: 0.001 x 40.6 s = 41 ms, and the short one came 150 ms later.
+    assert await _grant_order("deadline", 0.001, 0.15) == ["long", "short"]
+
+
+def test_unknown_queue_order_names_the_choices():
+    with pytest.raises(ValueError, match="fifo, deadline"):
+        Admission(Registry(_replicas(0)), LeastOutstanding(), 1, 1.0, order="lifo")
+
+
 async def test_admission_timeout_and_cancel_leave_no_trace():
     registry = Registry(_replicas(0, cap=1))
     adm = Admission(registry, LeastOutstanding(), max_queue=8, queue_timeout_s=0.05)

@@ -473,3 +473,12 @@ def test_example_config_reproduces_the_blog_deployment() -> None:
         f"/dev/neuron{i}" for i in range(8, 12)
     )
     assert [r.port for r in config.plan.replicas] == [8081, 8082, 8083]
+
+
+def test_queue_order_is_read_from_the_balancer_section(tmp_path: Path) -> None:
+    base = SIMULATED + "\n[balancer]\n"
+    cfg = load(tmp_path, base + 'queue_order = "deadline"\nqueue_ageing = 0.5\n')
+    assert (cfg.balancer.queue_order, cfg.balancer.queue_ageing) == ("deadline", 0.5)
+    with pytest.raises(ConfigError) as excinfo:
+        load(tmp_path, base + 'queue_order = "shortest"\n')
+    assert "[balancer] queue_order" in errors_of(excinfo) and "deadline" in errors_of(excinfo)
