@@ -329,16 +329,23 @@ class Relay:
         return upstream
 
     # ---------------------------------------------------------------- piping
-    def _client_writer(
-        self, request: web.Request, response: web.StreamResponse, stream: _Stream
+    async def _open_client(
+        self, request: web.Request, response: web.StreamResponse, stream: _Stream, first: bytes
     ) -> Callable[[bytes], None]:
-        """A function that writes one piece to the client's socket, chunk-framed if the
-        response is; it pauses the replica's connection when the client's buffer is full."""
+        """Send the response head with the first piece (one packet, through aiohttp's writer),
+        then return a function that writes each further piece straight to the client's
+        socket, chunk-framed if the response is, pausing the replica's connection when the
+        client's buffer is full."""
+        stream.phase, stream.since = _Stream.WRITING, asyncio.get_running_loop().time()
+        if first:
+            await response.write(first)
+        else:
+            request.writer.send_headers()
+        stream.phase = _Stream.READING
         transport = request.transport
         upstream = stream.upstream
         if transport is None or transport.is_closing() or upstream is None:
             raise ConnectionResetError("client gone")
-        request.writer.send_headers()  # the head first: pieces bypass aiohttp's writer
         high = transport.get_write_buffer_limits()[1]
         chunked = response.headers.get("Transfer-Encoding") == "chunked"
         write, closing = transport.write, transport.is_closing
@@ -379,15 +386,13 @@ class Relay:
         first: bytes,
     ) -> None:
         request = stream.request
-        to_client = self._client_writer(request, response, stream)
         loop_time = asyncio.get_running_loop().time
+        to_client = await self._open_client(request, response, stream, first)
 
         def piece(chunk: bytes) -> None:
             stream.since = loop_time()
             to_client(chunk)
 
-        if first:
-            to_client(first)
         upstream.pipe(piece)
         try:
             await self._drain_loop(request, upstream, stream)
@@ -418,10 +423,9 @@ class Relay:
         last_token = 0.0
         tokens = 0
         saw_error = False
-        to_client = self._client_writer(request, response, stream)
 
-        def event(chunk: bytes) -> None:
-            """One piece of the replica's stream: count its token events, pass it on."""
+        def count(chunk: bytes) -> None:
+            """Count the token events of one piece of the replica's stream."""
             nonlocal last_token, tokens, saw_error
             now = loop_time()
             events = chunk.count(sep)
@@ -452,11 +456,16 @@ class Relay:
                     tokens += events
                     last_token = now
             stream.since = now
-            to_client(chunk)
 
         try:
             if first:
-                event(first)
+                count(first)
+            to_client = await self._open_client(request, response, stream, first)
+
+            def event(chunk: bytes) -> None:
+                count(chunk)
+                to_client(chunk)
+
             upstream.pipe(event)
             await self._drain_loop(request, upstream, stream)
             if stream.expired and not upstream.complete:

@@ -441,6 +441,9 @@ class _FullSocketResponse:
             await self._wait_abort()
 
 
+SECOND = b'data:{"token":{"id":2}}\n\n'
+
+
 class _EndingUpstream:
     """A replica connection whose response ends (cleanly or not) right after the first event."""
 
@@ -453,6 +456,7 @@ class _EndingUpstream:
     async def wait(self) -> None:
         from balancer.upstream_http import UpstreamError
 
+        self.sink(SECOND)  # a piece after the first goes straight to the client's socket
         if self.fails:
             raise UpstreamError("payload_error", "the replica died")
         self.complete = True
@@ -490,8 +494,9 @@ async def test_every_client_write_is_under_the_slow_client_watchdog(block):
         relay._pipe_events(rr, replica, upstream, response, stream, first, time.monotonic())
     )
     loop = asyncio.get_running_loop()
-    await wait_until(lambda: transport.pieces, what="first event relayed")
-    assert transport.pieces == [b"%x\r\n%b\r\n" % (len(first), first)]  # chunk-framed
+    await wait_until(lambda: transport.pieces, what="second event relayed")
+    assert response.written == [first]  # with the head, through aiohttp's writer
+    assert transport.pieces == [b"%x\r\n%b\r\n" % (len(SECOND), SECOND)]  # chunk-framed
     await asyncio.sleep(0.05)  # now blocked in the final write
     assert not task.done() and stream.phase == _Stream.WRITING
     relay.check_timeouts(loop.time() + config.client_timeout_s + 1)
