@@ -72,6 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.queue_order,
         help="fifo, or deadline: short requests first with ageing (default %(default)s)",
     )
+    parser.add_argument(
+        "--queue-ageing",
+        type=float,
+        default=d.queue_ageing,
+        help="deadline order: arrival + AGEING x estimated slot seconds (default %(default)s)",
+    )
     parser.add_argument("--retries", type=int, default=d.retries)
     parser.add_argument(
         "--first-byte-timeout", type=float, default=d.first_byte_timeout_s, metavar="S"
@@ -107,6 +113,7 @@ def config_from_args(args: argparse.Namespace) -> BalancerConfig:
         max_queue=args.max_queue,
         queue_timeout_s=args.queue_timeout,
         queue_order=args.queue_order,
+        queue_ageing=args.queue_ageing,
         retries=args.retries,
         first_byte_timeout_s=args.first_byte_timeout,
         idle_timeout_s=args.idle_timeout,

@@ -280,7 +280,7 @@ async def run_fleet(
             for p, u in zip(reps, ups, strict=True):
                 await wait_http(u + "/health", 60, p)
             (port,) = free_ports(1)
-            started = target.launch(port, ups, wd, batch=plan.batch)
+            started = target.launch(port, ups, wd, batch=plan.batch, speed=plan.speed)
             procs = started.procs + procs
             await wait_http(started.url + started.health_path, 60, started.balancer)
             await warm_up(started.url)

@@ -252,6 +252,7 @@ def start_neuron_fleet(
     slot_cap: int,
     extra_slots: int = 0,
     queue_order: str = "fifo",
+    speed: float = 1.0,
     **_: object,
 ) -> Started:
     argv = [PY, "-m", "supervisor", "balance", "--listen", f"127.0.0.1:{listen}"]
@@ -268,6 +269,10 @@ def start_neuron_fleet(
         "600",
         "--queue-order",
         queue_order,
+        # The deadline queue's ageing is in seconds of estimated inf2 time: with replicas
+        # running ``speed`` x faster, scale it like every other duration.
+        "--queue-ageing",
+        str(0.3 / speed),
         "--health-interval",
         "1",
         "--log-level",
@@ -289,11 +294,17 @@ class Target:
     peer_of_blog: bool = False
 
     def launch(
-        self, listen: int, upstreams: Sequence[str], workdir: Path, *, batch: int
+        self,
+        listen: int,
+        upstreams: Sequence[str],
+        workdir: Path,
+        *,
+        batch: int,
+        speed: float = 1.0,
     ) -> Started:
         kw = dict(self.kwargs)
         return self.start(
-            self.name, listen, upstreams, workdir, maxconn=batch, slot_cap=batch, **kw
+            self.name, listen, upstreams, workdir, maxconn=batch, slot_cap=batch, speed=speed, **kw
         )
 
 
