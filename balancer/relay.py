@@ -233,7 +233,9 @@ class Relay:
         stream.upstream = None
         try:
             async with asyncio.timeout(cfg.first_byte_timeout_s):
-                upstream = await self._send(request, rr, replica, headers, stream)
+                upstream = stream.upstream = await self.pool.request(
+                    replica.url, request.method, request.path_qs, headers, rr.body
+                )
                 self.metrics.upstream_responses.labels(
                     replica=replica.name, code=str(upstream.status)
                 ).inc()
@@ -306,27 +308,6 @@ class Relay:
             if request.transport is not None:
                 request.transport.abort()
         return response
-
-    async def _send(
-        self,
-        request: web.Request,
-        rr: RelayRequest,
-        replica: Replica,
-        headers: CIMultiDict[str],
-        stream: _Stream,
-    ) -> ReplicaConnection:
-        """Send the request and wait for the replica's status line and headers."""
-        args = (replica.url, request.method, request.path_qs, headers, rr.body)
-        upstream = stream.upstream = await self.pool.request(*args)
-        try:
-            await upstream.read_head()
-        except UpstreamError:
-            fresh = await self.pool.resend_if_stale(upstream, *args)
-            if fresh is None:
-                raise
-            upstream = stream.upstream = fresh
-            await upstream.read_head()
-        return upstream
 
     # ---------------------------------------------------------------- piping
     async def _open_client(

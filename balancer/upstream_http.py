@@ -262,37 +262,34 @@ class UpstreamPool:
     async def request(
         self, base_url: str, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes
     ) -> ReplicaConnection:
-        """Send a request and return its connection once it is on the wire.
+        """Send a request; return its connection once the status line and headers are in.
 
-        The caller awaits ``read_head`` and must ``release`` (or ``abort``) the connection.
+        A reused connection the replica closed before answering a byte is replaced by a new
+        one and the request sent once more. Unlike aiohttp (idempotent methods only) this
+        re-sends POSTs: generation has no side effects, and the usual cause is the replica's
+        keep-alive timer closing the socket as the request went out, which the replica then
+        never processes. The caller must ``release`` (or ``abort``) the connection; if this
+        raises or is cancelled, the connection is already dropped.
         """
         host, port, context, netloc, prefix = self._target(base_url)
         raw = _serialize(method, prefix + path_qs, netloc, headers, body)
         conn = self._take_idle(base_url)
         if conn is None:
             conn = await self._connect(base_url, host, port, context)
-        conn.send(raw)
+        try:
+            conn.send(raw)
+            try:
+                await conn.read_head()
+            except UpstreamError:
+                if not (conn.reused and not conn.got_bytes):
+                    raise
+                conn = await self._connect(base_url, host, port, context)
+                conn.send(raw)
+                await conn.read_head()
+        except BaseException:
+            conn.abort()
+            raise
         return conn
-
-    async def resend_if_stale(
-        self,
-        conn: ReplicaConnection,
-        base_url: str,
-        method: str,
-        path_qs: str,
-        headers: CIMultiDict[str],
-        body: bytes,
-    ) -> ReplicaConnection | None:
-        """A reused connection the replica closed before answering a byte: send once more on a
-        new one. Unlike aiohttp (idempotent methods only) this re-sends POSTs: generation has
-        no side effects, and the usual cause is the replica's keep-alive timer closing the
-        socket as the request went out, which the replica then never processes."""
-        if not (conn.reused and not conn.got_bytes and conn.error is not None):
-            return None
-        host, port, context, netloc, prefix = self._target(base_url)
-        fresh = await self._connect(base_url, host, port, context)
-        fresh.send(_serialize(method, prefix + path_qs, netloc, headers, body))
-        return fresh
 
     def put(self, conn: ReplicaConnection) -> None:
         idle = self._idle.setdefault(conn.key, [])

@@ -36,6 +36,7 @@ import random
 from collections import deque
 from collections.abc import Callable
 
+from balancer.admission import estimated_service_s
 from supervisor.simulator.engine import Job, NeuronBatcher, Step
 
 POLICIES = (
@@ -140,8 +141,8 @@ def simulate(
         return tied[next(rr_turn) % len(tied)]
 
     def service(job: Job) -> float:
-        """Estimated seconds in a slot: its prefill plus max_tokens full-batch decode steps."""
-        return job.input_length * 0.0997e-3 + job.max_new_tokens * 0.039
+        """The balancer's own estimate of a request's time in a slot (deadline order)."""
+        return estimated_service_s(job.input_length + job.max_new_tokens, job.input_length)
 
     def next_job() -> Job:
         if order == "fifo":
