@@ -9,12 +9,12 @@ Freeing a slot hands it straight to the first waiter in queue order; a waiter th
 (timeout, or its client left) is removed, and a slot granted to it at the same instant is
 given back.
 
-Queue order ``fifo`` serves by arrival (HAProxy's model). ``deadline`` serves the earliest
-*virtual deadline*: arrival + ``ageing`` x the request's estimated time in a slot (its
-prefill plus ``max_new_tokens`` decode steps). Short requests stop queueing behind long
-ones, and a long one is overtaken only by requests that arrive within ``ageing`` x the
-difference of their estimates, so nothing starves. It trades the longest requests' tail for
-everyone else's wait (figures in docs/configuration.md), hence opt-in.
+The order of the queue (``fifo``, ``deadline``, ``shortest``) and the floor that keeps
+long prompts served under shortest-first are ``balancer/queue_order.py``'s. With a ticket
+(``balancer/forecast.py``), each granted slot and each release is reported to the forecast,
+which learns from them, and a request whose TTFT budget can no longer be met once it has
+waited until ``ticket.latest_start`` leaves the queue (``QueueTimeout``, reason
+``ttft_slo_expired``).
 """
 
 from __future__ import annotations
@@ -26,22 +26,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from balancer.forecast import Forecast, Ticket
 from balancer.policy import Policy
+from balancer.queue_order import QUEUE_ORDERS, QueueOrder, estimated_service_s
 from balancer.upstream import Registry, Replica
 
 log = logging.getLogger("neuron_fleet.admission")
 
-QUEUE_ORDERS = ("fifo", "deadline")
-PREFILL_S_PER_TOKEN = 1.0e-4
-"""Estimate of a prompt token's prefill time: inf2, Llama-3-8B on 8 cores (the blog's 15.9k
-tokens in ~1.6 s). Only its ratio to the decode figure and ``ageing`` shape the order."""
-DECODE_S_PER_TOKEN = 0.039
-"""Estimate of one generated token's time: a decode step of a full batch of 8 (the blog)."""
-
-
-def estimated_service_s(work: int, prompt_tokens: int) -> float:
-    """Seconds a request is expected to hold a slot: prefill, then one step per new token."""
-    return prompt_tokens * PREFILL_S_PER_TOKEN + (work - prompt_tokens) * DECODE_S_PER_TOKEN
+__all__ = ["QUEUE_ORDERS", "Admission", "QueueFull", "QueueTimeout", "estimated_service_s"]
 
 
 class QueueFull(Exception):
@@ -51,10 +43,12 @@ class QueueFull(Exception):
 class QueueTimeout(Exception):
     """Waited ``queue_timeout`` for a slot without getting one (503)."""
 
-    def __init__(self, waited_s: float, no_replica: bool) -> None:
+    def __init__(self, waited_s: float, no_replica: bool, reason: str = "") -> None:
         super().__init__(waited_s)
         self.waited_s = waited_s
         self.no_replica = no_replica
+        self.reason = reason or ("no_replica" if no_replica else "queue_timeout")
+        """``no_replica``, ``queue_timeout`` or ``ttft_slo_expired`` (its TTFT budget)."""
 
 
 @dataclass(eq=False)
@@ -65,6 +59,11 @@ class _Waiter:
     enqueued_at: float = field(default_factory=time.monotonic)
     deadline: float = 0.0
     """The queue's sort key: ``enqueued_at`` for FIFO."""
+    ticket: Ticket | None = None
+
+    @property
+    def long(self) -> bool:
+        return self.ticket is not None and self.ticket.long
 
 
 class Admission:
@@ -77,14 +76,15 @@ class Admission:
         on_wait: Callable[[float], None] | None = None,
         order: str = "fifo",
         ageing: float = 0.3,
+        forecast: Forecast | None = None,
+        long_share: float = 0.0,
     ) -> None:
-        if order not in QUEUE_ORDERS:
-            raise ValueError(f"queue order {order!r}: expected one of {', '.join(QUEUE_ORDERS)}")
+        self.order = QueueOrder(order, ageing, forecast, long_share)
+        self.forecast = forecast
         self.registry = registry
         self.policy = policy
         self.max_queue = max_queue
         self.queue_timeout_s = queue_timeout_s
-        self.ageing = ageing if order == "deadline" else 0.0
         self._queue: list[_Waiter] = []
         """Sorted by ``deadline``; ties keep arrival order."""
         self._on_wait = on_wait
@@ -99,41 +99,62 @@ class Admission:
             r for r in self.registry.replicas if r.routable and r.has_free_slot and r not in exclude
         ]
 
-    def _take(self, replica: Replica, work: int) -> Replica:
+    def _take(self, replica: Replica, work: int, ticket: Ticket | None = None) -> Replica:
         replica.inflight += 1
         replica.outstanding_work += work
+        if ticket is not None and self.forecast is not None:
+            self.forecast.started(ticket, replica.name, time.monotonic())
         return replica
 
-    def try_acquire(self, work: int, exclude: frozenset[Replica] = frozenset()) -> Replica | None:
+    def try_acquire(
+        self, work: int, exclude: frozenset[Replica] = frozenset(), ticket: Ticket | None = None
+    ) -> Replica | None:
         """A slot right now, or None; never queues."""
         replica = self.policy.pick(self._candidates(exclude), work)
-        return None if replica is None else self._take(replica, work)
+        if replica is None:
+            return None
+        self.order.granted(ticket is not None and ticket.long)
+        return self._take(replica, work, ticket)
+
+    def ahead_of(self, ticket: Ticket, now: float) -> list[Ticket]:
+        """The queued requests a new request would wait behind (for the forecast)."""
+        key = self.order.key(now, 0, ticket.prompt_tokens, ticket)
+        waiting = [w for w in self._queue if not w.future.done()]
+        return [w.ticket or _ticket(w) for w in self.order.ahead_of(waiting, key, ticket.long)]
 
     async def acquire(
-        self, work: int, exclude: frozenset[Replica] = frozenset(), prompt_tokens: int = 0
+        self,
+        work: int,
+        exclude: frozenset[Replica] = frozenset(),
+        prompt_tokens: int = 0,
+        ticket: Ticket | None = None,
     ) -> Replica:
         """Wait for a slot; raises QueueFull, QueueTimeout, or CancelledError (client left)."""
         if not self._queue:
-            replica = self.try_acquire(work, exclude)
+            replica = self.try_acquire(work, exclude, ticket)
             if replica is not None:
                 if self._on_wait is not None:
                     self._on_wait(0.0)
                 return replica
         if len(self._queue) >= self.max_queue:
             raise QueueFull()
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), work, exclude)
-        waiter.deadline = waiter.enqueued_at
-        if self.ageing:
-            waiter.deadline += self.ageing * estimated_service_s(work, prompt_tokens)
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), work, exclude, ticket=ticket)
+        waiter.deadline = self.order.key(waiter.enqueued_at, work, prompt_tokens, ticket)
         bisect.insort_right(self._queue, waiter, key=_deadline)
+        timeout, reason = self.queue_timeout_s, ""
+        if ticket is not None and ticket.latest_start is not None:
+            budget = ticket.latest_start - waiter.enqueued_at
+            if budget < timeout:
+                timeout, reason = max(0.0, budget), "ttft_slo_expired"
         try:
-            async with asyncio.timeout(self.queue_timeout_s):
+            async with asyncio.timeout(timeout):
                 replica = await waiter.future
         except BaseException as exc:
             self._forget(waiter)
             if isinstance(exc, TimeoutError):
                 waited = time.monotonic() - waiter.enqueued_at
-                raise QueueTimeout(waited, no_replica=not self.registry.routable()) from None
+                no_replica = not self.registry.routable()
+                raise QueueTimeout(waited, no_replica, "" if no_replica else reason) from None
             raise
         if self._on_wait is not None:
             self._on_wait(time.monotonic() - waiter.enqueued_at)
@@ -148,10 +169,12 @@ class Admission:
         if not waiter.future.done():
             waiter.future.cancel()
         elif not waiter.future.cancelled():
-            self.release(waiter.future.result(), waiter.work)
+            self.release(waiter.future.result(), waiter.work, waiter.ticket)
 
-    def release(self, replica: Replica, work: int) -> None:
+    def release(self, replica: Replica, work: int, ticket: Ticket | None = None) -> None:
         """Give a slot back and hand it to the first waiter that can use it."""
+        if ticket is not None and self.forecast is not None:
+            self.forecast.ended(ticket)
         replica.inflight -= 1
         replica.outstanding_work -= work
         if replica.inflight < 0:  # a bug, but never let a counter drift for good
@@ -170,14 +193,15 @@ class Admission:
             free = [r for r in self.registry.replicas if r.routable and r.has_free_slot]
             if not free:
                 return
-            for waiter in self._queue:
+            for waiter in self.order.in_turn(self._queue):
                 if waiter.future.done():
                     continue
                 candidates = [r for r in free if r not in waiter.exclude]
                 replica = self.policy.pick(candidates, waiter.work)
                 if replica is not None:
                     self._queue.remove(waiter)
-                    waiter.future.set_result(self._take(replica, waiter.work))
+                    self.order.granted(waiter.long)
+                    waiter.future.set_result(self._take(replica, waiter.work, waiter.ticket))
                     break
             else:
                 return
@@ -185,3 +209,8 @@ class Admission:
 
 def _deadline(waiter: _Waiter) -> float:
     return waiter.deadline
+
+
+def _ticket(waiter: _Waiter) -> Ticket:
+    """A stand-in for a waiter admitted without a ticket: its work is all we know."""
+    return Ticket(0, waiter.work, waiter.enqueued_at)

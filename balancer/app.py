@@ -24,9 +24,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from balancer.admission import Admission
 from balancer.config import BalancerConfig
 from balancer.errors import expect_handler, json_error
+from balancer.forecast import Forecast, Ticket
 from balancer.metrics import BalancerMetrics, route_label
 from balancer.policy import make_policy
 from balancer.relay import CLIENT_GONE, STAGE, Relay, RelayRequest
+from balancer.slo import DEADLINE_HEADER, BadDeadline, SloGate, budget_s
 from balancer.tokens import TokenCounter, requested_new_tokens
 from balancer.upstream import Registry
 
@@ -65,6 +67,7 @@ class Balancer:
         self.registry = registry
         self.draining = False
         self.tokens = tokens or TokenCounter(config.tokenizer_path)
+        self.forecast = Forecast()
         self.admission = Admission(
             registry,
             make_policy(config.policy),
@@ -73,14 +76,32 @@ class Balancer:
             on_wait=self._observe_wait,
             order=config.queue_order,
             ageing=config.queue_ageing,
+            forecast=self.forecast,
+            long_share=config.queue_long_share,
         )
         self.metrics = BalancerMetrics(registry, lambda: self.admission.queue_depth)
         self.relay = Relay(config, registry, self.admission, self.metrics)
+        self.relay.on_stream_end = self._stream_ended
+        self.slo = SloGate(self.forecast, self.admission, registry)
         self.replica_metrics: Any = None
         """Optional re-exporter of the replicas' own metrics (set by the server)."""
 
     def _observe_wait(self, seconds: float) -> None:
         self.metrics.queue_wait.observe(seconds)
+
+    def _stream_ended(
+        self, ticket: Ticket, ttft_s: float, decode_s: float, tokens: int, complete: bool
+    ) -> None:
+        """Learn from a finished stream; score it against its TTFT budget."""
+        self.forecast.observe(ticket, ttft_s, decode_s, tokens, complete)
+        if ticket.budget_s is None:
+            return
+        met = ttft_s <= ticket.budget_s
+        self.metrics.slo_requests.labels(
+            outcome="met" if met else "missed", prompt_class=_prompt_class(ticket)
+        ).inc()
+        if ticket.predicted_ttft is not None:
+            self.metrics.ttft_forecast_error.observe(ttft_s - ticket.predicted_ttft)
 
     @property
     def inflight(self) -> int:
@@ -121,6 +142,32 @@ class Balancer:
             path == "/invocations" and ("messages" in doc or "prompt" in doc)
         )
         work = prompt_tokens + (new_tokens if new_tokens is not None else DEFAULT_NEW_TOKENS)
+        try:
+            budget, by_header = budget_s(
+                self.config.ttft_slo_s, request.headers.get(DEADLINE_HEADER)
+            )
+        except BadDeadline as exc:
+            raise _Invalid(400, str(exc), reason="bad_deadline") from None
+        now = time.monotonic()
+        ticket = Ticket(
+            prompt_tokens,
+            new_tokens,
+            now,
+            budget_s=budget,
+            long=prompt_tokens >= self.config.queue_long_tokens,
+        )
+        refusal = self.slo.check(ticket, now, by_header)
+        if refusal is not None:
+            self.metrics.rejected.labels(reason=refusal.reason).inc()
+            self.metrics.slo_requests.labels(
+                outcome="refused", prompt_class=_prompt_class(ticket)
+            ).inc()
+            return json_error(
+                429,
+                refusal.message,
+                "overloaded",
+                headers={"Retry-After": str(refusal.retry_after_s), "x-request-id": request_id},
+            )
         rr = RelayRequest(
             route_label(path),
             body,
@@ -129,6 +176,7 @@ class Balancer:
             admit=True,
             work=work,
             prompt_tokens=prompt_tokens,
+            ticket=ticket,
         )
         return await self.relay.forward(request, rr)
 
@@ -165,6 +213,10 @@ class _Invalid(Exception):
         self.status = status
         self.message = message
         self.reason = reason or f"invalid_{status}"
+
+
+def _prompt_class(ticket: Ticket) -> str:
+    return "long" if ticket.long else "short"
 
 
 def _request_id(request: web.Request) -> str:

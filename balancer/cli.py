@@ -40,6 +40,26 @@ def _upstream(value: str) -> UpstreamSpec:
     return UpstreamSpec(url=url, name=name or None)
 
 
+def _positive_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {value!r}")
+    return seconds
+
+
+def _share(value: str) -> float:
+    try:
+        share = float(value)
+    except ValueError:
+        share = float("nan")
+    if not 0 <= share < 1:
+        raise argparse.ArgumentTypeError(f"expected a share 0 <= x < 1, got {value!r}")
+    return share
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = BalancerConfig()
     parser.add_argument(
@@ -70,13 +90,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--queue-order",
         choices=QUEUE_ORDERS,
         default=d.queue_order,
-        help="fifo, or deadline: short requests first with ageing (default %(default)s)",
+        help="fifo; deadline: short requests first with ageing, on fixed inf2 estimates; "
+        "shortest: the same on the slot times learned from the replicas (default %(default)s)",
     )
     parser.add_argument(
         "--queue-ageing",
         type=float,
         default=d.queue_ageing,
-        help="deadline order: arrival + AGEING x estimated slot seconds (default %(default)s)",
+        help="deadline/shortest order: arrival + AGEING x estimated slot seconds "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--queue-long-tokens",
+        type=int,
+        default=d.queue_long_tokens,
+        metavar="N",
+        help="prompts of at least N tokens are long (default %(default)s)",
+    )
+    parser.add_argument(
+        "--queue-long-share",
+        type=_share,
+        default=d.queue_long_share,
+        metavar="SHARE",
+        help="shortest order: share of granted slots long prompts get while one waits "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--ttft-slo",
+        type=_positive_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="refuse at once (429 + Retry-After) requests predicted to get their first token "
+        "later than this, and drop queued ones that can no longer make it (default: off)",
     )
     parser.add_argument("--retries", type=int, default=d.retries)
     parser.add_argument(
@@ -114,6 +159,9 @@ def config_from_args(args: argparse.Namespace) -> BalancerConfig:
         queue_timeout_s=args.queue_timeout,
         queue_order=args.queue_order,
         queue_ageing=args.queue_ageing,
+        queue_long_tokens=args.queue_long_tokens,
+        queue_long_share=args.queue_long_share,
+        ttft_slo_s=args.ttft_slo,
         retries=args.retries,
         first_byte_timeout_s=args.first_byte_timeout,
         idle_timeout_s=args.idle_timeout,

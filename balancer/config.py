@@ -36,9 +36,17 @@ class BalancerConfig:
     queue_timeout_s: float = 120.0
     """Longest wait for a slot; beyond it: 503 + Retry-After."""
     queue_order: str = "fifo"
-    """``fifo`` | ``deadline``: earliest arrival + ``queue_ageing`` x estimated slot time
-    first (short requests stop waiting behind long ones; see balancer/admission.py)."""
+    """``fifo`` | ``deadline`` | ``shortest``: earliest arrival + ``queue_ageing`` x
+    estimated (``deadline``) or learned (``shortest``) slot time first; short requests stop
+    waiting behind long ones (see balancer/queue_order.py)."""
     queue_ageing: float = 0.3
+    queue_long_tokens: int = 4096
+    """Prompts of at least this many tokens are *long*: the class the floor protects."""
+    queue_long_share: float = 0.25
+    """``shortest`` order: the share of granted slots long prompts get while one waits."""
+    ttft_slo_s: float | None = None
+    """Refuse on arrival (429) a request whose predicted TTFT exceeds this, and drop a
+    queued one once it can no longer make it (503); None: off (see balancer/slo.py)."""
 
     retries: int = 2
     """Extra attempts on another replica when nothing was sent to the client yet."""

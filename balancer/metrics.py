@@ -31,6 +31,9 @@ PREFIX = "neuron_fleet"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 20, 30, 60, 120)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2, 5)
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+ERROR_BUCKETS = (-10, -5, -2, -1, -0.5, -0.25, -0.1, 0, 0.1, 0.25, 0.5, 1, 2, 5, 10)
+"""Actual minus predicted TTFT (s): negative buckets hold requests served earlier than
+forecast."""
 TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 131072)
 
 KNOWN_ROUTES = frozenset(
@@ -136,6 +139,20 @@ class BalancerMetrics:
             f"{p}_rejected_requests",
             "Requests refused before reaching a replica, by reason.",
             ["reason"],
+            registry=r,
+        )
+        self.ttft_forecast_error = Histogram(
+            f"{p}_ttft_forecast_error_seconds",
+            "Actual minus predicted time to first token of requests the SLO gate admitted.",
+            buckets=ERROR_BUCKETS,
+            registry=r,
+        )
+        self.slo_requests = Counter(
+            f"{p}_ttft_slo_requests",
+            "Generation requests with a TTFT budget, by outcome (met, missed: served with a "
+            "TTFT within / over it; refused: 429 on arrival; expired: dropped from the "
+            "queue) and prompt class (short, long). Goodput: rate of outcome=met.",
+            ["outcome", "prompt_class"],
             registry=r,
         )
         self.retries = Counter(

@@ -35,6 +35,7 @@ from multidict import CIMultiDict
 from balancer.admission import Admission, QueueFull, QueueTimeout
 from balancer.config import BalancerConfig
 from balancer.errors import json_error, stream_error_event
+from balancer.forecast import Ticket
 from balancer.metrics import BalancerMetrics
 from balancer.upstream import Registry, Replica
 from balancer.upstream_http import ReplicaConnection, UpstreamError, UpstreamPool
@@ -86,6 +87,13 @@ class RelayRequest:
     """Prompt tokens + tokens to generate, for the work-aware policies."""
     prompt_tokens: int = 0
     """The prefill part of ``work``: done once the first token arrives."""
+    ticket: Ticket | None = None
+    """What the forecast and the SLO gate know of it (balancer/forecast.py)."""
+
+
+StreamEnd = Callable[[Ticket, float, float, int, bool], None]
+"""Called when a stream with a ticket ends: (ticket, seconds from arrival to the first
+token, seconds from the first to the last token, token events, ended normally)."""
 
 
 class _Retry(Exception):
@@ -129,6 +137,7 @@ class Relay:
         self.pool = pool if pool is not None else UpstreamPool(config.connect_timeout_s)
         self._streams: set[_Stream] = set()
         self._any_turn = 0
+        self.on_stream_end: StreamEnd | None = None
         # The client's API key is the balancer's to check, not the replicas' to see.
         self._consumed = frozenset({"authorization"}) if config.api_keys else frozenset()
 
@@ -174,7 +183,7 @@ class Relay:
                     )
                 finally:
                     if rr.admit:
-                        self.admission.release(replica, rr.work - stream.work_done)
+                        self.admission.release(replica, rr.work - stream.work_done, rr.ticket)
             raise AssertionError("unreachable: the last attempt never retries")
         except QueueFull:
             self.metrics.rejected.labels(reason="queue_full").inc()
@@ -186,9 +195,13 @@ class Relay:
                 headers={"Retry-After": "1", "x-request-id": rr.request_id},
             )
         except QueueTimeout as exc:
-            reason = "no_replica" if exc.no_replica else "queue_timeout"
+            reason = exc.reason
             self.metrics.rejected.labels(reason=reason).inc()
             what = "no replica is ready" if exc.no_replica else "every replica slot stayed busy"
+            if reason == "ttft_slo_expired" and rr.ticket is not None:
+                what = "it can no longer get its first token within its TTFT budget"
+                klass = "long" if rr.ticket.long else "short"
+                self.metrics.slo_requests.labels(outcome="expired", prompt_class=klass).inc()
             return json_error(
                 503,
                 f"Waited {exc.waited_s:.1f} s for a replica slot but {what}; retry later",
@@ -202,7 +215,7 @@ class Relay:
 
     async def _acquire(self, rr: RelayRequest, exclude: frozenset[Replica]) -> Replica | None:
         if rr.admit:
-            return await self.admission.acquire(rr.work, exclude, rr.prompt_tokens)
+            return await self.admission.acquire(rr.work, exclude, rr.prompt_tokens, rr.ticket)
         candidates = [r for r in self.registry.replicas if r.routable and r not in exclude]
         if not candidates:
             return None
@@ -401,13 +414,13 @@ class Relay:
         data_prefix = b"data: " if first.startswith(b"data: ") else b"data:"
         # Wall-clock origin of this request, on the loop's clock.
         origin = loop_time() - (time.monotonic() - started)
-        last_token = 0.0
+        last_token = first_token = 0.0
         tokens = 0
         saw_error = False
 
         def count(chunk: bytes) -> None:
             """Count the token events of one piece of the replica's stream."""
-            nonlocal last_token, tokens, saw_error
+            nonlocal last_token, first_token, tokens, saw_error
             now = loop_time()
             events = chunk.count(sep)
             if events:
@@ -430,6 +443,7 @@ class Relay:
                     replica.outstanding_work -= done
                     if tokens == 0:
                         rm.ttft.observe(now - origin)
+                        first_token = now
                     else:
                         rm.itl.observe(now - last_token)
                     if events > 1:  # arrived together: no time between them
@@ -480,6 +494,10 @@ class Relay:
         finally:
             if tokens:
                 rm.output_tokens.inc(tokens)
+                if self.on_stream_end is not None and rr.ticket is not None:
+                    clean = upstream.complete and not saw_error and not stream.client_gone
+                    ttft = first_token - origin
+                    self.on_stream_end(rr.ticket, ttft, last_token - first_token, tokens, clean)
         # Every write to the client may block on a full socket: keep it under the watchdog.
         stream.phase, stream.since = _Stream.WRITING, loop_time()
         await response.write_eof()

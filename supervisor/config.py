@@ -221,6 +221,12 @@ def load_config(
         errors.append(
             not_one_of("[balancer] queue_order", balancer_raw["queue_order"], QUEUE_ORDERS)
         )
+    slo = balancer_raw.get("ttft_slo_s")
+    if slo is not None and not 0 < slo < float("inf"):
+        errors.append(f"[balancer] ttft_slo_s = {slo!r}: expected a positive number of seconds")
+    share = balancer_raw.get("queue_long_share", 0.0)
+    if not 0 <= share < 1:
+        errors.append(f"[balancer] queue_long_share = {share!r}: expected 0 <= share < 1")
 
     plan = None
     if fleet.cores_per_replica is not None and fleet.cores_per_replica >= 1:

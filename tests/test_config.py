@@ -480,5 +480,5 @@ def test_queue_order_is_read_from_the_balancer_section(tmp_path: Path) -> None:
     cfg = load(tmp_path, base + 'queue_order = "deadline"\nqueue_ageing = 0.5\n')
     assert (cfg.balancer.queue_order, cfg.balancer.queue_ageing) == ("deadline", 0.5)
     with pytest.raises(ConfigError) as excinfo:
-        load(tmp_path, base + 'queue_order = "shortest"\n')
+        load(tmp_path, base + 'queue_order = "longest"\n')
     assert "[balancer] queue_order" in errors_of(excinfo) and "deadline" in errors_of(excinfo)

@@ -1,0 +1,103 @@
+"""The TTFT SLO gate: say "no" on arrival, at once, to a request that would miss its SLO.
+
+HAProxy's ``timeout queue`` refuses a request only after it waited the whole timeout, and
+a long timeout serves requests so late that nobody counts them as served. With
+``ttft_slo_s`` set, the forecast (``balancer/forecast.py``) predicts each request's TTFT on
+arrival from the slots' predicted free times and the queue ahead of it:
+
+- predicted TTFT over its budget: **429** at once, in TGI's error shape, with
+  ``Retry-After`` = the predicted time until it would fit (the predicted overshoot: the
+  queue ahead must drain by that much first), counted by reason;
+- admitted: it may wait in the queue until ``latest_start`` (arrival + budget - its
+  predicted prefill). Still queued then, it can no longer make it and leaves with 503
+  (``ttft_slo_expired``) rather than being served late;
+- a request that finds a slot free with nobody queued ahead is never refused, even when
+  its own prefill is predicted to exceed the budget: refusing could not help it.
+
+The budget is the SLO, or the request's ``X-TTFT-Deadline`` header (seconds) when that is
+tighter; the header alone (no ``ttft_slo_s``) also works. Until the forecast has learned
+from a first completed stream the gate admits everything (it knows nothing yet).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from balancer.admission import Admission
+from balancer.forecast import Forecast, Ticket, ceil_seconds
+from balancer.upstream import Registry
+
+DEADLINE_HEADER = "X-TTFT-Deadline"
+"""A request's own TTFT budget in seconds (decimal), honoured when tighter than the SLO."""
+
+
+class BadDeadline(ValueError):
+    """The deadline header is not a positive number of seconds (400)."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: str
+    """``ttft_slo`` (over the fleet's SLO) or ``ttft_deadline`` (over the request's own)."""
+    predicted_s: float
+    budget_s: float
+    retry_after_s: int
+
+    @property
+    def message(self) -> str:
+        what = "the TTFT SLO" if self.reason == "ttft_slo" else "the request's TTFT deadline"
+        return (
+            f"Model is overloaded: the predicted time to first token is "
+            f"{self.predicted_s:.2f} s, over {what} of {self.budget_s:g} s; "
+            f"retry in {self.retry_after_s} s"
+        )
+
+
+def budget_s(slo_s: float | None, header: str | None) -> tuple[float | None, bool]:
+    """The request's TTFT budget and whether the header set it; raises BadDeadline."""
+    if header is None:
+        return slo_s, False
+    try:
+        value = float(header)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise BadDeadline(
+            f"{DEADLINE_HEADER} must be a positive number of seconds, got {header[:40]!r}"
+        )
+    if slo_s is not None and slo_s <= value:
+        return slo_s, False
+    return value, True
+
+
+class SloGate:
+    def __init__(self, forecast: Forecast, admission: Admission, registry: Registry) -> None:
+        self.forecast = forecast
+        self.admission = admission
+        self.registry = registry
+
+    def check(self, ticket: Ticket, now: float, by_header: bool = False) -> Refusal | None:
+        """Predict ``ticket``'s TTFT and refuse it if it would miss its budget; else set
+        ``ticket.latest_start``, after which the queue drops it."""
+        budget = ticket.budget_s
+        if budget is None:
+            return None
+        replicas = self.registry.routable()
+        ahead = self.admission.ahead_of(ticket, now)
+        prediction = self.forecast.predict(ticket, replicas, ahead, now)
+        if prediction is None:
+            return None
+        ticket.predicted_ttft = prediction.ttft_s
+        prefill = prediction.ttft_s - prediction.wait_s
+        if prediction.wait_s <= 0:
+            return None  # a slot is free for it now: refusing could not help it
+        if prediction.ttft_s > budget:
+            return Refusal(
+                "ttft_deadline" if by_header else "ttft_slo",
+                prediction.ttft_s,
+                budget,
+                ceil_seconds(prediction.ttft_s - budget),
+            )
+        ticket.latest_start = now + budget - prefill
+        return None
