@@ -100,7 +100,7 @@ class QueueOrder:
     def ahead_of(self, queue: Sequence[W], key: float, long: bool) -> list[W]:
         """The waiters served before a new one with ``key`` would be, if nobody else came."""
         pos = bisect.bisect_right([w.deadline for w in queue], key)
-        if not self._owed(self._recent, self.long_share) and not self.long_share:
+        if not self.long_share:
             return list(queue[:pos])
         rest: list[W | None] = [*queue[:pos], None, *queue[pos:]]  # None: the new one
         recent = deque(self._recent, maxlen=FLOOR_WINDOW)

@@ -1,0 +1,260 @@
+"""The online forecast, the queue orders and the SLO gate's decision, on a fake clock."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from balancer.admission import Admission, QueueTimeout
+from balancer.forecast import Ewma, Forecast, LinearFit, Ticket, ceil_seconds
+from balancer.policy import LeastOutstanding
+from balancer.queue_order import QueueOrder
+from balancer.slo import BadDeadline, SloGate, budget_s
+from balancer.upstream import Registry, Replica, ReplicaState
+
+
+def ready_replica(name: str, cap: int = 2) -> Replica:
+    return Replica(
+        name, f"http://127.0.0.1:1/{name}", slot_cap=cap, state=ReplicaState.READY, healthy=True
+    )
+
+
+def teach(
+    f: Forecast,
+    replica: str,
+    *,
+    a: float,
+    b: float,
+    step: float,
+    n: int = 200,
+    ratio: float = 1.0,
+    seed: int = 1,
+) -> None:
+    """Feed ``n`` finished streams whose prefill is ``a + b * prompt`` and whose decode steps
+    take ``step`` seconds, each generating ``ratio`` of its budget."""
+    rng = random.Random(seed)
+    for _ in range(n):
+        prompt = rng.randint(100, 10_000)
+        budget = rng.randint(10, 200)
+        t = Ticket(prompt, budget, arrival=0.0)
+        f.started(t, replica, now=0.5)  # waited 0.5 s for its slot
+        tokens = max(2, round(budget * ratio))
+        f.observe(t, 0.5 + a + b * prompt, step * (tokens - 1), tokens, complete=True)
+        f.ended(t)
+
+
+def test_linear_fit_recovers_intercept_and_slope() -> None:
+    fit = LinearFit()
+    for x in range(0, 20_000, 97):
+        fit.add(x, 0.02 + 1e-4 * x)
+    a, b = fit.coefficients()  # type: ignore[misc]
+    assert a == pytest.approx(0.02, abs=1e-6) and b == pytest.approx(1e-4, rel=1e-6)
+
+
+def test_linear_fit_through_the_origin_when_x_barely_varies() -> None:
+    fit = LinearFit()
+    for x in (15_900, 15_950, 15_880, 15_910):
+        fit.add(x, 1.6)
+    a, _ = fit.coefficients()  # type: ignore[misc]
+    assert a == 0.0
+    assert fit.predict(8_000) == pytest.approx(1.6 * 8_000 / 15_910, rel=0.01)
+
+
+def test_linear_fit_forgets_old_samples() -> None:
+    fit = LinearFit(half_life=16)
+    for x in range(100, 10_000, 50):
+        fit.add(x, 2e-4 * x)  # a slow replica...
+    for x in range(100, 10_000, 50):
+        fit.add(x, 1e-4 * x)  # ...restarted on faster hardware
+    assert fit.predict(5_000) == pytest.approx(0.5, rel=0.02)
+
+
+def test_ewma_starts_as_a_plain_mean() -> None:
+    e = Ewma(half_life=64)
+    for x in (1.0, 2.0, 3.0):
+        e.add(x)
+    assert e.value == pytest.approx(2.0)
+
+
+def test_forecast_learns_prefill_step_and_how_early_requests_end() -> None:
+    f = Forecast()
+    assert not f.ready
+    teach(f, "r0", a=0.05, b=1e-4, step=0.03, ratio=0.5)
+    assert f.ready
+    assert f.prefill_s("r0", 10_000) == pytest.approx(1.05, rel=0.03)
+    assert f.step_s("r0") == pytest.approx(0.03, rel=1e-6)
+    assert f.expected_tokens(100) == pytest.approx(50, rel=0.05)
+    # A replica it knows nothing about is assumed to be like the others.
+    assert f.prefill_s("new", 10_000) == pytest.approx(f.prefill_s("r0", 10_000))
+    ticket = Ticket(1_000, 100, arrival=0.0)
+    assert f.service_s("r0", ticket) == pytest.approx(0.15 + 49 * 0.03, rel=0.05)
+
+
+def test_requests_without_a_budget_use_the_tokens_observed_for_such_requests() -> None:
+    f = Forecast()
+    for tokens in (40, 60):
+        t = Ticket(10, None, arrival=0.0)
+        f.started(t, "r0", 0.0)
+        f.observe(t, 0.1, 0.01 * (tokens - 1), tokens, complete=True)
+    assert f.expected_tokens(None) == pytest.approx(50)
+
+
+def test_cut_streams_teach_timing_but_not_how_requests_end() -> None:
+    f = Forecast()
+    t = Ticket(1_000, 100, arrival=0.0)
+    f.started(t, "r0", 0.0)
+    f.observe(t, 0.2, 0.3, 4, complete=False)
+    assert f.ready and f.end_ratio.count == 0
+
+
+def test_prediction_waits_for_the_first_slot_to_free_then_the_queue_ahead() -> None:
+    f = Forecast()
+    teach(f, "r0", a=0.0, b=1e-4, step=0.01)
+    replica = ready_replica("r0", cap=2)
+    # Two requests hold the slots: 1 s and 3 s of service left.
+    for prompt, tokens in ((0, 101), (0, 301)):
+        t = Ticket(prompt, tokens, arrival=0.0)
+        f.started(t, "r0", now=0.0)
+        replica.inflight += 1
+    new = Ticket(5_000, 10, arrival=0.0)
+    p = f.predict(new, [replica], [], now=0.0)
+    assert p is not None and p.wait_s == pytest.approx(1.0, rel=0.01)
+    assert p.ttft_s == pytest.approx(1.0 + 0.5, rel=0.01)
+    # One queued ahead (prefill 0.1 s + 2 s decode) takes the slot that frees at 1 s;
+    # the new one gets the slot freeing at 3 s.
+    ahead = [Ticket(1_000, 201, arrival=0.0)]
+    p = f.predict(new, [replica], ahead, now=0.0)
+    assert p is not None and p.wait_s == pytest.approx(3.0, rel=0.01)
+    # Later on the same clock the in-flight requests have less left.
+    p = f.predict(new, [replica], [], now=0.75)
+    assert p is not None and p.wait_s == pytest.approx(0.25, rel=0.05)
+
+
+def test_a_free_slot_means_no_wait_and_no_forecast_before_learning() -> None:
+    f = Forecast()
+    replica = ready_replica("r0")
+    new = Ticket(1_000, 10, arrival=0.0)
+    assert f.predict(new, [replica], [], now=0.0) is None
+    teach(f, "r0", a=0.0, b=1e-4, step=0.01)
+    p = f.predict(new, [replica], [], now=0.0)
+    assert p is not None and p.wait_s == 0.0 and p.ttft_s == pytest.approx(0.1, rel=0.02)
+
+
+# ------------------------------------------------------------------ queue order
+
+
+class W:
+    def __init__(self, key: float, long: bool = False) -> None:
+        self.deadline = key
+        self.long = long
+
+
+def test_shortest_order_uses_the_learned_slot_time() -> None:
+    f = Forecast()
+    order = QueueOrder("shortest", 0.5, f)
+    short, long_ = Ticket(100, 10, 0.0), Ticket(100, 500, 0.0)
+    assert order.key(3.0, 0, 100, long_) == 3.0  # nothing learned: arrival order
+    teach(f, "r0", a=0.0, b=1e-4, step=0.02)
+    assert order.key(3.0, 0, 100, long_) == pytest.approx(3.0 + 0.5 * (0.01 + 499 * 0.02))
+    assert order.key(3.0, 0, 100, short) < order.key(3.0, 0, 100, long_)
+
+
+def test_the_floor_gives_long_prompts_their_share_of_slots() -> None:
+    order = QueueOrder("shortest", 0.5, Forecast(), long_share=0.25)
+    queue = [W(1.0), W(2.0), W(3.0, long=True)]
+    # Nothing granted yet: the long one is owed its share first.
+    assert [w.deadline for w in order.in_turn(queue)] == [3.0, 1.0, 2.0]
+    order.granted(True)
+    assert [w.deadline for w in order.in_turn(queue)] == [1.0, 2.0, 3.0]
+    for _ in range(3):
+        order.granted(False)
+    assert next(iter(order.in_turn(queue))).long  # 1 of 4 grants: owed again
+
+
+def test_ahead_of_replays_the_floor() -> None:
+    order = QueueOrder("shortest", 0.5, Forecast(), long_share=0.25)
+    order.granted(True)
+    queue = [W(1.0), W(2.0), W(3.0), W(4.0), W(5.0)]
+    # After 3 short grants long prompts would fall under 1 in 4: the new long request
+    # (key 10, last in order) is served 4th, not 6th.
+    ahead = order.ahead_of(queue, 10.0, long=True)
+    assert [w.deadline for w in ahead] == [1.0, 2.0, 3.0]
+    assert len(order.ahead_of(queue, 10.0, long=False)) == 5
+    # FIFO: everyone queued is ahead; the floor does not apply.
+    fifo = QueueOrder("fifo", 0.5, Forecast(), long_share=0.25)
+    assert len(fifo.ahead_of(queue, 10.0, long=True)) == 5
+
+
+def test_floor_share_is_checked() -> None:
+    with pytest.raises(ValueError, match="share"):
+        QueueOrder("shortest", 0.5, None, long_share=1.0)
+
+
+# ------------------------------------------------------------------ the gate
+
+
+def test_deadline_header_tighter_than_the_slo_wins() -> None:
+    assert budget_s(2.0, None) == (2.0, False)
+    assert budget_s(2.0, "0.5") == (0.5, True)
+    assert budget_s(2.0, "5") == (2.0, False)  # the SLO caps a looser deadline
+    assert budget_s(None, "1.5") == (1.5, True)
+    for bad in ("abc", "-1", "0", "nan", "inf"):
+        with pytest.raises(BadDeadline):
+            budget_s(2.0, bad)
+
+
+def test_ceil_seconds() -> None:
+    assert ceil_seconds(0.01) == 1 and ceil_seconds(2.2) == 3
+
+
+def gate_with_busy_replica() -> tuple[SloGate, Forecast, Replica]:
+    f = Forecast()
+    teach(f, "r0", a=0.0, b=1e-4, step=0.01)
+    replica = ready_replica("r0", cap=1)
+    registry = Registry([replica])
+    admission = Admission(registry, LeastOutstanding(), 16, 60.0, forecast=f)
+    busy = Ticket(0, 401, arrival=0.0)  # 4 s of service left
+    f.started(busy, "r0", now=0.0)
+    replica.inflight = 1
+    return SloGate(f, admission, registry), f, replica
+
+
+def test_gate_refuses_what_would_miss_the_budget_with_the_overshoot_as_retry_after() -> None:
+    gate, _, _ = gate_with_busy_replica()
+    late = Ticket(1_000, 10, arrival=0.0, budget_s=1.0)
+    refusal = gate.check(late, now=0.0)
+    assert refusal is not None and refusal.reason == "ttft_slo"
+    assert refusal.predicted_s == pytest.approx(4.1, rel=0.02)
+    assert refusal.retry_after_s == 4  # ceil(4.1 - 1.0)
+    assert "4.10 s" in refusal.message and "SLO of 1 s" in refusal.message
+    by_header = gate.check(Ticket(1_000, 10, 0.0, budget_s=1.0), now=0.0, by_header=True)
+    assert by_header is not None and by_header.reason == "ttft_deadline"
+
+
+def test_gate_admits_what_fits_and_sets_when_to_give_up() -> None:
+    gate, _, _ = gate_with_busy_replica()
+    ok = Ticket(1_000, 10, arrival=0.0, budget_s=5.0)
+    assert gate.check(ok, now=0.0) is None
+    assert ok.predicted_ttft == pytest.approx(4.1, rel=0.02)
+    assert ok.latest_start == pytest.approx(5.0 - 0.1, rel=0.01)
+
+
+def test_gate_never_refuses_a_request_a_free_slot_is_waiting_for() -> None:
+    gate, f, replica = gate_with_busy_replica()
+    replica.inflight = 0
+    f.inflight.clear()
+    huge = Ticket(100_000, 10, arrival=0.0, budget_s=1.0)  # its own prefill: 10 s
+    assert gate.check(huge, now=0.0) is None
+
+
+async def test_a_queued_request_leaves_once_it_can_no_longer_make_its_budget() -> None:
+    gate, _, _ = gate_with_busy_replica()
+    admission = gate.admission
+    ticket = Ticket(0, 10, arrival=0.0, budget_s=10.0)
+    ticket.latest_start = time.monotonic() + 0.05
+    with pytest.raises(QueueTimeout) as excinfo:
+        await admission.acquire(10, prompt_tokens=0, ticket=ticket)
+    assert excinfo.value.reason == "ttft_slo_expired"
+    assert admission.queue_depth == 0

@@ -1,0 +1,196 @@
+"""The TTFT SLO gate end to end: real balancer, simulated and scripted replicas, real clients.
+
+The forecast is learned from the first streams of each test (nothing is configured about
+the replicas' speed); then a burst beyond the slots must be answered 429 + Retry-After in
+TGI's shape before any admitted stream ends, and a queued request whose replica slowed down
+behind the forecast's back must leave with 503 once its budget is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import openai
+import pytest
+
+from tests.conftest import metric_value, read_sse, wait_until
+from tests.upstreams import Script
+
+pytestmark = pytest.mark.timeout(60)
+
+BODY = {"model": "tgi", "prompt": "x" * 400, "max_tokens": 100, "stream": True}
+
+
+async def teach(http: aiohttp.ClientSession, base: str, n: int = 4) -> None:
+    """Sequential streams: the forecast learns prefill, step time and how requests end."""
+    for _ in range(n):
+        async with http.post(f"{base}/v1/completions", json=BODY) as resp:
+            assert resp.status == 200
+            await resp.read()
+
+
+async def metrics(http: aiohttp.ClientSession, base: str) -> str:
+    async with http.get(f"{base}/metrics") as resp:
+        return await resp.text()
+
+
+async def test_a_burst_beyond_the_slots_is_refused_at_once_with_retry_after(
+    simulator, balancer, http
+) -> None:
+    url = await simulator(batch_size=2, speed=20.0)
+    server = await balancer([url], max_inflight_per_replica=2, ttft_slo_s=0.1)
+    base = server.url
+    await teach(http, base)
+
+    async def one() -> tuple[int, float, dict, str | None, bytes]:
+        sent = time.monotonic()
+        async with http.post(f"{base}/v1/completions", json=BODY) as resp:
+            if resp.status != 200:
+                doc = await resp.json()
+                return (
+                    resp.status,
+                    time.monotonic() - sent,
+                    doc,
+                    resp.headers.get("Retry-After"),
+                    b"",
+                )
+            body = await resp.read()
+            return 200, time.monotonic() - sent, {}, None, body
+
+    results = await asyncio.gather(*(one() for _ in range(16)))
+    served = [r for r in results if r[0] == 200]
+    refused = [r for r in results if r[0] == 429]
+    assert len(served) + len(refused) == 16, [r[0] for r in results]
+    assert len(served) >= 2  # the two free slots are never refused
+    assert len(refused) >= 8
+    for _, _, doc, retry_after, _ in refused:
+        assert doc["error_type"] == "overloaded"
+        assert "predicted time to first token" in doc["error"]
+        assert retry_after is not None and int(retry_after) >= 1
+    # "No" comes at once: every refusal arrived before the first admitted stream ended.
+    assert max(r[1] for r in refused) < min(r[1] for r in served)
+    for *_, body in served:
+        assert body.rstrip().endswith(b"data:[DONE]")
+
+    text = await metrics(http, base)
+    assert metric_value(text, "neuron_fleet_rejected_requests_total", reason="ttft_slo") == len(
+        refused
+    )
+    refused_count = sum(
+        metric_value(
+            text, "neuron_fleet_ttft_slo_requests_total", outcome="refused", prompt_class=c
+        )
+        for c in ("short", "long")
+    )
+    assert refused_count == len(refused)
+    scored = sum(
+        metric_value(text, "neuron_fleet_ttft_slo_requests_total", outcome=o, prompt_class="short")
+        for o in ("met", "missed")
+    )
+    assert scored == len(served) + 4  # the teaching streams were scored too
+    errors = metric_value(text, "neuron_fleet_ttft_forecast_error_seconds_count")
+    assert 1 <= errors <= scored
+
+
+async def test_openai_sdk_sees_a_rate_limit_error_it_can_back_off_on(
+    simulator, balancer, http
+) -> None:
+    url = await simulator(batch_size=1, speed=20.0)
+    server = await balancer([url], max_inflight_per_replica=1, ttft_slo_s=0.05)
+    await teach(http, server.url)
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    # Hold the only slot with a long stream, then ask for more.
+    holder = asyncio.create_task(
+        client.completions.create(model="tgi", prompt="hello", max_tokens=400)
+    )
+    await wait_until(lambda: server.registry.replicas[0].inflight == 1, what="slot taken")
+    with pytest.raises(openai.RateLimitError) as excinfo:
+        await client.completions.create(model="tgi", prompt="hello", max_tokens=20)
+    assert excinfo.value.status_code == 429
+    assert int(excinfo.value.response.headers["Retry-After"]) >= 1
+    completion = await holder
+    assert completion.choices[0].text
+
+
+async def test_a_queued_request_that_can_no_longer_make_it_leaves_with_503(
+    scripted, balancer, http
+) -> None:
+    replica, url = await scripted(Script(tokens=5, token_delay_s=0.001))
+    server = await balancer([url], max_inflight_per_replica=1, ttft_slo_s=0.3)
+    base = server.url
+    await teach(http, base)
+    replica.script.token_delay_s = 0.4  # the replica slows down: the forecast lags behind
+
+    async def post() -> tuple[int, dict]:
+        async with http.post(f"{base}/v1/completions", json=BODY) as resp:
+            if resp.status == 200:
+                await resp.read()
+                return 200, {}
+            return resp.status, await resp.json()
+
+    first = asyncio.create_task(post())
+    await wait_until(lambda: server.registry.replicas[0].inflight == 1, what="slot taken")
+    status, doc = await post()  # admitted on the stale forecast, then its budget runs out
+    assert status == 503
+    assert doc["error_type"] == "overloaded" and "TTFT budget" in doc["error"]
+    assert (await first)[0] == 200
+    text = await metrics(http, base)
+    assert (
+        metric_value(text, "neuron_fleet_rejected_requests_total", reason="ttft_slo_expired") == 1
+    )
+    assert (
+        metric_value(
+            text, "neuron_fleet_ttft_slo_requests_total", outcome="expired", prompt_class="short"
+        )
+        == 1
+    )
+    assert server.registry.replicas[0].inflight == 0 and server.balancer.admission.queue_depth == 0
+
+
+async def test_a_request_deadline_header_works_without_an_slo(scripted, balancer, http) -> None:
+    replica, url = await scripted(Script(tokens=5, token_delay_s=0.001))
+    server = await balancer([url], max_inflight_per_replica=1)
+    base = server.url
+    await teach(http, base)
+    replica.script.token_delay_s = 0.2
+    first = asyncio.create_task(http.post(f"{base}/v1/completions", json=BODY))
+    await wait_until(lambda: server.registry.replicas[0].inflight == 1, what="slot taken")
+    headers = {"X-TTFT-Deadline": "0.0001"}
+    async with http.post(f"{base}/v1/completions", json=BODY, headers=headers) as resp:
+        assert resp.status == 429
+        doc = await resp.json()
+    assert "the request's TTFT deadline" in doc["error"]
+    async with http.post(
+        f"{base}/v1/completions", json=BODY, headers={"X-TTFT-Deadline": "soon"}
+    ) as resp:
+        assert resp.status == 400
+        doc = await resp.json()
+    assert doc["error_type"] == "validation" and "X-TTFT-Deadline" in doc["error"]
+    async with await first as resp:
+        assert resp.status == 200
+        events = await read_sse(resp)
+    assert events[-1] == b"data:[DONE]"
+    text = await metrics(http, base)
+    assert metric_value(text, "neuron_fleet_rejected_requests_total", reason="ttft_deadline") == 1
+    assert metric_value(text, "neuron_fleet_rejected_requests_total", reason="bad_deadline") == 1
+
+
+async def test_without_an_slo_nothing_is_refused_and_nothing_is_scored(
+    simulator, balancer, http
+) -> None:
+    url = await simulator(batch_size=1, speed=50.0)
+    server = await balancer([url], max_inflight_per_replica=1)
+    await teach(http, server.url, n=2)
+
+    async def one() -> int:
+        async with http.post(f"{server.url}/v1/completions", json=BODY) as resp:
+            await resp.read()
+            return resp.status
+
+    assert await asyncio.gather(*(one() for _ in range(6))) == [200] * 6
+    text = await metrics(http, server.url)
+    assert "neuron_fleet_ttft_slo_requests_total{" not in text
+    # ...but the forecast still learned (the shortest-first order uses it).
+    assert server.balancer.forecast.ready
