@@ -5,9 +5,16 @@ A request is bound to a replica only when that replica has a free slot (HAProxy'
 request to a full replica only moves the queue into the replica, where it can no longer go
 to whichever replica frees a slot first.
 
-Freeing a slot hands it straight to the first waiter in queue order; a waiter that gives up
+Every request joins the queue at its place and admission then dispatches: whenever a slot
+could match a waiter (a request arrives, a slot frees, a replica comes back) free slots go
+to waiters in queue order, skipping a waiter that excluded that replica. So a retry waiting
+for "any replica but A" never keeps a new request off an idle A. A waiter that gives up
 (timeout, or its client left) is removed, and a slot granted to it at the same instant is
 given back.
+
+A request's ``Ticket`` is its place in line: a retry (its replica failed before anything
+reached the client) presents the same ticket, so it keeps its arrival order and its
+``queue_timeout_s`` deadline instead of starting over at the back.
 
 Queue order ``fifo`` serves by arrival (HAProxy's model). ``deadline`` serves the earliest
 *virtual deadline*: arrival + ``ageing`` x the request's estimated time in a slot (its
@@ -58,13 +65,25 @@ class QueueTimeout(Exception):
 
 
 @dataclass(eq=False)
+class Ticket:
+    """A request's place in line, kept across its retries."""
+
+    arrived_at: float = field(default_factory=time.monotonic)
+    order_key: float | None = None
+    """The queue's sort key, fixed at the first ``acquire``: arrival (+ ageing x service
+    estimate for the deadline order)."""
+    admitted: bool = False
+    """Held a slot once: a retry is not refused by ``max_queue`` (it was counted already)."""
+
+
+@dataclass(eq=False)
 class _Waiter:
     future: asyncio.Future[Replica]
     work: int
     exclude: frozenset[Replica]
-    enqueued_at: float = field(default_factory=time.monotonic)
+    ticket: Ticket
     deadline: float = 0.0
-    """The queue's sort key: ``enqueued_at`` for FIFO."""
+    """The queue's sort key (``Ticket.order_key``)."""
 
 
 class Admission:
@@ -94,50 +113,49 @@ class Admission:
     def queue_depth(self) -> int:
         return len(self._queue)
 
-    def _candidates(self, exclude: frozenset[Replica]) -> list[Replica]:
-        return [
-            r for r in self.registry.replicas if r.routable and r.has_free_slot and r not in exclude
-        ]
-
     def _take(self, replica: Replica, work: int) -> Replica:
         replica.inflight += 1
         replica.outstanding_work += work
         return replica
 
-    def try_acquire(self, work: int, exclude: frozenset[Replica] = frozenset()) -> Replica | None:
-        """A slot right now, or None; never queues."""
-        replica = self.policy.pick(self._candidates(exclude), work)
-        return None if replica is None else self._take(replica, work)
-
     async def acquire(
-        self, work: int, exclude: frozenset[Replica] = frozenset(), prompt_tokens: int = 0
+        self,
+        work: int,
+        exclude: frozenset[Replica] = frozenset(),
+        prompt_tokens: int = 0,
+        ticket: Ticket | None = None,
     ) -> Replica:
-        """Wait for a slot; raises QueueFull, QueueTimeout, or CancelledError (client left)."""
-        if not self._queue:
-            replica = self.try_acquire(work, exclude)
-            if replica is not None:
-                if self._on_wait is not None:
-                    self._on_wait(0.0)
-                return replica
-        if len(self._queue) >= self.max_queue:
+        """Wait for a slot; raises QueueFull, QueueTimeout, or CancelledError (client left).
+
+        Pass the request's ``ticket`` on a retry to keep its place and its deadline.
+        """
+        if ticket is None:
+            ticket = Ticket()
+        if ticket.order_key is None:
+            ticket.order_key = ticket.arrived_at + self.ageing * estimated_service_s(
+                work, prompt_tokens
+            )
+        if not ticket.admitted and len(self._queue) >= self.max_queue:
             raise QueueFull()
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), work, exclude)
-        waiter.deadline = waiter.enqueued_at
-        if self.ageing:
-            waiter.deadline += self.ageing * estimated_service_s(work, prompt_tokens)
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), work, exclude, ticket)
+        waiter.deadline = ticket.order_key
         bisect.insort_right(self._queue, waiter, key=_deadline)
-        try:
-            async with asyncio.timeout(self.queue_timeout_s):
-                replica = await waiter.future
-        except BaseException as exc:
-            self._forget(waiter)
-            if isinstance(exc, TimeoutError):
-                waited = time.monotonic() - waiter.enqueued_at
-                raise QueueTimeout(waited, no_replica=not self.registry.routable()) from None
-            raise
+        self.dispatch()
+        if not waiter.future.done():
+            remaining = ticket.arrived_at + self.queue_timeout_s - time.monotonic()
+            try:
+                async with asyncio.timeout(max(remaining, 0.0)):
+                    await waiter.future
+            except BaseException as exc:
+                self._forget(waiter)
+                if isinstance(exc, TimeoutError):
+                    waited = time.monotonic() - ticket.arrived_at
+                    raise QueueTimeout(waited, no_replica=not self.registry.routable()) from None
+                raise
+        ticket.admitted = True
         if self._on_wait is not None:
-            self._on_wait(time.monotonic() - waiter.enqueued_at)
-        return replica
+            self._on_wait(time.monotonic() - ticket.arrived_at)
+        return waiter.future.result()
 
     def _forget(self, waiter: _Waiter) -> None:
         """Drop a waiter that gave up; if a slot was granted at the same instant, return it."""

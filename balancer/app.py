@@ -129,6 +129,7 @@ class Balancer:
             admit=True,
             work=work,
             prompt_tokens=prompt_tokens,
+            stream=path == "/generate_stream" or doc.get("stream") is True,
         )
         return await self.relay.forward(request, rr)
 
@@ -319,7 +320,8 @@ def create_app(balancer: Balancer) -> web.Application:
     for path in PASSTHROUGH_GET:
         get(path, balancer.passthrough)
     for path in ("/health", "/ping", "/"):
-        get(path, balancer.health)
+        # HEAD too: load balancers and uptime probes often check with HEAD.
+        app.router.add_get(path, balancer.health, allow_head=True, expect_handler=expect_handler)
     get("/metrics", balancer.metrics_endpoint)
     from balancer.admin import add_admin_routes
 
