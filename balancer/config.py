@@ -56,7 +56,9 @@ class BalancerConfig:
     client_timeout_s: float = 60.0
     """Longest a client may take to send its request (headers: aiohttp's keep-alive timer,
     also the idle keep-alive limit; body: 408), and to take a chunk we wrote."""
-    max_body_bytes: int = 8 * 1024 * 1024
+    max_body_bytes: int = 2_000_000
+    """Larger request bodies: 413 in TGI's shape. TGI refuses them too, in plain text
+    (text-generation-inference v3.3.7 launcher ``--payload-limit``, default 2000000)."""
 
     health_interval_s: float = 5.0
     health_timeout_s: float = 5.0

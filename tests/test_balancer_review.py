@@ -266,3 +266,47 @@ async def test_real_servers_error_events_are_recognised(scripted, balancer, http
     relayed_errors = sum(b'"error"' in body for _, body in statuses)
     assert relayed_errors == (0 if retried else 1)
     assert len(good.seen.requests) == (2 if retried else 1)
+
+
+# ---------------------------------------------------------------- 7. smaller items
+async def _raw_exchange(url: str, head: bytes) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(head)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            return await reader.read(4096)
+    finally:
+        writer.close()
+
+
+async def test_an_oversized_body_is_refused_before_100_continue(scripted, balancer):
+    replica, url = await scripted(Script(tokens=1))
+    server = await balancer([url])
+    assert server.config.max_body_bytes == 2_000_000  # TGI's --payload-limit default
+    head = (
+        b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 3000000\r\nExpect: 100-continue\r\n\r\n"
+    )
+    answer = await _raw_exchange(server.url, head)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:40]
+    assert b"100 Continue" not in answer
+    assert b'"error_type": "validation"' in answer
+    assert replica.seen.requests == []
+
+
+async def test_head_health_answers(scripted, balancer, http):
+    _, url = await scripted(Script(tokens=1))
+    server = await balancer([url])
+    async with http.head(f"{server.url}/health") as resp:
+        assert resp.status == 200
+
+
+async def test_the_replica_is_asked_for_an_uncompressed_answer(scripted, balancer, http):
+    replica, url = await scripted(Script(tokens=1))
+    server = await balancer([url])
+    headers = {"Accept-Encoding": "gzip, br"}
+    async with http.post(f"{server.url}/generate", json=GEN, headers=headers) as resp:
+        assert resp.status == 200
+    assert replica.seen.requests[0]["headers"]["Accept-Encoding"] == "identity"
