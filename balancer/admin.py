@@ -26,10 +26,10 @@ if TYPE_CHECKING:
 class FleetControl(Protocol):
     """What the supervisor offers the admin API (``supervisor.fleet.Fleet``)."""
 
-    async def drain(self, name: str) -> None: ...
+    async def drain(self, name: str, force: bool = False) -> None: ...
     async def undrain(self, name: str) -> None: ...
-    async def restart(self, name: str) -> None: ...
-    async def rolling_restart(self) -> None: ...
+    async def restart(self, name: str, force: bool = False) -> None: ...
+    async def rolling_restart(self, force: bool = False) -> None: ...
     def status(self) -> dict[str, Any]: ...
 
 
@@ -126,7 +126,13 @@ def add_admin_routes(app: web.Application, balancer: Balancer) -> None:
             return json_error(404, f"No replica {name!r}; known: {known}", "not_found")
         control = fleet()
         if control is not None:
-            return await _run_operation(getattr(control, verb)(name), f"{verb} {name}")
+            # ?force=true: take the replica out even below [fleet] min_ready.
+            call = (
+                control.undrain(name)
+                if verb == "undrain"
+                else getattr(control, verb)(name, force=_forced(request))
+            )
+            return await _run_operation(call, f"{verb} {name}")
         if verb == "drain":
             balancer.registry.set_state(replica, ReplicaState.DRAINING)
         elif verb == "undrain":
@@ -146,7 +152,9 @@ def add_admin_routes(app: web.Application, balancer: Balancer) -> None:
             return json_error(
                 501, "Rolling restart needs the supervisor (`neuron-fleet serve`)", "not_supported"
             )
-        return await _run_operation(control.rolling_restart(), "rolling restart")
+        return await _run_operation(
+            control.rolling_restart(force=_forced(request)), "rolling restart"
+        )
 
     app.router.add_get("/fleet/status", status, allow_head=False, expect_handler=expect_handler)
     app.router.add_post(
@@ -155,6 +163,10 @@ def add_admin_routes(app: web.Application, balancer: Balancer) -> None:
         expect_handler=expect_handler,
     )
     app.router.add_post("/fleet/rolling-restart", rolling, expect_handler=expect_handler)
+
+
+def _forced(request: web.Request) -> bool:
+    return request.query.get("force", "").lower() in ("1", "true", "yes")
 
 
 _background: set[asyncio.Task[None]] = set()

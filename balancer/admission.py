@@ -5,16 +5,22 @@ A request is bound to a replica only when that replica has a free slot (HAProxy'
 request to a full replica only moves the queue into the replica, where it can no longer go
 to whichever replica frees a slot first.
 
-Freeing a slot hands it straight to the first waiter in queue order; a waiter that gives up
+Every request joins the queue at its place and admission then dispatches: whenever a slot
+could match a waiter (a request arrives, a slot frees, a replica comes back) free slots go
+to waiters in queue order, skipping a waiter that excluded that replica. So a retry waiting
+for "any replica but A" never keeps a new request off an idle A. A waiter that gives up
 (timeout, or its client left) is removed, and a slot granted to it at the same instant is
 given back.
 
-The order of the queue (``fifo``, ``deadline``, ``shortest``) and the floor that keeps
-long prompts served under shortest-first are ``balancer/queue_order.py``'s. With a ticket
-(``balancer/forecast.py``), each granted slot and each release is reported to the forecast,
-which learns from them, and a request whose TTFT budget can no longer be met once it has
-waited until ``ticket.latest_start`` leaves the queue (``QueueTimeout``, reason
-``ttft_slo_expired``).
+A request's ``Ticket`` is its place in line: a retry (its replica failed before anything
+reached the client) presents the same ticket, so it keeps its arrival order and its
+``queue_timeout_s`` deadline instead of starting over at the back.
+
+The queue's order (``fifo``, ``deadline``, ``shortest``) and the floor that keeps long
+prompts served under shortest-first are ``balancer/queue_order.py``'s. Each granted slot and
+each release is reported to the forecast (``balancer/forecast.py``), which predicts from
+them when slots free; a request whose TTFT budget can no longer be met once it has waited
+until ``ticket.latest_start`` leaves the queue (``QueueTimeout``, ``ttft_slo_expired``).
 """
 
 from __future__ import annotations
@@ -24,16 +30,24 @@ import bisect
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from balancer.forecast import Forecast, Ticket
+from balancer.forecast import Forecast
 from balancer.policy import Policy
 from balancer.queue_order import QUEUE_ORDERS, QueueOrder, estimated_service_s
+from balancer.ticket import Ticket
 from balancer.upstream import Registry, Replica
 
 log = logging.getLogger("neuron_fleet.admission")
 
-__all__ = ["QUEUE_ORDERS", "Admission", "QueueFull", "QueueTimeout", "estimated_service_s"]
+__all__ = [
+    "QUEUE_ORDERS",
+    "Admission",
+    "QueueFull",
+    "QueueTimeout",
+    "Ticket",
+    "estimated_service_s",
+]
 
 
 class QueueFull(Exception):
@@ -56,14 +70,13 @@ class _Waiter:
     future: asyncio.Future[Replica]
     work: int
     exclude: frozenset[Replica]
-    enqueued_at: float = field(default_factory=time.monotonic)
+    ticket: Ticket
     deadline: float = 0.0
-    """The queue's sort key: ``enqueued_at`` for FIFO."""
-    ticket: Ticket | None = None
+    """The queue's sort key (``Ticket.order_key``)."""
 
     @property
     def long(self) -> bool:
-        return self.ticket is not None and self.ticket.long
+        return self.ticket.long
 
 
 class Admission:
@@ -94,33 +107,18 @@ class Admission:
     def queue_depth(self) -> int:
         return len(self._queue)
 
-    def _candidates(self, exclude: frozenset[Replica]) -> list[Replica]:
-        return [
-            r for r in self.registry.replicas if r.routable and r.has_free_slot and r not in exclude
-        ]
-
-    def _take(self, replica: Replica, work: int, ticket: Ticket | None = None) -> Replica:
+    def _take(self, replica: Replica, work: int, ticket: Ticket) -> Replica:
         replica.inflight += 1
         replica.outstanding_work += work
-        if ticket is not None and self.forecast is not None:
+        if self.forecast is not None:
             self.forecast.started(ticket, replica.name, time.monotonic())
         return replica
-
-    def try_acquire(
-        self, work: int, exclude: frozenset[Replica] = frozenset(), ticket: Ticket | None = None
-    ) -> Replica | None:
-        """A slot right now, or None; never queues."""
-        replica = self.policy.pick(self._candidates(exclude), work)
-        if replica is None:
-            return None
-        self.order.granted(ticket is not None and ticket.long)
-        return self._take(replica, work, ticket)
 
     def ahead_of(self, ticket: Ticket, now: float) -> list[Ticket]:
         """The queued requests a new request would wait behind (for the forecast)."""
         key = self.order.key(now, 0, ticket.prompt_tokens, ticket)
         waiting = [w for w in self._queue if not w.future.done()]
-        return [w.ticket or _ticket(w) for w in self.order.ahead_of(waiting, key, ticket.long)]
+        return [w.ticket for w in self.order.ahead_of(waiting, key, ticket.long)]
 
     async def acquire(
         self,
@@ -129,36 +127,38 @@ class Admission:
         prompt_tokens: int = 0,
         ticket: Ticket | None = None,
     ) -> Replica:
-        """Wait for a slot; raises QueueFull, QueueTimeout, or CancelledError (client left)."""
-        if not self._queue:
-            replica = self.try_acquire(work, exclude, ticket)
-            if replica is not None:
-                if self._on_wait is not None:
-                    self._on_wait(0.0)
-                return replica
-        if len(self._queue) >= self.max_queue:
+        """Wait for a slot; raises QueueFull, QueueTimeout, or CancelledError (client left).
+
+        Pass the request's ``ticket`` on a retry to keep its place and its deadline.
+        """
+        if ticket is None:
+            ticket = Ticket()
+        if ticket.order_key is None:
+            ticket.order_key = self.order.key(ticket.arrived_at, work, prompt_tokens, ticket)
+        if not ticket.admitted and len(self._queue) >= self.max_queue:
             raise QueueFull()
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), work, exclude, ticket=ticket)
-        waiter.deadline = self.order.key(waiter.enqueued_at, work, prompt_tokens, ticket)
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), work, exclude, ticket)
+        waiter.deadline = ticket.order_key
         bisect.insort_right(self._queue, waiter, key=_deadline)
-        timeout, reason = self.queue_timeout_s, ""
-        if ticket is not None and ticket.latest_start is not None:
-            budget = ticket.latest_start - waiter.enqueued_at
-            if budget < timeout:
-                timeout, reason = max(0.0, budget), "ttft_slo_expired"
-        try:
-            async with asyncio.timeout(timeout):
-                replica = await waiter.future
-        except BaseException as exc:
-            self._forget(waiter)
-            if isinstance(exc, TimeoutError):
-                waited = time.monotonic() - waiter.enqueued_at
-                no_replica = not self.registry.routable()
-                raise QueueTimeout(waited, no_replica, "" if no_replica else reason) from None
-            raise
+        self.dispatch()
+        if not waiter.future.done():
+            give_up, reason = ticket.arrived_at + self.queue_timeout_s, ""
+            if ticket.latest_start is not None and ticket.latest_start < give_up:
+                give_up, reason = ticket.latest_start, "ttft_slo_expired"
+            try:
+                async with asyncio.timeout(max(give_up - time.monotonic(), 0.0)):
+                    await waiter.future
+            except BaseException as exc:
+                self._forget(waiter)
+                if isinstance(exc, TimeoutError):
+                    waited = time.monotonic() - ticket.arrived_at
+                    no_replica = not self.registry.routable()
+                    raise QueueTimeout(waited, no_replica, "" if no_replica else reason) from None
+                raise
+        ticket.admitted = True
         if self._on_wait is not None:
-            self._on_wait(time.monotonic() - waiter.enqueued_at)
-        return replica
+            self._on_wait(time.monotonic() - ticket.arrived_at)
+        return waiter.future.result()
 
     def _forget(self, waiter: _Waiter) -> None:
         """Drop a waiter that gave up; if a slot was granted at the same instant, return it."""
@@ -209,8 +209,3 @@ class Admission:
 
 def _deadline(waiter: _Waiter) -> float:
     return waiter.deadline
-
-
-def _ticket(waiter: _Waiter) -> Ticket:
-    """A stand-in for a waiter admitted without a ticket: its work is all we know."""
-    return Ticket(0, waiter.work, waiter.enqueued_at)

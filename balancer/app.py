@@ -24,11 +24,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from balancer.admission import Admission
 from balancer.config import BalancerConfig
 from balancer.errors import expect_handler, json_error
-from balancer.forecast import Forecast, Ticket
+from balancer.forecast import Forecast
 from balancer.metrics import BalancerMetrics, route_label
 from balancer.policy import make_policy
 from balancer.relay import CLIENT_GONE, STAGE, Relay, RelayRequest
 from balancer.slo import DEADLINE_HEADER, BadDeadline, SloGate, budget_s
+from balancer.ticket import Ticket
 from balancer.tokens import TokenCounter, requested_new_tokens
 from balancer.upstream import Registry
 
@@ -176,6 +177,7 @@ class Balancer:
             admit=True,
             work=work,
             prompt_tokens=prompt_tokens,
+            stream=path == "/generate_stream" or doc.get("stream") is True,
             ticket=ticket,
         )
         return await self.relay.forward(request, rr)
@@ -371,7 +373,8 @@ def create_app(balancer: Balancer) -> web.Application:
     for path in PASSTHROUGH_GET:
         get(path, balancer.passthrough)
     for path in ("/health", "/ping", "/"):
-        get(path, balancer.health)
+        # HEAD too: load balancers and uptime probes often check with HEAD.
+        app.router.add_get(path, balancer.health, allow_head=True, expect_handler=expect_handler)
     get("/metrics", balancer.metrics_endpoint)
     from balancer.admin import add_admin_routes
 

@@ -51,23 +51,32 @@ class BalancerConfig:
     retries: int = 2
     """Extra attempts on another replica when nothing was sent to the client yet."""
     connect_timeout_s: float = 5.0
+    """TCP connect to a replica."""
     first_byte_timeout_s: float = 300.0
-    """Until the upstream's response headers *and* first body bytes (a 16k-token prefill
-    behind a full batch takes tens of seconds on Neuron)."""
+    """Streams: until the replica's response head *and* first event (a 16k-token prefill
+    behind a full batch takes tens of seconds on Neuron). Retried on another replica."""
+    response_timeout_s: float = 900.0
+    """Non-streaming requests: the whole response, head to last byte (the replica sends
+    nothing until the generation is done: 4k tokens at ~40 ms each behind a queue)."""
     idle_timeout_s: float = 120.0
-    """Longest silence between two chunks of a started response (TGI sends a keep-alive
+    """Longest silence between two pieces of a started response (TGI sends a keep-alive
     comment after 15 s idle; a long prefill pauses every stream of the batch)."""
     client_timeout_s: float = 60.0
     """Longest a client may take to send its request (headers: aiohttp's keep-alive timer,
     also the idle keep-alive limit; body: 408), and to take a chunk we wrote."""
-    max_body_bytes: int = 8 * 1024 * 1024
+    max_body_bytes: int = 2_000_000
+    """Larger request bodies: 413 in TGI's shape. TGI refuses them too, in plain text
+    (text-generation-inference v3.3.7 launcher ``--payload-limit``, default 2000000)."""
 
     health_interval_s: float = 5.0
     health_timeout_s: float = 5.0
     health_rise: int = 2
     health_fall: int = 3
     eject_after_failures: int = 3
-    """Consecutive connection failures seen by the relay before a replica is ejected."""
+    """Consecutive failed requests seen by the relay before a replica is ejected."""
+    max_ejected_fraction: float = 0.34
+    """Most replicas passive ejection may hold out at once, as a fraction of the fleet
+    (Envoy's max_ejection_percent); at least one. 0.34: one of three."""
 
     max_input_tokens: int | None = None
     """Refuse longer prompts with 422 before they take a slot (None: let replicas judge)."""

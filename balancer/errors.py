@@ -51,12 +51,21 @@ def stream_error_event(
 
 
 async def expect_handler(request: web.Request) -> web.Response | None:
-    """aiohttp's default for ``Expect``, except that an unknown expectation gets a TGI-shaped
+    """aiohttp's default for ``Expect``, except that a body whose Content-Length is over the
+    limit gets 413 instead of "100 Continue", and an unknown expectation gets a TGI-shaped
     417: aiohttp answers it in plain text, and fails with an unhandled 500 when the header
     is not valid UTF-8 (its error text cannot be encoded). Pass as ``expect_handler=``."""
     if request.version != HttpVersion11:
         return None
     if request.headers.get("Expect", "").lower() == "100-continue":
+        length, limit = request.content_length, request.client_max_size
+        if length is not None and limit and length > limit:
+            # Refuse now: "100 Continue" would invite a body we are going to refuse anyway.
+            response = json_error(
+                413, f"Request body of {length} bytes is over the {limit}-byte limit", "validation"
+            )
+            response.force_close()  # the client may send the body regardless (RFC 9110 10.1.1)
+            return response
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # type: ignore[attr-defined]  # as aiohttp does
         return None

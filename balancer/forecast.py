@@ -28,6 +28,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from balancer.ticket import Ticket
 from balancer.upstream import Replica
 
 HALF_LIFE = 64.0
@@ -35,29 +36,6 @@ HALF_LIFE = 64.0
 (a replica restarted on other hardware, a traffic shift) without chasing noise."""
 NO_BUDGET_TOKENS = 256
 """Tokens assumed for a request with no ``max_new_tokens`` until some were observed."""
-
-
-@dataclass(eq=False)
-class Ticket:
-    """One admitted generation request, as admission and the forecast see it."""
-
-    prompt_tokens: int
-    new_tokens: int | None
-    """``max_new_tokens`` / ``max_tokens`` as requested; None: the replica's default."""
-    arrival: float
-    """``time.monotonic()`` when the request reached the balancer (TTFT's origin)."""
-    budget_s: float | None = None
-    """The TTFT it must meet (the SLO, or a tighter deadline header); None: no SLO."""
-    long: bool = False
-    """A long prompt (``queue_long_tokens``): the class a queue floor protects."""
-    predicted_ttft: float | None = None
-    """Set by the SLO gate on arrival: the forecast's TTFT."""
-    latest_start: float | None = None
-    """Monotonic time after which waiting for a slot can no longer meet ``budget_s``."""
-    started_at: float | None = None
-    """When its current slot was granted (``time.monotonic()``)."""
-    replica: str | None = None
-    attempts: int = 0
 
 
 @dataclass
@@ -167,7 +145,7 @@ class Forecast:
         if ticket.replica is None or ticket.started_at is None or tokens <= 0:
             return
         model = self._model(ticket.replica)
-        queued = ticket.started_at - ticket.arrival
+        queued = ticket.started_at - ticket.arrived_at
         model.prefill.add(ticket.prompt_tokens, max(0.0, first_token_s - queued))
         if tokens >= 2:
             model.step.add(decode_s / (tokens - 1))

@@ -68,6 +68,7 @@ class HealthChecker:
                 replica.healthy = True
                 replica.ever_healthy = True
                 replica.consecutive_failures = 0
+                replica.ejected = False
                 log.info("%s is healthy", replica.name)
                 self.registry.notify()
         else:

@@ -185,6 +185,19 @@ class BalancerMetrics:
             ["replica", "reason"],
             registry=r,
         )
+        self.ejections = Counter(
+            f"{p}_ejections",
+            "Passive ejections of replicas after consecutive failures; outcome=over_budget "
+            "when max_ejected_fraction kept the replica in rotation.",
+            ["replica", "outcome"],
+            registry=r,
+        )
+        self.background_task_failures = Counter(
+            f"{p}_background_task_failures",
+            "Unexpected exceptions in the balancer's background tasks (restarted after each).",
+            ["task"],
+            registry=r,
+        )
         r.register(_StateCollector(registry, queue_depth))
         r.register(_LoopCollector(self.itl))
 

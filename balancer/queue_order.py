@@ -22,7 +22,8 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Protocol, TypeVar
 
-from balancer.forecast import Forecast, Ticket
+from balancer.forecast import Forecast
+from balancer.ticket import Ticket
 
 QUEUE_ORDERS = ("fifo", "deadline", "shortest")
 FLOOR_WINDOW = 64

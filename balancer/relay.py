@@ -1,29 +1,44 @@
 """The hot path: send one request to a replica and pipe its response back, byte for byte.
 
-1. Take a slot (admission) and open the upstream request.
-2. Before anything reaches the client, look at the status and, for SSE, the first event:
-   connection refused/reset, 424/429/5xx, or TGI's HTTP-200 stream whose first event is an
-   error (overloaded) are retried on another replica within the retry budget.
-3. Commit: send the upstream's status and headers, then relay chunks as they arrive, with
-   no parsing and no re-serialising. Event boundaries (``\\n\\n``) are *counted* to measure
-   time to first token and inter-token latency.
-4. If the upstream fails after the client got bytes, end the stream with an explicit error
-   event in the route's format (never a silent truncation); no retry once a token was sent.
-5. ``finally``: release the slot, which hands it to the oldest queued request; a client
-   that left (cancellation) closes the upstream connection at once, so the replica frees
-   its batch slot at the next token.
+A request's life, top to bottom (``Relay.forward``), one method per concern:
+
+1. **Choose a replica and retry** (``forward``, ``_choose``): take a slot (admission); the
+   request's ``Ticket`` keeps its place in line and its queue deadline across retries.
+2. **Open** (``_open``): send the request and wait for the replica's answer: the status
+   line and headers, and for event streams the first event. Connection refused or reset,
+   a 424/429/5xx answer, or TGI's HTTP-200 stream whose first event is an error
+   (``balancer.sse``) raise ``_Retry`` while another replica may still take the request.
+3. **Commit** (``_commit``): send the status and headers to the client. From here on the
+   request is never retried.
+4. **Pipe** (``_pipe_events`` / ``_pipe_bytes``): relay the body as it arrives, unparsed.
+   Event streams go through an ``EventFramer`` that forwards whole events only and counts
+   token events (time to first token, inter-token latency, remaining work). If the replica
+   fails mid-stream the client gets an explicit error event after the last whole event
+   (never half an event, never a silent truncation); a cut non-streaming body resets the
+   client's connection, so it cannot pass for a complete one.
+5. **Account** (``OutlierDetector`` / ``RequestFailures``): each attempt's outcome is a
+   health signal for its replica, except failures that followed the request from replica
+   to replica, which are the request's (balancer/outlier.py). ``finally`` releases the
+   slot, which hands it to the next waiter; a client that left closes the upstream
+   connection at once, so the replica frees its batch slot at the next token.
+
+Timeouts (balancer/config.py): ``connect_timeout_s`` (TCP connect, in the pool);
+``first_byte_timeout_s`` (a stream's head and first event); ``response_timeout_s`` (a
+non-streaming response, whole); ``idle_timeout_s`` (silence between two pieces of a started
+response); ``client_timeout_s`` (a client that does not take what we write). Until the
+commit they are ``asyncio.timeout`` scopes; after it one watchdog task checks every
+stream's ``Phase`` and the time it entered it, so a relayed piece costs an attribute store
+rather than a timer.
 
 The replica side is ``balancer.upstream_http``: once committed, the replica's body is pushed
 from the connection's ``data_received`` into a sink that writes straight to the client's
-transport, so no coroutine runs per token event; the relay's coroutine wakes only when the
-response ends, fails or the client's socket is full (then it waits for it to drain).
-A single watchdog task enforces the idle and slow-client timeouts of every stream, so the
-per-chunk cost is an attribute store rather than a timer per read.
+transport, so no coroutine runs per token event.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -32,17 +47,20 @@ from dataclasses import dataclass
 from aiohttp import web
 from multidict import CIMultiDict
 
-from balancer.admission import Admission, QueueFull, QueueTimeout
+from balancer.admission import Admission, QueueFull, QueueTimeout, Ticket
 from balancer.config import BalancerConfig
 from balancer.errors import json_error, stream_error_event
-from balancer.forecast import Ticket
 from balancer.metrics import BalancerMetrics
+from balancer.outlier import OutlierDetector, RequestFailures
+from balancer.sse import CLIENT, GENERATION, EventFramer, parse_error_event, separator_of
 from balancer.upstream import Registry, Replica
 from balancer.upstream_http import ReplicaConnection, UpstreamError, UpstreamPool
 
 log = logging.getLogger("neuron_fleet.relay")
 
-RETRYABLE_STATUS = frozenset({424, 429, 500, 502, 503, 504})
+BUSY_STATUS = 429
+FAILED_STATUS = frozenset({424, 500, 502, 503, 504})
+"""Answers that say the replica could not serve this request (TGI: 424 generation error)."""
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -60,9 +78,10 @@ HOP_BY_HOP = frozenset(
     }
 )
 SPOOFABLE = frozenset({"x-forwarded-for", "x-real-ip", "forwarded", "x-neuron-fleet-replica"})
-REQUEST_ONLY_DROP = frozenset({"content-encoding", "expect"})
+REQUEST_ONLY_DROP = frozenset({"content-encoding", "expect", "accept-encoding"})
 """Not forwarded either: aiohttp already decoded a compressed body, and already answered
-``Expect: 100-continue`` (the whole body is read before the replica is called)."""
+``Expect: 100-continue`` (the whole body is read before the replica is called). And the
+replica must answer uncompressed: a compressed event stream hides its event boundaries."""
 SSE = "text/event-stream"
 STAGE = web.RequestKey("neuron_fleet_stage", str)
 """request[STAGE]: where a request is (queued / waiting_first_byte / streaming)."""
@@ -87,8 +106,11 @@ class RelayRequest:
     """Prompt tokens + tokens to generate, for the work-aware policies."""
     prompt_tokens: int = 0
     """The prefill part of ``work``: done once the first token arrives."""
+    stream: bool = False
+    """The client asked for an event stream: the first event is due within
+    ``first_byte_timeout_s``; otherwise the whole answer within ``response_timeout_s``."""
     ticket: Ticket | None = None
-    """What the forecast and the SLO gate know of it (balancer/forecast.py)."""
+    """Made by the app with what the forecast and the SLO gate need (balancer/ticket.py)."""
 
 
 StreamEnd = Callable[[Ticket, float, float, int, bool], None]
@@ -97,28 +119,71 @@ token, seconds from the first to the last token, token events, ended normally)."
 
 
 class _Retry(Exception):
-    def __init__(self, reason: str) -> None:
+    """This attempt failed before the commit; another replica may take the request."""
+
+    def __init__(self, reason: str, answered: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.answered = answered
+        """The replica answered with a failure (status or error event): possibly the
+        request's fault, so accounted once the request's outcome is known."""
+
+
+@dataclass
+class _Answer:
+    """A replica's answer before the commit: head, first piece, and what they say."""
+
+    upstream: ReplicaConnection
+    is_sse: bool
+    first: bytes
+    failure: str | None = None
+    """Set when the answer is a failure relayed as is (no replica left to retry on)."""
+    error_event: bool = False
+    """The first event is an error event (already counted)."""
+
+
+class Phase(enum.IntEnum):
+    """What a committed stream waits for, as the watchdog sees it."""
+
+    IDLE = 0
+    READING = 1
+    """For the replica: bounded by ``idle_timeout_s``."""
+    WRITING = 2
+    """For the client to take our bytes: bounded by ``client_timeout_s``."""
 
 
 class _Stream:
-    """Mutable per-request state the watchdog inspects."""
+    """Per-request state the watchdog inspects."""
 
-    __slots__ = ("client_gone", "expired", "phase", "request", "since", "upstream", "work_done")
+    __slots__ = (
+        "client_gone",
+        "deadline",
+        "expired",
+        "phase",
+        "request",
+        "since",
+        "upstream",
+        "work_done",
+    )
 
-    IDLE, READING, WRITING = 0, 1, 2
+    IDLE, READING, WRITING = Phase.IDLE, Phase.READING, Phase.WRITING
 
     def __init__(self, request: web.Request) -> None:
         self.request = request
         self.upstream: ReplicaConnection | None = None
-        self.phase = _Stream.IDLE
+        self.phase = Phase.IDLE
         self.since = 0.0
+        """Loop time the current phase began (or the last piece arrived)."""
+        self.deadline: float | None = None
+        """Loop time a non-streaming response must be complete by (response_timeout_s)."""
         self.expired: str | None = None
         self.client_gone = False
         """The client's transport was found closing while relaying to it."""
         self.work_done = 0
         """Part of the request's work the replica has done (prefill, then one per token)."""
+
+    def enter(self, phase: Phase, now: float) -> None:
+        self.phase, self.since = phase, now
 
 
 class Relay:
@@ -135,23 +200,29 @@ class Relay:
         self.admission = admission
         self.metrics = metrics
         self.pool = pool if pool is not None else UpstreamPool(config.connect_timeout_s)
+        self.outliers = OutlierDetector(
+            registry, metrics, config.eject_after_failures, config.max_ejected_fraction
+        )
         self._streams: set[_Stream] = set()
         self._any_turn = 0
         self.on_stream_end: StreamEnd | None = None
         # The client's API key is the balancer's to check, not the replicas' to see.
         self._consumed = frozenset({"authorization"}) if config.api_keys else frozenset()
 
-    # ---------------------------------------------------------------- entry point
+    # ---------------------------------------------------------------- 1. choose and retry
     async def forward(self, request: web.Request, rr: RelayRequest) -> web.StreamResponse:
         started = time.monotonic()
         headers = upstream_headers(request, rr.request_id, drop=self._consumed)
+        ticket = rr.ticket if rr.ticket is not None else Ticket()
+        failures = RequestFailures()
+        succeeded = False
         tried: set[Replica] = set()
         stream = _Stream(request)
         self._streams.add(stream)
         try:
             for attempt in range(self.config.retries + 1):
                 request[STAGE] = "queued"
-                replica = await self._acquire(rr, frozenset(tried))
+                replica = await self._choose(rr, ticket, frozenset(tried))
                 if replica is None:
                     return self._reject_no_replica(rr)
                 # No replica left to retry on: answer with this one's error now, rather than
@@ -163,11 +234,21 @@ class Relay:
                 stream.work_done = 0
                 try:
                     request[STAGE] = "waiting_first_byte"
-                    return await self._attempt(
-                        request, rr, replica, headers, stream, started, last_attempt
-                    )
+                    answer = await self._open(request, rr, replica, headers, stream, last_attempt)
+                    if answer is None:  # timed out or unreachable on the last attempt
+                        return self._unanswered(rr, replica, stream)
+                    if answer.failure is not None:
+                        failures.add(replica, answer.failure)
+                    else:
+                        succeeded = True
+                        self.outliers.passed(replica)
+                    response = await self._commit(request, rr, answer)
+                    await self._pipe(request, rr, replica, answer, response, stream, started)
+                    return response
                 except _Retry as retry:
                     tried.add(replica)
+                    if retry.answered:
+                        failures.add(replica, retry.reason)
                     if stream.upstream is not None:
                         # Release the failed attempt's connection now: a replica still
                         # working on it (first-byte timeout) must see the request cancelled.
@@ -183,7 +264,7 @@ class Relay:
                     )
                 finally:
                     if rr.admit:
-                        self.admission.release(replica, rr.work - stream.work_done, rr.ticket)
+                        self.admission.release(replica, rr.work - stream.work_done, ticket)
             raise AssertionError("unreachable: the last attempt never retries")
         except QueueFull:
             self.metrics.rejected.labels(reason="queue_full").inc()
@@ -198,9 +279,9 @@ class Relay:
             reason = exc.reason
             self.metrics.rejected.labels(reason=reason).inc()
             what = "no replica is ready" if exc.no_replica else "every replica slot stayed busy"
-            if reason == "ttft_slo_expired" and rr.ticket is not None:
+            if reason == "ttft_slo_expired":
                 what = "it can no longer get its first token within its TTFT budget"
-                klass = "long" if rr.ticket.long else "short"
+                klass = "long" if ticket.long else "short"
                 self.metrics.slo_requests.labels(outcome="expired", prompt_class=klass).inc()
             return json_error(
                 503,
@@ -209,13 +290,16 @@ class Relay:
                 headers={"Retry-After": "5", "x-request-id": rr.request_id},
             )
         finally:
+            failures.settle(self.outliers, succeeded)
             self._streams.discard(stream)
             if stream.upstream is not None:
                 stream.upstream.release()  # kept for the next request if it ended cleanly
 
-    async def _acquire(self, rr: RelayRequest, exclude: frozenset[Replica]) -> Replica | None:
+    async def _choose(
+        self, rr: RelayRequest, ticket: Ticket, exclude: frozenset[Replica]
+    ) -> Replica | None:
         if rr.admit:
-            return await self.admission.acquire(rr.work, exclude, rr.prompt_tokens, rr.ticket)
+            return await self.admission.acquire(rr.work, exclude, rr.prompt_tokens, ticket)
         candidates = [r for r in self.registry.replicas if r.routable and r not in exclude]
         if not candidates:
             return None
@@ -231,81 +315,138 @@ class Relay:
             headers={"Retry-After": "5", "x-request-id": rr.request_id},
         )
 
-    # ---------------------------------------------------------------- one attempt
-    async def _attempt(
+    def _unanswered(self, rr: RelayRequest, replica: Replica, stream: _Stream) -> web.Response:
+        """The last replica tried never answered: 504 if it was silent, else 502."""
+        reason = stream.expired or "unreachable"
+        headers = {"x-request-id": rr.request_id}
+        if reason in ("first_byte_timeout", "response_timeout"):
+            limit = (
+                self.config.first_byte_timeout_s
+                if reason == "first_byte_timeout"
+                else self.config.response_timeout_s
+            )
+            return json_error(
+                504,
+                f"Replica {replica.name} did not answer within {limit:g} s ({reason})",
+                "timeout",
+                headers=headers,
+            )
+        return json_error(
+            502,
+            f"Replica {replica.name} failed before answering ({reason})",
+            "unavailable",
+            headers=headers,
+        )
+
+    # ---------------------------------------------------------------- 2. open one attempt
+    async def _open(
         self,
         request: web.Request,
         rr: RelayRequest,
         replica: Replica,
         headers: CIMultiDict[str],
         stream: _Stream,
-        started: float,
         last_attempt: bool,
-    ) -> web.StreamResponse:
+    ) -> _Answer | None:
+        """The replica's head (and first event): an ``_Answer`` to commit, ``_Retry``, or
+        None when the last replica tried did not answer (``stream.expired`` says why)."""
         cfg = self.config
         stream.upstream = None
+        stream.expired = None
+        limit_s, timeout_kind = (
+            (cfg.first_byte_timeout_s, "first_byte_timeout")
+            if rr.stream
+            else (cfg.response_timeout_s, "response_timeout")
+        )
+        loop = asyncio.get_running_loop()
+        stream.deadline = None if rr.stream else loop.time() + limit_s
         try:
-            async with asyncio.timeout(cfg.first_byte_timeout_s):
+            async with asyncio.timeout(limit_s):
                 upstream = stream.upstream = await self.pool.request(
                     replica.url, request.method, request.path_qs, headers, rr.body
                 )
-                self.metrics.upstream_responses.labels(
-                    replica=replica.name, code=str(upstream.status)
-                ).inc()
-                if upstream.status in RETRYABLE_STATUS:
-                    if upstream.status != 429:  # busy is not broken
-                        self._failed(replica, f"status_{upstream.status}")
-                    if not last_attempt:
-                        raise _Retry(f"status_{upstream.status}")
-                else:
-                    self._passed(replica)
+                status = upstream.status
+                self.metrics.upstream_responses.labels(replica=replica.name, code=str(status)).inc()
+                if status == BUSY_STATUS and not last_attempt:
+                    raise _Retry("status_429")  # busy is not broken
+                if status in FAILED_STATUS and not last_attempt:
+                    raise _Retry(f"status_{status}", answered=True)
                 is_sse = _content_type(upstream.headers) == SSE
                 first = await upstream.read_first(is_sse, FIRST_EVENT_LIMIT)
         except TimeoutError:
-            self._failed(replica, "first_byte_timeout")
+            stream.expired = timeout_kind
+            self.outliers.failed(replica, timeout_kind)
             if not last_attempt:
-                raise _Retry("first_byte_timeout") from None
-            return json_error(
-                504,
-                f"Replica {replica.name} sent nothing within {cfg.first_byte_timeout_s:g} s "
-                "(first_byte_timeout)",
-                "timeout",
-                headers={"x-request-id": rr.request_id},
-            )
+                raise _Retry(timeout_kind) from None
+            return None
         except UpstreamError as exc:
-            self._failed(replica, exc.kind)
+            stream.expired = exc.kind
+            self.outliers.failed(replica, exc.kind)
             if not last_attempt:
                 raise _Retry(exc.kind) from None
-            return json_error(
-                502,
-                f"Replica {replica.name} failed before answering ({exc})",
-                "unavailable",
-                headers={"x-request-id": rr.request_id},
-            )
+            return None
 
-        if is_sse and first.startswith(b"data:") and b'{"error"' in first[:64]:
-            retryable = _retryable_error_event(first)
-            if retryable and not last_attempt:
-                # Counted here because it never reaches _pipe_events, which counts the rest.
+        answer = _Answer(upstream, is_sse, first)
+        if status in FAILED_STATUS:
+            answer.failure = f"status_{status}"
+        elif is_sse and first.startswith(b"data:") and b'"error"' in first[:80]:
+            event = parse_error_event(first)
+            if event is not None:
+                # Counted here, once: _pipe_events does not count a first error event again.
+                answer.error_event = True
                 self.metrics.upstream_errors.labels(replica=replica.name, kind="error_event").inc()
-                if b"generation" in first:
-                    self._failed(replica, "generation_event")
-                raise _Retry(f"{retryable}_event")
+                kind = f"{event.verdict}_event"
+                if event.verdict != CLIENT and not last_attempt:
+                    # Overloaded: busy, not broken. Generation: the replica failed this
+                    # request (or the request fails everywhere: RequestFailures decides).
+                    raise _Retry(kind, answered=event.verdict == GENERATION)
+                if event.verdict == GENERATION:
+                    answer.failure = kind
+        return answer
 
+    # ---------------------------------------------------------------- 3. commit
+    async def _commit(
+        self, request: web.Request, rr: RelayRequest, answer: _Answer
+    ) -> web.StreamResponse:
+        """Send the replica's status and headers: from now on there is no retry."""
+        upstream = answer.upstream
         response = web.StreamResponse(
             status=upstream.status, headers=response_headers(upstream.headers)
         )
         response.headers["x-request-id"] = rr.request_id
-        if is_sse:
+        if answer.is_sse:
             response.headers["Cache-Control"] = "no-cache"
             response.headers["X-Accel-Buffering"] = "no"
         request[STAGE] = "streaming"
+        return response
+
+    # ---------------------------------------------------------------- 4. pipe
+    async def _pipe(
+        self,
+        request: web.Request,
+        rr: RelayRequest,
+        replica: Replica,
+        answer: _Answer,
+        response: web.StreamResponse,
+        stream: _Stream,
+        started: float,
+    ) -> None:
+        upstream = answer.upstream
         try:
             await response.prepare(request)
-            if is_sse:
-                await self._pipe_events(rr, replica, upstream, response, stream, first, started)
+            if answer.is_sse:
+                await self._pipe_events(
+                    rr,
+                    replica,
+                    upstream,
+                    response,
+                    stream,
+                    answer.first,
+                    started,
+                    answer.error_event,
+                )
             else:
-                await self._pipe_bytes(upstream, response, stream, first)
+                await self._pipe_bytes(upstream, response, stream, answer.first)
         except ConnectionResetError:
             # The client left (or was cut off as a slow reader): close upstream, free the slot.
             request[CLIENT_GONE] = True
@@ -315,14 +456,11 @@ class Relay:
             # error event for it, and ending it cleanly would pass a truncated body off as
             # complete, so reset the client's connection.
             reason = stream.expired or exc.kind
-            self._failed(replica, reason)
-            self.metrics.stream_errors.labels(replica=replica.name, reason=reason).inc()
+            self._stream_failed(replica, reason)
             log.warning("response %s from %s cut (%s)", rr.request_id, replica.name, reason)
             if request.transport is not None:
                 request.transport.abort()
-        return response
 
-    # ---------------------------------------------------------------- piping
     async def _open_client(
         self, request: web.Request, response: web.StreamResponse, stream: _Stream, first: bytes
     ) -> Callable[[bytes], None]:
@@ -330,12 +468,12 @@ class Relay:
         then return a function that writes each further piece straight to the client's
         socket, chunk-framed if the response is, pausing the replica's connection when the
         client's buffer is full."""
-        stream.phase, stream.since = _Stream.WRITING, asyncio.get_running_loop().time()
+        stream.enter(Phase.WRITING, asyncio.get_running_loop().time())
         if first:
             await response.write(first)
         else:
             request.writer.send_headers()
-        stream.phase = _Stream.READING
+        stream.phase = Phase.READING
         transport = request.transport
         upstream = stream.upstream
         if transport is None or transport.is_closing() or upstream is None:
@@ -346,6 +484,8 @@ class Relay:
         buffered = transport.get_write_buffer_size
 
         def to_client(piece: bytes) -> None:
+            if not piece:
+                return  # an empty chunk would end a chunked body
             if closing():
                 stream.client_gone = True
                 upstream.abort()
@@ -361,16 +501,16 @@ class Relay:
     ) -> None:
         """Wait for the response to end; while the client's socket is full, wait for it."""
         loop_time = asyncio.get_running_loop().time
-        stream.phase, stream.since = _Stream.READING, loop_time()
+        stream.enter(Phase.READING, loop_time())
         while True:
             await upstream.wait()
             if upstream.complete:
                 break
-            stream.phase, stream.since = _Stream.WRITING, loop_time()
+            stream.enter(Phase.WRITING, loop_time())
             await request.writer.drain()
-            stream.phase, stream.since = _Stream.READING, loop_time()
+            stream.enter(Phase.READING, loop_time())
             upstream.resume()
-        stream.phase = _Stream.IDLE
+        stream.phase = Phase.IDLE
 
     async def _pipe_bytes(
         self,
@@ -394,7 +534,7 @@ class Relay:
             if stream.client_gone or stream.expired == "slow_client":
                 raise ConnectionResetError("client gone") from None
             raise
-        stream.phase, stream.since = _Stream.WRITING, loop_time()  # may block: a client write
+        stream.enter(Phase.WRITING, loop_time())  # may block: a client write
         await response.write_eof()
 
     async def _pipe_events(
@@ -406,90 +546,97 @@ class Relay:
         stream: _Stream,
         first: bytes,
         started: float,
+        saw_error: bool = False,
     ) -> None:
         rm = self.metrics.for_replica(replica)
         request = stream.request
         loop_time = asyncio.get_running_loop().time
-        sep = b"\r\n\r\n" if b"\r\n\r\n" in first and b"\n\n" not in first else b"\n\n"
+        sep = separator_of(first)
+        framer = EventFramer(sep)
         data_prefix = b"data: " if first.startswith(b"data: ") else b"data:"
         # Wall-clock origin of this request, on the loop's clock.
         origin = loop_time() - (time.monotonic() - started)
         last_token = first_token = 0.0
         tokens = 0
-        saw_error = False
 
-        def count(chunk: bytes) -> None:
-            """Count the token events of one piece of the replica's stream."""
+        def count(events_bytes: bytes) -> None:
+            """Count the token events among whole events (never a partial one)."""
             nonlocal last_token, first_token, tokens, saw_error
             now = loop_time()
-            events = chunk.count(sep)
-            if events:
-                # Not tokens: [DONE], the usage-only chunk, keep-alive comments.
-                events -= chunk.count(b"[DONE]") + chunk.count(b'"choices":[]')
-                if chunk[0] == 58:  # b":"
-                    events -= 1
-                events -= chunk.count(sep + b":")
-                if not saw_error and b'{"error"' in chunk:
-                    saw_error = True
-                    self.metrics.upstream_errors.labels(
-                        replica=replica.name, kind="error_event"
-                    ).inc()
-                if events > 0:
-                    # Remaining work on the replica: the prefill is done at the first
-                    # token, then one token per event (never below what we added).
-                    done = events + (rr.prompt_tokens if tokens == 0 else 0)
-                    done = min(done, rr.work - stream.work_done)
-                    stream.work_done += done
-                    replica.outstanding_work -= done
-                    if tokens == 0:
-                        rm.ttft.observe(now - origin)
-                        first_token = now
-                    else:
-                        rm.itl.observe(now - last_token)
-                    if events > 1:  # arrived together: no time between them
-                        rm.itl.observe(0.0, events - 1)
-                    tokens += events
-                    last_token = now
-            stream.since = now
+            events = events_bytes.count(sep)
+            # Not tokens: [DONE], the usage-only chunk, keep-alive comments.
+            events -= events_bytes.count(b"[DONE]") + events_bytes.count(b'"choices":[]')
+            if events_bytes[0] == 58:  # b":"
+                events -= 1
+            events -= events_bytes.count(sep + b":")
+            if not saw_error and b'{"error"' in events_bytes:
+                saw_error = True
+                self.metrics.upstream_errors.labels(replica=replica.name, kind="error_event").inc()
+            if events > 0:
+                # Remaining work on the replica: the prefill is done at the first
+                # token, then one token per event (never below what we added).
+                done = events + (rr.prompt_tokens if tokens == 0 else 0)
+                done = min(done, rr.work - stream.work_done)
+                stream.work_done += done
+                replica.outstanding_work -= done
+                if tokens == 0:
+                    rm.ttft.observe(now - origin)
+                    first_token = now
+                else:
+                    rm.itl.observe(now - last_token)
+                if events > 1:  # arrived together: no time between them
+                    rm.itl.observe(0.0, events - 1)
+                tokens += events
+                last_token = now
 
         try:
-            if first:
-                count(first)
-            to_client = await self._open_client(request, response, stream, first)
+            whole = framer.feed(first)
+            if whole:
+                count(whole)
+            to_client = await self._open_client(request, response, stream, whole)
 
-            def event(chunk: bytes) -> None:
-                count(chunk)
-                to_client(chunk)
+            def event(piece: bytes) -> None:
+                stream.since = loop_time()
+                whole = framer.feed(piece)
+                if whole:
+                    count(whole)
+                    to_client(whole)
 
             upstream.pipe(event)
             await self._drain_loop(request, upstream, stream)
             if stream.expired and not upstream.complete:
                 raise UpstreamError(stream.expired, "stream cut by the watchdog")
+            to_client(framer.flush())  # a last event without its blank line, as it came
         except (UpstreamError, TimeoutError) as exc:
-            writing = stream.phase == _Stream.WRITING
-            stream.phase = _Stream.IDLE
+            writing = stream.phase == Phase.WRITING
+            stream.phase = Phase.IDLE
             if writing or stream.client_gone or stream.expired == "slow_client":
                 # The client's side failed: it left or was cut as a slow reader. Not the
                 # replica's fault, and nobody to send an error event to.
                 raise ConnectionResetError("client gone") from exc
             reason = stream.expired or (exc.kind if isinstance(exc, UpstreamError) else "timeout")
-            self._failed(replica, reason)
-            self.metrics.stream_errors.labels(replica=replica.name, reason=reason).inc()
+            self._stream_failed(replica, reason)
+            partial = len(framer.flush())
             log.warning(
-                "stream %s from %s failed after %d tokens (%s): sent an error event",
+                "stream %s from %s failed after %d tokens (%s; %d bytes of an unfinished "
+                "event dropped): sent an error event",
                 rr.request_id,
                 replica.name,
                 tokens,
                 reason,
+                partial,
             )
             event_bytes = stream_error_event(
                 rr.openai,
-                f"Replica {replica.name} failed mid-stream ({reason}) after {tokens} tokens",
-                "incomplete_generation",
+                f"Incomplete generation stream: replica {replica.name} failed mid-stream "
+                f"({reason}) after {tokens} tokens",
+                "incomplete_generation_stream",
                 502,
                 data_prefix,
             )
-            stream.phase, stream.since = _Stream.WRITING, loop_time()
+            if framer.mid_event:  # framing gave up: the client holds part of an event
+                event_bytes = sep + event_bytes
+            stream.enter(Phase.WRITING, loop_time())
             await response.write(event_bytes)
         finally:
             if tokens:
@@ -499,41 +646,34 @@ class Relay:
                     ttft = first_token - origin
                     self.on_stream_end(rr.ticket, ttft, last_token - first_token, tokens, clean)
         # Every write to the client may block on a full socket: keep it under the watchdog.
-        stream.phase, stream.since = _Stream.WRITING, loop_time()
+        stream.enter(Phase.WRITING, loop_time())
         await response.write_eof()
 
-    # ---------------------------------------------------------------- health signals
-    def _passed(self, replica: Replica) -> None:
-        replica.consecutive_failures = 0
-
-    def _failed(self, replica: Replica, kind: str) -> None:
-        """Count a failure; enough in a row ejects the replica until health checks pass."""
-        self.metrics.upstream_errors.labels(replica=replica.name, kind=kind).inc()
-        replica.consecutive_failures += 1
-        if replica.healthy and replica.consecutive_failures >= self.config.eject_after_failures:
-            replica.healthy = False
-            replica.health_successes = 0
-            log.warning(
-                "ejected %s after %d consecutive failures (last: %s); health checks re-admit it",
-                replica.name,
-                replica.consecutive_failures,
-                kind,
-            )
-            self.registry.notify()
+    # ---------------------------------------------------------------- 5. account
+    def _stream_failed(self, replica: Replica, reason: str) -> None:
+        """A committed response failed on the replica's side."""
+        self.outliers.failed(replica, reason)
+        self.metrics.stream_errors.labels(replica=replica.name, reason=reason).inc()
 
     # ---------------------------------------------------------------- watchdog
     def check_timeouts(self, now: float) -> None:
-        """Called by the watchdog: cut streams idle upstream or stuck on a slow client."""
+        """Called by the watchdog: cut streams idle upstream, past their total time, or
+        stuck on a slow client."""
         idle = self.config.idle_timeout_s
         client = self.config.client_timeout_s
         for s in list(self._streams):
-            if s.phase == _Stream.READING and now - s.since > idle and s.upstream is not None:
-                s.expired = "idle_timeout"
-                s.phase = _Stream.IDLE
+            if s.phase == Phase.READING and s.upstream is not None:
+                if now - s.since > idle:
+                    s.expired = "idle_timeout"
+                elif s.deadline is not None and now > s.deadline:
+                    s.expired = "response_timeout"
+                else:
+                    continue
+                s.phase = Phase.IDLE
                 s.upstream.abort()
-            elif s.phase == _Stream.WRITING and now - s.since > client:
+            elif s.phase == Phase.WRITING and now - s.since > client:
                 s.expired = "slow_client"
-                s.phase = _Stream.IDLE
+                s.phase = Phase.IDLE
                 transport = s.request.transport
                 if transport is not None:
                     transport.abort()
@@ -568,6 +708,7 @@ def upstream_headers(
     prior = ", ".join(request.headers.getall("X-Forwarded-For", ()))
     out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
     out["x-request-id"] = request_id
+    out["Accept-Encoding"] = "identity"
     return out
 
 
@@ -591,13 +732,3 @@ def _connection_tokens(values: Iterable[str]) -> list[str]:
 
 def _content_type(headers: CIMultiDict[str]) -> str:
     return headers.get("Content-Type", "").partition(";")[0].strip().lower()
-
-
-def _retryable_error_event(first: bytes) -> str | None:
-    """TGI streams answer HTTP 200 with an error event when overloaded or on a batch failure."""
-    head = first[:512]
-    if b"overloaded" in head or b'"http_status_code":429' in head:
-        return "overloaded"
-    if b'"error_type":"generation"' in head or b'"http_status_code":424' in head:
-        return "generation"
-    return None

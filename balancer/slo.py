@@ -25,7 +25,8 @@ import math
 from dataclasses import dataclass
 
 from balancer.admission import Admission
-from balancer.forecast import Forecast, Ticket, ceil_seconds
+from balancer.forecast import Forecast, ceil_seconds
+from balancer.ticket import Ticket
 from balancer.upstream import Registry
 
 DEADLINE_HEADER = "X-TTFT-Deadline"

@@ -51,6 +51,8 @@ class Replica:
     """Tokens still to prefill + to generate over the in-flight requests (work-aware policy)."""
 
     consecutive_failures: int = 0
+    ejected: bool = False
+    """Taken out by passive outlier detection (balancer/outlier.py), until health re-admits."""
     health_successes: int = 0
     health_failures: int = 0
     ever_healthy: bool = False

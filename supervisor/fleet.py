@@ -24,8 +24,13 @@ from supervisor.replica import LifecycleSettings, ReplicaProcess, ReplicaStartEr
 log = logging.getLogger("neuron_fleet.fleet")
 
 
+FLOOR_WAIT_S = 60.0
+"""Longest a rolling restart waits for enough routable replicas before its next step."""
+
+
 class FleetBusyError(RuntimeError):
-    """Another restart is already taking replicas out; try again when it is done."""
+    """Another operation is running, or this one would leave fewer than ``min_ready``
+    replicas routable; try again when it is done (or force it)."""
 
     http_status = 409  # the admin API answers "conflict"
 
@@ -33,7 +38,8 @@ class FleetBusyError(RuntimeError):
 @dataclass(frozen=True)
 class FleetSettings:
     min_ready: int = 1
-    """Replicas that must be ready before the service reports ready (systemd READY=1)."""
+    """Replicas that must be ready before the service reports ready (systemd READY=1), and
+    the floor a drain or restart may not take the fleet below unless forced."""
     drain_timeout_s: float = 300.0
     """Longest wait for a draining replica's in-flight requests before it is stopped anyway."""
     launcher: str = ""
@@ -156,11 +162,49 @@ class Fleet:
 
     # -- FleetControl (the admin API) ---------------------------------------------------------
 
-    async def drain(self, name: str) -> None:
+    # One operation at a time: each one claims ``_operation`` before its first ``await``, so
+    # back-to-back admin calls or a SIGHUP during a restart get 409 with what is running,
+    # instead of taking a second replica out (on Neuron a start takes minutes).
+
+    def _ensure_idle(self) -> None:
+        if self._operation is not None:
+            raise FleetBusyError(
+                f"{self._operation} is in progress; try again when it is done "
+                "(GET /fleet/status shows it)"
+            )
+
+    def _check_floor(self, replica: Replica, what: str, force: bool) -> None:
+        """Refuse to take ``replica`` out if that leaves fewer than min_ready routable."""
+        if force or not replica.routable:
+            return
+        left = self.registry.ready_count() - 1
+        if left < self.settings.min_ready:
+            raise FleetBusyError(
+                f"{what} would leave {left} routable replica(s), below min_ready = "
+                f"{self.settings.min_ready}; wait until more replicas are ready, or force it "
+                "(?force=true)"
+            )
+
+    async def _wait_for_floor(self, replica: Replica, what: str, force: bool) -> None:
+        """As ``_check_floor``, but first give the replica restarted just before (up, not
+        yet passing health checks) up to FLOOR_WAIT_S to become routable."""
+        deadline = time.monotonic() + FLOOR_WAIT_S
+        while True:
+            try:
+                self._check_floor(replica, what, force)
+                return
+            except FleetBusyError:
+                if time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(0.1)
+
+    async def drain(self, name: str, force: bool = False) -> None:
         """Take a replica out of rotation; it keeps running and finishes what it has."""
         proc = self.process(name)
-        proc.drained = True
         r = proc.replica
+        self._ensure_idle()
+        self._check_floor(r, f"draining {name}", force)
+        proc.drained = True
         if r.state is ReplicaState.READY:
             self.registry.set_state(r, ReplicaState.DRAINING)
         log.info("%s: drained (%d in flight)", name, r.inflight)
@@ -176,39 +220,41 @@ class Fleet:
             self.registry.set_state(r, ReplicaState.READY)
         log.info("%s: back in rotation", name)
 
-    async def restart(self, name: str) -> None:
+    async def restart(self, name: str, force: bool = False) -> None:
         """Drain, stop, start and wait until ready; also revives a FAILED replica.
 
         The replica comes back in rotation (a previous drain is cleared). Raises
-        ReplicaStartError if it does not become ready, FleetBusyError during a rolling restart.
+        ReplicaStartError if it does not become ready, FleetBusyError while another operation
+        runs or when it would leave fewer than min_ready replicas routable (unless forced).
         """
         proc = self.process(name)
-        if self._operation is not None:
-            raise FleetBusyError(f"{self._operation} is in progress")
-        if name in self._restarting:
-            raise FleetBusyError(f"{name} is already being restarted")
+        self._ensure_idle()
+        self._check_floor(proc.replica, f"restarting {name}", force)
+        self._operation = f"restart {name}"
         self._restarting.add(name)
         try:
             await self._restart_one(proc)
         finally:
             self._restarting.discard(name)
+            self._operation = None
 
-    async def rolling_restart(self) -> None:
+    async def rolling_restart(self, force: bool = False) -> None:
         """Restart every replica, one at a time, each drained first.
 
         Stops at the first replica that does not come back, so a bad change never takes
-        down more than one replica (FAILED replicas get a new try, but do not stop it).
+        down more than one replica (FAILED replicas get a new try, but do not stop it), and
+        before any step that would leave fewer than min_ready replicas routable.
         """
-        if self._operation is not None or self._restarting:
-            raise FleetBusyError(f"{self._operation or 'a replica restart'} is in progress")
-        procs = [p for p in self._procs.values() if p.replica.state is not ReplicaState.STOPPED]
+        self._ensure_idle()
         self._operation = "rolling restart"
+        procs = [p for p in self._procs.values() if p.replica.state is not ReplicaState.STOPPED]
         started = time.monotonic()
         log.info("rolling restart of %d replica(s), one at a time", len(procs))
         try:
             for i, proc in enumerate(procs, 1):
                 if self._stopping:
                     raise ReplicaStartError("the fleet is shutting down")
+                await self._wait_for_floor(proc.replica, f"rolling restart of {proc.name}", force)
                 was_failed = proc.replica.state is ReplicaState.FAILED
                 self._operation = f"rolling restart ({i}/{len(procs)}: {proc.name})"
                 self._restarting.add(proc.name)

@@ -78,6 +78,7 @@ FAST = dict(
     health_fall=2,
     queue_timeout_s=10.0,
     first_byte_timeout_s=10.0,
+    response_timeout_s=10.0,
     idle_timeout_s=10.0,
 )
 

@@ -125,7 +125,7 @@ async def test_midstream_failure_ends_with_error_event_tgi(scripted, balancer, h
         events = await read_sse(resp)
     assert len(events) == 3
     error = json.loads(events[2].removeprefix(b"data:"))
-    assert error["error_type"] == "incomplete_generation"
+    assert error["error_type"] == "incomplete_generation_stream"
 
 
 async def test_idle_upstream_is_cut_with_error_event(scripted, balancer, http):

@@ -30,6 +30,7 @@ def make_fleet(
     *,
     drain_timeout_s: float = 5.0,
     lifecycle: LifecycleSettings = FAST,
+    min_ready: int = 1,
     **stub: object,
 ) -> Fleet:
     replicas, specs = [], {}
@@ -39,7 +40,7 @@ def make_fleet(
         replicas.append(Replica(name=name, url=f"http://127.0.0.1:{port}", port=port))
         specs[name] = stub_spec(port, tmp_path / name, **stub)  # type: ignore[arg-type]
     settings = FleetSettings(
-        min_ready=n, drain_timeout_s=drain_timeout_s, launcher="stub", lifecycle=lifecycle
+        min_ready=min_ready, drain_timeout_s=drain_timeout_s, launcher="stub", lifecycle=lifecycle
     )
     return Fleet(Registry(replicas), specs, settings)
 
@@ -47,7 +48,7 @@ def make_fleet(
 async def started(fleet: Fleet) -> Fleet:
     await fleet.start()
     async with asyncio.timeout(15):
-        assert await fleet.wait_ready()
+        assert await fleet.wait_ready(len(fleet.registry))
     return fleet
 
 
@@ -102,6 +103,42 @@ async def test_restart_waits_for_inflight_requests(tmp_path: Path) -> None:
         await fleet.stop()
 
 
+async def test_operations_serialize_and_keep_min_ready(tmp_path: Path) -> None:
+    """Back-to-back restarts: the first runs, the others get FleetBusyError (409) naming
+    it, so only one replica is ever out; drains wait too, and none goes below min_ready."""
+    fleet = await started(make_fleet(tmp_path, 3, min_ready=2))
+    try:
+        r0 = fleet.registry.get("replica-0")
+        assert r0 is not None
+        r0.inflight = 1  # keep the first restart in its drain
+        first = asyncio.create_task(fleet.restart("replica-0"))
+        await until(lambda: r0.state is ReplicaState.DRAINING)
+        for call in (
+            fleet.restart("replica-1"),
+            fleet.restart("replica-2"),
+            fleet.rolling_restart(),
+            fleet.drain("replica-1"),
+        ):
+            with pytest.raises(FleetBusyError, match="restart replica-0 is in progress"):
+                await call
+        assert fleet.status()["operation"] == "restart replica-0"
+        assert [r.state for r in fleet.registry].count(ReplicaState.READY) == 2
+        r0.inflight = 0
+        async with asyncio.timeout(10):
+            await first
+        assert fleet.status()["operation"] is None
+        # min_ready = 2 of 3: one drain is fine, a second would leave one.
+        await fleet.drain("replica-1")
+        with pytest.raises(FleetBusyError, match="below min_ready = 2"):
+            await fleet.drain("replica-2")
+        with pytest.raises(FleetBusyError, match="below min_ready = 2"):
+            await fleet.restart("replica-2")
+        await fleet.drain("replica-2", force=True)  # the operator insists
+        assert fleet.registry.ready_count() == 1
+    finally:
+        await fleet.stop()
+
+
 async def test_drain_timeout_stops_anyway(tmp_path: Path) -> None:
     fleet = await started(make_fleet(tmp_path, 1, drain_timeout_s=0.3))
     try:
@@ -110,7 +147,7 @@ async def test_drain_timeout_stops_anyway(tmp_path: Path) -> None:
         pid = r.pid
         r.inflight = 3  # stuck: never finishes
         async with asyncio.timeout(10):
-            await fleet.restart("replica-0")
+            await fleet.restart("replica-0", force=True)  # the only replica: below min_ready
         assert r.pid != pid and r.state is ReplicaState.READY
     finally:
         await fleet.stop()
@@ -177,7 +214,7 @@ async def test_stop_leaves_no_child(tmp_path: Path) -> None:
 
 
 async def test_wait_ready_gives_up_when_min_ready_is_out_of_reach(tmp_path: Path) -> None:
-    fleet = make_fleet(tmp_path, 2)
+    fleet = make_fleet(tmp_path, 2, min_ready=2)
     for proc in fleet.processes:
         proc.spec = LaunchSpec(argv=(str(tmp_path / "missing-binary"),))
     await fleet.start()
@@ -205,7 +242,7 @@ async def test_rolling_restart_under_load_loses_no_request(tmp_path: Path) -> No
         argv += ("--speed", "100", "--batch-size", "4", "--seed", str(i), "--log-level", "WARNING")
         specs[name] = LaunchSpec(argv=argv)
     registry = Registry(replicas)
-    fleet = Fleet(registry, specs, FleetSettings(min_ready=3, drain_timeout_s=10, lifecycle=FAST))
+    fleet = Fleet(registry, specs, FleetSettings(min_ready=2, drain_timeout_s=10, lifecycle=FAST))
     config = BalancerConfig(
         host="127.0.0.1",
         port=0,
@@ -258,3 +295,41 @@ async def test_rolling_restart_under_load_loses_no_request(tmp_path: Path) -> No
         await server.begin_shutdown()
         await fleet.stop()
         await server.stop()
+
+
+async def test_admin_api_answers_409_to_overlapping_operations(tmp_path: Path) -> None:
+    """Three back-to-back POST /fleet/replicas/*/restart: one 202, then 409s that say what
+    is running; never two replicas out at once."""
+    import aiohttp
+
+    from balancer.config import BalancerConfig
+    from balancer.server import BalancerServer
+
+    fleet = await started(make_fleet(tmp_path, 3, min_ready=1))
+    config = BalancerConfig(host="127.0.0.1", port=0, health_interval_s=0.1)
+    server = BalancerServer(config, registry=fleet.registry, fleet=fleet)
+    await server.start()
+    r0 = fleet.registry.get("replica-0")
+    assert r0 is not None
+    r0.inflight = 1  # hold the first restart in its drain
+    try:
+        async with aiohttp.ClientSession() as http:
+            answers = []
+            for name in ("replica-0", "replica-1", "replica-2"):
+                async with http.post(f"{server.url}/fleet/replicas/{name}/restart") as resp:
+                    answers.append((resp.status, await resp.json()))
+            assert [status for status, _ in answers] == [202, 409, 409]
+            for _, body in answers[1:]:
+                assert body["error_type"] == "conflict"
+                assert "restart replica-0 is in progress" in body["error"]
+            async with http.post(f"{server.url}/fleet/rolling-restart") as resp:
+                assert resp.status == 409
+            async with http.get(f"{server.url}/fleet/status") as resp:
+                status = await resp.json()
+            assert status["operation"] == "restart replica-0"
+            assert [r["state"] for r in status["replicas"]].count("ready") == 2
+            r0.inflight = 0
+            await until(lambda: fleet.status()["operation"] is None)
+    finally:
+        await server.stop()
+        await fleet.stop()

@@ -8,10 +8,11 @@ import time
 import pytest
 
 from balancer.admission import Admission, QueueTimeout
-from balancer.forecast import Ewma, Forecast, LinearFit, Ticket, ceil_seconds
+from balancer.forecast import Ewma, Forecast, LinearFit, ceil_seconds
 from balancer.policy import LeastOutstanding
 from balancer.queue_order import QueueOrder
 from balancer.slo import BadDeadline, SloGate, budget_s
+from balancer.ticket import Ticket
 from balancer.upstream import Registry, Replica, ReplicaState
 
 
@@ -38,7 +39,7 @@ def teach(
     for _ in range(n):
         prompt = rng.randint(100, 10_000)
         budget = rng.randint(10, 200)
-        t = Ticket(prompt, budget, arrival=0.0)
+        t = Ticket(prompt, budget, arrived_at=0.0)
         f.started(t, replica, now=0.5)  # waited 0.5 s for its slot
         tokens = max(2, round(budget * ratio))
         f.observe(t, 0.5 + a + b * prompt, step * (tokens - 1), tokens, complete=True)
@@ -88,14 +89,14 @@ def test_forecast_learns_prefill_step_and_how_early_requests_end() -> None:
     assert f.expected_tokens(100) == pytest.approx(50, rel=0.05)
     # A replica it knows nothing about is assumed to be like the others.
     assert f.prefill_s("new", 10_000) == pytest.approx(f.prefill_s("r0", 10_000))
-    ticket = Ticket(1_000, 100, arrival=0.0)
+    ticket = Ticket(1_000, 100, arrived_at=0.0)
     assert f.service_s("r0", ticket) == pytest.approx(0.15 + 49 * 0.03, rel=0.05)
 
 
 def test_requests_without_a_budget_use_the_tokens_observed_for_such_requests() -> None:
     f = Forecast()
     for tokens in (40, 60):
-        t = Ticket(10, None, arrival=0.0)
+        t = Ticket(10, None, arrived_at=0.0)
         f.started(t, "r0", 0.0)
         f.observe(t, 0.1, 0.01 * (tokens - 1), tokens, complete=True)
     assert f.expected_tokens(None) == pytest.approx(50)
@@ -103,7 +104,7 @@ def test_requests_without_a_budget_use_the_tokens_observed_for_such_requests() -
 
 def test_cut_streams_teach_timing_but_not_how_requests_end() -> None:
     f = Forecast()
-    t = Ticket(1_000, 100, arrival=0.0)
+    t = Ticket(1_000, 100, arrived_at=0.0)
     f.started(t, "r0", 0.0)
     f.observe(t, 0.2, 0.3, 4, complete=False)
     assert f.ready and f.end_ratio.count == 0
@@ -115,16 +116,16 @@ def test_prediction_waits_for_the_first_slot_to_free_then_the_queue_ahead() -> N
     replica = ready_replica("r0", cap=2)
     # Two requests hold the slots: 1 s and 3 s of service left.
     for prompt, tokens in ((0, 101), (0, 301)):
-        t = Ticket(prompt, tokens, arrival=0.0)
+        t = Ticket(prompt, tokens, arrived_at=0.0)
         f.started(t, "r0", now=0.0)
         replica.inflight += 1
-    new = Ticket(5_000, 10, arrival=0.0)
+    new = Ticket(5_000, 10, arrived_at=0.0)
     p = f.predict(new, [replica], [], now=0.0)
     assert p is not None and p.wait_s == pytest.approx(1.0, rel=0.01)
     assert p.ttft_s == pytest.approx(1.0 + 0.5, rel=0.01)
     # One queued ahead (prefill 0.1 s + 2 s decode) takes the slot that frees at 1 s;
     # the new one gets the slot freeing at 3 s.
-    ahead = [Ticket(1_000, 201, arrival=0.0)]
+    ahead = [Ticket(1_000, 201, arrived_at=0.0)]
     p = f.predict(new, [replica], ahead, now=0.0)
     assert p is not None and p.wait_s == pytest.approx(3.0, rel=0.01)
     # Later on the same clock the in-flight requests have less left.
@@ -135,7 +136,7 @@ def test_prediction_waits_for_the_first_slot_to_free_then_the_queue_ahead() -> N
 def test_a_free_slot_means_no_wait_and_no_forecast_before_learning() -> None:
     f = Forecast()
     replica = ready_replica("r0")
-    new = Ticket(1_000, 10, arrival=0.0)
+    new = Ticket(1_000, 10, arrived_at=0.0)
     assert f.predict(new, [replica], [], now=0.0) is None
     teach(f, "r0", a=0.0, b=1e-4, step=0.01)
     p = f.predict(new, [replica], [], now=0.0)
@@ -215,7 +216,7 @@ def gate_with_busy_replica() -> tuple[SloGate, Forecast, Replica]:
     replica = ready_replica("r0", cap=1)
     registry = Registry([replica])
     admission = Admission(registry, LeastOutstanding(), 16, 60.0, forecast=f)
-    busy = Ticket(0, 401, arrival=0.0)  # 4 s of service left
+    busy = Ticket(0, 401, arrived_at=0.0)  # 4 s of service left
     f.started(busy, "r0", now=0.0)
     replica.inflight = 1
     return SloGate(f, admission, registry), f, replica
@@ -223,7 +224,7 @@ def gate_with_busy_replica() -> tuple[SloGate, Forecast, Replica]:
 
 def test_gate_refuses_what_would_miss_the_budget_with_the_overshoot_as_retry_after() -> None:
     gate, _, _ = gate_with_busy_replica()
-    late = Ticket(1_000, 10, arrival=0.0, budget_s=1.0)
+    late = Ticket(1_000, 10, arrived_at=0.0, budget_s=1.0)
     refusal = gate.check(late, now=0.0)
     assert refusal is not None and refusal.reason == "ttft_slo"
     assert refusal.predicted_s == pytest.approx(4.1, rel=0.02)
@@ -235,7 +236,7 @@ def test_gate_refuses_what_would_miss_the_budget_with_the_overshoot_as_retry_aft
 
 def test_gate_admits_what_fits_and_sets_when_to_give_up() -> None:
     gate, _, _ = gate_with_busy_replica()
-    ok = Ticket(1_000, 10, arrival=0.0, budget_s=5.0)
+    ok = Ticket(1_000, 10, arrived_at=0.0, budget_s=5.0)
     assert gate.check(ok, now=0.0) is None
     assert ok.predicted_ttft == pytest.approx(4.1, rel=0.02)
     assert ok.latest_start == pytest.approx(5.0 - 0.1, rel=0.01)
@@ -245,15 +246,15 @@ def test_gate_never_refuses_a_request_a_free_slot_is_waiting_for() -> None:
     gate, f, replica = gate_with_busy_replica()
     replica.inflight = 0
     f.inflight.clear()
-    huge = Ticket(100_000, 10, arrival=0.0, budget_s=1.0)  # its own prefill: 10 s
+    huge = Ticket(100_000, 10, arrived_at=0.0, budget_s=1.0)  # its own prefill: 10 s
     assert gate.check(huge, now=0.0) is None
 
 
 async def test_a_queued_request_leaves_once_it_can_no_longer_make_its_budget() -> None:
     gate, _, _ = gate_with_busy_replica()
     admission = gate.admission
-    ticket = Ticket(0, 10, arrival=0.0, budget_s=10.0)
-    ticket.latest_start = time.monotonic() + 0.05
+    ticket = Ticket(0, 10, arrived_at=time.monotonic(), budget_s=10.0)
+    ticket.latest_start = ticket.arrived_at + 0.05
     with pytest.raises(QueueTimeout) as excinfo:
         await admission.acquire(10, prompt_tokens=0, ticket=ticket)
     assert excinfo.value.reason == "ttft_slo_expired"

@@ -33,6 +33,15 @@ class Script:
     """vLLM spelling: ``data: {...}`` instead of TGI's ``data:{...}``."""
     healthy: bool = True
     has_info: bool = True
+    poison: str | None = None
+    """A prompt containing this fails on this replica as TGI fails a batch: 424 on
+    non-streaming routes, an HTTP-200 stream whose first event is TGI's generation error."""
+    die_mid_event_after: int | None = None
+    """After this many tokens, send half of the next event, then abort the connection."""
+    split_events: bool = False
+    """Write each event in two pieces cut inside the blank line that ends it."""
+    headers: dict[str, str] = field(default_factory=dict)
+    """Extra response headers (e.g. a huge one)."""
 
 
 @dataclass
@@ -111,12 +120,14 @@ class ScriptedReplica:
             )
         stream = request.path == "/generate_stream" or bool(body.get("stream"))
         openai = request.path.startswith("/v1/")
+        if s.poison is not None and s.poison in json.dumps(body):
+            return await self._generation_error(request, stream, openai)
         if s.first_delay_s:
             await asyncio.sleep(s.first_delay_s)
         if not stream:
             text = "".join(f" tok{j}" for j in range(1, s.tokens + 1))
             return web.json_response({"generated_text": text})
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", **s.headers})
         await resp.prepare(request)
         self.seen.active_streams += 1
         prefix = b"data: " if s.space else b"data:"
@@ -135,7 +146,19 @@ class ScriptedReplica:
                     await asyncio.sleep(3600)
                 if s.token_delay_s and i > 1:
                     await asyncio.sleep(s.token_delay_s)
-                await resp.write(token_event(i, s.space, openai, i == s.tokens, s.tokens))
+                event = token_event(i, s.space, openai, i == s.tokens, s.tokens)
+                if s.die_mid_event_after is not None and i > s.die_mid_event_after:
+                    await resp.write(event[: len(event) // 2])
+                    await asyncio.sleep(0.05)  # let the half event leave on its own
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return resp
+                if s.split_events:
+                    await resp.write(event[:-1])
+                    await asyncio.sleep(0.01)  # a separate read on the balancer's side
+                    await resp.write(event[-1:])
+                else:
+                    await resp.write(event)
             if openai:
                 await resp.write(prefix + b"[DONE]\n\n")
             await resp.write_eof()
@@ -146,3 +169,25 @@ class ScriptedReplica:
             raise
         finally:
             self.seen.active_streams -= 1
+
+    async def _generation_error(
+        self, request: web.Request, stream: bool, openai: bool
+    ) -> web.StreamResponse:
+        """TGI's answer when the batch failed (text-generation-inference v3.3.7,
+        router/src/server.rs and router/src/infer/mod.rs): 424 + ``error_type`` generation;
+        on a stream HTTP 200 and the error as its first event (OpenAI routes: always
+        ``http_status_code`` 422, then ``[DONE]``)."""
+        message = "Request failed during generation: Unexpected <class 'RuntimeError'>: poison"
+        if not stream:
+            return web.json_response({"error": message, "error_type": "generation"}, status=424)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        if openai:
+            doc = {"error": {"message": message, "http_status_code": 422}}
+            await resp.write(b"data:" + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n")
+            await resp.write(b"data:[DONE]\n\n")
+        else:
+            doc2 = {"error": message, "error_type": "generation"}
+            await resp.write(b"data:" + json.dumps(doc2, separators=(",", ":")).encode() + b"\n\n")
+        await resp.write_eof()
+        return resp

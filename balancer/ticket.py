@@ -1,0 +1,36 @@
+"""A generation request's ticket: its place in line, and what the forecast knows of it.
+
+Plain data shared by admission (the queue), the forecast (``balancer/forecast.py``) and
+the SLO gate (``balancer/slo.py``). A retry presents the same ticket, so it keeps its
+arrival order, its queue deadline and its TTFT budget.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass(eq=False)
+class Ticket:
+    prompt_tokens: int = 0
+    new_tokens: int | None = None
+    """``max_new_tokens`` / ``max_tokens`` as requested; None: the replica's default."""
+    arrived_at: float = field(default_factory=time.monotonic)
+    """When the request reached the balancer: the queue's and TTFT's origin."""
+    order_key: float | None = None
+    """The queue's sort key, fixed at the first ``acquire`` (balancer/queue_order.py)."""
+    admitted: bool = False
+    """Held a slot once: a retry is not refused by ``max_queue`` (it was counted already)."""
+    budget_s: float | None = None
+    """The TTFT it must meet (the SLO, or a tighter deadline header); None: no SLO."""
+    long: bool = False
+    """A long prompt (``queue_long_tokens``): the class the queue's floor protects."""
+    predicted_ttft: float | None = None
+    """Set by the SLO gate on arrival: the forecast's TTFT."""
+    latest_start: float | None = None
+    """Monotonic time after which waiting for a slot can no longer meet ``budget_s``."""
+    started_at: float | None = None
+    """When its current slot was granted (``time.monotonic()``)."""
+    replica: str | None = None
+    """The replica holding its current slot."""

@@ -1,0 +1,312 @@
+"""The defects an adversarial review of the balancer found (issue 11), each reproduced."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from balancer.admission import Admission, Ticket
+from balancer.policy import LeastOutstanding
+from balancer.upstream import Registry, Replica, ReplicaState
+from tests.conftest import metric_value, read_sse
+from tests.upstreams import Script
+
+GEN = {"inputs": "hello", "parameters": {"max_new_tokens": 5}}
+
+
+def _replicas(n: int, cap: int = 1) -> list[Replica]:
+    return [
+        Replica(f"r{i}", f"http://x{i}", slot_cap=cap, state=ReplicaState.READY, healthy=True)
+        for i in range(n)
+    ]
+
+
+# ---------------------------------------------------------------- 1. admission
+async def test_a_queued_retry_does_not_keep_new_requests_off_an_idle_replica():
+    registry = Registry(_replicas(2))
+    a, b = registry.replicas
+    adm = Admission(registry, LeastOutstanding(), max_queue=8, queue_timeout_s=5)
+    first = await adm.acquire(1)
+    busy_b = await adm.acquire(1)
+    assert {first, busy_b} == {a, b}
+    # A's request failed: its retry excludes A and waits for B, which is busy.
+    retry = asyncio.ensure_future(adm.acquire(1, exclude=frozenset({a})))
+    await asyncio.sleep(0)
+    adm.release(a, 1)
+    await asyncio.sleep(0)
+    assert not retry.done()
+    # A is idle: a new request takes it at once although the queue is not empty.
+    assert await asyncio.wait_for(adm.acquire(1), 0.5) is a
+    adm.release(b, 1)
+    assert await asyncio.wait_for(retry, 0.5) is b
+
+
+async def test_a_retry_keeps_its_place_and_its_deadline():
+    registry = Registry(_replicas(1))
+    adm = Admission(registry, LeastOutstanding(), max_queue=8, queue_timeout_s=0.3)
+    held = await adm.acquire(1)
+    ticket = Ticket()
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(0.2)
+    later = asyncio.ensure_future(adm.acquire(1))  # arrives after the ticket's request
+    await asyncio.sleep(0)
+    retry = asyncio.ensure_future(adm.acquire(1, ticket=ticket))
+    await asyncio.sleep(0)
+    adm.release(held, 1)
+    # The retry keeps its place (it arrived first), so it is served before ``later``.
+    got = await asyncio.wait_for(retry, 1)
+    assert got is held and not later.done()
+    adm.release(got, 1)
+    adm.release(await asyncio.wait_for(later, 1), 1)
+    # ...and its deadline: 0.3 s from its first arrival, not from the retry.
+    adm2 = Admission(registry, LeastOutstanding(), max_queue=8, queue_timeout_s=0.3)
+    hold = await adm2.acquire(1)
+    ticket = Ticket()
+    await asyncio.sleep(0.2)
+    started = loop.time()
+    try:
+        await adm2.acquire(1, ticket=ticket)
+    except Exception as exc:  # QueueTimeout
+        waited = loop.time() - started
+        assert type(exc).__name__ == "QueueTimeout"
+        assert waited < 0.25
+    else:
+        raise AssertionError("expected a queue timeout")
+    adm2.release(hold, 1)
+
+
+# ---------------------------------------------------------------- end to end
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+
+
+def _sdk(server):
+    import openai
+
+    return openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+async def test_a_poison_prompt_ejects_no_replica(scripted, balancer, http):
+    """2. Every replica fails one prompt (TGI 424 / a generation error event): the failure
+    follows the request, so it is the request's, and normal traffic keeps all replicas."""
+    urls = [(await scripted(Script(tokens=3, poison="POISON")))[1] for _ in range(3)]
+    server = await balancer(urls, eject_after_failures=2, health_interval_s=60)
+    poison_native = {"inputs": "POISON", "parameters": {"max_new_tokens": 3}}
+    poison_chat = {**CHAT, "messages": [{"role": "user", "content": "POISON"}], "stream": True}
+
+    async def poison(i: int) -> tuple[int, bytes]:
+        path, body = [("/generate", poison_native), ("/v1/chat/completions", poison_chat)][i % 2]
+        async with http.post(f"{server.url}{path}", json=body) as resp:
+            return resp.status, await resp.read()
+
+    results = await asyncio.gather(*(poison(i) for i in range(6)))
+    # The client still gets TGI's answer: 424 on /generate, the error event on the stream.
+    assert {status for status, _ in results} == {424, 200}
+    assert all(b"Request failed during generation" in body for _, body in results)
+    assert all(r.routable for r in server.registry), [r.name for r in server.registry]
+    async with http.post(f"{server.url}/generate", json=GEN) as resp:
+        assert resp.status == 200
+    async with http.get(f"{server.url}/metrics") as resp:
+        text = await resp.text()
+    assert metric_value(text, "neuron_fleet_ejections_total", replica="r0", outcome="ejected") == 0
+    assert metric_value(text, "neuron_fleet_retries_total", reason="generation_event") > 0
+
+
+async def test_failures_eject_at_most_the_budget(scripted, balancer, http):
+    """2. Three replicas that all fail every request: at most one of three is ejected."""
+    urls = [(await scripted(Script(status=500)))[1] for _ in range(3)]
+    server = await balancer(urls, eject_after_failures=1, health_interval_s=60, retries=0)
+    for _ in range(9):
+        async with http.post(f"{server.url}/generate", json=GEN) as resp:
+            assert resp.status == 500
+    assert sum(not r.healthy for r in server.registry) == 1
+    async with http.get(f"{server.url}/metrics") as resp:
+        text = await resp.text()
+    over = sum(
+        metric_value(text, "neuron_fleet_ejections_total", replica=f"r{i}", outcome="over_budget")
+        for i in range(3)
+    )
+    assert over >= 2
+
+
+async def test_a_replica_that_answers_503_alone_is_blamed(scripted, balancer, http):
+    """2. 503 on one replica only: retried elsewhere, and that replica is ejected."""
+    bad, bad_url = await scripted(Script(status=503))
+    _, good_url = await scripted(Script(tokens=2))
+    server = await balancer([bad_url, good_url], eject_after_failures=2, health_interval_s=60)
+    for _ in range(6):
+        async with http.post(f"{server.url}/generate", json=GEN) as resp:
+            assert resp.status == 200
+    assert len(bad.seen.requests) == 2
+    assert not server.registry.get("r0").healthy
+
+
+async def test_death_mid_event_ends_with_an_error_the_openai_sdk_raises(scripted, balancer):
+    """3. The replica dies in the middle of an event: the client never gets the half event,
+    and the openai SDK raises APIError (not JSONDecodeError) after the whole tokens."""
+    import openai
+
+    _, url = await scripted(Script(tokens=6, die_mid_event_after=2))
+    server = await balancer([url], retries=0)
+    client = _sdk(server)
+    got: list[str] = []
+    with pytest.raises(openai.APIError) as info:
+        stream = await client.chat.completions.create(**{**CHAT, "stream": True})
+        async for chunk in stream:
+            got.append(chunk.choices[0].delta.content or "")
+    assert got == [" tok1", " tok2"]
+    assert "Incomplete generation stream" in info.value.message
+    await client.close()
+
+
+async def test_death_mid_event_on_the_native_route_sends_whole_events_only(
+    scripted, balancer, http
+):
+    _, url = await scripted(Script(tokens=6, die_mid_event_after=3))
+    server = await balancer([url], retries=0)
+    async with http.post(f"{server.url}/generate_stream", json=GEN) as resp:
+        events = await read_sse(resp)
+    assert len(events) == 4
+    for event in events:
+        json.loads(event.removeprefix(b"data:"))  # every event is whole JSON
+    assert json.loads(events[-1].removeprefix(b"data:"))["error_type"] == (
+        "incomplete_generation_stream"
+    )
+
+
+async def test_tokens_are_counted_when_separators_are_split_across_reads(scripted, balancer, http):
+    """5. Each event arrives in two reads, cut inside its blank line: all tokens count."""
+    _, url = await scripted(Script(tokens=6, split_events=True))
+    server = await balancer([url])
+    async with http.post(f"{server.url}/generate_stream", json=GEN) as resp:
+        events = await read_sse(resp)
+    assert len(events) == 6
+    async with http.get(f"{server.url}/metrics") as resp:
+        text = await resp.text()
+    assert metric_value(text, "neuron_fleet_output_tokens_total", replica="r0") == 6
+    assert server.registry.get("r0").outstanding_work == 0
+
+
+async def test_a_long_non_streaming_generation_is_not_cut_at_the_first_byte_timeout(
+    scripted, balancer, http
+):
+    """4. /generate sends nothing until it is done: bounded by response_timeout_s, not by
+    the first-byte timeout meant for streams."""
+    replica, url = await scripted(Script(tokens=2, first_delay_s=0.6))
+    server = await balancer([url], first_byte_timeout_s=0.2, response_timeout_s=5.0)
+    async with http.post(f"{server.url}/generate", json=GEN) as resp:
+        assert resp.status == 200
+    assert len(replica.seen.requests) == 1  # not retried
+    short = await balancer([url], first_byte_timeout_s=5.0, response_timeout_s=0.2, retries=0)
+    async with http.post(f"{short.url}/generate", json=GEN) as resp:
+        assert resp.status == 504
+        assert "response_timeout" in (await resp.json())["error"]
+
+
+@pytest.mark.parametrize(
+    ("event", "retried"),
+    [
+        # text-generation-inference v3.3.7, router/src/infer/mod.rs into_openai_event:
+        ({"error": {"message": "Model is overloaded", "http_status_code": 422}}, True),
+        (
+            {
+                "error": {
+                    "message": "Request failed during generation: Unexpected RuntimeError",
+                    "http_status_code": 422,
+                }
+            },
+            True,
+        ),
+        (
+            {
+                "error": {
+                    "message": "Input validation error: `temperature` must be strictly positive",
+                    "http_status_code": 422,
+                }
+            },
+            False,
+        ),
+        # router/src/server.rs impl From<InferError> for Event (native routes):
+        ({"error": "Model is overloaded", "error_type": "overloaded"}, True),
+        (
+            {"error": "Incomplete generation stream", "error_type": "incomplete_generation_stream"},
+            True,
+        ),
+        # vLLM create_streaming_error_response:
+        (
+            {
+                "error": {
+                    "message": "boom",
+                    "type": "InternalServerError",
+                    "param": None,
+                    "code": 500,
+                }
+            },
+            True,
+        ),
+        (
+            {"error": {"message": "bad", "type": "BadRequestError", "param": None, "code": 400}},
+            False,
+        ),
+    ],
+)
+async def test_real_servers_error_events_are_recognised(scripted, balancer, http, event, retried):
+    """9. TGI's OpenAI routes always say 422: the message tells busy / failed / bad input."""
+    doc = json.dumps(event, separators=(",", ":"))
+    _bad, bad_url = await scripted(Script(first_event_error=doc))
+    good, good_url = await scripted(Script(tokens=2))
+    server = await balancer([bad_url, good_url], health_interval_s=60, policy="round-robin")
+    statuses = []
+    for _ in range(2):  # round robin: one of them starts on the failing replica
+        async with http.post(
+            f"{server.url}/v1/chat/completions", json={**CHAT, "stream": True}
+        ) as r:
+            statuses.append((r.status, await r.read()))
+    relayed_errors = sum(b'"error"' in body for _, body in statuses)
+    assert relayed_errors == (0 if retried else 1)
+    assert len(good.seen.requests) == (2 if retried else 1)
+
+
+# ---------------------------------------------------------------- 7. smaller items
+async def _raw_exchange(url: str, head: bytes) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(head)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            return await reader.read(4096)
+    finally:
+        writer.close()
+
+
+async def test_an_oversized_body_is_refused_before_100_continue(scripted, balancer):
+    replica, url = await scripted(Script(tokens=1))
+    server = await balancer([url])
+    assert server.config.max_body_bytes == 2_000_000  # TGI's --payload-limit default
+    head = (
+        b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 3000000\r\nExpect: 100-continue\r\n\r\n"
+    )
+    answer = await _raw_exchange(server.url, head)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:40]
+    assert b"100 Continue" not in answer
+    assert b'"error_type": "validation"' in answer
+    assert replica.seen.requests == []
+
+
+async def test_head_health_answers(scripted, balancer, http):
+    _, url = await scripted(Script(tokens=1))
+    server = await balancer([url])
+    async with http.head(f"{server.url}/health") as resp:
+        assert resp.status == 200
+
+
+async def test_the_replica_is_asked_for_an_uncompressed_answer(scripted, balancer, http):
+    replica, url = await scripted(Script(tokens=1))
+    server = await balancer([url])
+    headers = {"Accept-Encoding": "gzip, br"}
+    async with http.post(f"{server.url}/generate", json=GEN, headers=headers) as resp:
+        assert resp.status == 200
+    assert replica.seen.requests[0]["headers"]["Accept-Encoding"] == "identity"
