@@ -90,13 +90,12 @@ class Balancer:
     def _observe_wait(self, seconds: float) -> None:
         self.metrics.queue_wait.observe(seconds)
 
-    def _stream_ended(
-        self, ticket: Ticket, ttft_s: float, decode_s: float, tokens: int, complete: bool
-    ) -> None:
+    def _stream_ended(self, ticket: Ticket, complete: bool) -> None:
         """Learn from a finished stream; score it against its TTFT budget."""
-        self.forecast.observe(ticket, ttft_s, decode_s, tokens, complete)
-        if ticket.budget_s is None:
+        self.forecast.observe(ticket, complete)
+        if ticket.budget_s is None or ticket.first_token_at is None:
             return
+        ttft_s = ticket.first_token_at - ticket.arrived_at
         met = ttft_s <= ticket.budget_s
         self.metrics.slo_requests.labels(
             outcome="met" if met else "missed", prompt_class=_prompt_class(ticket)

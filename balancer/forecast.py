@@ -56,8 +56,9 @@ class Ewma:
 class LinearFit:
     """``y ~ a + b x`` by exponentially weighted least squares, with ``a, b >= 0``.
 
-    When ``x`` barely varies (every prompt ~16k tokens) the intercept cannot be told from
-    the slope: the fit goes through the origin, ``y ~ x * mean(y) / mean(x)``.
+    When ``x`` barely varies (every prompt ~16k tokens, or a warm-up of tiny ones) the slope
+    is unknown: the fit is the mean of ``y``, right for such prompts and never a wild
+    extrapolation from tiny ones to long ones.
     """
 
     half_life: float = HALF_LIFE
@@ -84,7 +85,7 @@ class LinearFit:
         mx, my = self.sx / self.sw, self.sy / self.sw
         var = self.sxx / self.sw - mx * mx
         if var <= (0.05 * mx) ** 2 + 1e-9:
-            return (0.0, my / mx) if mx > 0 else (my, 0.0)
+            return my, 0.0
         b = max(0.0, (self.sxy / self.sw - mx * my) / var)
         a = my - b * mx
         if a < 0:  # never a negative time for a short prompt: refit through the origin
@@ -132,23 +133,15 @@ class Forecast:
             )
         return model
 
-    def observe(
-        self,
-        ticket: Ticket,
-        first_token_s: float,
-        decode_s: float,
-        tokens: int,
-        complete: bool,
-    ) -> None:
-        """A stream ended: ``first_token_s`` after arrival, then ``decode_s`` until its last
-        of ``tokens`` token events; ``complete``: it ended normally (not cut, not left)."""
-        if ticket.replica is None or ticket.started_at is None or tokens <= 0:
+    def observe(self, ticket: Ticket, complete: bool) -> None:
+        """Learn from a stream that ended (``complete``: normally, not cut and not left)."""
+        tokens, first = ticket.generated, ticket.first_token_at
+        if ticket.replica is None or ticket.started_at is None or first is None or tokens <= 0:
             return
         model = self._model(ticket.replica)
-        queued = ticket.started_at - ticket.arrived_at
-        model.prefill.add(ticket.prompt_tokens, max(0.0, first_token_s - queued))
+        model.prefill.add(ticket.prompt_tokens, max(0.0, first - ticket.started_at))
         if tokens >= 2:
-            model.step.add(decode_s / (tokens - 1))
+            model.step.add((ticket.last_token_at - first) / (tokens - 1))
         if complete:
             if ticket.new_tokens:
                 self.end_ratio.add(min(1.0, tokens / ticket.new_tokens))
@@ -157,6 +150,7 @@ class Forecast:
 
     def started(self, ticket: Ticket, replica: str, now: float) -> None:
         ticket.started_at, ticket.replica = now, replica
+        ticket.generated, ticket.first_token_at = 0, None
         self.inflight.setdefault(replica, set()).add(ticket)
 
     def ended(self, ticket: Ticket) -> None:
@@ -183,6 +177,17 @@ class Forecast:
         return sum(m.prefill.predict(prompt_tokens) or 0.0 for m in fleet) / len(fleet)
 
     def step_s(self, replica: str | None) -> float:
+        """Seconds per decode step as its streams see it *now*: the mean step so far of
+        the replica's running streams (it moves with the load: every prefill admitted
+        pauses them all), else the figure learned from finished streams."""
+        if replica:
+            live = [
+                (t.last_token_at - t.first_token_at) / (t.generated - 1)
+                for t in self.inflight.get(replica, ())
+                if t.generated >= 2 and t.first_token_at is not None
+            ]
+            if live:
+                return sum(live) / len(live)
         model = self.models.get(replica) if replica else None
         if model is not None and model.step.value is not None:
             return model.step.value
@@ -196,31 +201,43 @@ class Forecast:
         ratio = self.end_ratio.value
         return new_tokens * (1.0 if ratio is None else ratio)
 
-    def service_s(self, replica: str | None, ticket: Ticket) -> float:
+    def service_s(self, replica: str | None, ticket: Ticket, step: float | None = None) -> float:
         """Seconds ``ticket`` is expected to hold a slot: prefill, then its decode steps."""
+        step = self.step_s(replica) if step is None else step
         tokens = self.expected_tokens(ticket.new_tokens)
-        return self.prefill_s(replica, ticket.prompt_tokens) + max(0.0, tokens - 1) * self.step_s(
-            replica
-        )
+        return self.prefill_s(replica, ticket.prompt_tokens) + max(0.0, tokens - 1) * step
 
-    def remaining_s(self, ticket: Ticket, now: float) -> float:
-        """Time until an in-flight request frees its slot; one more step if it runs late."""
+    def remaining_s(self, ticket: Ticket, now: float, step: float) -> float:
+        """Time until an in-flight request frees its slot, from its progress so far."""
         assert ticket.started_at is not None
-        left = ticket.started_at + self.service_s(ticket.replica, ticket) - now
-        return max(left, self.step_s(ticket.replica))
+        if ticket.first_token_at is None:  # still in its prefill
+            prefill = self.prefill_s(ticket.replica, ticket.prompt_tokens)
+            prefill_left = max(ticket.started_at + prefill - now, 0.0)
+            return prefill_left + max(0.0, self.expected_tokens(ticket.new_tokens) - 1) * step
+        expected = self.expected_tokens(ticket.new_tokens)
+        left = expected - ticket.generated
+        if left < 1.0:  # running longer than the average request
+            if ticket.new_tokens:  # it stops somewhere before its budget: halfway, say
+                left = (ticket.new_tokens - ticket.generated) / 2
+            else:  # no budget: as long again as an average one (memoryless)
+                left = expected
+        return max(left, 1.0) * step
 
     # ------------------------------------------------------------------ prediction
-    def slot_free_times(self, replicas: Iterable[Replica], now: float) -> list[tuple[float, str]]:
+    def slot_free_times(
+        self, replicas: Iterable[Replica], now: float, steps: dict[str, float]
+    ) -> list[tuple[float, str]]:
         """``(seconds from now, replica)`` at which each slot of each replica frees;
         empty when a replica has no cap (its slots never run out)."""
         slots: list[tuple[float, str]] = []
         for r in replicas:
             if r.slot_cap <= 0:
                 return []
+            step = steps[r.name]
             known = self.inflight.get(r.name, set())
-            times = [self.remaining_s(t, now) for t in known]
+            times = [self.remaining_s(t, now, step) for t in known]
             unknown = max(0, r.inflight - len(times))  # admitted without a ticket
-            times += [self.step_s(r.name)] * unknown
+            times += [step] * unknown
             times.sort()
             free = max(0, r.slot_cap - len(times))
             slots += [(0.0, r.name)] * free
@@ -234,14 +251,15 @@ class Forecast:
         ``ahead`` are served first; None before anything was learned or with no replica."""
         if not self.ready or not replicas:
             return None
-        slots = self.slot_free_times(replicas, now)
+        steps = {r.name: self.step_s(r.name) for r in replicas}
+        slots = self.slot_free_times(replicas, now, steps)
         if not slots:  # uncapped replicas: the request is sent at once
             best = min(replicas, key=lambda r: r.inflight)
             return Prediction(0.0, self.prefill_s(best.name, ticket.prompt_tokens), best.name)
         heapq.heapify(slots)
         for other in ahead:
             at, name = heapq.heappop(slots)
-            heapq.heappush(slots, (at + self.service_s(name, other), name))
+            heapq.heappush(slots, (at + self.service_s(name, other, steps[name]), name))
         at, name = heapq.heappop(slots)
         return Prediction(at, at + self.prefill_s(name, ticket.prompt_tokens), name)
 

@@ -113,9 +113,8 @@ class RelayRequest:
     """Made by the app with what the forecast and the SLO gate need (balancer/ticket.py)."""
 
 
-StreamEnd = Callable[[Ticket, float, float, int, bool], None]
-"""Called when a stream with a ticket ends: (ticket, seconds from arrival to the first
-token, seconds from the first to the last token, token events, ended normally)."""
+StreamEnd = Callable[[Ticket, bool], None]
+"""Called when a stream with a ticket ends: (its ticket, whether it ended normally)."""
 
 
 class _Retry(Exception):
@@ -556,12 +555,15 @@ class Relay:
         data_prefix = b"data: " if first.startswith(b"data: ") else b"data:"
         # Wall-clock origin of this request, on the loop's clock.
         origin = loop_time() - (time.monotonic() - started)
-        last_token = first_token = 0.0
+        last_token = 0.0
         tokens = 0
+        # The stream's progress, read by the forecast (balancer/forecast.py); the loop's
+        # clock is CLOCK_MONOTONIC, as time.monotonic() (uvloop: libuv's uv_now).
+        ticket = rr.ticket if rr.ticket is not None else Ticket()
 
         def count(events_bytes: bytes) -> None:
             """Count the token events among whole events (never a partial one)."""
-            nonlocal last_token, first_token, tokens, saw_error
+            nonlocal last_token, tokens, saw_error
             now = loop_time()
             events = events_bytes.count(sep)
             # Not tokens: [DONE], the usage-only chunk, keep-alive comments.
@@ -581,13 +583,14 @@ class Relay:
                 replica.outstanding_work -= done
                 if tokens == 0:
                     rm.ttft.observe(now - origin)
-                    first_token = now
+                    ticket.first_token_at = now
                 else:
                     rm.itl.observe(now - last_token)
                 if events > 1:  # arrived together: no time between them
                     rm.itl.observe(0.0, events - 1)
                 tokens += events
-                last_token = now
+                last_token = ticket.last_token_at = now
+                ticket.generated = tokens
 
         try:
             whole = framer.feed(first)
@@ -643,8 +646,7 @@ class Relay:
                 rm.output_tokens.inc(tokens)
                 if self.on_stream_end is not None and rr.ticket is not None:
                     clean = upstream.complete and not saw_error and not stream.client_gone
-                    ttft = first_token - origin
-                    self.on_stream_end(rr.ticket, ttft, last_token - first_token, tokens, clean)
+                    self.on_stream_end(rr.ticket, clean)
         # Every write to the client may block on a full socket: keep it under the watchdog.
         stream.enter(Phase.WRITING, loop_time())
         await response.write_eof()

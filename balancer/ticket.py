@@ -34,3 +34,7 @@ class Ticket:
     """When its current slot was granted (``time.monotonic()``)."""
     replica: str | None = None
     """The replica holding its current slot."""
+    generated: int = 0
+    """Token events relayed so far on the current attempt (the relay keeps it)."""
+    first_token_at: float | None = None
+    last_token_at: float = 0.0

@@ -175,6 +175,7 @@ async def stream_one(
             if resp.status != 200:
                 res.error = f"http_{resp.status}"
                 await resp.read()
+                res.end = clock() - origin  # a refusal's time (summaries use ok ones only)
                 return
             async for chunk in resp.content.iter_any():
                 now = clock()

@@ -22,6 +22,16 @@ def ready_replica(name: str, cap: int = 2) -> Replica:
     )
 
 
+def finish(f: Forecast, t: Ticket, prefill_s: float, step_s: float, tokens: int) -> None:
+    """Play a stream on ``t`` (already started): first token after ``prefill_s``, then
+    ``tokens - 1`` more ``step_s`` apart; the forecast observes it when it ends normally."""
+    assert t.started_at is not None
+    t.first_token_at = t.started_at + prefill_s
+    t.last_token_at = t.first_token_at + step_s * (tokens - 1)
+    t.generated = tokens
+    f.observe(t, complete=True)
+
+
 def teach(
     f: Forecast,
     replica: str,
@@ -41,8 +51,7 @@ def teach(
         budget = rng.randint(10, 200)
         t = Ticket(prompt, budget, arrived_at=0.0)
         f.started(t, replica, now=0.5)  # waited 0.5 s for its slot
-        tokens = max(2, round(budget * ratio))
-        f.observe(t, 0.5 + a + b * prompt, step * (tokens - 1), tokens, complete=True)
+        finish(f, t, a + b * prompt, step, max(2, round(budget * ratio)))
         f.ended(t)
 
 
@@ -54,13 +63,15 @@ def test_linear_fit_recovers_intercept_and_slope() -> None:
     assert a == pytest.approx(0.02, abs=1e-6) and b == pytest.approx(1e-4, rel=1e-6)
 
 
-def test_linear_fit_through_the_origin_when_x_barely_varies() -> None:
+def test_linear_fit_is_the_mean_when_x_barely_varies() -> None:
     fit = LinearFit()
     for x in (15_900, 15_950, 15_880, 15_910):
         fit.add(x, 1.6)
-    a, _ = fit.coefficients()  # type: ignore[misc]
-    assert a == 0.0
-    assert fit.predict(8_000) == pytest.approx(1.6 * 8_000 / 15_910, rel=0.01)
+    assert fit.coefficients() == (pytest.approx(1.6), 0.0)
+    tiny = LinearFit()
+    for _ in range(6):
+        tiny.add(8, 0.004)  # a warm-up of tiny prompts says nothing about long ones
+    assert tiny.predict(16_000) == pytest.approx(0.004)
 
 
 def test_linear_fit_forgets_old_samples() -> None:
@@ -98,7 +109,7 @@ def test_requests_without_a_budget_use_the_tokens_observed_for_such_requests() -
     for tokens in (40, 60):
         t = Ticket(10, None, arrived_at=0.0)
         f.started(t, "r0", 0.0)
-        f.observe(t, 0.1, 0.01 * (tokens - 1), tokens, complete=True)
+        finish(f, t, 0.1, 0.01, tokens)
     assert f.expected_tokens(None) == pytest.approx(50)
 
 
@@ -106,19 +117,30 @@ def test_cut_streams_teach_timing_but_not_how_requests_end() -> None:
     f = Forecast()
     t = Ticket(1_000, 100, arrived_at=0.0)
     f.started(t, "r0", 0.0)
-    f.observe(t, 0.2, 0.3, 4, complete=False)
+    t.first_token_at, t.last_token_at, t.generated = 0.2, 0.5, 4
+    f.observe(t, complete=False)
     assert f.ready and f.end_ratio.count == 0
+
+
+def busy_replica(f: Forecast, budgets: tuple[int, ...]) -> tuple[Replica, list[Ticket]]:
+    """A replica whose slots all hold streams that just sent their first token."""
+    replica = ready_replica("r0", cap=len(budgets))
+    running = []
+    for budget in budgets:
+        t = Ticket(0, budget, arrived_at=0.0)
+        f.started(t, "r0", now=0.0)
+        t.first_token_at = t.last_token_at = 0.0
+        t.generated = 1
+        replica.inflight += 1
+        running.append(t)
+    return replica, running
 
 
 def test_prediction_waits_for_the_first_slot_to_free_then_the_queue_ahead() -> None:
     f = Forecast()
     teach(f, "r0", a=0.0, b=1e-4, step=0.01)
-    replica = ready_replica("r0", cap=2)
-    # Two requests hold the slots: 1 s and 3 s of service left.
-    for prompt, tokens in ((0, 101), (0, 301)):
-        t = Ticket(prompt, tokens, arrived_at=0.0)
-        f.started(t, "r0", now=0.0)
-        replica.inflight += 1
+    # Two streams hold the slots: 100 and 300 tokens (1 s and 3 s) to go.
+    replica, running = busy_replica(f, (101, 301))
     new = Ticket(5_000, 10, arrived_at=0.0)
     p = f.predict(new, [replica], [], now=0.0)
     assert p is not None and p.wait_s == pytest.approx(1.0, rel=0.01)
@@ -128,9 +150,30 @@ def test_prediction_waits_for_the_first_slot_to_free_then_the_queue_ahead() -> N
     ahead = [Ticket(1_000, 201, arrived_at=0.0)]
     p = f.predict(new, [replica], ahead, now=0.0)
     assert p is not None and p.wait_s == pytest.approx(3.0, rel=0.01)
-    # Later on the same clock the in-flight requests have less left.
+    # 0.75 s later the first stream is 75 tokens further: 25 tokens (0.25 s) to go.
+    running[0].generated, running[0].last_token_at = 76, 0.75
     p = f.predict(new, [replica], [], now=0.75)
     assert p is not None and p.wait_s == pytest.approx(0.25, rel=0.05)
+
+
+def test_prediction_follows_the_replicas_speed_now_not_the_average() -> None:
+    f = Forecast()
+    teach(f, "r0", a=0.0, b=1e-4, step=0.01)
+    replica, running = busy_replica(f, (101, 101))
+    for t in running:  # under load every step takes twice as long (prefill pauses)
+        t.generated, t.last_token_at = 51, 1.0
+    p = f.predict(Ticket(0, 10, arrived_at=1.0), [replica], [], now=1.0)
+    assert p is not None and p.wait_s == pytest.approx(50 * 0.02, rel=0.02)
+
+
+def test_a_stream_running_past_the_average_ends_by_its_budget() -> None:
+    f = Forecast()
+    teach(f, "r0", a=0.0, b=1e-4, step=0.01, ratio=0.5)  # requests end at half the budget
+    replica, running = busy_replica(f, (100,))
+    running[0].generated, running[0].last_token_at = 90, 0.89
+    p = f.predict(Ticket(0, 10, arrived_at=0.89), [replica], [], now=0.89)
+    # Half of what its budget still allows (10 tokens), not the average's "already done".
+    assert p is not None and p.wait_s == pytest.approx(5 * 0.01, rel=0.05)
 
 
 def test_a_free_slot_means_no_wait_and_no_forecast_before_learning() -> None:

@@ -62,7 +62,10 @@ async def test_a_burst_beyond_the_slots_is_refused_at_once_with_retry_after(
     results = await asyncio.gather(*(one() for _ in range(16)))
     served = [r for r in results if r[0] == 200]
     refused = [r for r in results if r[0] == 429]
-    assert len(served) + len(refused) == 16, [r[0] for r in results]
+    # Admitted on a forecast that then proved optimistic: dropped once its budget is gone.
+    expired = [r for r in results if r[0] == 503 and r[2]["error_type"] == "overloaded"]
+    assert len(served) + len(refused) + len(expired) == 16, [r[0] for r in results]
+    assert len(expired) <= 4
     assert len(served) >= 2  # the two free slots are never refused
     assert len(refused) >= 8
     for _, _, doc, retry_after, _ in refused:
