@@ -153,12 +153,21 @@ class Admission:
                 if isinstance(exc, TimeoutError):
                     waited = time.monotonic() - ticket.arrived_at
                     no_replica = not self.registry.routable()
+                    if reason and self.forecast is not None:
+                        self._forecast_missed(ticket)
                     raise QueueTimeout(waited, no_replica, "" if no_replica else reason) from None
                 raise
         ticket.admitted = True
         if self._on_wait is not None:
             self._on_wait(time.monotonic() - ticket.arrived_at)
         return waiter.future.result()
+
+    def _forecast_missed(self, ticket: Ticket) -> None:
+        """A request dropped for its budget never sees a first token: its forecast was
+        late by at least budget - forecast, which the gate's margin must learn too."""
+        if ticket.predicted_ttft is not None and ticket.budget_s is not None:
+            assert self.forecast is not None
+            self.forecast.ttft_error(ticket.budget_s - ticket.predicted_ttft)
 
     def _forget(self, waiter: _Waiter) -> None:
         """Drop a waiter that gave up; if a slot was granted at the same instant, return it."""

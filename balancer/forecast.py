@@ -23,8 +23,10 @@ queued ahead taking the slots as they free. Pure: the clock is a parameter.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -34,6 +36,9 @@ from balancer.upstream import Replica
 HALF_LIFE = 64.0
 """Samples after which an observation weighs half: adapts within a few hundred requests
 (a replica restarted on other hardware, a traffic shift) without chasing noise."""
+ERROR_WINDOW = 256
+"""Recent TTFT forecast errors the gate's safety margin is taken from."""
+MARGIN_QUANTILE = 0.95
 NO_BUDGET_TOKENS = 256
 """Tokens assumed for a request with no ``max_new_tokens`` until some were observed."""
 
@@ -123,6 +128,8 @@ class Forecast:
         self.open_tokens = Ewma(half_life)
         """Generated tokens of requests that set no budget."""
         self.inflight: dict[str, set[Ticket]] = {}
+        self._errors: deque[float] = deque(maxlen=ERROR_WINDOW)
+        self._sorted_errors: list[float] = []
 
     # ------------------------------------------------------------------ learning
     def _model(self, replica: str) -> ReplicaModel:
@@ -147,6 +154,22 @@ class Forecast:
                 self.end_ratio.add(min(1.0, tokens / ticket.new_tokens))
             elif ticket.new_tokens is None:
                 self.open_tokens.add(tokens)
+
+    def ttft_error(self, actual_minus_predicted: float) -> None:
+        """A TTFT forecast checked against what happened (for ``margin_s``)."""
+        if len(self._errors) == self._errors.maxlen:
+            self._sorted_errors.pop(bisect.bisect_left(self._sorted_errors, self._errors[0]))
+        self._errors.append(actual_minus_predicted)
+        bisect.insort(self._sorted_errors, actual_minus_predicted)
+
+    def margin_s(self) -> float:
+        """How much later than forecast first tokens recently came (95th percentile of the
+        last ``ERROR_WINDOW`` errors, never below 0): the gate's safety margin, so that
+        admitted requests rarely have to be dropped from the queue later."""
+        if not self._sorted_errors:
+            return 0.0
+        k = min(len(self._sorted_errors) - 1, int(MARGIN_QUANTILE * len(self._sorted_errors)))
+        return max(0.0, self._sorted_errors[k])
 
     def started(self, ticket: Ticket, replica: str, now: float) -> None:
         ticket.started_at, ticket.replica = now, replica

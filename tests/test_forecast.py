@@ -285,6 +285,27 @@ def test_gate_admits_what_fits_and_sets_when_to_give_up() -> None:
     assert ok.latest_start == pytest.approx(5.0 - 0.1, rel=0.01)
 
 
+def test_margin_is_the_recent_95th_percentile_of_lateness() -> None:
+    f = Forecast()
+    assert f.margin_s() == 0.0
+    for i in range(100):
+        f.ttft_error(i / 100)  # 0.00 .. 0.99 s late
+    assert f.margin_s() == pytest.approx(0.95)
+    for _ in range(256):  # a better forecast since: the old errors age out
+        f.ttft_error(-0.1)
+    assert f.margin_s() == 0.0
+
+
+def test_gate_refuses_what_only_its_margin_pushes_over_the_budget() -> None:
+    gate, f, _ = gate_with_busy_replica()
+    ticket = Ticket(1_000, 10, arrived_at=0.0, budget_s=4.5)  # forecast 4.1 s: fits
+    assert gate.check(ticket, now=0.0) is None
+    for _ in range(20):
+        f.ttft_error(0.5)  # first tokens came 0.5 s later than forecast
+    refusal = gate.check(Ticket(1_000, 10, arrived_at=0.0, budget_s=4.5), now=0.0)
+    assert refusal is not None and refusal.predicted_s == pytest.approx(4.6, rel=0.02)
+
+
 def test_gate_never_refuses_a_request_a_free_slot_is_waiting_for() -> None:
     gate, f, replica = gate_with_busy_replica()
     replica.inflight = 0
