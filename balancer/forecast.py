@@ -38,7 +38,7 @@ HALF_LIFE = 64.0
 (a replica restarted on other hardware, a traffic shift) without chasing noise."""
 ERROR_WINDOW = 256
 """Recent TTFT forecast errors the gate's safety margin is taken from."""
-MARGIN_QUANTILE = 0.95
+MARGIN_QUANTILE = 0.99
 NO_BUDGET_TOKENS = 256
 """Tokens assumed for a request with no ``max_new_tokens`` until some were observed."""
 
@@ -163,7 +163,7 @@ class Forecast:
         bisect.insort(self._sorted_errors, actual_minus_predicted)
 
     def margin_s(self) -> float:
-        """How much later than forecast first tokens recently came (95th percentile of the
+        """How much later than forecast first tokens recently came (99th percentile of the
         last ``ERROR_WINDOW`` errors, never below 0): the gate's safety margin, so that
         admitted requests rarely have to be dropped from the queue later."""
         if not self._sorted_errors:

@@ -5,7 +5,7 @@ a long timeout serves requests so late that nobody counts them as served. With
 ``ttft_slo_s`` set, the forecast (``balancer/forecast.py``) predicts each request's TTFT on
 arrival from the slots' predicted free times and the queue ahead of it:
 
-- predicted TTFT (plus the forecast's recent error, its 95th percentile) over its budget:
+- predicted TTFT (plus the forecast's recent error, its 99th percentile) over its budget:
   **429** at once, in TGI's error shape, with
   ``Retry-After`` = the predicted time until it would fit (the predicted overshoot: the
   queue ahead must drain by that much first), counted by reason;
@@ -94,7 +94,7 @@ class SloGate:
         prefill = prediction.ttft_s - prediction.wait_s
         if prediction.wait_s <= 0:
             return None  # a slot is free for it now: refusing could not help it
-        # Plus the forecast's recent lateness (its 95th percentile): admitting on a forecast
+        # Plus the forecast's recent lateness (its 99th percentile): admitting on a forecast
         # that proves optimistic means a drop from the queue later, a slow "no".
         expected = prediction.ttft_s + self.forecast.margin_s()
         if expected > budget:

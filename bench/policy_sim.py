@@ -24,19 +24,37 @@ The balancer queue's order (capped policies) is ``--order``: ``fifo`` (neuron-fl
 ``sjf`` (least estimated service first: prefill + max_tokens decode steps) or ``edfA``
 (earliest virtual deadline: arrival + A x estimated service, i.e. SJF with ageing).
 
-Run: ``python bench/policy_sim.py [--load 0.9] [--hours 20] [--order fifo]``.
+With ``--slo S`` it compares instead, at ``--load`` (e.g. 1.3), what users of a TTFT SLO of
+S seconds get: goodput (requests/s served with TTFT <= S), refusals and how long a refusal
+takes, TTFT of served requests, for
+
+- ``nginx``: ``rr``, the queue in the replicas;
+- ``haproxy``: ``lor-cap``, FIFO queue, no timeout that matters (``timeout queue 120s``);
+- ``haproxy-slo``: the same, a waiter dropped after S in the queue (``timeout queue`` = S);
+- ``gate``: neuron-fleet's SLO gate (balancer/slo.py), FIFO, on the balancer's own online
+  forecast (balancer/forecast.py) driven by this virtual clock;
+- ``gate-sf``: the gate with the ``shortest`` queue order and the long-prompt floor
+  (balancer/queue_order.py).
+
+Run: ``python bench/policy_sim.py [--load 0.9] [--hours 20] [--order fifo]``, or
+``python bench/policy_sim.py --slo 3 --load 1.3 --hours 6``.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import heapq
 import itertools
 import random
 from collections import deque
 from collections.abc import Callable
 
-from balancer.admission import estimated_service_s
+from balancer.forecast import Forecast
+from balancer.queue_order import QueueOrder, estimated_service_s
+from balancer.slo import SloGate
+from balancer.ticket import Ticket
+from balancer.upstream import Registry, Replica, ReplicaState
 from supervisor.simulator.engine import Job, NeuronBatcher, Step
 
 POLICIES = (
@@ -211,6 +229,189 @@ def simulate(
     return {"ttft": ttft, "itl": itl}  # type: ignore[dict-item]
 
 
+SLO_POLICIES = ("nginx", "haproxy", "haproxy-slo", "gate", "gate-sf")
+
+
+class _Waiting:
+    """A queued request in the SLO simulation (what balancer.queue_order sorts)."""
+
+    def __init__(self, job: Job, ticket: Ticket, key: float) -> None:
+        self.job, self.ticket, self.deadline = job, ticket, key
+
+    @property
+    def long(self) -> bool:
+        return self.ticket.long
+
+
+class _Queue:
+    """The balancer queue as the SLO gate sees it (``Admission.ahead_of``)."""
+
+    def __init__(self, order: QueueOrder) -> None:
+        self.order = order
+        self.items: list[_Waiting] = []
+
+    def ahead_of(self, ticket: Ticket, now: float) -> list[Ticket]:
+        key = self.order.key(now, 0, ticket.prompt_tokens, ticket)
+        return [w.ticket for w in self.order.ahead_of(self.items, key, ticket.long)]
+
+
+def simulate_slo(
+    policy: str,
+    sampler: Callable[[random.Random], tuple[int, int, str]],
+    rate: float,
+    slo_s: float,
+    *,
+    replicas: int = 3,
+    batch: int = 8,
+    duration_s: float = 21_600.0,
+    warmup_s: float = 600.0,
+    seed: int = 3,
+    long_tokens: int = 4096,
+) -> dict[str, object]:
+    """One SLO policy (``SLO_POLICIES``) under Poisson arrivals: per measured request its
+    class, TTFT (None if refused) and time to refusal."""
+    if policy == "nginx":
+        r = simulate(
+            "rr",
+            sampler,
+            rate,
+            replicas=replicas,
+            batch=batch,
+            duration_s=duration_s,
+            warmup_s=warmup_s,
+            seed=seed,
+        )
+        served = [(c, t, None) for c, v in r["ttft"].items() for t in v]
+        return {"requests": served, "measured_s": duration_s - warmup_s}
+    rng = random.Random(seed)
+    batchers = [
+        NeuronBatcher(batch_size=batch, max_concurrent_requests=1_000_000) for _ in range(replicas)
+    ]
+    names = [f"r{i}" for i in range(replicas)]
+    fleet = Registry(
+        Replica(n, f"sim://{n}", slot_cap=batch, state=ReplicaState.READY, healthy=True)
+        for n in names
+    )
+    reps = fleet.replicas
+    forecast = Forecast()
+    ordering = "shortest" if policy == "gate-sf" else "fifo"
+    queue = _Queue(QueueOrder(ordering, 0.3, forecast, 0.25 if policy == "gate-sf" else 0.0))
+    gate = SloGate(forecast, queue, fleet) if policy.startswith("gate") else None  # type: ignore[arg-type]
+    step: list[Step | None] = [None] * replicas
+    tickets: dict[int, Ticket] = {}
+    cls: dict[int, str] = {}
+    out: list[tuple[str, float | None, float | None]] = []
+    events: list[tuple[float, int, str, int]] = []
+    seq = itertools.count()
+    ordinal = itertools.count(1)
+
+    def start_step(i: int, now: float) -> None:
+        if step[i] is None:
+            s = step[i] = batchers[i].plan(now)
+            if s is not None:
+                heapq.heappush(events, (now + s.duration, next(seq), "step", i))
+
+    def record(n: int, ttft: float | None, refusal: float | None) -> None:
+        if tickets[n].arrived_at > warmup_s:
+            out.append((cls[n], ttft, refusal))
+
+    def dispatch(now: float) -> None:
+        while queue.items:
+            free = [i for i in range(replicas) if reps[i].inflight < batch]
+            if not free:
+                return
+            waiter = next(iter(queue.order.in_turn(queue.items)))
+            queue.items.remove(waiter)
+            queue.order.granted(waiter.long)
+            # lor-remaining: fewest in flight, then least work left (neuron-fleet's policy).
+            i = min(free, key=lambda k: (reps[k].inflight, reps[k].outstanding_work, k))
+            reps[i].inflight += 1
+            reps[i].outstanding_work += waiter.job.input_length + waiter.job.max_new_tokens
+            forecast.started(waiter.ticket, names[i], now)
+            batchers[i].add(waiter.job)
+            start_step(i, now)
+
+    t = 0.0
+    while True:
+        t += rng.expovariate(rate)
+        if t > duration_s:
+            break
+        heapq.heappush(events, (t, next(seq), "arrive", -1))
+    while events:
+        now, _, kind, i = heapq.heappop(events)
+        if kind == "arrive":
+            p, o, c = sampler(rng)
+            n = next(ordinal)
+            job = Job(n, p, o, random.Random(n), queued_at=now)
+            ticket = Ticket(p, o, now, budget_s=slo_s, long=p >= long_tokens)
+            tickets[n], cls[n] = ticket, c
+            if gate is not None and gate.check(ticket, now) is not None:
+                record(n, None, 0.0)
+                continue
+            key = queue.order.key(now, p + o, p, ticket)
+            bisect.insort_right(queue.items, _Waiting(job, ticket, key), key=lambda w: w.deadline)
+            give_up = now + slo_s if policy == "haproxy-slo" else ticket.latest_start
+            if give_up is not None:
+                heapq.heappush(events, (give_up, next(seq), "expire", n))
+            dispatch(now)
+        elif kind == "expire":
+            waiter = next((w for w in queue.items if w.job.ordinal == i), None)
+            if waiter is not None:
+                queue.items.remove(waiter)
+                record(i, None, now - waiter.ticket.arrived_at)
+                tk = waiter.ticket
+                if tk.predicted_ttft is not None and tk.budget_s is not None:
+                    forecast.ttft_error(tk.budget_s - tk.predicted_ttft)
+        else:
+            s = step[i]
+            step[i] = None
+            assert s is not None
+            for job, ev in batchers[i].complete(s, now):
+                tk = tickets[job.ordinal]
+                tk.generated += 1
+                tk.last_token_at = now
+                reps[i].outstanding_work -= 1 + (job.input_length if ev.index == 1 else 0)
+                if ev.index == 1:
+                    tk.first_token_at = now
+                    ttft = now - tk.arrived_at
+                    record(job.ordinal, ttft, None)
+                    if tk.predicted_ttft is not None:
+                        forecast.ttft_error(ttft - tk.predicted_ttft)
+                if ev.final:
+                    reps[i].inflight -= 1
+                    reps[i].outstanding_work -= job.max_new_tokens - job.generated
+                    forecast.observe(tk, complete=True)
+                    forecast.ended(tk)
+            start_step(i, now)
+            dispatch(now)
+    return {"requests": out, "measured_s": duration_s - warmup_s}
+
+
+def slo_figures(run: dict[str, object], slo_s: float) -> dict[str, float]:
+    reqs = run["requests"]
+    assert isinstance(reqs, list)
+    span = float(run["measured_s"])  # type: ignore[arg-type]
+    served = [t for _, t, _ in reqs if t is not None]
+    refusals = [r for _, t, r in reqs if t is None and r is not None]
+    good = [t for t in served if t <= slo_s]
+    return {
+        "requests": len(reqs),
+        "goodput_req_per_s": len(good) / span,
+        "served_req_per_s": len(served) / span,
+        "refused_share": len(refusals) / len(reqs) if reqs else float("nan"),
+        "refusal_p50_s": pct(refusals, 50),
+        "refusal_p99_s": pct(refusals, 99),
+        "ttft_p50_s": pct(served, 50),
+        "ttft_p90_s": pct(served, 90),
+        "ttft_p99_s": pct(served, 99),
+        **{
+            f"{c}_refused_share": sum(1 for k, t, _ in reqs if k == c and t is None)
+            / max(1, sum(1 for k, _, _ in reqs if k == c))
+            for c in sorted({k for k, _, _ in reqs})
+        },
+    }
+
+
 def pct(values: list[float], p: float) -> float:
     v = sorted(values)
     return v[min(len(v) - 1, round(p / 100 * (len(v) - 1)))] if v else float("nan")
@@ -228,10 +429,47 @@ if __name__ == "__main__":
     ap.add_argument("--cap", type=int, default=None, help="slot cap of capped policies")
     ap.add_argument("--order", default="fifo", help="balancer queue: fifo, sjf, edf<A>")
     ap.add_argument("--json", help="merge the figures into this JSON file")
+    ap.add_argument("--slo", type=float, help="compare the SLO policies at this TTFT SLO (s)")
     args = ap.parse_args()
     sampler = SAMPLERS[args.workload]
     cap = saturated_throughput(sampler)["req_per_s"]
     print(f"{args.workload}: capacity {cap:.3f} req/s; load {args.load:.0%}")
+    if args.slo:
+        slo_out: dict[str, dict[str, float]] = {}
+        for policy in SLO_POLICIES:
+            f = slo_figures(
+                simulate_slo(
+                    policy, sampler, args.load * cap, args.slo, duration_s=args.hours * 3600
+                ),
+                args.slo,
+            )
+            slo_out[policy] = f
+            print(
+                f"{policy:12s} goodput {f['goodput_req_per_s']:.3f} req/s "
+                f"({f['goodput_req_per_s'] / cap:.0%} of capacity) refused "
+                f"{f['refused_share']:.0%} refusal p99 {f['refusal_p99_s']:.2f} s TTFT "
+                f"p50/p90/p99 {f['ttft_p50_s']:.2f}/{f['ttft_p90_s']:.2f}/{f['ttft_p99_s']:.2f} s "
+                + " ".join(
+                    f"{k.removesuffix('_refused_share')}:{v:.0%}"
+                    for k, v in f.items()
+                    if k.endswith("_refused_share") and k != "refused_share"
+                ),
+                flush=True,
+            )
+        if args.json:
+            import json
+            from pathlib import Path
+
+            path = Path(args.json)
+            doc = json.loads(path.read_text()) if path.exists() else {}
+            doc[f"{args.workload}@{args.load:g} slo {args.slo:g}"] = {
+                "hours": args.hours,
+                "capacity_req_per_s": cap,
+                "slo_s": args.slo,
+                "policies": slo_out,
+            }
+            path.write_text(json.dumps(doc, indent=1))
+        raise SystemExit(0)
     figures: dict[str, dict[str, float]] = {}
     for policy in args.policies.split(","):
         r = simulate(

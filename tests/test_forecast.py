@@ -285,12 +285,12 @@ def test_gate_admits_what_fits_and_sets_when_to_give_up() -> None:
     assert ok.latest_start == pytest.approx(5.0 - 0.1, rel=0.01)
 
 
-def test_margin_is_the_recent_95th_percentile_of_lateness() -> None:
+def test_margin_is_the_recent_99th_percentile_of_lateness() -> None:
     f = Forecast()
     assert f.margin_s() == 0.0
     for i in range(100):
         f.ttft_error(i / 100)  # 0.00 .. 0.99 s late
-    assert f.margin_s() == pytest.approx(0.95)
+    assert f.margin_s() == pytest.approx(0.99)
     for _ in range(256):  # a better forecast since: the old errors age out
         f.ttft_error(-0.1)
     assert f.margin_s() == 0.0
