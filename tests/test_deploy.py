@@ -343,6 +343,8 @@ def test_dashboard_model() -> None:
         "neuron_fleet_output_tokens_total",
         "tgi_queue_size",
         "tgi_batch_current_size",
+        "neuron_fleet_ttft_slo_requests_total",
+        "neuron_fleet_ttft_forecast_error_seconds_bucket",
     ):
         assert needle in exprs, needle
     assert "histogram_quantile(0.5," in exprs and "histogram_quantile(0.99," in exprs
