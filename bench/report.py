@@ -2,8 +2,9 @@
 """Turn bench/results/*.json into PNG plots and BENCHMARKS.md (repo root).
 
 Run: ``bench/.venv/bin/python bench/report.py`` (bench/run_all.sh does, after the runs).
-Reads: blog.json, mixed.json, relay.json, guidellm_vs_blog.json, meta_*.json, and
-bench/findings.md (hand-written analysis, included verbatim). Missing inputs are skipped.
+Reads: blog.json, mixed.json, relay.json, guidellm_vs_blog.json, meta_*.json,
+slo_gate.json + policy_sim_slo.json (bench/slo_gate.py's section), and bench/findings.md
+(hand-written analysis, included verbatim). Missing inputs are skipped.
 """
 
 from __future__ import annotations
@@ -452,6 +453,11 @@ def main() -> None:
     doc.append(headline(blog, mixed, relay) + "\n")
     doc.append("## Goals\n")
     doc.append(goals_table(g) + "\n")
+    from slo_gate import section as slo_section
+
+    slo = slo_section(RESULTS)
+    if slo:
+        doc.append(slo)
     findings = BENCH / "findings.md"
     if findings.exists():
         doc.append(findings.read_text())

@@ -185,6 +185,145 @@ def table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+SECTION = "## TTFT SLO gate beyond capacity (bench/slo_gate.py)"
+
+
+def _goals(doc: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """The issue's goals, checked on one run's figures."""
+    rows = []
+    w = doc["workloads"]
+
+    def good(workload: str, target: str) -> float:
+        t = w.get(workload, {}).get("targets", {}).get(target)
+        return t["goodput_req_per_s"] if t else float("nan")
+
+    for workload, base, want in (
+        ("mixed", "haproxy-slo", 1.05),
+        ("mixed", "haproxy", 2.0),
+        ("blog", "haproxy-slo", 1.0),
+    ):
+        for ours in ("neuron-fleet-slo", "neuron-fleet-slo-sf"):
+            r = good(workload, ours) / good(workload, base)
+            rows.append((f"{workload}: goodput {ours} >= {want:g}x {base}", f"{r:.2f}x", r >= want))
+    for workload, res in w.items():
+        for ours in ("neuron-fleet-slo", "neuron-fleet-slo-sf"):
+            t = res["targets"].get(ours)
+            if t and t["refused"]:
+                p99 = t["refusal_p99_ms"] / 1000
+                rows.append(
+                    (
+                        f"{workload}: {ours} p99 time to refusal <= 0.1 s",
+                        f"{p99 * 1000:.1f} ms measured ({t['refusal_p99_inf2_s']:.2f} s x speed)",
+                        p99 <= 0.1,
+                    )
+                )
+    return rows
+
+
+def section(results: Path = RESULTS) -> str | None:
+    """BENCHMARKS.md's section (bench/report.py includes it; ``--splice`` updates it)."""
+    path = results / "slo_gate.json"
+    if not path.exists():
+        return None
+    doc = json.loads(path.read_text())
+    meta = doc["meta"]
+    parts = [SECTION + "\n"]
+    first = next(iter(doc["workloads"].values()))
+    parts.append(
+        f"Run {meta['date']} (git {meta['git_head']}), {meta['seconds'] / 60:.1f} min, load "
+        f"average at start {', '.join(f'{x:.2f}' for x in meta['loadavg_at_start'])}; "
+        f"{meta['haproxy'].split(' - ')[0]}; {meta['nginx']}. Wall clock, one run: 3 simulated "
+        f"replicas x batch 8 at speed {first['speed']:g}, the same seeded Poisson schedule "
+        f"({first['requests']} requests per workload) for every target at "
+        f"{first['load']:.0%} of the capacity measured in the same run, TTFT SLO "
+        f"{first['slo_s']:g} s (inf2 seconds). Goodput = requests served with TTFT <= SLO per "
+        "second of the schedule (inf2). Refused = 429/503 answers; time to refusal = send to "
+        "the answer's last byte, measured (a refusal never reaches a replica, so the time "
+        "scaling does not apply; x speed in brackets for comparison with HAProxy's queue "
+        "timeout, which does scale). Every target first served the same 24 requests (not "
+        "measured). `neuron-fleet-slo` = `--ttft-slo`, FIFO; `-sf` = `--queue-order shortest` "
+        "(floor 0.25 for prompts >= 4096 tokens); `haproxy-slo` = `timeout queue` = SLO; "
+        "`haproxy` = `timeout queue 120s`; `nginx-blog` = the blog's config.\n"
+    )
+    for workload, res in doc["workloads"].items():
+        parts.append(
+            f"**{workload}** (capacity {res['capacity_req_per_s']:.3f} req/s, offered "
+            f"{res['offered_req_per_s']:.3f}):\n\n{res['table_md']}\n"
+        )
+        classes = {n: t["by_class"] for n, t in res["targets"].items() if t.get("by_class")}
+        if classes:
+            names = sorted(next(iter(classes.values())))
+            lines = [
+                "| target | "
+                + " | ".join(f"{c}: refused / TTFT p99 of served" for c in names)
+                + " |",
+                "|---|" + "---|" * len(names),
+            ]
+            for n, by in classes.items():
+                cells = []
+                for c in names:
+                    b = by[c]
+                    share = b["refused"] / b["requests"] if b["requests"] else float("nan")
+                    cells.append(f"{share:.0%} / {b['ttft_p99_s']:.2f} s")
+                lines.append(f"| {n} | " + " | ".join(cells) + " |")
+            parts.append("Per class (who carries the shedding):\n\n" + "\n".join(lines) + "\n")
+    goals = _goals(doc)
+    parts.append(
+        "Goals (issue 14), this run:\n\n| goal | measured | met? |\n|---|---|---|\n"
+        + "\n".join(f"| {g} | {m} | {'**yes**' if ok else 'no'} |" for g, m, ok in goals)
+        + "\n"
+    )
+    sims_path = results / "policy_sim_slo.json"
+    if sims_path.exists():
+        sims = json.loads(sims_path.read_text())
+        lines = [
+            "| workload | policy | goodput (x capacity) | refused | refusal p99 | "
+            "TTFT p50 / p90 / p99 of served | refused by class |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for key, sim in sims.items():
+            for pol, f in sim["policies"].items():
+                by = ", ".join(
+                    f"{k.removesuffix('_refused_share')} {v:.0%}"
+                    for k, v in f.items()
+                    if k.endswith("_refused_share") and k != "refused_share"
+                )
+                lines.append(
+                    f"| {key} ({sim['hours']:g} h) | {pol} | {f['goodput_req_per_s']:.3f} "
+                    f"({f['goodput_req_per_s'] / sim['capacity_req_per_s']:.2f}x) | "
+                    f"{f['refused_share']:.0%} | {f['refusal_p99_s']:.2f} s | "
+                    f"{f['ttft_p50_s']:.2f} / {f['ttft_p90_s']:.2f} / {f['ttft_p99_s']:.2f} s "
+                    f"| {by} |"
+                )
+        parts.append(
+            "The same policies in virtual time (`bench/policy_sim.py --slo 3 --load 1.3`: the "
+            "replicas' own scheduler, the balancer's own forecast and gate on a virtual clock, "
+            "hours of traffic, no machine noise; nginx = round-robin into the replicas' queues, "
+            "haproxy = FIFO at the balancer with no effective timeout):\n\n"
+            + "\n".join(lines)
+            + "\n"
+        )
+    findings = BENCH / "slo_findings.md"
+    if findings.exists():
+        parts.append(findings.read_text())
+    return "\n".join(parts)
+
+
+def splice(markdown: str, path: Path) -> None:
+    """Put ``markdown`` in place of the section in ``path`` (or before the first workload)."""
+    text = path.read_text()
+    start = text.find(SECTION)
+    if start >= 0:
+        end = text.find("\n## ", start + len(SECTION))
+        end = len(text) if end < 0 else end + 1
+        text = text[:start] + markdown + text[end:]
+    else:
+        anchor = text.find("## Workload 1")
+        anchor = len(text) if anchor < 0 else anchor
+        text = text[:anchor] + markdown + "\n" + text[anchor:]
+    path.write_text(text)
+
+
 async def main(args: argparse.Namespace) -> int:
     out_dir = Path(args.out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -219,6 +358,17 @@ if __name__ == "__main__":
     parser.add_argument("--requests", type=int, default=0, help="per workload (default 600)")
     parser.add_argument("--quick", action="store_true", help="150 requests: a smoke run")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument(
+        "--splice", action="store_true", help="only rewrite BENCHMARKS.md's section from results"
+    )
+    if parser.parse_known_args()[0].splice:
+        from harness import ROOT
+
+        text = section(Path(parser.parse_known_args()[0].out))
+        if text is None:
+            sys.exit("no slo_gate.json yet: run the benchmark first")
+        splice(text, ROOT / "BENCHMARKS.md")
+        sys.exit(0)
     import uvloop
 
     sys.exit(uvloop.run(main(parser.parse_args())))
