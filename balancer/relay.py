@@ -151,6 +151,7 @@ class _Stream:
     __slots__ = (
         "client_gone",
         "deadline",
+        "detail",
         "expired",
         "phase",
         "request",
@@ -170,6 +171,8 @@ class _Stream:
         self.deadline: float | None = None
         """Loop time a non-streaming response must be complete by (response_timeout_s)."""
         self.expired: str | None = None
+        self.detail = ""
+        """What went wrong with the last attempt, for the client's error message."""
         self.client_gone = False
         """The client's transport was found closing while relaying to it."""
         self.work_done = 0
@@ -321,7 +324,7 @@ class Relay:
             )
         return json_error(
             502,
-            f"Replica {replica.name} failed before answering ({reason})",
+            f"Replica {replica.name} failed before answering ({stream.detail or reason})",
             "unavailable",
             headers=headers,
         )
@@ -368,7 +371,7 @@ class Relay:
                 raise _Retry(timeout_kind) from None
             return None
         except UpstreamError as exc:
-            stream.expired = exc.kind
+            stream.expired, stream.detail = exc.kind, str(exc)
             self.outliers.failed(replica, exc.kind)
             if not last_attempt:
                 raise _Retry(exc.kind) from None
@@ -634,8 +637,10 @@ class Relay:
 
     # ---------------------------------------------------------------- 5. account
     def _stream_failed(self, replica: Replica, reason: str) -> None:
-        """A committed response failed on the replica's side."""
-        self.outliers.failed(replica, reason)
+        """A committed response failed. ``relay_error`` is the balancer's own bug (logged
+        with its traceback by upstream_http): not held against the replica."""
+        if reason != "relay_error":
+            self.outliers.failed(replica, reason)
         self.metrics.stream_errors.labels(replica=replica.name, reason=reason).inc()
 
     # ---------------------------------------------------------------- watchdog
