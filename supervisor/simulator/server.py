@@ -3,6 +3,20 @@
 Wire formats follow ``/work/shared/reference/tgi-neuron-interface.md``: SSE events are
 ``data:`` + compact JSON + blank line (no space after the colon), OpenAI routes end with
 ``data:[DONE]``, and streaming routes answer 200 with the error as the first event.
+
+Checked against text-generation-inference v3.3.7 (the ``latest-neuron`` image's version):
+
+- OpenAI routes' stream error event: ``{"error":{"message":..,"http_status_code":422}}``,
+  422 whatever the error (router/src/infer/mod.rs ``into_openai_event``);
+- finish reasons: ``length`` / ``eos_token`` / ``stop_sequence`` natively; the OpenAI routes
+  say ``stop`` for ``eos_token`` only (router/src/lib.rs ``FinishReason::format(true)``);
+- ``top_p`` must be > 0 and < 1 on every route, 1.0 included (router/src/validation.rs);
+  ``stop`` is a list on the OpenAI routes (``Option<Vec<String>>``): a string does not
+  deserialize (422);
+- ``POST /`` and ``/invocations`` default ``return_full_text`` to true for a text-generation
+  model or one without a pipeline tag (router/src/server.rs ``compat_generate``);
+- ``details.seed`` is null and ``details.prefill`` empty: the Neuron generator returns no
+  seed and no prefill tokens (backends/neuron/server/text_generation_server/generator.py).
 One route is the simulator's own: ``POST /_sim/health {"fail": true|false}`` flips ``/health``
 to 503 and back at runtime (fault injection for health-checker tests).
 """
@@ -55,7 +69,9 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",
     "x-compute-type": COMPUTE_TYPE,
 }
-OPENAI_FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
+OPENAI_FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop_sequence"}
+OPENAI_STREAM_ERROR_STATUS = 422
+"""TGI's OpenAI stream error events carry 422 whatever the error (see the module doc)."""
 
 
 def _dumps(obj: Any) -> str:
@@ -354,6 +370,8 @@ class _Replica:
         started = self.engine.clock.now()
         try:
             body = body if body is not None else await self._json(request)
+            if compat:
+                body = _full_text_by_default(body)
             if compat and body.get("stream"):
                 return await self._generate_stream(request, body, started)
             inputs = _inputs(body)
@@ -372,18 +390,13 @@ class _Replica:
         text = job.text if not params.return_full_text else call.inputs + job.text
         result: dict[str, Any] = {"generated_text": text}
         if params.details or params.decoder_input_details:
-            prefill: list[dict[str, Any]] = []
-            if params.decoder_input_details:
-                tokens = await self.engine.tokens.tokenize(call.inputs)
-                prefill = [
-                    {"id": t["id"], "text": t["text"], "logprob": None if i == 0 else 0.0}
-                    for i, t in enumerate(tokens[: call.spec.input_length])
-                ]
             result["details"] = {
                 "finish_reason": job.finish_reason,
                 "generated_tokens": len(events),
-                "seed": params.seed,
-                "prefill": prefill,
+                # The Neuron generator returns neither a seed nor prefill tokens, even with
+                # decoder_input_details (generator.py: GeneratedText(...), prefill_tokens=None).
+                "seed": None,
+                "prefill": [],
                 "tokens": [e.token.to_json() for e in events],
             }
         headers = self._timing_headers(call, len(events))
@@ -424,7 +437,7 @@ class _Replica:
                     details = {
                         "finish_reason": job.finish_reason,
                         "generated_tokens": event.index,
-                        "seed": params.seed,
+                        "seed": None,
                         "input_length": call.spec.input_length,
                     }
                 return [
@@ -460,16 +473,18 @@ class _Replica:
         temperature = body.get("temperature")
         if temperature == 0:
             temperature = None
-        top_p = body.get("top_p")
-        if isinstance(top_p, int | float) and top_p >= 1.0:
-            top_p = None
         stop = body.get("stop")
+        if isinstance(stop, str):
+            raise InvalidRequest(
+                "Failed to deserialize the JSON body into the target type: stop: invalid type: "
+                f"string {json.dumps(stop)}, expected a sequence"
+            )
         raw = {
             "max_new_tokens": max_tokens,
             "seed": body.get("seed"),
-            "stop": [stop] if isinstance(stop, str) else stop,
+            "stop": stop,
             "temperature": temperature,
-            "top_p": top_p,
+            "top_p": body.get("top_p"),
             "details": True,
         }
         return GenerateParams.from_json(raw)
@@ -503,7 +518,7 @@ class _Replica:
     ) -> web.StreamResponse:
         if response is None:
             response = await self._open_sse(request)
-        event = {"error": {"message": err.message, "http_status_code": err.status}}
+        event = {"error": {"message": err.message, "http_status_code": OPENAI_STREAM_ERROR_STATUS}}
         return await _finish(response, self._sse(event) + b"data:[DONE]\n\n")
 
     async def chat_completions(
@@ -762,6 +777,17 @@ class _Replica:
 
     async def metrics_route(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": METRICS_TYPE})
+
+
+def _full_text_by_default(body: dict[str, Any]) -> dict[str, Any]:
+    """``POST /`` and ``/invocations``: ``return_full_text`` defaults to true (TGI's
+    compat_generate, for a text-generation model)."""
+    params = body.get("parameters")
+    if params is None:
+        params = {}
+    if not isinstance(params, dict) or "return_full_text" in params:
+        return body
+    return {**body, "parameters": {**params, "return_full_text": True}}
 
 
 def _inputs(body: dict[str, Any]) -> str:
