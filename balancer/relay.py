@@ -555,12 +555,15 @@ class Relay:
             nonlocal last_token, tokens, saw_error
             now = loop_time()
             events = events_bytes.count(sep)
-            # Not tokens: [DONE], the usage-only chunk, keep-alive comments.
+            # Not tokens: [DONE], the usage-only chunk, error events, keep-alive comments.
+            # (A token's own text cannot match: JSON escapes its quotes.)
             events -= events_bytes.count(b"[DONE]") + events_bytes.count(b'"choices":[]')
+            errors = events_bytes.count(b'{"error"')
+            events -= errors
             if events_bytes[0] == 58:  # b":"
                 events -= 1
             events -= events_bytes.count(sep + b":")
-            if not saw_error and b'{"error"' in events_bytes:
+            if errors and not saw_error:
                 saw_error = True
                 self.metrics.upstream_errors.labels(replica=replica.name, kind="error_event").inc()
             if events > 0:
