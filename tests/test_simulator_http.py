@@ -279,7 +279,7 @@ async def test_metrics_carry_tgi_names(http: aiohttp.ClientSession) -> None:
         ):
             assert name in text, name
         assert "tgi_request_count 0.0" in await (await http.get(f"{other.url}/metrics")).text()
-        await http.post(f"{r.url}/generate", json=gen_body(100_000))
+        await http.post(f"{r.url}/generate", json=gen_body(0))  # must be strictly positive
         failures = await metric(http, r.url, 'tgi_request_failure{err="validation"}')
         assert failures == 1.0
 
@@ -638,3 +638,20 @@ async def test_tgi_v3_3_7_details_a_client_notices(http: aiohttp.ClientSession) 
         async with http.post(f"{r.url}/", json=body) as resp:
             (answer,) = await resp.json()
         assert not answer["generated_text"].startswith("Hello there")
+
+
+async def test_max_new_tokens_over_the_limit_is_accepted_as_tgi_3_3_7(
+    http: aiohttp.ClientSession,
+) -> None:
+    """TGI >= 3.1.1 checks the first 1024-token chunk only (v3.3.7 validation.rs): a larger
+    max_new_tokens is accepted and generation ends at max_total_tokens."""
+    async with replica(max_input_tokens=32, max_total_tokens=1100) as r:
+        resp = await http.post(f"{r.url}/generate", json=gen_body(5000, details=True))
+        assert resp.status == 200
+        body = await resp.json()
+        prompt_tokens = int(resp.headers["x-prompt-tokens"])
+        assert body["details"]["generated_tokens"] == 1100 - prompt_tokens
+        # Below 1024 the whole request is checked: 500 + the prompt > 300 is refused.
+    async with replica(max_input_tokens=32, max_total_tokens=300) as r:
+        resp = await http.post(f"{r.url}/generate", json=gen_body(500))
+        assert resp.status == 422

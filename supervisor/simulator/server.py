@@ -275,6 +275,13 @@ class _Replica:
             raise _Closed
         await asyncio.Event().wait()  # HANG: silent until the client leaves
 
+    async def _die_mid_event(self, response: web.StreamResponse, data: bytes) -> None:
+        """Fault: write half of an event, let it leave, and exit the process."""
+        await _send(response, data[: len(data) // 2])
+        await asyncio.sleep(0.05)
+        log.error("fault injection: dying in the middle of an event")
+        os._exit(1)
+
     async def _collect(self, request: web.Request, call: _Call) -> list[TokenEvent]:
         events: list[TokenEvent] = []
         try:
@@ -344,7 +351,10 @@ class _Replica:
                     await _send(response, b":\n\n")
                     continue
                 for obj in render(event):
-                    await _send(response, self._sse(obj))
+                    data = self._sse(obj)
+                    if self.engine.faults.tears_next_event():
+                        await self._die_mid_event(response, data)
+                    await _send(response, data)
                 sent += 1
                 await self._after_token(request, call, sent)
                 if event.final:
