@@ -160,8 +160,6 @@ class _Stream:
         "work_done",
     )
 
-    IDLE, READING, WRITING = Phase.IDLE, Phase.READING, Phase.WRITING
-
     def __init__(self, request: web.Request) -> None:
         self.request = request
         self.upstream: ReplicaConnection | None = None
@@ -237,7 +235,7 @@ class Relay:
                     else:
                         succeeded = True
                         self.outliers.passed(replica)
-                    response = await self._commit(request, rr, answer)
+                    response = self._commit(request, rr, answer)
                     await self._pipe(request, rr, replica, answer, response, stream, started)
                     return response
                 except _Retry as retry:
@@ -396,10 +394,11 @@ class Relay:
         return answer
 
     # ---------------------------------------------------------------- 3. commit
-    async def _commit(
+    def _commit(
         self, request: web.Request, rr: RelayRequest, answer: _Answer
     ) -> web.StreamResponse:
-        """Send the replica's status and headers: from now on there is no retry."""
+        """The response the client gets: the replica's status and headers. From here on
+        there is no retry; the head leaves with the first piece (one packet, _open_client)."""
         upstream = answer.upstream
         response = web.StreamResponse(
             status=upstream.status, headers=response_headers(upstream.headers)

@@ -275,6 +275,7 @@ async def test_metrics_carry_tgi_names(http: aiohttp.ClientSession) -> None:
             "tgi_request_mean_time_per_token_duration_count 1.0",
             "tgi_request_generated_tokens_sum 3.0",
             "tgi_request_input_length_count 1.0",
+            "tgi_request_max_new_tokens_sum 3.0",
             "# TYPE tgi_request_failure counter",
         ):
             assert name in text, name
@@ -655,3 +656,15 @@ async def test_max_new_tokens_over_the_limit_is_accepted_as_tgi_3_3_7(
     async with replica(max_input_tokens=32, max_total_tokens=300) as r:
         resp = await http.post(f"{r.url}/generate", json=gen_body(500))
         assert resp.status == 422
+
+
+async def test_chat_tokenize(http: aiohttp.ClientSession) -> None:
+    async with replica() as r:
+        body = {"messages": [{"role": "user", "content": "Hello there"}]}
+        async with http.post(f"{r.url}/chat_tokenize", json=body) as resp:
+            assert resp.status == 200
+            doc = await resp.json()
+        assert "Hello there" in doc["templated_text"]
+        assert doc["tokenize_response"] and {"id", "text", "start", "stop"} == set(
+            doc["tokenize_response"][0]
+        )

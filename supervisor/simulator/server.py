@@ -131,6 +131,11 @@ class TgiMetrics:
             "tgi_request_generated_tokens": _Histogram(
                 [cfg.max_total_tokens / 100 * (x + 1) for x in range(100)]
             ),
+            # Recorded at validation, buckets as generated_tokens (TGI v3.3.7 validation.rs
+            # and server.rs max_new_tokens_buckets).
+            "tgi_request_max_new_tokens": _Histogram(
+                [cfg.max_total_tokens / 100 * (x + 1) for x in range(100)]
+            ),
         }
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
@@ -252,6 +257,7 @@ class _Replica:
             length = await self.engine.tokens.count(inputs)
             spec = validate(self.config, params, inputs, length, stream=stream)
             self.metrics.observe("tgi_request_input_length", spec.input_length)
+            self.metrics.observe("tgi_request_max_new_tokens", spec.max_new_tokens)
             generation = self.engine.submit(spec)
         except SimError as err:
             self.metrics.fail(err)
@@ -743,6 +749,21 @@ class _Replica:
             return _error_response(err)
         return web.json_response(await self.engine.tokens.tokenize(inputs), dumps=_dumps)
 
+    async def chat_tokenize(self, request: web.Request) -> web.Response:
+        """The chat template applied and its tokens (TGI v3.3.7 server.rs get_chat_tokenize:
+        ``{"tokenize_response": [...], "templated_text": ...}``)."""
+        try:
+            body = await self._json(request)
+            messages = _chat_messages(body.get("messages"))
+            templated = await self.engine.tokens.render_chat(messages)
+        except SimError as err:
+            return _error_response(err)
+        self.metrics.request_count += 1
+        tokens = await self.engine.tokens.tokenize(templated)
+        return web.json_response(
+            {"tokenize_response": tokens, "templated_text": templated}, dumps=_dumps
+        )
+
     async def health(self, request: web.Request) -> web.Response:
         if self.engine.faults.health_fail:
             body = {"error": "unhealthy", "error_type": "healthcheck"}
@@ -850,6 +871,7 @@ def create_app(config: SimConfig, *, clock: Clock | None = None) -> web.Applicat
     r.add_post("/v1/completions", replica.completions)
     r.add_post("/invocations", replica.invocations)
     r.add_post("/tokenize", replica.tokenize)
+    r.add_post("/chat_tokenize", replica.chat_tokenize)
     for path in ("/", "/health", "/ping"):
         r.add_get(path, replica.health)
     r.add_get("/info", replica.info)
