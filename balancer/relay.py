@@ -235,6 +235,8 @@ class Relay:
                     else:
                         succeeded = True
                         self.outliers.passed(replica)
+                    # The outcome is known: blame now, not when a long stream ends.
+                    failures.settle(self.outliers, succeeded)
                     response = self._commit(request, rr, answer)
                     await self._pipe(request, rr, replica, answer, response, stream, started)
                     return response
@@ -279,7 +281,7 @@ class Relay:
                 headers={"Retry-After": "5", "x-request-id": rr.request_id},
             )
         finally:
-            failures.settle(self.outliers, succeeded)
+            failures.settle(self.outliers, succeeded)  # no commit (refused, cancelled): now
             self._streams.discard(stream)
             if stream.upstream is not None:
                 stream.upstream.release()  # kept for the next request if it ended cleanly
