@@ -445,3 +445,23 @@ async def test_a_relay_bug_is_not_blamed_on_the_replica(scripted, balancer, http
     assert metric_value(
         text, "neuron_fleet_stream_errors_total", replica="r0", reason="relay_error"
     )
+
+
+def test_the_ejection_budget_scales_with_the_fleet_and_health_returns_it():
+    from balancer.config import BalancerConfig
+    from balancer.health import HealthChecker
+    from balancer.metrics import BalancerMetrics
+    from balancer.outlier import OutlierDetector
+
+    registry = Registry(_replicas(6))
+    detector = OutlierDetector(registry, BalancerMetrics(registry, lambda: 0), 1, 0.34)
+    assert detector.budget == 2  # floor(0.34 x 6); one of three -> at least one
+    for r in registry.replicas:
+        detector.failed(r, "status_500")
+    assert [r.name for r in registry.replicas if not r.healthy] == ["r0", "r1"]
+    health = HealthChecker(BalancerConfig(health_rise=1), registry, session=None)  # type: ignore[arg-type]
+    health.record(registry.get("r0"), ok=True)
+    assert registry.get("r0").healthy and not registry.get("r0").ejected
+    detector.failed(registry.get("r2"), "status_500")  # budget freed: r2 goes now
+    assert not registry.get("r2").healthy
+    assert OutlierDetector(Registry(_replicas(1)), detector.metrics, 1, 0.34).budget == 1
