@@ -53,7 +53,7 @@ from balancer.errors import json_error, stream_error_event
 from balancer.metrics import BalancerMetrics
 from balancer.outlier import OutlierDetector, RequestFailures
 from balancer.sse import CLIENT, GENERATION, EventFramer, parse_error_event, separator_of
-from balancer.upstream import Registry, Replica
+from balancer.upstream import Registry, Replica, ReplicaState
 from balancer.upstream_http import ReplicaConnection, UpstreamError, UpstreamPool
 
 log = logging.getLogger("neuron_fleet.relay")
@@ -219,9 +219,12 @@ class Relay:
                 if replica is None:
                     return self._reject_no_replica(rr)
                 # No replica left to retry on: answer with this one's error now, rather than
-                # wait queue_timeout_s for a slot on a replica this request excludes.
+                # wait queue_timeout_s for a slot on a replica this request excludes. One
+                # that is starting counts: it will be back (a supervised restart).
                 last_attempt = attempt == self.config.retries or not any(
-                    r.routable and r is not replica and r not in tried
+                    (r.routable or r.state is ReplicaState.STARTING)
+                    and r is not replica
+                    and r not in tried
                     for r in self.registry.replicas
                 )
                 stream.work_done = 0

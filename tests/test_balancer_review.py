@@ -465,3 +465,26 @@ def test_the_ejection_budget_scales_with_the_fleet_and_health_returns_it():
     detector.failed(registry.get("r2"), "status_500")  # budget freed: r2 goes now
     assert not registry.get("r2").healthy
     assert OutlierDetector(Registry(_replicas(1)), detector.metrics, 1, 0.34).budget == 1
+
+
+async def test_a_dead_replica_is_retried_on_one_that_is_starting(scripted, balancer, http):
+    """The only other replica is restarting: wait for it (in the queue, within the
+    request's deadline) rather than answer the dead one's 502."""
+    from tests.conftest import free_port
+
+    _, url = await scripted(Script(tokens=2))
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: connection refused
+    server = await balancer([dead, url], wait_ready=False, health_interval_s=60)
+    r0, r1 = server.registry.get("r0"), server.registry.get("r1")
+    await wait_until(lambda: r1.routable, what="r1 healthy")
+    r0.healthy = True  # as if it died a moment ago: still routable
+    server.registry.set_state(r1, ReplicaState.STARTING)  # restarting
+
+    async def back() -> None:
+        await asyncio.sleep(0.3)
+        server.registry.set_state(r1, ReplicaState.READY)
+
+    task = asyncio.create_task(back())
+    async with http.post(f"{server.url}/generate", json=GEN) as resp:
+        assert resp.status == 200
+    await task
