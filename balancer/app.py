@@ -44,7 +44,7 @@ GENERATION_ROUTES = (
     "/invocations",
 )
 PASSTHROUGH_GET = ("/info", "/v1/models")
-PASSTHROUGH_POST = ("/tokenize",)
+PASSTHROUGH_POST = ("/tokenize", "/chat_tokenize")
 OPEN_ROUTES = frozenset({"/health", "/ping", "/metrics"})
 """Answered without an API key: probes and scrapers carry none."""
 DEFAULT_NEW_TOKENS = 256

@@ -45,6 +45,7 @@ KNOWN_ROUTES = frozenset(
         "/v1/completions",
         "/invocations",
         "/tokenize",
+        "/chat_tokenize",
         "/info",
         "/v1/models",
         "/health",

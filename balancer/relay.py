@@ -53,7 +53,7 @@ from balancer.errors import json_error, stream_error_event
 from balancer.metrics import BalancerMetrics
 from balancer.outlier import OutlierDetector, RequestFailures
 from balancer.sse import CLIENT, GENERATION, EventFramer, parse_error_event, separator_of
-from balancer.upstream import Registry, Replica
+from balancer.upstream import Registry, Replica, ReplicaState
 from balancer.upstream_http import ReplicaConnection, UpstreamError, UpstreamPool
 
 log = logging.getLogger("neuron_fleet.relay")
@@ -157,6 +157,7 @@ class _Stream:
     __slots__ = (
         "client_gone",
         "deadline",
+        "detail",
         "expired",
         "phase",
         "request",
@@ -164,8 +165,6 @@ class _Stream:
         "upstream",
         "work_done",
     )
-
-    IDLE, READING, WRITING = Phase.IDLE, Phase.READING, Phase.WRITING
 
     def __init__(self, request: web.Request) -> None:
         self.request = request
@@ -176,6 +175,8 @@ class _Stream:
         self.deadline: float | None = None
         """Loop time a non-streaming response must be complete by (response_timeout_s)."""
         self.expired: str | None = None
+        self.detail = ""
+        """What went wrong with the last attempt, for the client's error message."""
         self.client_gone = False
         """The client's transport was found closing while relaying to it."""
         self.work_done = 0
@@ -225,9 +226,12 @@ class Relay:
                 if replica is None:
                     return self._reject_no_replica(rr)
                 # No replica left to retry on: answer with this one's error now, rather than
-                # wait queue_timeout_s for a slot on a replica this request excludes.
+                # wait queue_timeout_s for a slot on a replica this request excludes. One
+                # that is starting counts: it will be back (a supervised restart).
                 last_attempt = attempt == self.config.retries or not any(
-                    r.routable and r is not replica and r not in tried
+                    (r.routable or r.state is ReplicaState.STARTING)
+                    and r is not replica
+                    and r not in tried
                     for r in self.registry.replicas
                 )
                 stream.work_done = 0
@@ -241,7 +245,9 @@ class Relay:
                     else:
                         succeeded = True
                         self.outliers.passed(replica)
-                    response = await self._commit(request, rr, answer)
+                    # The outcome is known: blame now, not when a long stream ends.
+                    failures.settle(self.outliers, succeeded)
+                    response = self._commit(request, rr, answer)
                     await self._pipe(request, rr, replica, answer, response, stream, started)
                     return response
                 except _Retry as retry:
@@ -289,7 +295,7 @@ class Relay:
                 headers={"Retry-After": "5", "x-request-id": rr.request_id},
             )
         finally:
-            failures.settle(self.outliers, succeeded)
+            failures.settle(self.outliers, succeeded)  # no commit (refused, cancelled): now
             self._streams.discard(stream)
             if stream.upstream is not None:
                 stream.upstream.release()  # kept for the next request if it ended cleanly
@@ -332,7 +338,7 @@ class Relay:
             )
         return json_error(
             502,
-            f"Replica {replica.name} failed before answering ({reason})",
+            f"Replica {replica.name} failed before answering ({stream.detail or reason})",
             "unavailable",
             headers=headers,
         )
@@ -379,7 +385,7 @@ class Relay:
                 raise _Retry(timeout_kind) from None
             return None
         except UpstreamError as exc:
-            stream.expired = exc.kind
+            stream.expired, stream.detail = exc.kind, str(exc)
             self.outliers.failed(replica, exc.kind)
             if not last_attempt:
                 raise _Retry(exc.kind) from None
@@ -404,10 +410,11 @@ class Relay:
         return answer
 
     # ---------------------------------------------------------------- 3. commit
-    async def _commit(
+    def _commit(
         self, request: web.Request, rr: RelayRequest, answer: _Answer
     ) -> web.StreamResponse:
-        """Send the replica's status and headers: from now on there is no retry."""
+        """The response the client gets: the replica's status and headers. From here on
+        there is no retry; the head leaves with the first piece (one packet, _open_client)."""
         upstream = answer.upstream
         response = web.StreamResponse(
             status=upstream.status, headers=response_headers(upstream.headers)
@@ -566,12 +573,15 @@ class Relay:
             nonlocal last_token, tokens, saw_error
             now = loop_time()
             events = events_bytes.count(sep)
-            # Not tokens: [DONE], the usage-only chunk, keep-alive comments.
+            # Not tokens: [DONE], the usage-only chunk, error events, keep-alive comments.
+            # (A token's own text cannot match: JSON escapes its quotes.)
             events -= events_bytes.count(b"[DONE]") + events_bytes.count(b'"choices":[]')
+            errors = events_bytes.count(b'{"error"')
+            events -= errors
             if events_bytes[0] == 58:  # b":"
                 events -= 1
             events -= events_bytes.count(sep + b":")
-            if not saw_error and b'{"error"' in events_bytes:
+            if errors and not saw_error:
                 saw_error = True
                 self.metrics.upstream_errors.labels(replica=replica.name, kind="error_event").inc()
             if events > 0:
@@ -653,8 +663,10 @@ class Relay:
 
     # ---------------------------------------------------------------- 5. account
     def _stream_failed(self, replica: Replica, reason: str) -> None:
-        """A committed response failed on the replica's side."""
-        self.outliers.failed(replica, reason)
+        """A committed response failed. ``relay_error`` is the balancer's own bug (logged
+        with its traceback by upstream_http): not held against the replica."""
+        if reason != "relay_error":
+            self.outliers.failed(replica, reason)
         self.metrics.stream_errors.labels(replica=replica.name, reason=reason).inc()
 
     # ---------------------------------------------------------------- watchdog

@@ -20,6 +20,7 @@ from balancer.app import Balancer, create_app
 from balancer.config import BalancerConfig
 from balancer.health import HealthChecker
 from balancer.replica_metrics import ReplicaMetricsExporter
+from balancer.tasks import supervised
 from balancer.upstream import Registry, Replica, ReplicaState
 
 log = logging.getLogger("neuron_fleet.server")
@@ -104,9 +105,18 @@ class BalancerServer:
         self.bound_port = sockets[0].getsockname()[1] if sockets else cfg.port
         health = HealthChecker(cfg, self.registry, self._session)
         loop = asyncio.get_running_loop()
+        failed = balancer.metrics.background_task_failures
         self._tasks = [
-            loop.create_task(health.run(), name="health-checks"),
-            loop.create_task(self._watchdog(), name="stream-watchdog"),
+            loop.create_task(
+                supervised("health-checks", health.run, lambda n: failed.labels(task=n).inc()),
+                name="health-checks",
+            ),
+            loop.create_task(
+                supervised(
+                    "stream-watchdog", self._watchdog, lambda n: failed.labels(task=n).inc()
+                ),
+                name="stream-watchdog",
+            ),
             loop.create_task(balancer.tokens.load(), name="tokenizer-load"),
         ]
         log.info(

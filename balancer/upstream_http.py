@@ -10,12 +10,20 @@ relay's coroutine only wakes for "done", "failed" or "paused" (the client reads 
 
 Connections are kept alive per replica and reused most-recent-first. One the replica closed
 while idle is dropped when it notices (``connection_lost``); a request that meets such a
-connection closing under it before any response byte is sent again once on a new one.
+connection closing under it before any response byte is sent again once on a new one. Idle
+connections are also closed proactively once past ``IDLE_KEEPALIVE_S`` (the pool's reaper),
+not only when a request happens to reach them.
+
+A response moves through ``ResponseState``: HEAD (reading the status line and headers) ->
+BODY -> COMPLETE, or FAILED from anywhere (``error`` says why). The head is bounded as
+aiohttp's client bounds it (``MAX_HEAD_BYTES``, ``MAX_FIELD_BYTES``, ``MAX_HEADERS``), and
+chunked trailers are dropped: they come after the body, so they are never response headers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import ssl
 import time
@@ -35,6 +43,21 @@ IDLE_KEEPALIVE_S = 4.0
 """Idle connections older than this are closed rather than reused: under uvicorn's (vLLM's)
 5 s keep-alive, so a replica rarely closes a connection just as a request goes out on it."""
 MAX_IDLE_PER_REPLICA = 256
+MAX_HEAD_BYTES = 64 * 1024
+"""Most bytes of a response's status line and headers (Envoy's default header limit is
+60 KiB; nginx's proxy buffers 4-8 KiB). A replica's head is a few hundred bytes."""
+MAX_FIELD_BYTES = 8190
+MAX_HEADERS = 128
+"""As aiohttp's client (aiohttp 3.12+, client.py ClientSession: max_line_size=8190,
+max_field_size=8190, max_headers=128)."""
+
+
+class ResponseState(enum.Enum):
+    HEAD = "head"
+    """Waiting for (more of) the status line and headers."""
+    BODY = "body"
+    COMPLETE = "complete"
+    FAILED = "failed"
 
 
 class UpstreamError(Exception):
@@ -43,6 +66,10 @@ class UpstreamError(Exception):
     def __init__(self, kind: str, detail: str) -> None:
         super().__init__(f"{kind}: {detail}")
         self.kind = kind
+
+
+class _HeadTooLarge(Exception):
+    """Raised from ``on_header`` to stop the parser (it wraps it in a callback error)."""
 
 
 class ReplicaConnection(asyncio.Protocol):
@@ -56,20 +83,32 @@ class ReplicaConnection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self.reused = False
         self.idle_since = 0.0
+        self.reaper: asyncio.TimerHandle | None = None
+        """Closes the connection if it stays idle in the pool past IDLE_KEEPALIVE_S."""
         self._new_response()
 
     def _new_response(self) -> None:
+        self.state = ResponseState.HEAD
         self.status = 0
         self.headers: CIMultiDict[str] = CIMultiDict()
-        self.head_done = False
-        self.complete = False
+        self._head_bytes = 0
         self.paused = False
+        """Flow control, orthogonal to ``state``: reading stopped until the client drains."""
         self.got_bytes = False
         self.error: UpstreamError | None = None
         self._buffered: list[bytes] = []
         self._sink: Sink | None = None
         self._until_eof = False
         self._keep_alive = False
+
+    @property
+    def head_done(self) -> bool:
+        """The status line and headers arrived (the response may have failed since)."""
+        return self.status != 0
+
+    @property
+    def complete(self) -> bool:
+        return self.state is ResponseState.COMPLETE
 
     # ------------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -81,9 +120,21 @@ class ReplicaConnection(asyncio.Protocol):
             self.abort()
             return
         self.got_bytes = True
+        if self.state is ResponseState.HEAD:
+            if self._head_bytes > MAX_HEAD_BYTES:
+                # Still no end of the head after the limit: httptools would buffer all of a
+                # 64 MB header value. (Counted per read: one read may carry body bytes too.)
+                self._fail("bad_response", f"response head over {MAX_HEAD_BYTES} bytes")
+                self.abort()
+                return
+            self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _HeadTooLarge):
+                self._fail("bad_response", f"response head over the limits: {exc.__context__}")
+                self.abort()
+                return
             # Our own callback (the relay's sink) raised: a balancer bug, not the replica's.
             log.error("relaying a replica response failed", exc_info=exc.__context__ or exc)
             self._fail("relay_error", f"balancer error while relaying: {exc.__context__!r}")
@@ -110,6 +161,10 @@ class ReplicaConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.state is not ResponseState.HEAD:
+            return  # a chunked trailer: not a response header (and not relayed)
+        if len(name) + len(value) > MAX_FIELD_BYTES or len(self.headers) >= MAX_HEADERS:
+            raise _HeadTooLarge(f"header {name[:40]!r} or header count over the limit")
         # As aiohttp decodes them, so that non-ASCII bytes reach the client unchanged.
         self.headers.add(name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
 
@@ -126,7 +181,7 @@ class ReplicaConnection(asyncio.Protocol):
             and "chunked" not in te.lower()
             and status not in (204, 304)
         )
-        self.head_done = True
+        self.state = ResponseState.BODY
         self._wake()
 
     def on_body(self, body: bytes) -> None:
@@ -216,7 +271,7 @@ class ReplicaConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        if self.complete:
+        if self.state is ResponseState.COMPLETE:
             transport.close()  # nothing in flight: an orderly close
             return
         self._fail("connection_error", "closed by the balancer")
@@ -224,12 +279,13 @@ class ReplicaConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ internals
     def _on_complete(self) -> None:
-        self.complete = True
+        self.state = ResponseState.COMPLETE
         self._wake()
 
     def _fail(self, kind: str, detail: str) -> None:
-        if self.error is None and not self.complete:
+        if self.error is None and self.state is not ResponseState.COMPLETE:
             self.error = UpstreamError(kind, detail)
+            self.state = ResponseState.FAILED
         self._wake()
 
     async def _wait(self) -> None:
@@ -299,8 +355,21 @@ class UpstreamPool:
         conn.idle_since = time.monotonic()
         conn.reused = True
         idle.append(conn)
+        conn.reaper = asyncio.get_running_loop().call_later(IDLE_KEEPALIVE_S, self._expire, conn)
+
+    def _expire(self, conn: ReplicaConnection) -> None:
+        """An idle connection reached its keep-alive limit: close it now, not when reached."""
+        conn.reaper = None
+        idle = self._idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+            if conn.transport is not None:
+                conn.transport.close()
 
     def forget(self, conn: ReplicaConnection) -> None:
+        if conn.reaper is not None:
+            conn.reaper.cancel()
+            conn.reaper = None
         idle = self._idle.get(conn.key)
         if idle and conn in idle:
             idle.remove(conn)
@@ -309,6 +378,8 @@ class UpstreamPool:
         self._closed = True
         for idle in self._idle.values():
             for conn in list(idle):
+                if conn.reaper is not None:
+                    conn.reaper.cancel()
                 if conn.transport is not None:
                     conn.transport.close()
         self._idle.clear()
@@ -318,6 +389,9 @@ class UpstreamPool:
         now = time.monotonic()
         while idle:
             conn = idle.pop()
+            if conn.reaper is not None:
+                conn.reaper.cancel()
+                conn.reaper = None
             transport = conn.transport
             if transport is None or transport.is_closing():
                 continue

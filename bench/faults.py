@@ -175,7 +175,7 @@ async def fleet_status(http: aiohttp.ClientSession, base: str) -> dict | None:
         return None
 
 
-async def metric_sum(base: str, name: str) -> float:
+async def metric_sum(base: str, name: str, **labels: str) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
     async with aiohttp.ClientSession() as http, http.get(f"{base}/metrics") as resp:
@@ -184,7 +184,7 @@ async def metric_sum(base: str, name: str) -> float:
         s.value
         for family in text_string_to_metric_families(text)
         for s in family.samples
-        if s.name == name
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
     )
 
 
@@ -391,6 +391,61 @@ async def generation_errors(scale: float) -> Row:
         row.start_rss = svc.status_field("VmRSS")
         await run_load(svc.base, row, int(3000 * scale), 48)
         row.notes.append("a failed prefill fails its whole batch, running streams included")
+        return await finish(svc, row)
+
+
+@scenario("poison")
+async def poison(scale: float) -> Row:
+    """A prompt that fails on every replica (its prefill fails the batch, as a Neuron
+    backend exception does), sent 5 at a time over and over alongside normal load."""
+    row = Row("poison prompt (fails everywhere)")
+    args = ["--poison-prompt", "POISON"]
+    async with service(extra_args=args) as svc:
+        row.start_rss = svc.status_field("VmRSS")
+        answered = [0, 0]  # with TGI's generation error, otherwise
+
+        async def poison_client(session: aiohttp.ClientSession) -> None:
+            body = {**chat(16), "messages": [{"role": "user", "content": "POISON"}]}
+            for _ in range(max(1, int(40 * scale))):
+                async with session.post(f"{svc.base}/v1/chat/completions", json=body) as resp:
+                    text = await resp.text()
+                ok = resp.status == 200 and "Request failed during generation" in text
+                answered[0 if ok else 1] += 1
+
+        async def during() -> None:
+            async with aiohttp.ClientSession() as session:
+                await asyncio.gather(*(poison_client(session) for _ in range(5)))
+
+        await run_load(svc.base, row, int(3000 * scale), 48, during=during)
+        ejected = await metric_sum(svc.base, "neuron_fleet_ejections_total", outcome="ejected")
+        kept = await metric_sum(svc.base, "neuron_fleet_ejections_total", outcome="over_budget")
+        row.notes.append(
+            f"{answered[0]} poison requests answered with TGI's generation error "
+            f"({answered[1]} otherwise); ejections {ejected:.0f} (one replica at a time at "
+            f"most), {kept:.0f} more refused by the budget. A failed prefill fails its whole "
+            "batch: running streams there end with an error event (cut), queued ones are "
+            "retried, and those count against the replica"
+        )
+        if answered[1]:
+            row.fail(f"{answered[1]} poison requests not answered with the generation error")
+        return await finish(svc, row)
+
+
+@scenario("mid-event")
+async def mid_event(scale: float) -> Row:
+    """Replica processes die half-way through writing an event (1 in 3000 events, seeded
+    per replica, so they die at different times) and are restarted by the supervisor."""
+    row = Row("replica dies mid-event")
+    args = ["--crash-mid-event-probability", "0.00033"]
+    async with service(extra_args=args) as svc:
+        row.start_rss = svc.status_field("VmRSS")
+        await run_load(svc.base, row, int(1500 * scale), 48, max_tokens=32)
+        status = await wait_status(svc.base, lambda s: True)
+        restarts = sum(r["restarts"] for r in status["replicas"])
+        row.notes.append(
+            f"{restarts} replica deaths mid-event (restarted); every cut stream ended with a "
+            "whole error event after whole events (a torn event would count as failed)"
+        )
         return await finish(svc, row)
 
 

@@ -10,7 +10,7 @@ import pytest
 from balancer.admission import Admission, Ticket
 from balancer.policy import LeastOutstanding
 from balancer.upstream import Registry, Replica, ReplicaState
-from tests.conftest import metric_value, read_sse
+from tests.conftest import metric_value, read_sse, wait_until
 from tests.upstreams import Script
 
 GEN = {"inputs": "hello", "parameters": {"max_new_tokens": 5}}
@@ -310,3 +310,181 @@ async def test_the_replica_is_asked_for_an_uncompressed_answer(scripted, balance
     async with http.post(f"{server.url}/generate", json=GEN, headers=headers) as resp:
         assert resp.status == 200
     assert replica.seen.requests[0]["headers"]["Accept-Encoding"] == "identity"
+
+
+# ---------------------------------------------------------------- 6. the replica's head
+async def _raw_replica(answer: bytes) -> tuple[asyncio.Server, str, list[bytes]]:
+    """A replica that answers every request with ``answer`` (health checks with 200)."""
+    seen: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                await reader.readexactly(length)
+                seen.append(head)
+                if head.startswith(b"GET /health"):
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                else:
+                    writer.write(answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}", seen
+
+
+async def test_a_huge_response_header_is_refused_not_buffered(balancer, http):
+    big = b"x" * (2 * 1024 * 1024)
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Big: " + big + b"\r\n"
+    server_, url, _ = await _raw_replica(answer + b"Content-Length: 2\r\n\r\n{}")
+    try:
+        server = await balancer([url], retries=0)
+        async with http.post(f"{server.url}/generate", json=GEN) as resp:
+            assert resp.status == 502
+            assert "head over" in (await resp.json())["error"]
+    finally:
+        server_.close()
+
+
+async def test_trailers_are_not_sent_as_headers(balancer, http):
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+        b"Trailer: X-Checksum\r\n\r\n"
+        b"2\r\n{}\r\n0\r\nX-Checksum: abc\r\n\r\n"
+    )
+    server_, url, _ = await _raw_replica(answer)
+    try:
+        server = await balancer([url])
+        async with http.post(f"{server.url}/generate", json=GEN) as resp:
+            assert resp.status == 200
+            assert await resp.read() == b"{}"
+            assert "X-Checksum" not in resp.headers
+    finally:
+        server_.close()
+
+
+async def test_idle_upstream_connections_are_closed_without_being_reached(
+    balancer, http, monkeypatch
+):
+    import balancer.upstream_http as upstream_http
+
+    monkeypatch.setattr(upstream_http, "IDLE_KEEPALIVE_S", 0.2)
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+    server_, url, _ = await _raw_replica(answer)
+    try:
+        server = await balancer([url])
+        async with http.post(f"{server.url}/generate", json=GEN) as resp:
+            assert resp.status == 200
+        pool = server.balancer.relay.pool
+        assert sum(len(v) for v in pool._idle.values()) == 1
+        await wait_until(lambda: not any(pool._idle.values()), timeout=3, what="idle reaped")
+    finally:
+        server_.close()
+
+
+# ---------------------------------------------------------------- 7. the balancer's own faults
+async def test_the_health_checker_survives_an_unexpected_exception(
+    scripted, balancer, http, monkeypatch
+):
+    from balancer.health import HealthChecker
+
+    original = HealthChecker.check_all
+    calls = 0
+
+    async def flaky(self):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RuntimeError("a bug in the health checker")
+        await original(self)
+
+    monkeypatch.setattr(HealthChecker, "check_all", flaky)
+    _, url = await scripted(Script(tokens=1))
+    server = await balancer([url])
+    r0 = server.registry.get("r0")
+    await wait_until(lambda: calls > 3, what="health checks after the failure")
+    r0.healthy = False  # as if ejected: only the health checker brings it back
+    await wait_until(lambda: r0.healthy, what="re-admitted by the restarted checker")
+    async with http.get(f"{server.url}/metrics") as resp:
+        text = await resp.text()
+    failures = "neuron_fleet_background_task_failures_total"
+    assert metric_value(text, failures, task="health-checks") == 1
+
+
+async def test_a_relay_bug_is_not_blamed_on_the_replica(scripted, balancer, http, monkeypatch):
+    from balancer import sse
+
+    original = sse.EventFramer.feed
+    fed = 0
+
+    def buggy(self, piece):
+        nonlocal fed
+        fed += 1
+        if fed == 3:  # after the commit: inside the push path
+            raise RuntimeError("a bug in the relay")
+        return original(self, piece)
+
+    monkeypatch.setattr(sse.EventFramer, "feed", buggy)
+    _, url = await scripted(Script(tokens=5, token_delay_s=0.01))
+    server = await balancer([url], eject_after_failures=1)
+    async with http.post(f"{server.url}/generate_stream", json=GEN) as resp:
+        await resp.read()
+    assert server.registry.get("r0").routable
+    assert server.registry.get("r0").consecutive_failures == 0
+    async with http.get(f"{server.url}/metrics") as resp:
+        text = await resp.text()
+    assert metric_value(
+        text, "neuron_fleet_stream_errors_total", replica="r0", reason="relay_error"
+    )
+
+
+def test_the_ejection_budget_scales_with_the_fleet_and_health_returns_it():
+    from balancer.config import BalancerConfig
+    from balancer.health import HealthChecker
+    from balancer.metrics import BalancerMetrics
+    from balancer.outlier import OutlierDetector
+
+    registry = Registry(_replicas(6))
+    detector = OutlierDetector(registry, BalancerMetrics(registry, lambda: 0), 1, 0.34)
+    assert detector.budget == 2  # floor(0.34 x 6); one of three -> at least one
+    for r in registry.replicas:
+        detector.failed(r, "status_500")
+    assert [r.name for r in registry.replicas if not r.healthy] == ["r0", "r1"]
+    health = HealthChecker(BalancerConfig(health_rise=1), registry, session=None)  # type: ignore[arg-type]
+    health.record(registry.get("r0"), ok=True)
+    assert registry.get("r0").healthy and not registry.get("r0").ejected
+    detector.failed(registry.get("r2"), "status_500")  # budget freed: r2 goes now
+    assert not registry.get("r2").healthy
+    assert OutlierDetector(Registry(_replicas(1)), detector.metrics, 1, 0.34).budget == 1
+
+
+async def test_a_dead_replica_is_retried_on_one_that_is_starting(scripted, balancer, http):
+    """The only other replica is restarting: wait for it (in the queue, within the
+    request's deadline) rather than answer the dead one's 502."""
+    from tests.conftest import free_port
+
+    _, url = await scripted(Script(tokens=2))
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: connection refused
+    server = await balancer([dead, url], wait_ready=False, health_interval_s=60)
+    r0, r1 = server.registry.get("r0"), server.registry.get("r1")
+    await wait_until(lambda: r1.routable, what="r1 healthy")
+    r0.healthy = True  # as if it died a moment ago: still routable
+    server.registry.set_state(r1, ReplicaState.STARTING)  # restarting
+
+    async def back() -> None:
+        await asyncio.sleep(0.3)
+        server.registry.set_state(r1, ReplicaState.READY)
+
+    task = asyncio.create_task(back())
+    async with http.post(f"{server.url}/generate", json=GEN) as resp:
+        assert resp.status == 200
+    await task

@@ -474,7 +474,7 @@ async def test_every_client_write_is_under_the_slow_client_watchdog(block):
 
     from balancer.config import BalancerConfig
     from balancer.metrics import BalancerMetrics
-    from balancer.relay import Relay, RelayRequest, _Stream
+    from balancer.relay import Phase, Relay, RelayRequest, _Stream
     from balancer.upstream import Registry, Replica, ReplicaState
 
     replica = Replica("r0", "http://127.0.0.1:9", state=ReplicaState.READY, healthy=True)
@@ -498,7 +498,7 @@ async def test_every_client_write_is_under_the_slow_client_watchdog(block):
     assert response.written == [first]  # with the head, through aiohttp's writer
     assert transport.pieces == [b"%x\r\n%b\r\n" % (len(SECOND), SECOND)]  # chunk-framed
     await asyncio.sleep(0.05)  # now blocked in the final write
-    assert not task.done() and stream.phase == _Stream.WRITING
+    assert not task.done() and stream.phase == Phase.WRITING
     relay.check_timeouts(loop.time() + config.client_timeout_s + 1)
     assert stream.expired == "slow_client" and transport.event.is_set()
     with pytest.raises(ConnectionResetError):

@@ -125,7 +125,8 @@ async def test_generate_json_headers_and_details(http: aiohttp.ClientSession) ->
         assert resp.headers["x-generated-tokens"] == "5"
         details = body["details"]
         assert details["finish_reason"] == "length" and details["generated_tokens"] == 5
-        assert details["seed"] == 7 and details["prefill"] == []
+        # The Neuron generator returns no seed and no prefill tokens (TGI v3.3.7 generator.py).
+        assert details["seed"] is None and details["prefill"] == []
         assert body["generated_text"] == "".join(t["text"] for t in details["tokens"])
         assert all(t["logprob"] == 0.0 and not t["special"] for t in details["tokens"])
         # deterministic from the seed; without details the key is absent
@@ -274,11 +275,12 @@ async def test_metrics_carry_tgi_names(http: aiohttp.ClientSession) -> None:
             "tgi_request_mean_time_per_token_duration_count 1.0",
             "tgi_request_generated_tokens_sum 3.0",
             "tgi_request_input_length_count 1.0",
+            "tgi_request_max_new_tokens_sum 3.0",
             "# TYPE tgi_request_failure counter",
         ):
             assert name in text, name
         assert "tgi_request_count 0.0" in await (await http.get(f"{other.url}/metrics")).text()
-        await http.post(f"{r.url}/generate", json=gen_body(100_000))
+        await http.post(f"{r.url}/generate", json=gen_body(0))  # must be strictly positive
         failures = await metric(http, r.url, 'tgi_request_failure{err="validation"}')
         assert failures == 1.0
 
@@ -339,7 +341,8 @@ async def test_overload_429_and_streaming_200_with_error_event(http: aiohttp.Cli
         chat = await http.post(f"{r.url}/v1/chat/completions", json=chat_body(2, stream=True))
         assert_sse_headers(chat)
         assert await chat.read() == (
-            b'data:{"error":{"message":"Model is overloaded","http_status_code":429}}\n\n'
+            # TGI v3.3.7 router/src/infer/mod.rs into_openai_event: always 422.
+            b'data:{"error":{"message":"Model is overloaded","http_status_code":422}}\n\n'
             b"data:[DONE]\n\n"
         )
         completions = await http.post(
@@ -441,7 +444,7 @@ async def test_generation_failure_fault_answers_424(http: aiohttp.ClientSession)
         await (await http.post(f"{r.url}/generate", json=gen_body(1))).read()  # request #5
         chat = await http.post(f"{r.url}/v1/chat/completions", json=chat_body(3, stream=True))
         events = split_events(await chat.read())
-        assert data(events[0])["error"]["http_status_code"] == 424
+        assert data(events[0])["error"]["http_status_code"] == 422  # TGI: always 422
         assert events[1:] == [b"data:[DONE]"]
         assert await metric(http, r.url, 'tgi_request_failure{err="generation"}') == 3.0
 
@@ -612,3 +615,56 @@ async def test_local_tokenizer_counts_tokens(tmp_path: Path, http: aiohttp.Clien
         assert resp.headers["x-prompt-tokens"] == str(len(tokens))
         chat = await (await http.post(f"{r.url}/v1/chat/completions", json=chat_body(2))).json()
         assert chat["usage"]["prompt_tokens"] > len(tokens)
+
+
+async def test_tgi_v3_3_7_details_a_client_notices(http: aiohttp.ClientSession) -> None:
+    """finish_reason after a stop sequence, top_p = 1.0 and a string ``stop`` refused, and
+    ``POST /`` prepending the prompt by default, as text-generation-inference v3.3.7."""
+    async with replica() as r:
+        chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "seed": 3}
+        for bad in ({"top_p": 1.0}, {"stop": "x"}):
+            async with http.post(f"{r.url}/v1/chat/completions", json={**chat, **bad}) as resp:
+                assert resp.status == 422, bad
+                assert (await resp.json())["error_type"] == "validation"
+        async with http.post(f"{r.url}/v1/chat/completions", json=chat) as resp:
+            text = (await resp.json())["choices"][0]["message"]["content"]
+        stop = " " + text.split()[2]  # the third word: generation ends there
+        async with http.post(f"{r.url}/v1/chat/completions", json={**chat, "stop": [stop]}) as resp:
+            choice = (await resp.json())["choices"][0]
+        assert choice["finish_reason"] == "stop_sequence"  # lib.rs FinishReason::format(true)
+        async with http.post(f"{r.url}/", json={"inputs": "Hello there", "parameters": {}}) as resp:
+            (answer,) = await resp.json()
+        assert answer["generated_text"].startswith("Hello there")
+        body = {"inputs": "Hello there", "parameters": {"return_full_text": False}}
+        async with http.post(f"{r.url}/", json=body) as resp:
+            (answer,) = await resp.json()
+        assert not answer["generated_text"].startswith("Hello there")
+
+
+async def test_max_new_tokens_over_the_limit_is_accepted_as_tgi_3_3_7(
+    http: aiohttp.ClientSession,
+) -> None:
+    """TGI >= 3.1.1 checks the first 1024-token chunk only (v3.3.7 validation.rs): a larger
+    max_new_tokens is accepted and generation ends at max_total_tokens."""
+    async with replica(max_input_tokens=32, max_total_tokens=1100) as r:
+        resp = await http.post(f"{r.url}/generate", json=gen_body(5000, details=True))
+        assert resp.status == 200
+        body = await resp.json()
+        prompt_tokens = int(resp.headers["x-prompt-tokens"])
+        assert body["details"]["generated_tokens"] == 1100 - prompt_tokens
+        # Below 1024 the whole request is checked: 500 + the prompt > 300 is refused.
+    async with replica(max_input_tokens=32, max_total_tokens=300) as r:
+        resp = await http.post(f"{r.url}/generate", json=gen_body(500))
+        assert resp.status == 422
+
+
+async def test_chat_tokenize(http: aiohttp.ClientSession) -> None:
+    async with replica() as r:
+        body = {"messages": [{"role": "user", "content": "Hello there"}]}
+        async with http.post(f"{r.url}/chat_tokenize", json=body) as resp:
+            assert resp.status == 200
+            doc = await resp.json()
+        assert "Hello there" in doc["templated_text"]
+        assert doc["tokenize_response"] and {"id", "text", "start", "stop"} == set(
+            doc["tokenize_response"][0]
+        )

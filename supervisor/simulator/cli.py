@@ -77,6 +77,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="P",
         help="per admitted request, seeded by --seed",
     )
+    faults.add_argument(
+        "--poison-prompt",
+        metavar="TEXT",
+        help="the prefill admitting a prompt that contains TEXT fails the batch with 424",
+    )
+    faults.add_argument(
+        "--crash-mid-event-probability",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="per token event: write half of it and os._exit(1); seeded by --seed",
+    )
     faults.add_argument("--health-fail", action="store_true", help="/health answers 503")
     add("--log-level", default="INFO", help="logging level (default INFO)")
 
@@ -145,6 +157,8 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
                 drop_after_tokens=args.drop_after_tokens,
                 fail_generation_every=args.fail_generation_every,
                 fail_generation_probability=args.fail_generation_probability,
+                poison_prompt=args.poison_prompt,
+                crash_mid_event_probability=args.crash_mid_event_probability,
                 health_fail=args.health_fail,
             ),
         )

@@ -113,6 +113,11 @@ class FaultConfig:
     fail_generation_every: the prefill that admits request #N, #2N, ... fails and takes the
         whole running batch down with 424, as a Neuron backend exception does.
     fail_generation_probability: same, drawn per admitted request from ``SimConfig.seed``.
+    poison_prompt: the prefill admitting a request whose prompt contains this text fails (the
+        whole batch, as above) on every replica: a request that fails wherever it goes.
+    crash_mid_event_probability: per token event, the chance that the process writes half
+        of it and exits (a replica dying mid-event); drawn from ``SimConfig.seed``, so
+        replicas with different seeds die at different times.
     health_fail: ``/health`` answers 503 (also switchable at runtime).
     """
 
@@ -121,6 +126,8 @@ class FaultConfig:
     drop_after_tokens: int | None = None
     fail_generation_every: int | None = None
     fail_generation_probability: float = 0.0
+    poison_prompt: str | None = None
+    crash_mid_event_probability: float = 0.0
     health_fail: bool = False
 
     def __post_init__(self) -> None:
@@ -133,8 +140,9 @@ class FaultConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if not 0.0 <= self.fail_generation_probability <= 1.0:
-            raise ValueError("fail_generation_probability must be within [0, 1]")
+        for name in ("fail_generation_probability", "crash_mid_event_probability"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be within [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -273,6 +281,9 @@ _WORDS = (
     "model latency throughput cache memory device graph kernel compiler runtime scheduler"
 ).split()
 _WORD_ID_BASE = 1000
+DEFAULT_GENERATION_LENGTH = 1024
+"""text-generation-inference v3.3.7 router/src/validation.rs: the first chunk of a request's
+tokens, the part its total length is checked with."""
 EOS_TOKEN_ID = 2
 EOS_TOKEN_TEXT = "</s>"
 
@@ -457,6 +468,8 @@ class GenerationSpec:
     max_new_tokens: int
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    poisoned: bool = False
+    """The prompt contains ``FaultConfig.poison_prompt``: its prefill fails."""
 
 
 def validate(
@@ -505,16 +518,22 @@ def validate(
     max_new_tokens = params.max_new_tokens
     if max_new_tokens is None:
         max_new_tokens = min(config.max_total_tokens - input_length, config.default_max_new_tokens)
-    if input_length + max_new_tokens > config.max_total_tokens:
+    # TGI >= 3.1.1 (v3.3.7 router/src/validation.rs): the check uses the first chunk,
+    # min(max_new_tokens, DEFAULT_GENERATION_LENGTH = 1024), so a larger max_new_tokens is
+    # accepted; generation still ends at the model's max_total_tokens.
+    chunk = min(max_new_tokens, DEFAULT_GENERATION_LENGTH)
+    if input_length + chunk > config.max_total_tokens:
         raise ValidationError(
             f"`inputs` tokens + `max_new_tokens` must be <= {config.max_total_tokens}. "
-            f"Given: {input_length} `inputs` tokens and {max_new_tokens} `max_new_tokens`"
+            f"Given: {input_length} `inputs` tokens and {chunk} `max_new_tokens`"
         )
+    poison = config.faults.poison_prompt
     return GenerationSpec(
         input_length=input_length,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=min(max_new_tokens, config.max_total_tokens - input_length),
         seed=params.seed,
         stop=params.stop,
+        poisoned=bool(poison) and poison in inputs,
     )
 
 
@@ -530,6 +549,7 @@ class Job:
     max_new_tokens: int
     rng: random.Random
     stop: tuple[str, ...] = ()
+    poisoned: bool = False
     eos_probability: float = 0.0
     queued_at: float = 0.0
     started_at: float | None = None
@@ -700,9 +720,16 @@ class FaultInjector:
             return FaultAction.HANG
         return FaultAction.NONE
 
+    def tears_next_event(self) -> bool:
+        """Die in the middle of the next event (``crash_mid_event_probability``)."""
+        p = self.config.crash_mid_event_probability
+        return bool(p) and self._rng.random() < p
+
     def prefill_fails(self, jobs: Iterable[Job]) -> bool:
         c = self.config
         for job in jobs:
+            if job.poisoned:
+                return True
             if c.fail_generation_every is not None and job.ordinal % c.fail_generation_every == 0:
                 return True
             if c.fail_generation_probability and self._rng.random() < c.fail_generation_probability:
@@ -799,6 +826,7 @@ class Engine:
             max_new_tokens=spec.max_new_tokens,
             rng=random.Random(seed),
             stop=spec.stop,
+            poisoned=spec.poisoned,
             eos_probability=self.config.eos_probability,
             queued_at=self.clock.now(),
         )

@@ -3,6 +3,20 @@
 Wire formats follow ``/work/shared/reference/tgi-neuron-interface.md``: SSE events are
 ``data:`` + compact JSON + blank line (no space after the colon), OpenAI routes end with
 ``data:[DONE]``, and streaming routes answer 200 with the error as the first event.
+
+Checked against text-generation-inference v3.3.7 (the ``latest-neuron`` image's version):
+
+- OpenAI routes' stream error event: ``{"error":{"message":..,"http_status_code":422}}``,
+  422 whatever the error (router/src/infer/mod.rs ``into_openai_event``);
+- finish reasons: ``length`` / ``eos_token`` / ``stop_sequence`` natively; the OpenAI routes
+  say ``stop`` for ``eos_token`` only (router/src/lib.rs ``FinishReason::format(true)``);
+- ``top_p`` must be > 0 and < 1 on every route, 1.0 included (router/src/validation.rs);
+  ``stop`` is a list on the OpenAI routes (``Option<Vec<String>>``): a string does not
+  deserialize (422);
+- ``POST /`` and ``/invocations`` default ``return_full_text`` to true for a text-generation
+  model or one without a pipeline tag (router/src/server.rs ``compat_generate``);
+- ``details.seed`` is null and ``details.prefill`` empty: the Neuron generator returns no
+  seed and no prefill tokens (backends/neuron/server/text_generation_server/generator.py).
 One route is the simulator's own: ``POST /_sim/health {"fail": true|false}`` flips ``/health``
 to 503 and back at runtime (fault injection for health-checker tests).
 """
@@ -55,7 +69,9 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",
     "x-compute-type": COMPUTE_TYPE,
 }
-OPENAI_FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
+OPENAI_FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop_sequence"}
+OPENAI_STREAM_ERROR_STATUS = 422
+"""TGI's OpenAI stream error events carry 422 whatever the error (see the module doc)."""
 
 
 def _dumps(obj: Any) -> str:
@@ -113,6 +129,11 @@ class TgiMetrics:
                 [cfg.max_input_tokens / 100 * (x + 1) for x in range(100)]
             ),
             "tgi_request_generated_tokens": _Histogram(
+                [cfg.max_total_tokens / 100 * (x + 1) for x in range(100)]
+            ),
+            # Recorded at validation, buckets as generated_tokens (TGI v3.3.7 validation.rs
+            # and server.rs max_new_tokens_buckets).
+            "tgi_request_max_new_tokens": _Histogram(
                 [cfg.max_total_tokens / 100 * (x + 1) for x in range(100)]
             ),
         }
@@ -236,6 +257,7 @@ class _Replica:
             length = await self.engine.tokens.count(inputs)
             spec = validate(self.config, params, inputs, length, stream=stream)
             self.metrics.observe("tgi_request_input_length", spec.input_length)
+            self.metrics.observe("tgi_request_max_new_tokens", spec.max_new_tokens)
             generation = self.engine.submit(spec)
         except SimError as err:
             self.metrics.fail(err)
@@ -258,6 +280,13 @@ class _Replica:
                 request.transport.close()
             raise _Closed
         await asyncio.Event().wait()  # HANG: silent until the client leaves
+
+    async def _die_mid_event(self, response: web.StreamResponse, data: bytes) -> None:
+        """Fault: write half of an event, let it leave, and exit the process."""
+        await _send(response, data[: len(data) // 2])
+        await asyncio.sleep(0.05)
+        log.error("fault injection: dying in the middle of an event")
+        os._exit(1)
 
     async def _collect(self, request: web.Request, call: _Call) -> list[TokenEvent]:
         events: list[TokenEvent] = []
@@ -328,7 +357,10 @@ class _Replica:
                     await _send(response, b":\n\n")
                     continue
                 for obj in render(event):
-                    await _send(response, self._sse(obj))
+                    data = self._sse(obj)
+                    if self.engine.faults.tears_next_event():
+                        await self._die_mid_event(response, data)
+                    await _send(response, data)
                 sent += 1
                 await self._after_token(request, call, sent)
                 if event.final:
@@ -354,6 +386,8 @@ class _Replica:
         started = self.engine.clock.now()
         try:
             body = body if body is not None else await self._json(request)
+            if compat:
+                body = _full_text_by_default(body)
             if compat and body.get("stream"):
                 return await self._generate_stream(request, body, started)
             inputs = _inputs(body)
@@ -372,18 +406,13 @@ class _Replica:
         text = job.text if not params.return_full_text else call.inputs + job.text
         result: dict[str, Any] = {"generated_text": text}
         if params.details or params.decoder_input_details:
-            prefill: list[dict[str, Any]] = []
-            if params.decoder_input_details:
-                tokens = await self.engine.tokens.tokenize(call.inputs)
-                prefill = [
-                    {"id": t["id"], "text": t["text"], "logprob": None if i == 0 else 0.0}
-                    for i, t in enumerate(tokens[: call.spec.input_length])
-                ]
             result["details"] = {
                 "finish_reason": job.finish_reason,
                 "generated_tokens": len(events),
-                "seed": params.seed,
-                "prefill": prefill,
+                # The Neuron generator returns neither a seed nor prefill tokens, even with
+                # decoder_input_details (generator.py: GeneratedText(...), prefill_tokens=None).
+                "seed": None,
+                "prefill": [],
                 "tokens": [e.token.to_json() for e in events],
             }
         headers = self._timing_headers(call, len(events))
@@ -424,7 +453,7 @@ class _Replica:
                     details = {
                         "finish_reason": job.finish_reason,
                         "generated_tokens": event.index,
-                        "seed": params.seed,
+                        "seed": None,
                         "input_length": call.spec.input_length,
                     }
                 return [
@@ -460,16 +489,18 @@ class _Replica:
         temperature = body.get("temperature")
         if temperature == 0:
             temperature = None
-        top_p = body.get("top_p")
-        if isinstance(top_p, int | float) and top_p >= 1.0:
-            top_p = None
         stop = body.get("stop")
+        if isinstance(stop, str):
+            raise InvalidRequest(
+                "Failed to deserialize the JSON body into the target type: stop: invalid type: "
+                f"string {json.dumps(stop)}, expected a sequence"
+            )
         raw = {
             "max_new_tokens": max_tokens,
             "seed": body.get("seed"),
-            "stop": [stop] if isinstance(stop, str) else stop,
+            "stop": stop,
             "temperature": temperature,
-            "top_p": top_p,
+            "top_p": body.get("top_p"),
             "details": True,
         }
         return GenerateParams.from_json(raw)
@@ -503,7 +534,7 @@ class _Replica:
     ) -> web.StreamResponse:
         if response is None:
             response = await self._open_sse(request)
-        event = {"error": {"message": err.message, "http_status_code": err.status}}
+        event = {"error": {"message": err.message, "http_status_code": OPENAI_STREAM_ERROR_STATUS}}
         return await _finish(response, self._sse(event) + b"data:[DONE]\n\n")
 
     async def chat_completions(
@@ -718,6 +749,21 @@ class _Replica:
             return _error_response(err)
         return web.json_response(await self.engine.tokens.tokenize(inputs), dumps=_dumps)
 
+    async def chat_tokenize(self, request: web.Request) -> web.Response:
+        """The chat template applied and its tokens (TGI v3.3.7 server.rs get_chat_tokenize:
+        ``{"tokenize_response": [...], "templated_text": ...}``)."""
+        try:
+            body = await self._json(request)
+            messages = _chat_messages(body.get("messages"))
+            templated = await self.engine.tokens.render_chat(messages)
+        except SimError as err:
+            return _error_response(err)
+        self.metrics.request_count += 1
+        tokens = await self.engine.tokens.tokenize(templated)
+        return web.json_response(
+            {"tokenize_response": tokens, "templated_text": templated}, dumps=_dumps
+        )
+
     async def health(self, request: web.Request) -> web.Response:
         if self.engine.faults.health_fail:
             body = {"error": "unhealthy", "error_type": "healthcheck"}
@@ -762,6 +808,17 @@ class _Replica:
 
     async def metrics_route(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": METRICS_TYPE})
+
+
+def _full_text_by_default(body: dict[str, Any]) -> dict[str, Any]:
+    """``POST /`` and ``/invocations``: ``return_full_text`` defaults to true (TGI's
+    compat_generate, for a text-generation model)."""
+    params = body.get("parameters")
+    if params is None:
+        params = {}
+    if not isinstance(params, dict) or "return_full_text" in params:
+        return body
+    return {**body, "parameters": {**params, "return_full_text": True}}
 
 
 def _inputs(body: dict[str, Any]) -> str:
@@ -814,6 +871,7 @@ def create_app(config: SimConfig, *, clock: Clock | None = None) -> web.Applicat
     r.add_post("/v1/completions", replica.completions)
     r.add_post("/invocations", replica.invocations)
     r.add_post("/tokenize", replica.tokenize)
+    r.add_post("/chat_tokenize", replica.chat_tokenize)
     for path in ("/", "/health", "/ping"):
         r.add_get(path, replica.health)
     r.add_get("/info", replica.info)
