@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from balancer.forecast import Forecast
+from balancer.forecast import NO_BUDGET_TOKENS, Forecast
 from balancer.policy import Policy
 from balancer.queue_order import QUEUE_ORDERS, QueueOrder, estimated_service_s
 from balancer.ticket import Ticket
@@ -116,7 +116,8 @@ class Admission:
 
     def ahead_of(self, ticket: Ticket, now: float) -> list[Ticket]:
         """The queued requests a new request would wait behind (for the forecast)."""
-        key = self.order.key(now, 0, ticket.prompt_tokens, ticket)
+        new = ticket.new_tokens if ticket.new_tokens is not None else NO_BUDGET_TOKENS
+        key = self.order.key(now, ticket.prompt_tokens + new, ticket.prompt_tokens, ticket)
         waiting = [w for w in self._queue if not w.future.done()]
         return [w.ticket for w in self.order.ahead_of(waiting, key, ticket.long)]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 
@@ -323,3 +324,27 @@ async def test_a_queued_request_leaves_once_it_can_no_longer_make_its_budget() -
         await admission.acquire(10, prompt_tokens=0, ticket=ticket)
     assert excinfo.value.reason == "ttft_slo_expired"
     assert admission.queue_depth == 0
+
+
+async def test_ahead_of_follows_the_queue_order_of_admission() -> None:
+    f = Forecast()
+    teach(f, "r0", a=0.0, b=1e-4, step=0.01)
+    replica = ready_replica("r0", cap=1)
+    replica.inflight = 1  # busy: everything queues
+    for order in ("deadline", "shortest"):
+        admission = Admission(
+            Registry([replica]), LeastOutstanding(), 16, 60.0, order=order, ageing=0.3, forecast=f
+        )
+        long_ticket = Ticket(10_000, 500, arrived_at=time.monotonic())
+        waiting = asyncio.create_task(
+            admission.acquire(10_500, prompt_tokens=10_000, ticket=long_ticket)
+        )
+        await asyncio.sleep(0)
+        assert admission.queue_depth == 1
+        now = time.monotonic()
+        short = Ticket(100, 10, arrived_at=now)
+        assert admission.ahead_of(short, now) == [], order  # it would overtake
+        assert admission.ahead_of(Ticket(10_000, 600, arrived_at=now), now) == [long_ticket]
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
