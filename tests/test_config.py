@@ -482,3 +482,18 @@ def test_queue_order_is_read_from_the_balancer_section(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as excinfo:
         load(tmp_path, base + 'queue_order = "longest"\n')
     assert "[balancer] queue_order" in errors_of(excinfo) and "deadline" in errors_of(excinfo)
+
+
+def test_ttft_slo_and_the_long_prompt_floor_are_read_and_checked(tmp_path: Path) -> None:
+    base = SIMULATED + "\n[balancer]\n"
+    assert load(tmp_path, base).balancer.ttft_slo_s is None  # off by default
+    cfg = load(
+        tmp_path,
+        base + 'ttft_slo_s = 2.5\nqueue_order = "shortest"\nqueue_long_share = 0.3\n',
+    )
+    b = cfg.balancer
+    assert (b.ttft_slo_s, b.queue_order, b.queue_long_share) == (2.5, "shortest", 0.3)
+    with pytest.raises(ConfigError) as excinfo:
+        load(tmp_path, base + "ttft_slo_s = 0\nqueue_long_share = 1.5\n")
+    errors = errors_of(excinfo)
+    assert "[balancer] ttft_slo_s" in errors and "[balancer] queue_long_share" in errors

@@ -197,3 +197,20 @@ async def test_without_an_slo_nothing_is_refused_and_nothing_is_scored(
     assert "neuron_fleet_ttft_slo_requests_total{" not in text
     # ...but the forecast still learned (the shortest-first order uses it).
     assert server.balancer.forecast.ready
+
+
+def test_balance_cli_takes_the_slo_and_refuses_nonsense() -> None:
+    import argparse
+
+    from balancer.cli import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    up = ["--upstream", "http://127.0.0.1:1"]
+    args = parser.parse_args([*up, "--ttft-slo", "2.5", "--queue-order", "shortest"])
+    config = config_from_args(args)
+    assert (config.ttft_slo_s, config.queue_order) == (2.5, "shortest")
+    assert config_from_args(parser.parse_args(up)).ttft_slo_s is None
+    for bad in ("0", "-1", "soon", "inf"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*up, "--ttft-slo", bad])
