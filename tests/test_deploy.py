@@ -270,6 +270,7 @@ def test_every_alert_has_a_firing_and_a_silent_unit_test() -> None:
         "NeuronFleetTimeToFirstTokenHigh",
         "NeuronFleetUpstreamErrorRatioHigh",
         "NeuronFleetMidStreamFailures",
+        "NeuronFleetTtftSloShedding",
     }
     assert names == expected
     fires, silent = set(), set()
