@@ -102,7 +102,7 @@ class Balancer:
         ).inc()
         if ticket.predicted_ttft is not None:
             self.metrics.ttft_forecast_error.observe(ttft_s - ticket.predicted_ttft)
-            self.forecast.ttft_error(ttft_s - ticket.predicted_ttft)
+            self.forecast.ttft_error(ticket, ttft_s - ticket.predicted_ttft)
 
     @property
     def inflight(self) -> int:

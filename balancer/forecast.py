@@ -102,6 +102,26 @@ class LinearFit:
         return None if ab is None else ab[0] + ab[1] * x
 
 
+class RecentQuantile:
+    """The ``q``-quantile of the last ``window`` values (a sorted copy of the window)."""
+
+    def __init__(self, q: float, window: int) -> None:
+        self.q = q
+        self._recent: deque[float] = deque(maxlen=window)
+        self._sorted: list[float] = []
+
+    def add(self, x: float) -> None:
+        if len(self._recent) == self._recent.maxlen:
+            self._sorted.pop(bisect.bisect_left(self._sorted, self._recent[0]))
+        self._recent.append(x)
+        bisect.insort(self._sorted, x)
+
+    def value(self) -> float | None:
+        if not self._sorted:
+            return None
+        return self._sorted[min(len(self._sorted) - 1, int(self.q * len(self._sorted)))]
+
+
 @dataclass
 class ReplicaModel:
     prefill: LinearFit = field(default_factory=LinearFit)
@@ -128,8 +148,15 @@ class Forecast:
         self.open_tokens = Ewma(half_life)
         """Generated tokens of requests that set no budget."""
         self.inflight: dict[str, set[Ticket]] = {}
-        self._errors: deque[float] = deque(maxlen=ERROR_WINDOW)
-        self._sorted_errors: list[float] = []
+        self._lateness = {
+            (long, slow): RecentQuantile(MARGIN_QUANTILE, ERROR_WINDOW)
+            for long in (False, True)
+            for slow in (False, True)
+        }
+        """By prompt class and by slot time (above the recent median or not): long prompts
+        wait for more, and under shortest-first long requests are overtaken by later short
+        ones, so their forecasts err more."""
+        self._service = RecentQuantile(0.5, ERROR_WINDOW)
 
     # ------------------------------------------------------------------ learning
     def _model(self, replica: str) -> ReplicaModel:
@@ -155,21 +182,23 @@ class Forecast:
             elif ticket.new_tokens is None:
                 self.open_tokens.add(tokens)
 
-    def ttft_error(self, actual_minus_predicted: float) -> None:
-        """A TTFT forecast checked against what happened (for ``margin_s``)."""
-        if len(self._errors) == self._errors.maxlen:
-            self._sorted_errors.pop(bisect.bisect_left(self._sorted_errors, self._errors[0]))
-        self._errors.append(actual_minus_predicted)
-        bisect.insort(self._sorted_errors, actual_minus_predicted)
+    def classify(self, ticket: Ticket) -> None:
+        """Mark ``ticket`` slow when its forecast slot time is above the recent median."""
+        service = self.service_s(None, ticket)
+        median = self._service.value()
+        ticket.slow = median is not None and service > median
+        self._service.add(service)
 
-    def margin_s(self) -> float:
-        """How much later than forecast first tokens recently came (99th percentile of the
-        last ``ERROR_WINDOW`` errors, never below 0): the gate's safety margin, so that
-        admitted requests rarely have to be dropped from the queue later."""
-        if not self._sorted_errors:
-            return 0.0
-        k = min(len(self._sorted_errors) - 1, int(MARGIN_QUANTILE * len(self._sorted_errors)))
-        return max(0.0, self._sorted_errors[k])
+    def ttft_error(self, ticket: Ticket, actual_minus_predicted: float) -> None:
+        """``ticket``'s TTFT forecast checked against what happened (for ``margin_s``)."""
+        self._lateness[ticket.long, ticket.slow].add(actual_minus_predicted)
+
+    def margin_s(self, ticket: Ticket) -> float:
+        """How much later than forecast first tokens recently came for requests like
+        ``ticket`` (same prompt class, slot time on the same side of the median; 99th
+        percentile of the last ``ERROR_WINDOW``, never below 0): the gate's safety margin,
+        so that admitted requests rarely have to be dropped from the queue later."""
+        return max(0.0, self._lateness[ticket.long, ticket.slow].value() or 0.0)
 
     def started(self, ticket: Ticket, replica: str, now: float) -> None:
         ticket.started_at, ticket.replica = now, replica

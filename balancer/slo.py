@@ -91,12 +91,13 @@ class SloGate:
         if prediction is None:
             return None
         ticket.predicted_ttft = prediction.ttft_s
+        self.forecast.classify(ticket)
         prefill = prediction.ttft_s - prediction.wait_s
         if prediction.wait_s <= 0:
             return None  # a slot is free for it now: refusing could not help it
         # Plus the forecast's recent lateness (its 99th percentile): admitting on a forecast
         # that proves optimistic means a drop from the queue later, a slow "no".
-        expected = prediction.ttft_s + self.forecast.margin_s()
+        expected = prediction.ttft_s + self.forecast.margin_s(ticket)
         if expected > budget:
             return Refusal(
                 "ttft_deadline" if by_header else "ttft_slo",

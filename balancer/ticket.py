@@ -26,6 +26,8 @@ class Ticket:
     """The TTFT it must meet (the SLO, or a tighter deadline header); None: no SLO."""
     long: bool = False
     """A long prompt (``queue_long_tokens``): the class the queue's floor protects."""
+    slow: bool = False
+    """Its forecast slot time is above the recent median (set by the SLO gate)."""
     predicted_ttft: float | None = None
     """Set by the SLO gate on arrival: the forecast's TTFT."""
     latest_start: float | None = None

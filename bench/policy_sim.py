@@ -361,7 +361,7 @@ def simulate_slo(
                 record(i, None, now - waiter.ticket.arrived_at)
                 tk = waiter.ticket
                 if tk.predicted_ttft is not None and tk.budget_s is not None:
-                    forecast.ttft_error(tk.budget_s - tk.predicted_ttft)
+                    forecast.ttft_error(tk, tk.budget_s - tk.predicted_ttft)
         else:
             s = step[i]
             step[i] = None
@@ -376,7 +376,7 @@ def simulate_slo(
                     ttft = now - tk.arrived_at
                     record(job.ordinal, ttft, None)
                     if tk.predicted_ttft is not None:
-                        forecast.ttft_error(ttft - tk.predicted_ttft)
+                        forecast.ttft_error(tk, ttft - tk.predicted_ttft)
                 if ev.final:
                     reps[i].inflight -= 1
                     reps[i].outstanding_work -= job.max_new_tokens - job.generated

@@ -286,15 +286,31 @@ def test_gate_admits_what_fits_and_sets_when_to_give_up() -> None:
     assert ok.latest_start == pytest.approx(5.0 - 0.1, rel=0.01)
 
 
-def test_margin_is_the_recent_99th_percentile_of_lateness() -> None:
+def test_margin_is_the_recent_99th_percentile_of_lateness_per_prompt_class() -> None:
     f = Forecast()
-    assert f.margin_s() == 0.0
+    short, long_ = Ticket(100, 10, 0.0), Ticket(10_000, 10, 0.0, long=True)
+    assert f.margin_s(short) == 0.0
     for i in range(100):
-        f.ttft_error(i / 100)  # 0.00 .. 0.99 s late
-    assert f.margin_s() == pytest.approx(0.99)
+        f.ttft_error(short, i / 100)  # 0.00 .. 0.99 s late
+    assert f.margin_s(short) == pytest.approx(0.99)
+    assert f.margin_s(long_) == 0.0  # long prompts' forecasts have their own record
     for _ in range(256):  # a better forecast since: the old errors age out
-        f.ttft_error(-0.1)
-    assert f.margin_s() == 0.0
+        f.ttft_error(short, -0.1)
+    assert f.margin_s(short) == 0.0
+
+
+def test_slow_requests_keep_their_own_margin() -> None:
+    f = Forecast()
+    teach(f, "r0", a=0.0, b=1e-4, step=0.01)
+    quick, slow = Ticket(100, 10, 0.0), Ticket(100, 1_000, 0.0)
+    for _ in range(10):
+        f.classify(Ticket(100, 100, 0.0))  # the median slot time: ~1 s
+    f.classify(quick)
+    f.classify(slow)
+    assert (quick.slow, slow.slow) == (False, True)
+    for _ in range(50):
+        f.ttft_error(slow, 2.0)  # slow requests were overtaken: 2 s late
+    assert f.margin_s(slow) == pytest.approx(2.0) and f.margin_s(quick) == 0.0
 
 
 def test_gate_refuses_what_only_its_margin_pushes_over_the_budget() -> None:
@@ -302,7 +318,7 @@ def test_gate_refuses_what_only_its_margin_pushes_over_the_budget() -> None:
     ticket = Ticket(1_000, 10, arrived_at=0.0, budget_s=4.5)  # forecast 4.1 s: fits
     assert gate.check(ticket, now=0.0) is None
     for _ in range(20):
-        f.ttft_error(0.5)  # first tokens came 0.5 s later than forecast
+        f.ttft_error(ticket, 0.5)  # first tokens came 0.5 s later than forecast
     refusal = gate.check(Ticket(1_000, 10, arrived_at=0.0, budget_s=4.5), now=0.0)
     assert refusal is not None and refusal.predicted_s == pytest.approx(4.6, rel=0.02)
 
