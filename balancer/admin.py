@@ -87,6 +87,7 @@ def fleet_status(balancer: Balancer, fleet: FleetControl | None) -> dict[str, An
                 "last_exit": r.last_exit,
                 "start_duration_s": r.start_duration_s,
                 "failed_reason": r.failed_reason,
+                "forecast": balancer.forecast.describe(r.name),
             }
         )
     status: dict[str, Any] = {
@@ -96,6 +97,8 @@ def fleet_status(balancer: Balancer, fleet: FleetControl | None) -> dict[str, An
         "max_queue": balancer.config.max_queue,
         "inflight": balancer.inflight,
         "policy": balancer.config.policy,
+        "queue_order": balancer.config.queue_order,
+        "ttft_slo_s": balancer.config.ttft_slo_s,
         "draining": balancer.draining,
         "supervised": fleet is not None,
     }

@@ -275,6 +275,20 @@ class Forecast:
                 left = expected
         return max(left, 1.0) * step
 
+    def describe(self, replica: str) -> dict[str, float] | None:
+        """What was learned about ``replica`` (for /fleet/status), or None yet."""
+        model = self.models.get(replica)
+        if model is None or not model.prefill.count or model.step.value is None:
+            return None
+        return {
+            "prefill_s_per_1k_tokens": round(
+                (model.prefill.predict(1000) or 0.0) - (model.prefill.predict(0) or 0.0), 4
+            ),
+            "prefill_base_s": round(model.prefill.predict(0) or 0.0, 4),
+            "decode_step_s": round(self.step_s(replica), 4),
+            "streams_seen": model.prefill.count,
+        }
+
     # ------------------------------------------------------------------ prediction
     def slot_free_times(
         self, replicas: Iterable[Replica], now: float, steps: dict[str, float]

@@ -61,6 +61,8 @@ def format_table(status: dict[str, Any], url: str = "") -> str:
     for key in ("policy", "launcher"):
         if status.get(key):
             head.append(f"{key} {status[key]}")
+    if status.get("ttft_slo_s"):
+        head.append(f"TTFT SLO {status['ttft_slo_s']:g} s")
     if status.get("draining"):
         head.append("SHUTTING DOWN")
     lines = [f"neuron-fleet{' at ' + url if url else ''}: {', '.join(head)}"]
@@ -89,6 +91,14 @@ def format_table(status: dict[str, Any], url: str = "") -> str:
         lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     for name, reason in (status.get("failed") or {}).items():
         lines.append(f"{name} failed: {reason}")
+    learned = [
+        f"{r.get('name')} prefill {f['prefill_s_per_1k_tokens']:.3f} s/1k tokens, "
+        f"step {f['decode_step_s'] * 1000:.1f} ms"
+        for r in replicas
+        if (f := r.get("forecast"))
+    ]
+    if learned:
+        lines.append("forecast: " + "; ".join(learned))
     return "\n".join(lines)
 
 

@@ -214,3 +214,22 @@ def test_balance_cli_takes_the_slo_and_refuses_nonsense() -> None:
     for bad in ("0", "-1", "soon", "inf"):
         with pytest.raises(SystemExit):
             parser.parse_args([*up, "--ttft-slo", bad])
+
+
+async def test_fleet_status_shows_what_the_forecast_learned(simulator, balancer, http) -> None:
+    from supervisor.status_cli import format_table
+
+    url = await simulator(batch_size=2, speed=20.0)
+    server = await balancer([url], max_inflight_per_replica=2, ttft_slo_s=2.0)
+    async with http.get(f"{server.url}/fleet/status") as resp:
+        before = await resp.json()
+    assert before["ttft_slo_s"] == 2.0 and before["replicas"][0]["forecast"] is None
+    await teach(http, server.url)
+    async with http.get(f"{server.url}/fleet/status") as resp:
+        status = await resp.json()
+    learned = status["replicas"][0]["forecast"]
+    assert learned["streams_seen"] == 4
+    # The simulator at speed 20: a decode step of one running slot is (28.5 + 1.3) / 20 ms.
+    assert 0.0005 < learned["decode_step_s"] < 0.1  # generous: a shared, busy machine
+    table = format_table(status)
+    assert "TTFT SLO 2 s" in table and "forecast: r0 prefill" in table
