@@ -98,6 +98,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="on SIGTERM, how long in-flight streams may finish",
     )
+    parser.add_argument(
+        "--shutdown-delay",
+        type=float,
+        default=d.shutdown_delay_s,
+        metavar="S",
+        help="on SIGTERM, keep serving this long with /health 503 before refusing new "
+        "requests (longer than a front load balancer's health-check detection time)",
+    )
     parser.add_argument("--log-level", default=os.environ.get("NEURON_FLEET_LOG_LEVEL", "INFO"))
 
 
@@ -120,6 +128,7 @@ def config_from_args(args: argparse.Namespace) -> BalancerConfig:
         health_interval_s=args.health_interval,
         max_input_tokens=args.max_input_tokens,
         tokenizer_path=args.tokenizer,
+        shutdown_delay_s=args.shutdown_delay,
         admin_token=os.environ.get("NEURON_FLEET_ADMIN_TOKEN") or None,
         api_keys=tuple(k for k in os.environ.get("NEURON_FLEET_API_KEYS", "").split(",") if k),
     )
@@ -150,8 +159,12 @@ async def serve_balancer(config: BalancerConfig, drain_timeout_s: float) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("stopping: draining in-flight requests (up to %.0f s)", drain_timeout_s)
-    await server.begin_shutdown()
+    log.info(
+        "stopping: serving %.0f s more, then draining in-flight requests (up to %.0f s)",
+        config.shutdown_delay_s,
+        drain_timeout_s,
+    )
+    await server.begin_shutdown(config.shutdown_delay_s)
     if not await server.wait_idle(drain_timeout_s):
         log.warning("drain timeout: closing the remaining streams")
     await server.stop()
