@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from balancer.upstream import ReplicaState
+from supervisor import reaper
 from supervisor.fleet import Fleet, FleetBusyError, build_registry
 from supervisor.replica import ReplicaStartError
 from supervisor.systemd import SystemdNotifier
@@ -239,6 +240,8 @@ class FleetService:
                 asyncio.create_task(self.notifier.run_watchdog(), name="systemd-watchdog"),
                 asyncio.create_task(self._report(), name="status-report"),
             ]
+            if reaper.needed():  # a container's PID 1: orphaned shard processes come to us
+                self._tasks.append(asyncio.create_task(reaper.Reaper().run(), name="reaper"))
             await self._stop.wait()
         finally:
             await self._shutdown()
