@@ -42,7 +42,7 @@ GENERATION_ROUTES = (
 )
 PASSTHROUGH_GET = ("/info", "/v1/models")
 PASSTHROUGH_POST = ("/tokenize",)
-OPEN_ROUTES = frozenset({"/health", "/ping", "/metrics"})
+OPEN_ROUTES = frozenset({"/health", "/ping", "/live", "/metrics"})
 """Answered without an API key: probes and scrapers carry none."""
 DEFAULT_NEW_TOKENS = 256
 """Work estimate for requests that do not say how many tokens they want."""
@@ -161,6 +161,12 @@ class Balancer:
         else:
             return web.json_response({"status": "ok", "ready_replicas": ready, "replicas": total})
         return json_error(503, problem, "healthcheck", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    async def live(self, request: web.Request) -> web.Response:
+        """200 whenever the event loop answers, even while models load or the host drains:
+        a liveness probe (Kubernetes) must not kill a pod that is only starting or stopping;
+        /health is the readiness signal."""
+        return web.json_response({"status": "alive"})
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         body = generate_latest(self.metrics.prometheus)
@@ -352,6 +358,7 @@ def create_app(balancer: Balancer) -> web.Application:
         get(path, balancer.passthrough)
     for path in ("/health", "/ping", "/"):
         get(path, balancer.health)
+    get("/live", balancer.live)
     get("/metrics", balancer.metrics_endpoint)
     from balancer.admin import add_admin_routes
 

@@ -45,6 +45,8 @@ async def test_shutdown_steps_serve_then_refuse(simulator, balancer, http) -> No
     assert before.status == 200
 
     server.announce_stop()
+    async with http.get(f"{url}/live") as resp:  # liveness is not readiness
+        assert resp.status == 200 and await resp.json() == {"status": "alive"}
     status, body, retry_after = await _health(http, url)
     assert status == 503 and body["error_type"] == "healthcheck", body
     assert "shutting down" in str(body["error"]) and retry_after == "5"
