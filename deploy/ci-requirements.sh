@@ -24,5 +24,5 @@ mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)
 echo "deploy/ci-requirements.sh: installing ${need[*]}" >&2
 "${sudo_[@]}" apt-get update -qq
 # --no-upgrade: never upgrade a package that is already there (only install what is missing).
-"${sudo_[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+"${sudo_[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -o DPkg::Lock::Timeout=600 -y -qq \
     --no-install-recommends --no-upgrade "${need[@]}" >/dev/null

@@ -10,7 +10,7 @@ apt_install() {
     echo "installing Debian packages: $*" >&2
     as_root apt-get update -qq
     # Wait for another apt (a parallel install) rather than fail on its lock.
-    DEBIAN_FRONTEND=noninteractive as_root apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -o DPkg::Lock::Timeout=600 -y -qq \
         --no-install-recommends "$@" >/dev/null
 }
 

@@ -199,23 +199,33 @@ class Host:
     def health(self) -> int:
         return _http_status(f"{self.url}/health")
 
-    def replica_pids(self) -> list[int]:
+    def replicas(self) -> list[tuple[int, int]]:
+        """(pid, port) of each replica, from the host's /fleet/status."""
         with socket.create_connection((self.address, self.port), timeout=2) as sock:
             sock.sendall(b"GET /fleet/status HTTP/1.0\r\nHost: x\r\n\r\n")
             data = b""
             while chunk := sock.recv(65536):
                 data += chunk
         doc = json.loads(data.split(b"\r\n\r\n", 1)[1])
-        return [r["pid"] for r in doc["replicas"] if r["pid"]]
+        return [(r["pid"], r["port"]) for r in doc["replicas"] if r["pid"]]
 
-    def kill_all(self) -> None:
-        """SIGKILL the whole host at once: the service and every replica it started."""
+    def kill_all(self) -> list[int]:
+        """SIGKILL the whole host at once: the service and every replica it started.
+        Returns the ports it listened on (gone once the processes are)."""
         assert self.proc is not None
-        pids = self.replica_pids()
+        replicas = self.replicas()
         os.kill(self.proc.pid, signal.SIGKILL)
-        for pid in pids:
+        for pid, _ in replicas:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        return [self.port] + [port for _, port in replicas]
+
+    def refuses(self, port: int) -> bool:
+        try:
+            socket.create_connection((self.address, port), timeout=1).close()
+        except OSError:
+            return True
+        return False
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -398,7 +408,12 @@ async def _rehearse(a: Host, b: Host, front: HAProxy, load: Load, figures: dict)
     a_before = {k: front.stat("host-a", k) for k in ("eresp", "hrsp_5xx", "econ")}
     marks["sigkill"] = time.monotonic()
     in_flight = [r for r in load.results if r.ended == 0]
-    b.kill_all()
+    ports = b.kill_all()
+    # A process is not gone the instant it is signalled: requests sent until its sockets
+    # close were sent to a live host that then died, like those sent just before the kill.
+    await wait_for(lambda: all(b.refuses(port) for port in ports), 5, "host B gone")
+    marks["dead"] = time.monotonic()
+    in_flight += [r for r in load.results if r.ended == 0 and r.started >= marks["sigkill"]]
     figures["sigkill"] = {
         "streams_in_flight_on_b": sum(r.served_by == "host-b" for r in in_flight),
         "requests_without_headers_yet": sum(r.served_by == "" for r in in_flight),
@@ -432,8 +447,10 @@ def _check_results(load: Load, marks: dict[str, float], figures: dict) -> None: 
         errors=sorted({r.error.split(":")[0] for r in failed}),
         slowest_failure_s=round(max((r.ended - t2 for r in failed), default=0.0), 2),
     )
+    dead = marks["dead"]
+    figures["sigkill"]["host_gone_after_s"] = round(dead - t2, 3)
     for r in failed:
-        assert r.started < t2, f"a request sent after the kill failed: {r}"
+        assert r.started < dead, f"a request sent after host B was gone failed: {r}"
         assert r.ended - t2 < 2.0, f"a cut stream took {r.ended - t2:.1f} s to end"
         if r.served_by:  # a stream from B, cut: the client's read fails at once
             assert r.served_by == "host-b", r
@@ -445,5 +462,5 @@ def _check_results(load: Load, marks: dict[str, float], figures: dict) -> None: 
         len(failed)
         <= in_flight["streams_in_flight_on_b"] + in_flight["requests_without_headers_yet"]
     )
-    after = [r for r in kill_phase if r.started > t2]
+    after = [r for r in kill_phase if r.started > dead]
     assert after and all(r.ok and r.served_by == "host-a" for r in after)
