@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +26,8 @@ from tests.test_serve import CHAT, demo_config, get, post_json, start_serve, sto
 from tests.upstreams import Script
 
 pytestmark = pytest.mark.timeout(60)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 GENERATE = {"inputs": "Hello", "parameters": {"max_new_tokens": 8}}
 
@@ -202,3 +206,38 @@ def _refused(base: str) -> bool:
     except urllib.error.HTTPError as exc:
         assert exc.code == 503 and exc.headers["Retry-After"], exc
         return True
+
+
+def test_balance_cli_shutdown_delay(tmp_path: Path) -> None:
+    """`neuron-fleet balance` (no supervisor) runs the same two steps on SIGTERM."""
+    replica_port, listen = free_ports(2)
+    base = f"http://127.0.0.1:{listen}"
+    replica = subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "simulate-replica", "--port", str(replica_port)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    argv = [sys.executable, "-m", "supervisor", "balance", "--listen", f"127.0.0.1:{listen}"]
+    argv += ["--upstream", f"http://127.0.0.1:{replica_port}", "--health-interval", "0.2"]
+    balancer = subprocess.Popen(
+        [*argv, "--shutdown-delay", "2"], cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_for(lambda: _status(base) == 200, seconds=20, what="balancer ready")
+        balancer.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        wait_for(lambda: _status(base) == 503, seconds=2, what="/health 503 after SIGTERM")
+        code, text = post_json(f"{base}/v1/chat/completions", CHAT)
+        assert code == 200 and text.rstrip().endswith("data:[DONE]")
+        assert time.monotonic() - signalled < 2, "the delay ended before we could check"
+        # Nothing in flight: once the delay is over it refuses, drains at once and exits.
+        _, err = balancer.communicate(timeout=20)
+        assert balancer.returncode == 0, err[-3000:]
+        assert time.monotonic() - signalled >= 2, "exited before the shutdown delay"
+        assert "refusing new requests" in err
+    finally:
+        for proc in (balancer, replica):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=5)
