@@ -333,8 +333,8 @@ async def _before_head(
     if response.status in (429, 503) and "Retry-After" not in response.headers:
         response.headers["Retry-After"] = str(RETRY_AFTER_S)
     if balancer.stopping or balancer.draining:
-        # aiohttp 3.14.5 (web_response.py, StreamResponse._start) runs this hook after it
-        # wrote the Connection header into the head, so set the header ourselves too;
+        # aiohttp 3.14.5 (web_response.py, StreamResponse._start) runs this hook after
+        # _prepare_headers() has chosen the Connection header, so set it ourselves too;
         # force_close() makes the server close the connection after this response.
         response.force_close()
         response.headers["Connection"] = "close"
