@@ -150,6 +150,7 @@ def load_config(
     inventory: Inventory | None = None,
     check_host: bool = True,
     read_model: bool = True,
+    require_model: bool = True,
 ) -> FleetConfig:
     """Read, merge, resolve and validate; raise ConfigError listing every problem.
 
@@ -159,7 +160,8 @@ def load_config(
     else neuron-ls, else /dev). ``check_host=False`` skips what looks at this machine
     (neuron-ls, ports in use, binaries on PATH, model folder present) -- for ``export``
     and for tests. ``read_model=False`` ignores what the model folder says (``export``,
-    which is about to replace it).
+    which is about to replace it). ``require_model=False`` (``plan``): a model not set or
+    not exported yet is a warning, not an error.
     """
     layers = Layers()
     if path is not None:
@@ -204,7 +206,7 @@ def load_config(
             'the balancer; "127.0.0.1" keeps them private'
         )
     model, fleet, model_errors, model_warnings = resolve_model(
-        model, fleet, launcher, check_host, read_model
+        model, fleet, launcher, check_host, read_model, require_model
     )
     errors += model_errors
     warnings += model_warnings

@@ -27,6 +27,7 @@ from supervisor.neuron import (
     run_neuron_ls,
 )
 from supervisor.plan import compute_plan, plan_replicas
+from tests.conftest import free_ports
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "neuron-ls"
 
@@ -335,3 +336,47 @@ def test_plan_command_invalid_exits_2_with_every_problem(
     path.write_text(PLAN_TOML)
     assert cli.main([*busy, "--no-host-checks", "--replicas", "3"]) == 2
     assert "PID 113985" in capsys.readouterr().err
+
+
+def test_plan_without_a_model_plans_cores_devices_and_ports(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    neuron_ls = str(FIXTURES / "inf2.48xlarge.json")
+    args = ["plan", "--neuron-ls", neuron_ls, "--cores-per-replica", "4", "--no-host-checks"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith("replica-")]
+    assert [row[1] for row in rows] == ["0-3", "4-7", "8-11", "12-15", "16-19", "20-23"]
+    assert "None" not in out  # limits the export will decide are said so, not "None"
+    assert "batch from the export" in out
+    assert "no model set" in out
+
+
+def test_plan_before_export_warns_and_serve_refuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's order: import -> plan -> export -> serve."""
+    path = tmp_path / "fleet.toml"
+    data = tmp_path / "data"
+    data.mkdir()
+    ports = free_ports(7)
+    path.write_text(
+        '[model]\nid = "/data/exportedmodel"\n[fleet]\nlauncher = "docker"\n'
+        f"cores_per_replica = 8\nbase_port = {ports[1]}\nmetrics_base_port = {ports[4]}\n"
+        f'[launcher.docker]\nbinary = "true"\ndata_dir = "{data}"\n'
+        f'[balancer]\nlisten = "127.0.0.1:{ports[0]}"\n'
+    )
+    neuron_ls = str(FIXTURES / "inf2.48xlarge.json")
+    assert cli.main(["plan", "--config", str(path), "--neuron-ls", neuron_ls]) == 0
+    assert "run `neuron-fleet export` first" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="run `neuron-fleet export` first"):
+        load_config(str(path), env={}, inventory=fixture("inf2.48xlarge.json"))
+
+
+def test_plan_on_a_host_too_small_for_one_replica_does_not_advise_zero() -> None:
+    plan, errors = plan_replicas(
+        settings(replicas=1, cores_per_replica=8), fixture("inf2.xlarge.json"), whole_devices=True
+    )
+    assert plan is None
+    assert "replicas = 0" not in errors[0]
+    assert "not even one replica fits" in errors[0] and "at most 2 cores" in errors[0]
