@@ -141,6 +141,8 @@ def host_inventory(
             0, cores_per_device=fleet.cores_per_device, source=reason, assumed=True
         ), []
     try:
-        return discover_inventory(cores_per_device=fleet.cores_per_device), []
+        return discover_inventory(
+            cores_per_device=fleet.cores_per_device, neuron_ls=fleet.neuron_ls
+        ), []
     except (NeuronLsError, OSError) as exc:
         return None, [f"cannot list Neuron devices: {exc}"]

@@ -100,6 +100,9 @@ class FleetSettings:
     """Pretend this many devices exist (no neuron-ls); for simulated fleets and tests."""
     cores_per_device: int = DEFAULT_CORES_PER_DEVICE
     """Only used without neuron-ls (device count from config or /dev/neuron*)."""
+    neuron_ls: str = ""
+    """neuron-ls to run; default: on PATH, else /opt/aws/neuron/bin/neuron-ls (where
+    aws-neuronx-tools installs it, outside systemd's default PATH)."""
     min_ready: int = 1
     """Replicas that must be ready before the balancer starts taking traffic."""
     startup_timeout_s: float = 1800.0
