@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from supervisor.config import FleetConfig
+from supervisor.leftovers import REPLICA_LABEL
 from supervisor.plan import ReplicaPlan
 from supervisor.schema import ConfigError, check_command_template, stop_grace_seconds
 
@@ -127,7 +128,7 @@ def docker_spec(plan: ReplicaPlan, config: FleetConfig) -> LaunchSpec:
     argv = [docker.binary, "run", "--rm", "--name", name]
     if docker.init:
         argv.append("--init")
-    argv += ["--label", f"neuron-fleet.replica={plan.name}"]
+    argv += ["--label", f"{REPLICA_LABEL}={plan.name}"]  # removed at start if left over
     argv += ["-p", f"{plan.host}:{plan.port}:{plan.port}"]
     argv += ["-p", f"{plan.host}:{plan.metrics_port}:{plan.metrics_port}"]
     argv += [f"--device={device}" for device in plan.devices]
