@@ -28,6 +28,7 @@ from typing import Any
 from balancer.admission import QUEUE_ORDERS
 from balancer.config import BalancerConfig, UpstreamSpec
 from supervisor.host_checks import (
+    check_export_versions,
     check_launcher_host,
     check_ports,
     host_inventory,
@@ -210,6 +211,10 @@ def load_config(
     )
     errors += model_errors
     warnings += model_warnings
+    if check_host and read_model:
+        version_errors, version_warnings = check_export_versions(model, fleet, launcher)
+        errors += version_errors
+        warnings += version_warnings
 
     listen = ("127.0.0.1", 8080)
     if "listen" in balancer_raw:

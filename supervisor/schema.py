@@ -124,6 +124,9 @@ class DockerLauncherConfig:
     """Host folder mounted at /data (the compose file's ``$PWD:/data``); default: the
     parent of a local model folder."""
     data_mount: str = "/data"
+    hub_cache: str | None = None
+    """Host folder mounted into every replica (and the export) as HF_HUB_CACHE, so what is
+    fetched from the Hub survives ``--rm`` and restarts; default: hf-cache in data_dir."""
     init: bool = True
     """``docker run --init``: a real PID 1 that forwards SIGTERM and reaps the shards."""
     extra_args: tuple[str, ...] = ()
