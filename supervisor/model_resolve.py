@@ -81,6 +81,12 @@ def resolve_model(
             info = read_model_info(path)
         except ModelInfoError as exc:
             errors.append(str(exc))
+        if info is not None and hardware and info.checkpoint_id and not info.has_weights:
+            warnings.append(
+                f"{path} holds no weights: every replica start fetches {info.checkpoint_id} "
+                "from the Hub (network and HF_TOKEN needed; kept in the Hub cache): "
+                "`neuron-fleet export --force` makes an export that carries them"
+            )
         if info is None and hardware and not errors:
             warnings.append(
                 f"{path} has no neuron_config.json: TGI will compile it at every start (slow); "

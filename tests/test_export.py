@@ -238,3 +238,27 @@ def test_host_export_uses_the_0_4_5_api_and_keeps_the_weights(
     assert neuron_args["tensor_parallel_size"] == 8 and neuron_args["config"].dtype == "bf16"
     output = tmp_path / "exportedmodel"
     assert (output / "checkpoint").is_dir() and (output / "tokenizer.json").is_file()
+
+
+def test_plan_warns_about_an_export_without_weights(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "exportedmodel"
+    folder.mkdir()
+    (folder / "neuron_config.json").write_text(
+        json.dumps(
+            {"batch_size": 8, "sequence_length": 16512, "tp_degree": 8, "checkpoint_id": "org/m"}
+        )
+    )
+    config = blog_toml(tmp_path, "native")
+    neuron_ls = str(TESTS / "fixtures" / "neuron-ls" / "inf2.48xlarge.json")
+    args = ["plan", "--config", config, "--neuron-ls", neuron_ls, "--no-host-checks"]
+    # --no-host-checks still reads the model: the folder is given, not looked for.
+    (tmp_path / "fleet.toml").write_text(
+        (tmp_path / "fleet.toml").read_text().replace("/data/exportedmodel", str(folder))
+    )
+    assert cli.main(args) == 0
+    assert "holds no weights: every replica start fetches org/m" in capsys.readouterr().out
+    (folder / "checkpoint").mkdir()
+    assert cli.main(args) == 0
+    assert "holds no weights" not in capsys.readouterr().out
