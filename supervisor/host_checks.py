@@ -81,9 +81,7 @@ def port_in_use(host: str, port: int) -> bool:
 def uses_metrics_port(launcher: str, template: str = "") -> bool:
     """A host port for the replica's own Prometheus listener: TGI on the host binds one
     (two on the same port panic); docker keeps it inside the container's namespace."""
-    return launcher == "native" or (
-        launcher == "command" and "{metrics_port}" in template
-    )
+    return launcher == "native" or (launcher == "command" and "{metrics_port}" in template)
 
 
 def check_ports(
