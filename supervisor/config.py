@@ -270,6 +270,7 @@ def _balancer(
         "max_inflight_per_replica", model.batch_size or BalancerConfig.max_inflight_per_replica
     )
     values.setdefault("max_input_tokens", model.max_input_tokens)
+    values["max_total_tokens"] = model.max_total_tokens
     values.setdefault("tokenizer_path", model.tokenizer)
     upstreams = tuple(UpstreamSpec(url=r.url, name=r.name, cores=r.cores) for r in plan.replicas)
     return BalancerConfig(host=listen[0], port=listen[1], upstreams=upstreams, **values)
