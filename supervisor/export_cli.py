@@ -46,7 +46,8 @@ SOURCE_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
 ``original/`` consolidated .pth files some repositories also carry)."""
 MISSING_EXTRA = (
     "optimum-neuron is not installed: pip install 'neuron-fleet[neuron]' (needs a Neuron SDK "
-    "host), or leave out --host to compile inside the TGI Neuron image (docker launcher)"
+    "host), or pass --docker to compile inside the TGI Neuron image (the default with the "
+    "docker launcher)"
 )
 EXPORT_MARKER = "# neuron-fleet: export"
 EXPORT_CODE = f"""{EXPORT_MARKER}
