@@ -300,8 +300,8 @@ def docker_export_argv(
         docker.binary,
         "run",
         "--rm",
-        "--name",
-        "neuron-fleet-export",
+        "--label",
+        "neuron-fleet.export=1",
         "-v",
         f"{parent}:{mount}",
     ]

@@ -76,9 +76,8 @@ def image_versions(
     cached = _read_cache(path).get(image_id)
     if cached:
         return RuntimeVersions(cached["optimum_neuron"], cached["neuronxcc"], f"image {image}")
-    out = _run(
-        [binary, "run", "--rm", "--entrypoint", "python", image, "-c", VERSIONS_CODE], runner
-    )
+    query = [binary, "run", "--rm", "--network", "none", "--entrypoint", "python", image]
+    out = _run([*query, "-c", VERSIONS_CODE], runner)
     versions = _parse(out, f"image {image}")
     _write_cache(
         path,
