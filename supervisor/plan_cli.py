@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-host-checks",
         action="store_true",
-        help="skip what looks at this machine (ports in use, binaries, model folder, neuron-ls)",
+        help="skip what looks at this machine (ports in use, binaries, model folder, "
+        "neuron-ls, the image's optimum-neuron version)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
