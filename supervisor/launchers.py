@@ -106,18 +106,22 @@ def _native_model_id(config: FleetConfig) -> str:
     return config.model.path or config.model.id
 
 
-def _host_path(model_id: str) -> str | None:
-    return model_id if os.path.isabs(model_id) else None
+def _host_model_folder(config: FleetConfig) -> str | None:
+    """The model's folder on the host, also when it is not exported yet (``plan``)."""
+    mount = config.launcher.docker.data_mount.rstrip("/") or "/data"
+    model_id = config.model.id
+    if config.model.path is None and os.path.isabs(model_id):
+        if not model_id.startswith(mount + "/"):  # not the blog's container path
+            return model_id
+    return config.model.path
 
 
 def docker_mounts(config: FleetConfig) -> tuple[list[str], str]:
     """(``-v`` arguments, MODEL_ID as the container sees it)."""
     docker = config.launcher.docker
     mount = docker.data_mount.rstrip("/") or "/data"
-    path = config.model.path
+    path = _host_model_folder(config)
     model_id = config.model.id
-    if path is None and os.path.isabs(model_id) and not model_id.startswith(mount + "/"):
-        path = model_id  # a host folder not exported yet (check_host=False): map it all the same
     data_dir = docker.data_dir or (os.path.dirname(path) if path else None)
     volumes = [f"{os.path.abspath(data_dir)}:{mount}"] if data_dir else []
     if path is None or data_dir is None:
@@ -160,7 +164,7 @@ def docker_spec(plan: ReplicaPlan, config: FleetConfig) -> LaunchSpec:
     # namespace a container cannot collide with another on it.
     argv += ["-p", f"{plan.host}:{plan.port}:{plan.port}"]
     argv += [f"--device={device}" for device in plan.devices]
-    cache = hub_cache_host(docker, config.model.path or _host_path(config.model.id))
+    cache = hub_cache_host(docker, _host_model_folder(config))
     if cache:
         volumes = [*volumes, f"{cache}:{HUB_CACHE_MOUNT}"]
     for volume in volumes:
