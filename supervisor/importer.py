@@ -1028,8 +1028,8 @@ def _build(
     if model.get("id"):
         notes.add(
             "[model] source is not set: set it to the Hub model you compiled into [model] id "
-            "(the blog: meta-llama/Meta-Llama-3.1-8B-Instruct), so `neuron-fleet export "
-            "--docker` can compile it again (same image, same optimum-cli) for a new shape"
+            "(the blog: meta-llama/Meta-Llama-3.1-8B-Instruct), so `neuron-fleet export` can "
+            "compile it again inside the same image (same optimum-cli) for a new shape"
         )
     toml = _render(
         sources or compose_name,
