@@ -105,7 +105,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=d.first_byte_timeout_s,
         metavar="S",
-        help="until a replica's headers and first bytes (default %(default)s)",
+        help="streams: until a replica's headers and first event (default %(default)s)",
+    )
+    parser.add_argument(
+        "--response-timeout",
+        type=float,
+        default=d.response_timeout_s,
+        metavar="S",
+        help="non-streaming requests: the whole response (default %(default)s)",
     )
     parser.add_argument(
         "--idle-timeout",
@@ -171,6 +178,7 @@ def config_from_args(args: argparse.Namespace) -> BalancerConfig:
         queue_ageing=args.queue_ageing,
         retries=args.retries,
         first_byte_timeout_s=args.first_byte_timeout,
+        response_timeout_s=args.response_timeout,
         idle_timeout_s=args.idle_timeout,
         health_interval_s=args.health_interval,
         max_input_tokens=args.max_input_tokens,
