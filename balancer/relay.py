@@ -207,7 +207,7 @@ class Relay:
         started = time.monotonic()
         headers = upstream_headers(request, rr.request_id, drop=self._consumed)
         ticket = Ticket()
-        failures = RequestFailures()
+        failures = RequestFailures(rr.request_id)
         succeeded = False
         tried: set[Replica] = set()
         stream = _Stream(request)
