@@ -83,3 +83,6 @@ VALIDATION_ERROR_CHAT = (
     b"data:[DONE]\n\n"
 )
 MID_STREAM_GENERATION_ERROR_NATIVE = GENERATE_STREAM.split(b":\n\n")[0] + GENERATION_ERROR_NATIVE
+
+KEEPALIVE_THEN_GENERATION_ERROR_CHAT = b":\n\n:\n\n" + GENERATION_ERROR_CHAT
+"""A request that waited over 30 s for its prefill (two keep-alives), which then failed."""
