@@ -50,7 +50,7 @@ MAX_HEAD_BYTES = 64 * 1024
 60 KiB; nginx's proxy buffers 4-8 KiB). A replica's head is a few hundred bytes."""
 MAX_FIELD_BYTES = 8190
 MAX_HEADERS = 128
-"""As aiohttp's client (aiohttp 3.12+, client.py ClientSession: max_line_size=8190,
+"""As aiohttp's client (aiohttp 3.14.5, client.py ClientSession: max_line_size=8190,
 max_field_size=8190, max_headers=128)."""
 
 
