@@ -76,7 +76,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="[NAME=]URL",
         help="a replica's base URL; repeat per replica",
     )
-    parser.add_argument("--policy", choices=sorted(POLICIES), default=d.policy)
+    parser.add_argument(
+        "--policy",
+        choices=sorted(POLICIES),
+        default=d.policy,
+        help="how a ready replica is chosen (default %(default)s)",
+    )
     parser.add_argument(
         "--max-inflight-per-replica",
         type=int,
@@ -84,8 +89,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="slot cap per replica, normally the compiled batch size; 0 = no cap "
         "(default %(default)s)",
     )
-    parser.add_argument("--max-queue", type=int, default=d.max_queue)
-    parser.add_argument("--queue-timeout", type=float, default=d.queue_timeout_s, metavar="S")
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=d.max_queue,
+        help="requests waiting here for a free slot; beyond it 429 (default %(default)s)",
+    )
+    parser.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=d.queue_timeout_s,
+        metavar="S",
+        help="longest wait for a slot; beyond it 503 + Retry-After (default %(default)s)",
+    )
     parser.add_argument(
         "--queue-order",
         choices=QUEUE_ORDERS,
@@ -123,13 +139,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="refuse at once (429 + Retry-After) requests predicted to get their first token "
         "later than this, and drop queued ones that can no longer make it (default: off)",
     )
-    parser.add_argument("--retries", type=int, default=d.retries)
     parser.add_argument(
-        "--first-byte-timeout", type=float, default=d.first_byte_timeout_s, metavar="S"
+        "--retries",
+        type=int,
+        default=d.retries,
+        help="attempts on another replica before the first byte (default %(default)s)",
     )
-    parser.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s, metavar="S")
-    parser.add_argument("--health-interval", type=float, default=d.health_interval_s, metavar="S")
-    parser.add_argument("--max-input-tokens", type=int, default=None)
+    parser.add_argument(
+        "--first-byte-timeout",
+        type=float,
+        default=d.first_byte_timeout_s,
+        metavar="S",
+        help="streams: until a replica's headers and first event (default %(default)s)",
+    )
+    parser.add_argument(
+        "--response-timeout",
+        type=float,
+        default=d.response_timeout_s,
+        metavar="S",
+        help="non-streaming requests: the whole response (default %(default)s)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=d.idle_timeout_s,
+        metavar="S",
+        help="longest silence inside a started stream (default %(default)s)",
+    )
+    parser.add_argument(
+        "--health-interval",
+        type=float,
+        default=d.health_interval_s,
+        metavar="S",
+        help="seconds between /health checks of each replica (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-input-tokens",
+        type=int,
+        default=None,
+        help="refuse longer prompts with 422 (default: the replicas judge)",
+    )
     parser.add_argument(
         "--tokenizer",
         default=None,
@@ -141,9 +190,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=30.0,
         metavar="S",
-        help="on SIGTERM, how long in-flight streams may finish",
+        help="on SIGTERM, how long in-flight streams may finish (default %(default)s)",
     )
-    parser.add_argument("--log-level", default=os.environ.get("NEURON_FLEET_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("NEURON_FLEET_LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING (default %(default)s; env NEURON_FLEET_LOG_LEVEL)",
+    )
+    parser.add_argument(
+        "--shutdown-delay",
+        type=float,
+        default=d.shutdown_delay_s,
+        metavar="S",
+        help="on SIGTERM, keep serving this long with /health 503 before refusing new "
+        "requests (longer than a front load balancer's health-check detection time; "
+        "default %(default)s)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> BalancerConfig:
@@ -164,10 +226,12 @@ def config_from_args(args: argparse.Namespace) -> BalancerConfig:
         ttft_slo_s=args.ttft_slo,
         retries=args.retries,
         first_byte_timeout_s=args.first_byte_timeout,
+        response_timeout_s=args.response_timeout,
         idle_timeout_s=args.idle_timeout,
         health_interval_s=args.health_interval,
         max_input_tokens=args.max_input_tokens,
         tokenizer_path=args.tokenizer,
+        shutdown_delay_s=args.shutdown_delay,
         admin_token=os.environ.get("NEURON_FLEET_ADMIN_TOKEN") or None,
         api_keys=tuple(k for k in os.environ.get("NEURON_FLEET_API_KEYS", "").split(",") if k),
     )
@@ -198,8 +262,12 @@ async def serve_balancer(config: BalancerConfig, drain_timeout_s: float) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("stopping: draining in-flight requests (up to %.0f s)", drain_timeout_s)
-    await server.begin_shutdown()
+    log.info(
+        "stopping: serving %.0f s more, then draining in-flight requests (up to %.0f s)",
+        config.shutdown_delay_s,
+        drain_timeout_s,
+    )
+    await server.begin_shutdown(config.shutdown_delay_s)
     if not await server.wait_idle(drain_timeout_s):
         log.warning("drain timeout: closing the remaining streams")
     await server.stop()

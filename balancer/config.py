@@ -68,6 +68,13 @@ class BalancerConfig:
     """Larger request bodies: 413 in TGI's shape. TGI refuses them too, in plain text
     (text-generation-inference v3.3.7 launcher ``--payload-limit``, default 2000000)."""
 
+    shutdown_delay_s: float = 0.0
+    """On SIGTERM, keep accepting and serving this long with ``/health`` already 503, before
+    refusing new requests: a front load balancer (ALB, HAProxy, a Kubernetes Service) only
+    stops sending after its health checks or endpoint update notice. Set it above the
+    front's detection time (interval x unhealthy threshold); 0: refuse at once (one host,
+    clients connect directly). See docs/scale-out.md."""
+
     health_interval_s: float = 5.0
     health_timeout_s: float = 5.0
     health_rise: int = 2
@@ -80,6 +87,9 @@ class BalancerConfig:
 
     max_input_tokens: int | None = None
     """Refuse longer prompts with 422 before they take a slot (None: let replicas judge)."""
+    max_total_tokens: int | None = None
+    """The replicas' MAX_TOTAL_TOKENS: no request's work estimate exceeds it (a replica
+    never runs prompt + new tokens beyond it, whatever ``max_tokens`` says)."""
     tokenizer_path: str | None = None
     """Local model folder to count prompt tokens with; None: estimate (4 chars/token)."""
 

@@ -50,6 +50,7 @@ KNOWN_ROUTES = frozenset(
         "/v1/models",
         "/health",
         "/ping",
+        "/live",
         "/metrics",
     }
 )

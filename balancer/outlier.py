@@ -89,6 +89,7 @@ class OutlierDetector:
 class RequestFailures:
     """The failures one request met, held until its outcome says whom to blame."""
 
+    request_id: str = ""
     answered: list[tuple[Replica, str]] = field(default_factory=list)
     """Replicas that answered this request with a failure (status or error event)."""
 
@@ -104,8 +105,9 @@ class RequestFailures:
                     replica=replica.name, kind=f"{kind}_request_correlated"
                 ).inc()
             log.warning(
-                "a request failed the same way on %d replicas (%s): blamed on the request, "
+                "request %s failed the same way on %d replicas (%s): blamed on the request, "
                 "not on the replicas",
+                self.request_id,
                 len(replicas),
                 ", ".join(sorted(f"{r.name}: {k}" for r, k in self.answered)),
             )

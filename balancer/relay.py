@@ -214,7 +214,7 @@ class Relay:
         started = time.monotonic()
         headers = upstream_headers(request, rr.request_id, drop=self._consumed)
         ticket = rr.ticket if rr.ticket is not None else Ticket()
-        failures = RequestFailures()
+        failures = RequestFailures(rr.request_id)
         succeeded = False
         tried: set[Replica] = set()
         stream = _Stream(request)
@@ -394,7 +394,7 @@ class Relay:
         answer = _Answer(upstream, is_sse, first)
         if status in FAILED_STATUS:
             answer.failure = f"status_{status}"
-        elif is_sse and first.startswith(b"data:") and b'"error"' in first[:80]:
+        elif is_sse and b'"error"' in first:
             event = parse_error_event(first)
             if event is not None:
                 # Counted here, once: _pipe_events does not count a first error event again.
@@ -559,7 +559,7 @@ class Relay:
         loop_time = asyncio.get_running_loop().time
         sep = separator_of(first)
         framer = EventFramer(sep)
-        data_prefix = b"data: " if first.startswith(b"data: ") else b"data:"
+        data_prefix = b"data: " if b"\ndata: " in b"\n" + first else b"data:"
         # Wall-clock origin of this request, on the loop's clock.
         origin = loop_time() - (time.monotonic() - started)
         last_token = 0.0

@@ -57,6 +57,25 @@ _TGI_MESSAGES = (
 )
 
 
+def first_event_end(buf: bytes) -> int:
+    """Index just past the first event that is not only comments, or -1 if none is whole.
+
+    TGI sends a ``:`` keep-alive comment after 15 s without an event, and a Neuron replica can
+    take longer than that to start a request (a queue of 16k-token prefills): the first event
+    that says something may follow one or more of them.
+    """
+    pos = 0
+    while True:
+        lf, crlf = buf.find(b"\n\n", pos), buf.find(b"\r\n\r\n", pos)
+        if lf < 0 and crlf < 0:
+            return -1
+        end = lf + 2 if crlf < 0 or 0 <= lf < crlf else crlf + 4
+        lines = buf[pos:end].splitlines()
+        if any(line and not line.startswith(b":") for line in lines):
+            return end
+        pos = end
+
+
 def separator_of(first: bytes) -> bytes:
     """The event separator a stream uses, judged from its first event."""
     return b"\r\n\r\n" if b"\r\n\r\n" in first and b"\n\n" not in first else b"\n\n"
@@ -112,9 +131,14 @@ class ErrorEvent:
 
 
 def parse_error_event(event: bytes) -> ErrorEvent | None:
-    """What an SSE event (the first one in ``event``) reports, if it is an error event in
-    TGI's or vLLM's shape."""
-    event = event.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0]
+    """What the first event of ``event`` that is not a comment reports, if it is an error
+    event in TGI's or vLLM's shape."""
+    for candidate in event.replace(b"\r\n", b"\n").split(b"\n\n"):
+        if any(line and not line.startswith(b":") for line in candidate.split(b"\n")):
+            event = candidate  # the first event that is not a keep-alive comment
+            break
+    else:
+        return None
     payload = b"".join(line[5:] for line in event.splitlines() if line.startswith(b"data:")).strip()
     if not payload.startswith(b"{"):
         return None

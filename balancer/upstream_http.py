@@ -34,6 +34,8 @@ from urllib.parse import urlsplit
 import httptools
 from multidict import CIMultiDict
 
+from balancer.sse import first_event_end
+
 log = logging.getLogger("neuron_fleet.upstream")
 
 Sink = Callable[[bytes], None]
@@ -48,7 +50,7 @@ MAX_HEAD_BYTES = 64 * 1024
 60 KiB; nginx's proxy buffers 4-8 KiB). A replica's head is a few hundred bytes."""
 MAX_FIELD_BYTES = 8190
 MAX_HEADERS = 128
-"""As aiohttp's client (aiohttp 3.12+, client.py ClientSession: max_line_size=8190,
+"""As aiohttp's client (aiohttp 3.14.5, client.py ClientSession: max_line_size=8190,
 max_field_size=8190, max_headers=128)."""
 
 
@@ -207,20 +209,14 @@ class ReplicaConnection(asyncio.Protocol):
             await self._wait()
 
     async def read_first(self, until_event: bool, limit: int) -> bytes:
-        """Body bytes buffered so far: for SSE until the first complete event (or ``limit``
-        bytes, or the end), else whatever the first piece is. Empty means the body is empty."""
+        """Body bytes buffered so far: for SSE until the first complete event that is not a
+        keep-alive comment (or ``limit`` bytes, or the end), else whatever the first piece
+        is. Empty means the body is empty."""
         while True:
             buf = b"".join(self._buffered)
-            if (
-                self.complete
-                or self.error is not None
-                or (buf and not until_event)
-                or b"\n\n" in buf
-                or b"\r\n\r\n" in buf
-                or len(buf) >= limit
-            ):
+            whole = not until_event or first_event_end(buf) >= 0
+            if self.complete or self.error is not None or (buf and whole) or len(buf) >= limit:
                 self._buffered.clear()
-                whole = not until_event or b"\n\n" in buf or b"\r\n\r\n" in buf
                 if self.error is not None and not (buf and whole):
                     raise self.error  # nothing usable arrived: the relay may still retry
                 return buf

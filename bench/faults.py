@@ -17,7 +17,7 @@ service with SIGTERM and prints one row:
                clients, the 4xx/408/cut-off they deserved
     peak RSS   VmHWM of the service process (balancer + supervisor; replicas excluded)
 
-Run by hand (not in CI): ``.venv/bin/python bench/faults.py`` (about 4 minutes on 2 cores);
+Run by hand (not in CI): ``.venv/bin/python bench/faults.py`` (about 6 minutes on 2 cores);
 ``--scale 0.3`` for a quick pass, ``--only NAME`` for one scenario. Loopback only.
 """
 

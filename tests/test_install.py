@@ -230,3 +230,13 @@ def test_subcommand_is_wired(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
     assert main(["install-service", "--prefix", str(tmp_path), "--dry-run"]) == 0
     assert "would write" in capsys.readouterr().out
+
+
+def test_unit_path_reaches_neuron_ls() -> None:
+    """aws-neuronx-tools installs neuron-ls in /opt/aws/neuron/bin, off systemd's PATH."""
+    lines = [
+        line for line in install.UNIT_TEMPLATE.splitlines() if line.startswith("Environment=PATH=")
+    ]
+    assert len(lines) == 1
+    assert "/opt/aws/neuron/bin" in lines[0].split("=", 2)[2].split(":")
+    assert "/usr/bin" in lines[0]

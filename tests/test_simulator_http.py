@@ -668,3 +668,19 @@ async def test_chat_tokenize(http: aiohttp.ClientSession) -> None:
         assert doc["tokenize_response"] and {"id", "text", "start", "stop"} == set(
             doc["tokenize_response"][0]
         )
+
+
+async def test_chat_logprobs_as_tgi_on_neuron(http: aiohttp.ClientSession) -> None:
+    async with replica() as r:
+        body = chat_body(3, logprobs=True)
+        async with http.post(f"{r.url}/v1/chat/completions", json=body) as resp:
+            choice = (await resp.json())["choices"][0]
+        content = choice["logprobs"]["content"]
+        assert len(content) == 3 and all(c["logprob"] == 0.0 for c in content)
+        assert "".join(c["token"] for c in content) == choice["message"]["content"]
+        async with http.post(f"{r.url}/v1/chat/completions", json={**body, "stream": True}) as resp:
+            events = split_events(await resp.read())
+        chunks = [data(e) for e in events[:-1]]
+        assert all(len(c["choices"][0]["logprobs"]["content"]) == 1 for c in chunks)
+        async with http.post(f"{r.url}/v1/chat/completions", json=chat_body(2)) as resp:
+            assert (await resp.json())["choices"][0]["logprobs"] is None

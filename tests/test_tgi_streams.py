@@ -64,8 +64,9 @@ CHAT = (
     [
         (tgi.GENERATE_STREAM, NATIVE, tgi.GENERATE_STREAM_TOKENS),
         (tgi.CHAT_STREAM, CHAT, tgi.CHAT_STREAM_TOKENS),
+        (b":\n\n" + tgi.CHAT_STREAM, CHAT, tgi.CHAT_STREAM_TOKENS),  # a keep-alive first
     ],
-    ids=["generate_stream", "chat"],
+    ids=["generate_stream", "chat", "keepalive-then-chat"],
 )
 async def test_a_recorded_stream_is_relayed_byte_for_byte_and_counted(
     balancer, http, recorded, route, tokens, stride
@@ -94,8 +95,16 @@ async def test_a_recorded_stream_is_relayed_byte_for_byte_and_counted(
         (tgi.GENERATION_ERROR_NATIVE, NATIVE, True),
         (tgi.GENERATION_ERROR_CHAT, CHAT, True),
         (tgi.VALIDATION_ERROR_CHAT, CHAT, False),
+        (tgi.KEEPALIVE_THEN_GENERATION_ERROR_CHAT, CHAT, True),
     ],
-    ids=["overloaded", "overloaded-chat", "generation", "generation-chat", "validation-chat"],
+    ids=[
+        "overloaded",
+        "overloaded-chat",
+        "generation",
+        "generation-chat",
+        "validation-chat",
+        "keepalive-then-generation-chat",
+    ],
 )
 async def test_a_recorded_first_event_error_is_retried_or_relayed(
     balancer, http, recorded, route, retried

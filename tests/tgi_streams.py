@@ -5,7 +5,8 @@ axum's SSE encoder:
 
 - each event is ``data:`` + compact JSON (serde field order) + ``\\n\\n``, no space after
   the colon; axum's ``KeepAlive::new()`` sends ``:\\n\\n`` after 15 s of silence
-  (axum ``response/sse.rs``; TGI enables it with ``KeepAlive::default()``,
+  (axum 0.7 ``response/sse.rs``, 0.7.9 in TGI v3.3.7's Cargo.lock; TGI enables it with
+  ``KeepAlive::default()``,
   router/src/server.rs);
 - ``/generate_stream``: ``StreamResponse {index, token {id, text, logprob, special},
   [top_tokens], generated_text, details}``, details ``{finish_reason, generated_tokens, seed,
@@ -83,3 +84,6 @@ VALIDATION_ERROR_CHAT = (
     b"data:[DONE]\n\n"
 )
 MID_STREAM_GENERATION_ERROR_NATIVE = GENERATE_STREAM.split(b":\n\n")[0] + GENERATION_ERROR_NATIVE
+
+KEEPALIVE_THEN_GENERATION_ERROR_CHAT = b":\n\n:\n\n" + GENERATION_ERROR_CHAT
+"""A request that waited over 30 s for its prefill (two keep-alives), which then failed."""

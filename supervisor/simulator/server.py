@@ -16,7 +16,11 @@ Checked against text-generation-inference v3.3.7 (the ``latest-neuron`` image's 
 - ``POST /`` and ``/invocations`` default ``return_full_text`` to true for a text-generation
   model or one without a pipeline tag (router/src/server.rs ``compat_generate``);
 - ``details.seed`` is null and ``details.prefill`` empty: the Neuron generator returns no
-  seed and no prefill tokens (backends/neuron/server/text_generation_server/generator.py).
+  seed and no prefill tokens (backends/neuron/server/text_generation_server/generator.py);
+- chat ``logprobs: true`` gives ``{"content":[{token, logprob, top_logprobs}]}`` per chunk
+  (router/src/lib.rs ``ChatCompletionLogprobs``), logprob 0 as on Neuron;
+- ``max_new_tokens`` is checked on its first 1024-token chunk (router/src/validation.rs).
+  ``best_of`` is validated but not generated (one sequence comes back).
 One route is the simulator's own: ``POST /_sim/health {"fail": true|false}`` flips ``/health``
 to 503 and back at runtime (fault injection for health-checker tests).
 """
@@ -550,6 +554,7 @@ class _Replica:
             return _error_response(err)
         self.metrics.request_count += 1
         stream = bool(body.get("stream"))
+        want_logprobs = body.get("logprobs") is True
         model = self._model_name(body)
         try:
             try:
@@ -576,7 +581,7 @@ class _Replica:
                     {
                         "index": 0,
                         "message": {"role": "assistant", "content": job.text},
-                        "logprobs": None,
+                        "logprobs": _chat_logprobs(events) if want_logprobs else None,
                         "finish_reason": OPENAI_FINISH[job.finish_reason or "length"],
                     }
                 ],
@@ -599,7 +604,7 @@ class _Replica:
                             "role": "assistant",
                             "content": "" if token.special else token.text,
                         },
-                        "logprobs": None,
+                        "logprobs": _chat_logprobs([event]) if want_logprobs else None,
                         "finish_reason": finish if event.final else None,
                     }
                 ],
@@ -808,6 +813,14 @@ class _Replica:
 
     async def metrics_route(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": METRICS_TYPE})
+
+
+def _chat_logprobs(events: list[TokenEvent]) -> dict[str, Any]:
+    """``logprobs: true`` on the chat route (TGI v3.3.7 lib.rs ChatCompletionLogprobs): one
+    entry per token; the Neuron backend's logprobs are all 0."""
+    return {
+        "content": [{"token": e.token.text, "logprob": 0.0, "top_logprobs": []} for e in events]
+    }
 
 
 def _full_text_by_default(body: dict[str, Any]) -> dict[str, Any]:
