@@ -292,10 +292,11 @@ def start_neuron_fleet(
         "600",
         "--queue-order",
         queue_order,
-        # The deadline queue's ageing is in seconds of estimated inf2 time: with replicas
-        # running ``speed`` x faster, scale it like every other duration.
+        # The deadline queue's ageing multiplies fixed inf2 estimates: with replicas running
+        # ``speed`` x faster, scale it like every other duration. The shortest order's
+        # forecast is learned from the replicas themselves, so already on their clock.
         "--queue-ageing",
-        str(0.3 / speed),
+        str(0.3 / speed if queue_order == "deadline" else 0.3),
         "--health-interval",
         "1",
         "--log-level",
