@@ -52,6 +52,9 @@ W = TypeVar("W", bound=Queued)
 
 
 class QueueOrder:
+    """Sort keys for new waiters, the turn in which waiters take a freed slot, and the
+    same rule replayed for the SLO gate's forecast (``ahead_of``)."""
+
     def __init__(
         self,
         order: str,
