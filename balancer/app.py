@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 import json
 import logging
 import re
@@ -21,6 +20,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from balancer import access
 from balancer.admission import Admission
 from balancer.config import BalancerConfig
 from balancer.errors import expect_handler, json_error
@@ -224,16 +224,6 @@ ERROR_TYPES = {
 }
 
 
-def _authorized(request: web.Request, keys: tuple[str, ...]) -> bool:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        return False
-    given = token.strip().encode()
-    # Compare against every key (no early exit) in constant time per key.
-    return any([hmac.compare_digest(given, key.encode()) for key in keys])
-
-
 def _make_observer(balancer: Balancer) -> Any:
     metrics = balancer.metrics
     api_keys = balancer.config.api_keys
@@ -249,8 +239,16 @@ def _make_observer(balancer: Balancer) -> Any:
                 and request.path not in OPEN_ROUTES
                 and not request.path.startswith("/fleet/")
             ):
-                if not _authorized(request, api_keys):
+                if not access.bearer_matches(request.headers.get("Authorization", ""), api_keys):
                     code = "401"
+                    metrics.rejected.labels(reason="unauthorized").inc()
+                    access.refusals.warn(
+                        "api-401",
+                        "refused %s %s from %s: missing or invalid API key",
+                        request.method,
+                        request.path,
+                        request.remote or "?",
+                    )
                     return json_error(
                         401,
                         "Missing or invalid API key: send `Authorization: Bearer <key>`",
@@ -303,6 +301,11 @@ def _make_observer(balancer: Balancer) -> Any:
     return observe
 
 
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """No software versions for scanners (aiohttp would send ``Python/3.11 aiohttp/3.x``)."""
+    response.headers["Server"] = "neuron-fleet"
+
+
 def create_app(balancer: Balancer) -> web.Application:
     app = web.Application(
         client_max_size=balancer.config.max_body_bytes,
@@ -310,6 +313,7 @@ def create_app(balancer: Balancer) -> web.Application:
         handler_args={"max_field_size": 16384, "max_line_size": 16384},
     )
     app[BALANCER_KEY] = balancer
+    app.on_response_prepare.append(_server_header)
     post = functools.partial(app.router.add_post, expect_handler=expect_handler)
     get = functools.partial(app.router.add_get, allow_head=False, expect_handler=expect_handler)
     for path in GENERATION_ROUTES:

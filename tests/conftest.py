@@ -173,3 +173,11 @@ def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from tests.helpers_tokenizer import build_tiny_tokenizer
 
     return build_tiny_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))
+
+
+def admin_headers(server: BalancerServer) -> dict[str, str]:
+    """What an admin client sends: the server's (possibly generated) token, and the header
+    that marks a POST as not cross-site."""
+    from balancer.access import ADMIN_HEADER
+
+    return {"Authorization": f"Bearer {server.config.admin_token}", ADMIN_HEADER: "1"}
