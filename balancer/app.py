@@ -26,8 +26,9 @@ from balancer.config import BalancerConfig
 from balancer.errors import expect_handler, json_error
 from balancer.metrics import BalancerMetrics, route_label
 from balancer.policy import make_policy
+from balancer.quotas import Quotas
 from balancer.relay import CLIENT_GONE, STAGE, Relay, RelayRequest
-from balancer.tokens import TokenCounter, requested_new_tokens
+from balancer.tokens import PromptTooLong, TokenCounter, requested_new_tokens
 from balancer.upstream import Registry
 
 log = logging.getLogger("neuron_fleet.app")
@@ -64,7 +65,9 @@ class Balancer:
         self.config = config
         self.registry = registry
         self.draining = False
-        self.tokens = tokens or TokenCounter(config.tokenizer_path)
+        self.tokens = tokens or TokenCounter(
+            config.tokenizer_path, config.max_input_tokens, config.tokenize_concurrency
+        )
         self.admission = Admission(
             registry,
             make_policy(config.policy),
@@ -76,6 +79,13 @@ class Balancer:
         )
         self.metrics = BalancerMetrics(registry, lambda: self.admission.queue_depth)
         self.relay = Relay(config, registry, self.admission, self.metrics)
+        self.quotas = Quotas(
+            config,
+            registry,
+            self.metrics,
+            frozenset(GENERATION_ROUTES),
+            frozenset(PASSTHROUGH_GET + PASSTHROUGH_POST),
+        )
         self.replica_metrics: Any = None
         """Optional re-exporter of the replicas' own metrics (set by the server)."""
 
@@ -106,9 +116,18 @@ class Balancer:
             not isinstance(new_tokens, int) or isinstance(new_tokens, bool) or new_tokens < 0
         ):
             raise _Invalid(422, f"max tokens must be a non-negative integer, got {new_tokens!r}")
-        prompt_tokens = await self.tokens.count_request(doc)
-        self.metrics.prompt_tokens.observe(prompt_tokens)
         limit = self.config.max_input_tokens
+        try:
+            prompt_tokens = await self.tokens.count_request(doc)
+        except PromptTooLong as exc:
+            raise _Invalid(
+                422,
+                f"Input validation error: `inputs` must have less than {limit} tokens. Given: "
+                f"a prompt of {exc.chars} characters, more than {limit} tokens can hold "
+                f"({exc.max_chars} characters)",
+                reason="too_many_chars",
+            ) from None
+        self.metrics.prompt_tokens.observe(prompt_tokens)
         if limit and self.tokens.exact and prompt_tokens > limit:
             raise _Invalid(
                 422,
@@ -309,7 +328,8 @@ async def _server_header(request: web.Request, response: web.StreamResponse) -> 
 def create_app(balancer: Balancer) -> web.Application:
     app = web.Application(
         client_max_size=balancer.config.max_body_bytes,
-        middlewares=[_make_observer(balancer)],
+        # observe first: it checks API keys, which the quotas then use to tell clients apart
+        middlewares=[_make_observer(balancer), balancer.quotas.middleware],
         handler_args={"max_field_size": 16384, "max_line_size": 16384},
     )
     app[BALANCER_KEY] = balancer
