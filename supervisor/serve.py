@@ -139,6 +139,9 @@ def serve(config: FleetConfig, *, on_ready: Callable[[FleetService], None] | Non
         print(f"neuron-fleet: refusing to start: {problem}", file=sys.stderr)
     if problems:
         return 2
+    from supervisor.procutil import hide_own_memory
+
+    hide_own_memory()
     return uvloop.run(FleetService(config, on_ready=on_ready).run())
 
 
