@@ -11,11 +11,15 @@ joins in ``connection_made``, so a burst accepted in one loop turn can pass the 
 from __future__ import annotations
 
 import asyncio
+import logging
+import resource
 from collections.abc import Callable
 
 from aiohttp import web
 
 from balancer.errors import error_body
+
+log = logging.getLogger("neuron_fleet.connections")
 
 REFUSE_AFTER_S = 1.0
 """How long a refused connection may take to send its request before we just close it."""
@@ -35,6 +39,30 @@ def _refusal() -> bytes:
 
 
 REFUSAL = _refusal()
+
+
+FD_RESERVE = 128
+"""Descriptors kept for replicas' health checks, log files, the tokenizer and the like."""
+
+
+def effective_limit(configured: int) -> int:
+    """``configured``, lowered so every client connection can also open one to a replica
+    within ``RLIMIT_NOFILE`` (1024 in a login shell; the systemd unit sets 65536): past
+    it, accept() fails with EMFILE and the listener spins, which is worse than a 503."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    room = max(16, (soft - FD_RESERVE) // 2)
+    if configured and configured <= room:
+        return configured
+    log.warning(
+        "max_connections %s lowered to %d: the open-file limit is %d (raise it with "
+        "`ulimit -n` or LimitNOFILE=)",
+        configured or "(no cap)",
+        room,
+        soft,
+    )
+    return room
 
 
 class _Refuse(asyncio.Protocol):
@@ -99,7 +127,7 @@ class CappedTCPSite(web.BaseSite):
         server = self._runner.server
         assert isinstance(server, web.Server)
         self._server = await asyncio.get_running_loop().create_server(
-            CappedFactory(server, self._limit, self._on_refuse),
+            CappedFactory(server, effective_limit(self._limit), self._on_refuse),
             self._host,
             self._port,
             backlog=self._backlog,
