@@ -85,8 +85,8 @@ class BalancerConfig:
     """Requests one client (API key, else address) may have outstanding beyond the fleet's
     slot count; beyond it: 429 + Retry-After, so one client cannot fill the queue."""
     max_buffered_body_bytes: int = 256 * 1024 * 1024
-    """Request bodies held by outstanding requests (queued or streaming); beyond it: 503.
-    A body costs about twice its size while held (the bytes and the parsed JSON)."""
+    """Memory for the bodies of outstanding requests (queued or streaming), each counted at
+    twice its size (the bytes and the parsed JSON); beyond it: 503."""
     max_passthrough_requests: int = 16
     """Concurrent /tokenize, /info, /v1/models requests (no slot taken); beyond it: 429."""
     tokenize_concurrency: int = 1

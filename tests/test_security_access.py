@@ -497,7 +497,7 @@ async def test_queued_bodies_count_against_a_memory_budget(
     gate: tuple[Gate, str], balancer, http
 ) -> None:
     g, url = gate
-    server = await balancer([url], max_buffered_body_bytes=150_000, max_queued_per_client=0)
+    server = await balancer([url], max_buffered_body_bytes=300_000, max_queued_per_client=0)
     generate = f"{server.url}/generate"
     big = {"inputs": "x" * 100_000}
     first = asyncio.create_task(_post(http, generate, "-", big))
