@@ -25,11 +25,10 @@ import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from supervisor.config import FleetConfig
-    from supervisor.plan import ReplicaPlan
+from supervisor.config import FleetConfig
+from supervisor.plan import ReplicaPlan
+from supervisor.schema import ConfigError, check_command_template, stop_grace_seconds
 
 
 @dataclass(frozen=True)
@@ -49,11 +48,6 @@ class LaunchSpec:
 
 
 SECRET_ENV = frozenset({"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"})
-
-
-def launcher_whole_devices(kind: str) -> bool:
-    """docker exposes /dev/neuronN devices, so a replica gets whole devices, not cores."""
-    return kind == "docker"
 
 
 def container_name(plan: ReplicaPlan) -> str:
@@ -127,8 +121,6 @@ def docker_mounts(config: FleetConfig) -> tuple[list[str], str]:
 
 
 def docker_spec(plan: ReplicaPlan, config: FleetConfig) -> LaunchSpec:
-    from supervisor.config import stop_grace_seconds
-
     docker = config.launcher.docker
     name = container_name(plan)
     volumes, model_id = docker_mounts(config)
@@ -232,8 +224,6 @@ def command_values(plan: ReplicaPlan, config: FleetConfig) -> dict[str, str]:
 def command_spec(plan: ReplicaPlan, config: FleetConfig) -> LaunchSpec:
     """Placeholders are filled per word after shlex splitting, so a model path with spaces
     stays one argument and nothing is ever interpreted by a shell."""
-    from supervisor.config import ConfigError, check_command_template
-
     template = config.launcher.command.template
     problems = check_command_template(template)
     if problems:

@@ -10,7 +10,7 @@ is never used (the runtime would refuse it anyway, much later and less clearly).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from supervisor.neuron import (
     Inventory,
@@ -20,9 +20,7 @@ from supervisor.neuron import (
     inventory_from_count,
     parse_core_range,
 )
-
-if TYPE_CHECKING:
-    from supervisor.config import FleetConfig, FleetSettings
+from supervisor.schema import ConfigError, FleetSettings, launcher_whole_devices
 
 
 @dataclass(frozen=True)
@@ -302,13 +300,10 @@ def _explicit_groups(
     return groups, errors
 
 
-def compute_plan(config: FleetConfig, inventory: Inventory) -> Plan:
-    """The plan for ``config`` on ``inventory``; raises ConfigError listing every problem."""
-    from supervisor.config import ConfigError
-    from supervisor.launchers import launcher_whole_devices
-
+def compute_plan(fleet: FleetSettings, inventory: Inventory) -> Plan:
+    """The plan for ``fleet`` on ``inventory``; raises ConfigError listing every problem."""
     plan, errors = plan_replicas(
-        config.fleet, inventory, whole_devices=launcher_whole_devices(config.fleet.launcher)
+        fleet, inventory, whole_devices=launcher_whole_devices(fleet.launcher)
     )
     if errors or plan is None:
         raise ConfigError(errors or ["no plan"])

@@ -265,7 +265,7 @@ def test_compute_plan_raises_config_error(tmp_path: Path) -> None:
         str(path), env={}, inventory=fixture("trn1.32xlarge.json"), check_host=False
     )
     assert len(config.plan.replicas) == 4
-    assert compute_plan(config, fixture("inf2.48xlarge.json")).replicas[-1].cores == "16-23"
+    assert compute_plan(config.fleet, fixture("inf2.48xlarge.json")).replicas[-1].cores == "16-23"
 
     holder = fixture("inf2.48xlarge-cores-in-use.json").devices[0].processes
     all_busy = Inventory(
@@ -273,7 +273,7 @@ def test_compute_plan_raises_config_error(tmp_path: Path) -> None:
         source="test",
     )
     with pytest.raises(ConfigError, match="no free group of 8 NeuronCores") as excinfo:
-        compute_plan(config, all_busy)
+        compute_plan(config.fleet, all_busy)
     assert "PID 113985" in str(excinfo.value)
 
 
