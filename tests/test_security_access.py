@@ -553,3 +553,20 @@ async def test_connections_over_the_cap_get_a_503_and_are_closed(scripted, balan
         metric_value(metrics, "neuron_fleet_rejected_requests_total", reason="too_many_connections")
         == 1
     )
+
+
+def test_status_token_sources_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Environment, then the local balancer's runtime file, then the service's env file (root);
+    a URL of another host gets none of the local ones."""
+    env_file = tmp_path / "neuron-fleet.env"
+    env_file.write_text('HF_TOKEN="hf"\nNEURON_FLEET_ADMIN_TOKEN="from-env-file"\n')
+    url = "http://127.0.0.1:18080"
+    assert find_token(url, str(env_file)) == "from-env-file"
+    assert find_token("http://localhost:18080", str(env_file)) == "from-env-file"
+    assert find_token("http://192.0.2.1:18080", str(env_file)) is None
+    assert find_token(url, str(tmp_path / "absent.env")) is None
+    token_file.write_token(18080, "from-runtime-file")
+    assert find_token(url, str(env_file)) == "from-runtime-file"
+    assert find_token("http://127.0.0.1:18081", str(env_file)) == "from-env-file"  # other port
+    monkeypatch.setenv("NEURON_FLEET_ADMIN_TOKEN", "from-environment")
+    assert find_token(url, str(env_file)) == "from-environment"
