@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from balancer.access import refusals
 from balancer.errors import error_body
 
 log = logging.getLogger("neuron_fleet.connections")
@@ -93,6 +94,11 @@ class CappedFactory:
     def __call__(self) -> asyncio.Protocol:
         if self.limit and len(self.server.connections) >= self.limit:
             self.on_refuse()
+            refusals.warn(
+                "too_many_connections",
+                "refused a connection: %d open (max_connections)",
+                self.limit,
+            )
             return _Refuse()
         return self.server()  # type: ignore[return-value]
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from balancer.access import refusals
 from balancer.errors import json_error
 
 if TYPE_CHECKING:
@@ -77,6 +78,7 @@ class Quotas:
         limit = self.client_limit()
         if limit and held >= limit:
             return self._refuse(
+                request,
                 429,
                 f"This client already has {held} requests waiting or running at the balancer "
                 f"(limit {limit}: slots + max_queued_per_client); retry when some finish",
@@ -88,6 +90,7 @@ class Quotas:
         )
         if self.body_bytes + size > cfg.max_buffered_body_bytes:
             return self._refuse(
+                request,
                 503,
                 "The balancer holds as many request bodies as its memory budget allows "
                 "(max_buffered_body_bytes); retry shortly",
@@ -109,6 +112,7 @@ class Quotas:
         limit = self.config.max_passthrough_requests
         if limit and self.passthrough >= limit:
             return self._refuse(
+                request,
                 429,
                 f"{self.passthrough} /tokenize, /info and /v1/models requests are already "
                 "running (max_passthrough_requests); retry shortly",
@@ -120,6 +124,15 @@ class Quotas:
         finally:
             self.passthrough -= 1
 
-    def _refuse(self, status: int, message: str, reason: str) -> web.Response:
+    def _refuse(self, request: web.Request, status: int, message: str, reason: str) -> web.Response:
+        """Counted by ``reason``; logged with the client's address (never its key)."""
         self.metrics.rejected.labels(reason=reason).inc()
+        refusals.warn(
+            reason,
+            "refused %s %s from %s: %s",
+            request.method,
+            request.path,
+            request.remote,
+            reason,
+        )
         return json_error(status, message, "overloaded", headers={"Retry-After": "1"})

@@ -472,8 +472,11 @@ async def _post(
 
 
 async def test_one_client_cannot_fill_the_queue_for_everyone(
-    gate: tuple[Gate, str], balancer, http
+    gate: tuple[Gate, str], balancer, http, caplog: pytest.LogCaptureFixture
 ) -> None:
+    from balancer import access
+
+    access.refusals._last.clear()
     g, url = gate
     server = await balancer(
         [url], api_keys=("key-a", "key-b"), max_inflight_per_replica=1, max_queued_per_client=2
@@ -491,6 +494,8 @@ async def test_one_client_cannot_fill_the_queue_for_everyone(
     async with http.get(f"{server.url}/metrics") as resp:
         metrics = await resp.text()
     assert metric_value(metrics, "neuron_fleet_rejected_requests_total", reason="client_quota") == 1
+    assert "refused POST /generate from 127.0.0.1: client_quota" in caplog.text
+    assert "key-a" not in caplog.text
 
 
 async def test_queued_bodies_count_against_a_memory_budget(
