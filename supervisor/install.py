@@ -643,6 +643,8 @@ def next_steps(user: str, device_group: str, groups: list[str], exec_argv: list[
         )
     lines += [
         f"  ${{EDITOR:-vi}} {ENV_PATH}   # HF_TOKEN=... for gated models; stays 0600",
+        "  # other local users can reach the replicas' own ports: docs/security.md has the "
+        "nftables rule that keeps them to the service user",
         f"  {plan} plan --config {CONFIG_PATH}   # cores, ports, model: checked before starting",
         "  systemctl daemon-reload",
         "  systemctl enable --now neuron-fleet",
