@@ -68,7 +68,7 @@ def host_allowed(host: str, extra: Iterable[str] = ()) -> bool:
     name = _hostname(host)
     if name is None:
         return False
-    if name == "localhost" or name.endswith(".localhost") or name in extra:
+    if name == "localhost" or name.endswith(".localhost") or name in {e.lower() for e in extra}:
         return True
     try:
         ipaddress.ip_address(name)

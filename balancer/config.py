@@ -78,9 +78,9 @@ class BalancerConfig:
     proxy); without it the balancer refuses to start."""
 
     max_connections: int = 2048
-    """Open client connections; beyond it a new one gets 503 and is closed. Lowered at
-    start to what the file-descriptor limit allows (each stream also holds a replica
-    connection); 0 = no cap."""
+    """Open client connections; beyond it a new one gets 503 and is closed. Each may also
+    hold a replica connection: at start the open-file limit is raised to fit, or the cap
+    lowered (balancer/connections.py); 0 = no cap."""
     max_queued_per_client: int = 256
     """Requests one client (API key, else address) may have outstanding beyond the fleet's
     slot count; beyond it: 429 + Retry-After, so one client cannot fill the queue."""

@@ -47,19 +47,28 @@ FD_RESERVE = 128
 
 
 def effective_limit(configured: int) -> int:
-    """``configured``, lowered so every client connection can also open one to a replica
-    within ``RLIMIT_NOFILE`` (1024 in a login shell; the systemd unit sets 65536): past
-    it, accept() fails with EMFILE and the listener spins, which is worse than a 503."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
+    """``configured``, once every client connection can also hold one to a replica within
+    ``RLIMIT_NOFILE``: the soft limit is raised as far as the hard one allows (a login
+    shell's soft limit is often 1024; the systemd unit sets 65536), and the cap lowered if
+    that is not enough — past the limit accept() fails with EMFILE, worse than a 503."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if not configured or soft == resource.RLIM_INFINITY:
         return configured
+    needed = 2 * configured + FD_RESERVE
+    if soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
     room = max(16, (soft - FD_RESERVE) // 2)
-    if configured and configured <= room:
+    if configured <= room:
         return configured
     log.warning(
-        "max_connections %s lowered to %d: the open-file limit is %d (raise it with "
+        "max_connections %d lowered to %d: the open-file limit is %d (raise it with "
         "`ulimit -n` or LimitNOFILE=)",
-        configured or "(no cap)",
+        configured,
         room,
         soft,
     )

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import resource
 import socket
 import stat
 import subprocess
@@ -575,3 +576,28 @@ def test_status_token_sources_in_order(tmp_path: Path, monkeypatch: pytest.Monke
     assert find_token("http://127.0.0.1:18081", str(env_file)) == "from-env-file"  # other port
     monkeypatch.setenv("NEURON_FLEET_ADMIN_TOKEN", "from-environment")
     assert find_token(url, str(env_file)) == "from-environment"
+
+
+@pytest.mark.parametrize(
+    ("soft", "hard", "cap", "soft_after"),
+    [(1024, 20000, 2048, 4224), (1024, 1024, 448, 1024), (65536, 65536, 2048, 65536)],
+)
+def test_the_connection_cap_fits_the_open_file_limit(
+    soft: int, hard: int, cap: int, soft_after: int
+) -> None:
+    """The soft limit is raised as far as the hard one allows; past that the cap is lowered
+    (accept() failing with EMFILE would be worse than a 503)."""
+    code = (
+        "import resource\n"
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard}))\n"
+        "from balancer.connections import effective_limit\n"
+        "print(effective_limit(2048), resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+    )
+    _, hard_now = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard > hard_now:
+        pytest.skip(f"hard open-file limit here is {hard_now}")
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=ROOT
+    )
+    assert done.stdout.split() == [str(cap), str(soft_after)], done.stderr
+    assert ("lowered to" in done.stderr) == (cap < 2048)
