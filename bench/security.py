@@ -83,13 +83,26 @@ async def _health_worst(base: str, stop: asyncio.Event) -> float:
     return worst
 
 
+async def _tokenizer_loaded(http: aiohttp.ClientSession, base: str) -> None:
+    """The tokenizer loads in the background: until it has, prompts are estimated and
+    forwarded. A 200,000-character probe is refused by the balancer's character bound
+    (16,000 x the tiny vocabulary's longest token) only once it is loaded."""
+    probe = {"inputs": "a" * 200_000, "parameters": {"max_new_tokens": 1}}
+    for _ in range(600):
+        async with http.post(f"{base}/generate", json=probe) as resp:
+            if resp.status == 422 and "characters" in (await resp.json()).get("error", ""):
+                return
+        await asyncio.sleep(0.1)
+    raise RuntimeError("the tokenizer did not load within 60 s")
+
+
 @scenario("huge prompt")
 async def huge_prompt() -> list[str]:
     folder = build_tiny_tokenizer(Path(tempfile.mkdtemp(prefix="nf-sec-tok-")))
     async with service(balancer={"tokenizer_path": str(folder)}) as svc:
         async with aiohttp.ClientSession() as http:
             body = b'{"inputs":"' + b"a" * (7 * 10**6) + b'","parameters":{"max_new_tokens":1}}'
-            await asyncio.sleep(2)  # the tokenizer loads in the background
+            await _tokenizer_loaded(http, svc.base)
             before = rss(svc)
             status, took = await _post(http, f"{svc.base}/generate", body)
             peak, kept = hwm(svc) - before, rss(svc) - before
