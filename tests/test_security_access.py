@@ -541,7 +541,10 @@ async def test_connections_over_the_cap_get_a_503_and_are_closed(scripted, balan
         sock = socket.create_connection(("127.0.0.1", server.bound_port))
         idle.append(sock)
     try:
-        await asyncio.sleep(0.1)  # let the server register them
+        aiohttp_server = server._runner.server  # type: ignore[union-attr]
+        await wait_until(
+            lambda: len(aiohttp_server.connections) == 4, what="4 connections registered"
+        )
         reader, writer = await asyncio.open_connection("127.0.0.1", server.bound_port)
         writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         answer = await asyncio.wait_for(reader.read(), 5)  # then closed by the balancer
