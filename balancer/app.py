@@ -43,10 +43,12 @@ GENERATION_ROUTES = (
 )
 PASSTHROUGH_GET = ("/info", "/v1/models")
 PASSTHROUGH_POST = ("/tokenize",)
-OPEN_ROUTES = frozenset({"/health", "/ping", "/metrics"})
+OPEN_ROUTES = frozenset({"/health", "/ping", "/live", "/metrics"})
 """Answered without an API key: probes and scrapers carry none."""
 DEFAULT_NEW_TOKENS = 256
 """Work estimate for requests that do not say how many tokens they want."""
+RETRY_AFTER_S = 5
+"""Seconds a refused client should wait (every 429/503 carries ``Retry-After``)."""
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 
 BALANCER_KEY = web.AppKey("balancer", "Balancer")
@@ -64,7 +66,13 @@ class Balancer:
     ) -> None:
         self.config = config
         self.registry = registry
+        self.starting = False
+        """Set by the supervisor until ``min_ready`` replicas serve: /health 503."""
+        self.stopping = False
+        """A stop began: /health 503 so a front balancer takes this host out, while
+        requests are still served (``shutdown_delay_s``)."""
         self.draining = False
+        """Past the delay: new requests are refused (503 + Retry-After)."""
         self.tokens = tokens or TokenCounter(
             config.tokenizer_path, config.max_input_tokens, config.tokenize_concurrency
         )
@@ -108,7 +116,7 @@ class Balancer:
                 503,
                 "The balancer is shutting down; retry on another instance",
                 "unavailable",
-                headers={"Retry-After": "5", "x-request-id": request_id},
+                headers={"Retry-After": str(RETRY_AFTER_S), "x-request-id": request_id},
             )
         body, doc = await _read_json(request, self.config)
         new_tokens = requested_new_tokens(doc)
@@ -157,17 +165,27 @@ class Balancer:
         return await self.relay.forward(request, rr)
 
     async def health(self, request: web.Request) -> web.Response:
+        """200 when this host can take a request now; 503 (+ Retry-After) while it starts,
+        stops, or has no routable replica, so a front load balancer (ALB target group,
+        HAProxy ``option httpchk``, a Kubernetes readiness probe) takes it out of rotation.
+        Documented in docs/scale-out.md."""
         ready = self.registry.ready_count()
         total = len(self.registry)
-        if self.draining:
-            return json_error(503, "The balancer is shutting down", "healthcheck")
-        if ready == 0:
-            return json_error(
-                503,
-                f"No ready replica ({ready}/{total} ready); see `neuron-fleet status`",
-                "healthcheck",
-            )
-        return web.json_response({"status": "ok", "ready_replicas": ready, "replicas": total})
+        if self.stopping or self.draining:
+            problem = "The balancer is shutting down"
+        elif ready == 0:
+            problem = f"No ready replica ({ready}/{total} ready); see `neuron-fleet status`"
+        elif self.starting:
+            problem = f"Starting: {ready}/{total} replicas ready, waiting for min_ready"
+        else:
+            return web.json_response({"status": "ok", "ready_replicas": ready, "replicas": total})
+        return json_error(503, problem, "healthcheck", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    async def live(self, request: web.Request) -> web.Response:
+        """200 whenever the event loop answers, even while models load or the host drains:
+        a liveness probe (Kubernetes) must not kill a pod that is only starting or stopping;
+        /health is the readiness signal."""
+        return web.json_response({"status": "alive"})
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         body = generate_latest(self.metrics.prometheus)
@@ -321,8 +339,28 @@ def _make_observer(balancer: Balancer) -> Any:
 
 
 async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
-    """No software versions for scanners (aiohttp would send ``Python/3.11 aiohttp/3.x``)."""
+    """No software versions for scanners (aiohttp would send ``Python/3.11 aiohttp/3.x``);
+    runs after aiohttp set its own (see ``_before_head``), so it replaces it."""
     response.headers["Server"] = "neuron-fleet"
+
+
+async def _before_head(
+    balancer: Balancer, request: web.Request, response: web.StreamResponse
+) -> None:
+    """Last look at every response head (ours and relayed replicas'), once per request.
+
+    A refusal (429, 503) without ``Retry-After`` gets one, whoever wrote it: a replica's own
+    429 passed through, an admin 503. Once a stop began, every response says
+    ``Connection: close``, so a front balancer keeps no idle connection to a host that will
+    soon stop listening (reusing one would fail a request it already sent)."""
+    if response.status in (429, 503) and "Retry-After" not in response.headers:
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    if balancer.stopping or balancer.draining:
+        # aiohttp 3.14.5 (web_response.py, StreamResponse._start) runs this hook after
+        # _prepare_headers() has chosen the Connection header, so set it ourselves too;
+        # force_close() makes the server close the connection after this response.
+        response.force_close()
+        response.headers["Connection"] = "close"
 
 
 def create_app(balancer: Balancer) -> web.Application:
@@ -333,6 +371,7 @@ def create_app(balancer: Balancer) -> web.Application:
         handler_args={"max_field_size": 16384, "max_line_size": 16384},
     )
     app[BALANCER_KEY] = balancer
+    app.on_response_prepare.append(functools.partial(_before_head, balancer))
     app.on_response_prepare.append(_server_header)
     post = functools.partial(app.router.add_post, expect_handler=expect_handler)
     get = functools.partial(app.router.add_get, allow_head=False, expect_handler=expect_handler)
@@ -344,6 +383,7 @@ def create_app(balancer: Balancer) -> web.Application:
         get(path, balancer.passthrough)
     for path in ("/health", "/ping", "/"):
         get(path, balancer.health)
+    get("/live", balancer.live)
     get("/metrics", balancer.metrics_endpoint)
     from balancer.admin import add_admin_routes
 

@@ -104,6 +104,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="start on a non-loopback --listen address although NEURON_FLEET_API_KEYS is "
         "unset (e.g. behind an authenticating proxy)",
     )
+    parser.add_argument(
+        "--shutdown-delay",
+        type=float,
+        default=d.shutdown_delay_s,
+        metavar="S",
+        help="on SIGTERM, keep serving this long with /health 503 before refusing new "
+        "requests (longer than a front load balancer's health-check detection time)",
+    )
     parser.add_argument("--log-level", default=os.environ.get("NEURON_FLEET_LOG_LEVEL", "INFO"))
 
 
@@ -127,6 +135,7 @@ def config_from_args(args: argparse.Namespace) -> BalancerConfig:
         max_input_tokens=args.max_input_tokens,
         tokenizer_path=args.tokenizer,
         allow_public_without_api_keys=args.allow_public_without_api_keys,
+        shutdown_delay_s=args.shutdown_delay,
         admin_token=os.environ.get("NEURON_FLEET_ADMIN_TOKEN") or None,
         api_keys=tuple(
             k.strip() for k in os.environ.get("NEURON_FLEET_API_KEYS", "").split(",") if k.strip()
@@ -159,8 +168,12 @@ async def serve_balancer(config: BalancerConfig, drain_timeout_s: float) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("stopping: draining in-flight requests (up to %.0f s)", drain_timeout_s)
-    await server.begin_shutdown()
+    log.info(
+        "stopping: serving %.0f s more, then draining in-flight requests (up to %.0f s)",
+        config.shutdown_delay_s,
+        drain_timeout_s,
+    )
+    await server.begin_shutdown(config.shutdown_delay_s)
     if not await server.wait_idle(drain_timeout_s):
         log.warning("drain timeout: closing the remaining streams")
     await server.stop()

@@ -54,6 +54,13 @@ class BalancerConfig:
     also the idle keep-alive limit; body: 408), and to take a chunk we wrote."""
     max_body_bytes: int = 8 * 1024 * 1024
 
+    shutdown_delay_s: float = 0.0
+    """On SIGTERM, keep accepting and serving this long with ``/health`` already 503, before
+    refusing new requests: a front load balancer (ALB, HAProxy, a Kubernetes Service) only
+    stops sending after its health checks or endpoint update notice. Set it above the
+    front's detection time (interval x unhealthy threshold); 0: refuse at once (one host,
+    clients connect directly). See docs/scale-out.md."""
+
     health_interval_s: float = 5.0
     health_timeout_s: float = 5.0
     health_rise: int = 2

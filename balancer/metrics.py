@@ -46,6 +46,7 @@ KNOWN_ROUTES = frozenset(
         "/v1/models",
         "/health",
         "/ping",
+        "/live",
         "/metrics",
     }
 )

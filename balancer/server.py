@@ -167,10 +167,33 @@ class BalancerServer:
             await asyncio.sleep(tick)
             relay.check_timeouts(loop.time())
 
-    async def begin_shutdown(self) -> None:
-        """Stop taking new work: /health answers 503, new requests get 503."""
-        if self.balancer is not None:
+    def announce_stop(self) -> None:
+        """First step of a stop: ``/health`` answers 503 (a front balancer takes this host
+        out) and responses close their connections, but requests are still served."""
+        if self.balancer is not None and not self.balancer.stopping:
+            self.balancer.stopping = True
+            log.info("stopping: /health now answers 503; still serving new requests")
+
+    def refuse_new(self) -> None:
+        """Second step: new requests get 503 + Retry-After; in-flight ones go on."""
+        self.announce_stop()
+        if self.balancer is not None and not self.balancer.draining:
             self.balancer.draining = True
+            log.info("stopping: refusing new requests; finishing %d in flight", self.inflight)
+
+    async def begin_shutdown(self, delay_s: float = 0.0) -> None:
+        """Both steps, ``delay_s`` apart (``shutdown_delay_s``: longer than the time a
+        front balancer takes to notice the 503 on /health, so it stops sending first)."""
+        self.announce_stop()
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)
+        self.refuse_new()
+
+    @property
+    def inflight(self) -> int:
+        if self.balancer is None:
+            return 0
+        return self.balancer.inflight + self.balancer.admission.queue_depth
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until nothing is in flight or queued; False if ``timeout`` ran out first."""

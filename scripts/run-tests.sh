@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's test command, and what CI (.ci/run) calls. On a fresh Debian machine it
-# installs what the tests drive for real (prometheus + promtool, systemd-analyze), sets up
+# installs what the tests drive for real (prometheus + promtool, systemd-analyze, haproxy), sets up
 # .venv with the test extras, runs ruff and then pytest with any arguments given.
 # pytest's "no tests collected" (exit 5) counts as a failure.
 set -euo pipefail
@@ -11,6 +11,7 @@ missing=()
 command -v promtool >/dev/null || missing+=(prometheus)
 command -v prometheus >/dev/null || missing+=(prometheus)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v haproxy >/dev/null || missing+=(haproxy)  # the multi-host rehearsal's front
 if ((${#missing[@]})); then
     apt_install $(printf '%s\n' "${missing[@]}" | sort -u)
 fi

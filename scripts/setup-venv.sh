@@ -9,7 +9,9 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 apt_install() {
     echo "installing Debian packages: $*" >&2
     as_root apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+    # Wait for another apt (a parallel install) rather than fail on its lock.
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -o DPkg::Lock::Timeout=600 -y -qq \
+        --no-install-recommends "$@" >/dev/null
 }
 
 setup_venv() {

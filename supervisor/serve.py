@@ -4,9 +4,15 @@
 answers 503 "no ready replica" while models load), then every replica, reports to systemd,
 and turns signals into actions:
 
-    SIGTERM / SIGINT   graceful stop: /health 503 + refuse new requests, let in-flight
-                       requests finish (up to fleet.drain_timeout_s), stop every replica in
-                       parallel, exit 0. A second signal skips the wait and kills.
+    SIGTERM / SIGINT   graceful stop: /health 503 at once while requests are still served
+                       for [balancer] shutdown_delay_s (a front load balancer stops sending
+                       meanwhile), then refuse new requests (503 + Retry-After), let
+                       in-flight requests finish (up to fleet.drain_timeout_s), stop every
+                       replica in parallel, stop listening, exit 0. A second signal skips
+                       the waits and kills.
+
+It runs the same under systemd (Type=notify) and as a container's PID 1 (no systemd:
+notifications are no-ops; logs go to stderr, or stdout with ``--log-stream stdout``).
     SIGHUP             rolling restart, one replica at a time, no request lost.
 """
 
@@ -20,10 +26,11 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from balancer.upstream import ReplicaState
+from supervisor import reaper
 from supervisor.fleet import Fleet, FleetBusyError, build_registry
 from supervisor.replica import ReplicaStartError
 from supervisor.systemd import SystemdNotifier
@@ -44,6 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--neuron-ls", metavar="FILE", help="read `neuron-ls -j` output from FILE, not the host")
     add("--listen", metavar="HOST:PORT", help="balancer address (overrides [balancer] listen)")
     add("--replicas", type=int, metavar="N", help="number of replicas (overrides [fleet])")
+    add(
+        "--shutdown-delay",
+        type=float,
+        metavar="S",
+        help="on SIGTERM, keep serving S seconds with /health 503 before refusing new requests "
+        "(overrides [balancer] shutdown_delay_s)",
+    )
     add_logging_argument(parser)
 
 
@@ -52,6 +66,13 @@ def add_logging_argument(parser: argparse.ArgumentParser) -> None:
         "--log-level",
         default=os.environ.get("NEURON_FLEET_LOG_LEVEL", "INFO"),
         help="DEBUG, INFO, WARNING (default INFO; env NEURON_FLEET_LOG_LEVEL)",
+    )
+    parser.add_argument(
+        "--log-stream",
+        choices=("stderr", "stdout"),
+        default=os.environ.get("NEURON_FLEET_LOG_STREAM", "stderr"),
+        help="where log lines go (default stderr; env NEURON_FLEET_LOG_STREAM); both reach "
+        "the journal and `kubectl logs`",
     )
 
 
@@ -76,8 +97,8 @@ class _Formatter(logging.Formatter):
         return message
 
 
-def configure_logging(level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def configure_logging(level: str = "INFO", stream: str = "stderr") -> None:
+    handler = logging.StreamHandler(sys.stdout if stream == "stdout" else sys.stderr)
     handler.setFormatter(_Formatter(timestamps="JOURNAL_STREAM" not in os.environ))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -95,6 +116,8 @@ def load(args: argparse.Namespace, *, env: dict[str, str] | None = None) -> Flee
         overrides["balancer.listen"] = args.listen
     if getattr(args, "replicas", None) is not None:
         overrides["fleet.replicas"] = args.replicas
+    if getattr(args, "shutdown_delay", None) is not None:
+        overrides["balancer.shutdown_delay_s"] = args.shutdown_delay
     if getattr(args, "base_port", None) is not None:
         overrides["fleet.base_port"] = args.base_port
     if getattr(args, "speed", None) is not None:
@@ -119,7 +142,7 @@ def load(args: argparse.Namespace, *, env: dict[str, str] | None = None) -> Flee
 
 
 def run(args: argparse.Namespace) -> int:
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, getattr(args, "log_stream", "stderr"))
     config = load(args)
     if isinstance(config, int):
         return config
@@ -219,6 +242,8 @@ class FleetService:
                 b.port,
             )
             return 1
+        assert self.server.balancer is not None
+        self.server.balancer.starting = True  # /health 503 until min_ready replicas serve
         try:
             self.registry.subscribe(self._changed.set)
             self.notifier.status(self.status_text())
@@ -227,6 +252,8 @@ class FleetService:
                 asyncio.create_task(self.notifier.run_watchdog(), name="systemd-watchdog"),
                 asyncio.create_task(self._report(), name="status-report"),
             ]
+            if reaper.needed():  # a container's PID 1: orphaned shard processes come to us
+                self._tasks.append(asyncio.create_task(reaper.Reaper().run(), name="reaper"))
             await self._stop.wait()
         finally:
             await self._shutdown()
@@ -237,8 +264,15 @@ class FleetService:
         assert self._stop is not None
         self._signals += 1
         if self._signals == 1:
+            delay = self.config.balancer.shutdown_delay_s
             drain = self.config.fleet.drain_timeout_s
-            log.info("%s: shutting down, in-flight requests get up to %.0f s", reason, drain)
+            log.info(
+                "%s: shutting down: serving %.0f s more with /health 503, then in-flight "
+                "requests get up to %.0f s",
+                reason,
+                delay,
+                drain,
+            )
             self._stop.set()
         elif not self._force:
             log.warning("%s again: stopping now, replicas get SIGKILL", reason)
@@ -277,6 +311,8 @@ class FleetService:
             text = self.status_text()
             if not self.ready and self.registry.ready_count() >= min_ready:
                 self.ready = True
+                if self.server.balancer is not None:
+                    self.server.balancer.starting = False
                 self._last_status = text
                 self.notifier.ready(text)  # READY=1 and STATUS= in one datagram
                 log.info("ready: serving on %s; %s", self.url, text)
@@ -302,32 +338,48 @@ class FleetService:
         dead = (ReplicaState.FAILED, ReplicaState.STOPPED)
         return sum(1 for r in self.registry if r.state not in dead) < want
 
-    async def _wait_idle_unless_forced(self, seconds: float) -> bool:
+    async def _unless_forced(self, waiting: Awaitable[bool]) -> bool:
+        """``waiting``'s result, or False as soon as a second signal forces the stop."""
         assert self._forced is not None
-        idle = asyncio.create_task(self.server.wait_idle(seconds))
+        if self._force:
+            return False
+        task = asyncio.ensure_future(waiting)
         forced = asyncio.create_task(self._forced.wait())
         try:
-            await asyncio.wait({idle, forced}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({task, forced}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             forced.cancel()
-            idle.cancel()
-        return idle.done() and not idle.cancelled() and idle.result()
+            task.cancel()
+        return task.done() and not task.cancelled() and task.result()
+
+    async def _delay(self, seconds: float) -> bool:
+        await asyncio.sleep(seconds)
+        return True
 
     async def _shutdown(self) -> None:
         started = time.monotonic()
         for task in self._tasks:  # no more status reports: we say "stopping" from here on
             if task.get_name() == "status-report":
                 task.cancel()
-        self.notifier.stopping("stopping: finishing in-flight requests")
-        await self.server.begin_shutdown()
+        self.server.announce_stop()
         if self._rolling is not None and not self._rolling.done():
             self._rolling.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._rolling
-        if not self._force:
-            drain = self.config.fleet.drain_timeout_s
-            if not await self._wait_idle_unless_forced(drain):
-                log.warning("requests still in flight after %.0f s; stopping anyway", drain)
+        # Not ready yet: /health was never 200, so no front balancer sends here: no delay.
+        delay = self.config.balancer.shutdown_delay_s if self.ready else 0.0
+        self.notifier.stopping(
+            f"stopping: /health 503, serving {delay:g} s more"
+            if delay > 0
+            else "stopping: finishing in-flight requests"
+        )
+        if delay > 0:
+            await self._unless_forced(self._delay(delay))
+            self.notifier.status("stopping: finishing in-flight requests")
+        self.server.refuse_new()
+        drain = self.config.fleet.drain_timeout_s
+        if not await self._unless_forced(self.server.wait_idle(drain)) and not self._force:
+            log.warning("requests still in flight after %.0f s; stopping anyway", drain)
         self.notifier.status("stopping: stopping replicas")
         await self.fleet.stop(grace=0 if self._force else None)
         await self.server.stop()

@@ -1,0 +1,243 @@
+"""The stop that loses nothing behind a front load balancer, and /health a front can act on.
+
+In process: the balancer's two shutdown steps (``announce_stop``: /health 503 while requests
+are still served with ``Connection: close``; ``refuse_new``: 503 + Retry-After) and
+Retry-After on every refusal, ours or a replica's. As a subprocess: ``neuron-fleet serve``
+with ``--shutdown-delay`` signalled by PID, and its logs on stdout (a container's PID 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import free_ports
+from tests.test_serve import CHAT, demo_config, get, post_json, start_serve, stop, wait_for
+from tests.upstreams import Script
+
+pytestmark = pytest.mark.timeout(60)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GENERATE = {"inputs": "Hello", "parameters": {"max_new_tokens": 8}}
+
+
+async def _health(http: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, object], str]:
+    async with http.get(f"{url}/health") as resp:
+        return resp.status, await resp.json(), resp.headers.get("Retry-After", "")
+
+
+async def test_shutdown_steps_serve_then_refuse(simulator, balancer, http) -> None:
+    replica = await simulator(batch_size=4, speed=20.0)
+    server = await balancer([replica])
+    url = server.url
+    assert (await _health(http, url))[0] == 200
+
+    # A stream that started before the stop finishes whole, whatever comes after.
+    slow = {"inputs": "Hello", "parameters": {"max_new_tokens": 200}}
+    before = await http.post(f"{url}/generate_stream", json=slow)
+    assert before.status == 200
+
+    server.announce_stop()
+    async with http.get(f"{url}/live") as resp:  # liveness is not readiness
+        assert resp.status == 200 and await resp.json() == {"status": "alive"}
+    status, body, retry_after = await _health(http, url)
+    assert status == 503 and body["error_type"] == "healthcheck", body
+    assert "shutting down" in str(body["error"]) and retry_after == "5"
+    # Still served (the front has not noticed yet), but the connection is not kept.
+    async with http.post(f"{url}/generate", json=GENERATE) as resp:
+        assert resp.status == 200, await resp.text()
+        assert resp.headers.get("Connection", "").lower() == "close"
+        assert "generated_text" in await resp.json()
+
+    server.refuse_new()
+    async with http.post(f"{url}/generate", json=GENERATE) as resp:
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "5"
+        assert resp.headers.get("Connection", "").lower() == "close"
+        doc = await resp.json()
+        assert doc["error_type"] == "unavailable" and "shutting down" in doc["error"]
+    assert not server.balancer.idle  # the first stream is still going
+
+    events = (await before.read()).split(b"\n\n")
+    assert b'"generated_text":"' in [e for e in events if e][-1]
+    assert await server.wait_idle(10)
+
+
+async def test_begin_shutdown_waits_the_delay_before_refusing(simulator, balancer, http) -> None:
+    server = await balancer([await simulator()])
+    task = asyncio.create_task(server.begin_shutdown(delay_s=0.5))
+    await asyncio.sleep(0.1)
+    assert server.balancer.stopping and not server.balancer.draining
+    async with http.post(f"{server.url}/generate", json=GENERATE) as resp:
+        assert resp.status == 200
+    await task
+    assert server.balancer.draining
+    async with http.post(f"{server.url}/generate", json=GENERATE) as resp:
+        assert resp.status == 503
+
+
+async def test_health_states(simulator, balancer, http) -> None:
+    server = await balancer([await simulator()])
+    status, body, _ = await _health(http, server.url)
+    assert status == 200 and body == {"status": "ok", "ready_replicas": 1, "replicas": 1}
+    server.balancer.starting = True  # the supervisor sets it until min_ready replicas serve
+    status, body, retry_after = await _health(http, server.url)
+    assert status == 503 and "min_ready" in str(body["error"]) and retry_after
+    server.balancer.starting = False
+    for replica in server.registry:
+        replica.healthy = False
+    status, body, retry_after = await _health(http, server.url)
+    assert status == 503 and "No ready replica" in str(body["error"]) and retry_after
+
+
+async def test_a_replicas_refusal_gets_retry_after(scripted, balancer, http) -> None:
+    """A replica's 429 passed through (nowhere else to retry) carries Retry-After."""
+    _, url = await scripted(Script(status=429))
+    server = await balancer([url], retries=0)
+    async with http.post(f"{server.url}/generate", json=GENERATE) as resp:
+        assert resp.status == 429
+        assert resp.headers["Retry-After"] == "5"
+
+
+async def test_queue_full_and_timeout_carry_retry_after(scripted, balancer, http) -> None:
+    _, url = await scripted(Script(tokens=3, first_delay_s=1.0))
+    server = await balancer([url], max_inflight_per_replica=1, max_queue=1, queue_timeout_s=0.3)
+    busy = asyncio.create_task(http.post(f"{server.url}/generate", json=GENERATE))
+    await asyncio.sleep(0.1)
+    queued = asyncio.create_task(http.post(f"{server.url}/generate", json=GENERATE))
+    await asyncio.sleep(0.05)
+    async with http.post(f"{server.url}/generate", json=GENERATE) as full:
+        assert full.status == 429 and full.headers["Retry-After"]
+    timed_out = await queued
+    assert timed_out.status == 503 and timed_out.headers["Retry-After"]
+    timed_out.release()
+    (await busy).release()
+
+
+# -- neuron-fleet serve as a process ----------------------------------------------------------
+
+
+def test_serve_sigterm_keeps_serving_for_the_delay_then_refuses(tmp_path: Path) -> None:
+    listen, *replica_ports = free_ports(4)
+    config = demo_config(tmp_path, replica_ports[0], drain_timeout_s=10)
+    proc = start_serve(config, listen, None, "--shutdown-delay", "2", "--log-stream", "stdout")
+    base = f"http://127.0.0.1:{listen}"
+    try:
+        wait_for(lambda: _status(base) == 200, seconds=20, what="ready")
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        wait_for(lambda: _status(base) == 503, seconds=2, what="/health 503 after SIGTERM")
+        code, text = post_json(f"{base}/v1/chat/completions", CHAT)
+        assert code == 200 and text.rstrip().endswith("data:[DONE]")
+        assert time.monotonic() - signalled < 2, "the delay ended before we could check"
+        wait_for(lambda: _refused(base), seconds=6, what="refusals after the delay")
+        out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err[-3000:]
+        # Logs on stdout (a container's log), none on stderr but the replicas' own.
+        assert "/health now answers 503" in out and "refusing new requests" in out
+        assert "stopped in" in out and "Traceback" not in out + err
+        assert "INFO" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=5)
+
+
+def test_serve_health_is_503_until_min_ready(tmp_path: Path) -> None:
+    """/health turns 200 only once min_ready replicas serve (the in-process test above
+    covers the "Starting" answer itself; here replicas come up close together)."""
+    listen, *replica_ports = free_ports(4)
+    config = demo_config(tmp_path, replica_ports[0])
+    text = config.read_text().replace("startup_delay_s = 0", "startup_delay_s = 1")
+    config.write_text(text.replace("min_ready = 1 ", "min_ready = 3 ", 1))
+    proc = start_serve(config, listen, None)
+    base = f"http://127.0.0.1:{listen}"
+    try:
+        wait_for(lambda: _status(base) == 503 or proc.poll() is not None, seconds=10)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+
+        def ready() -> bool:
+            status, body = get(f"{base}/health", timeout=2)
+            if status == 503:
+                assert json.loads(body)["error_type"] == "healthcheck", body
+                return False
+            assert status == 200, body
+            # Readiness only grows while starting: checked after the 200, it must be 3.
+            assert json.loads(get(f"{base}/fleet/status")[1])["ready_replicas"] == 3
+            return True
+
+        wait_for(ready, seconds=20, what="/health 200")
+        returncode, err = stop(proc)
+        assert returncode == 0, err[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=5)
+
+
+def _status(base: str) -> int:
+    try:
+        return get(f"{base}/health", timeout=1)[0]
+    except OSError:
+        return 0
+
+
+def _refused(base: str) -> bool:
+    request_body = json.dumps(CHAT).encode()
+    request = urllib.request.Request(
+        f"{base}/v1/chat/completions",
+        data=request_body,
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5):
+            return False
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 503 and exc.headers["Retry-After"], exc
+        return True
+
+
+def test_balance_cli_shutdown_delay(tmp_path: Path) -> None:
+    """`neuron-fleet balance` (no supervisor) runs the same two steps on SIGTERM."""
+    replica_port, listen = free_ports(2)
+    base = f"http://127.0.0.1:{listen}"
+    replica = subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "simulate-replica", "--port", str(replica_port)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    argv = [sys.executable, "-m", "supervisor", "balance", "--listen", f"127.0.0.1:{listen}"]
+    argv += ["--upstream", f"http://127.0.0.1:{replica_port}", "--health-interval", "0.2"]
+    balancer = subprocess.Popen(
+        [*argv, "--shutdown-delay", "2"], cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_for(lambda: _status(base) == 200, seconds=20, what="balancer ready")
+        balancer.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        wait_for(lambda: _status(base) == 503, seconds=2, what="/health 503 after SIGTERM")
+        code, text = post_json(f"{base}/v1/chat/completions", CHAT)
+        assert code == 200 and text.rstrip().endswith("data:[DONE]")
+        assert time.monotonic() - signalled < 2, "the delay ended before we could check"
+        # Nothing in flight: once the delay is over it refuses, drains at once and exits.
+        _, err = balancer.communicate(timeout=20)
+        assert balancer.returncode == 0, err[-3000:]
+        assert time.monotonic() - signalled >= 2, "exited before the shutdown delay"
+        assert "refusing new requests" in err
+    finally:
+        for proc in (balancer, replica):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=5)
