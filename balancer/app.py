@@ -148,6 +148,8 @@ class Balancer:
             path == "/invocations" and ("messages" in doc or "prompt" in doc)
         )
         work = prompt_tokens + (new_tokens if new_tokens is not None else DEFAULT_NEW_TOKENS)
+        if self.config.max_total_tokens:
+            work = min(work, self.config.max_total_tokens)
         rr = RelayRequest(
             route_label(path),
             body,

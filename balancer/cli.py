@@ -56,7 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="[NAME=]URL",
         help="a replica's base URL; repeat per replica",
     )
-    parser.add_argument("--policy", choices=sorted(POLICIES), default=d.policy)
+    parser.add_argument(
+        "--policy",
+        choices=sorted(POLICIES),
+        default=d.policy,
+        help="how a ready replica is chosen (default %(default)s)",
+    )
     parser.add_argument(
         "--max-inflight-per-replica",
         type=int,
@@ -64,8 +69,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="slot cap per replica, normally the compiled batch size; 0 = no cap "
         "(default %(default)s)",
     )
-    parser.add_argument("--max-queue", type=int, default=d.max_queue)
-    parser.add_argument("--queue-timeout", type=float, default=d.queue_timeout_s, metavar="S")
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=d.max_queue,
+        help="requests waiting here for a free slot; beyond it 429 (default %(default)s)",
+    )
+    parser.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=d.queue_timeout_s,
+        metavar="S",
+        help="longest wait for a slot; beyond it 503 + Retry-After (default %(default)s)",
+    )
     parser.add_argument(
         "--queue-order",
         choices=QUEUE_ORDERS,
@@ -78,13 +94,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.queue_ageing,
         help="deadline order: arrival + AGEING x estimated slot seconds (default %(default)s)",
     )
-    parser.add_argument("--retries", type=int, default=d.retries)
     parser.add_argument(
-        "--first-byte-timeout", type=float, default=d.first_byte_timeout_s, metavar="S"
+        "--retries",
+        type=int,
+        default=d.retries,
+        help="attempts on another replica before the first byte (default %(default)s)",
     )
-    parser.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s, metavar="S")
-    parser.add_argument("--health-interval", type=float, default=d.health_interval_s, metavar="S")
-    parser.add_argument("--max-input-tokens", type=int, default=None)
+    parser.add_argument(
+        "--first-byte-timeout",
+        type=float,
+        default=d.first_byte_timeout_s,
+        metavar="S",
+        help="until a replica's headers and first bytes (default %(default)s)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=d.idle_timeout_s,
+        metavar="S",
+        help="longest silence inside a started stream (default %(default)s)",
+    )
+    parser.add_argument(
+        "--health-interval",
+        type=float,
+        default=d.health_interval_s,
+        metavar="S",
+        help="seconds between /health checks of each replica (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-input-tokens",
+        type=int,
+        default=None,
+        help="refuse longer prompts with 422 (default: the replicas judge)",
+    )
     parser.add_argument(
         "--tokenizer",
         default=None,
@@ -96,7 +138,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=30.0,
         metavar="S",
-        help="on SIGTERM, how long in-flight streams may finish",
+        help="on SIGTERM, how long in-flight streams may finish (default %(default)s)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("NEURON_FLEET_LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING (default %(default)s; env NEURON_FLEET_LOG_LEVEL)",
     )
     parser.add_argument(
         "--allow-public-without-api-keys",
@@ -110,9 +157,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.shutdown_delay_s,
         metavar="S",
         help="on SIGTERM, keep serving this long with /health 503 before refusing new "
-        "requests (longer than a front load balancer's health-check detection time)",
+        "requests (longer than a front load balancer's health-check detection time; "
+        "default %(default)s)",
     )
-    parser.add_argument("--log-level", default=os.environ.get("NEURON_FLEET_LOG_LEVEL", "INFO"))
 
 
 def config_from_args(args: argparse.Namespace) -> BalancerConfig:

@@ -70,6 +70,9 @@ class BalancerConfig:
 
     max_input_tokens: int | None = None
     """Refuse longer prompts with 422 before they take a slot (None: let replicas judge)."""
+    max_total_tokens: int | None = None
+    """The replicas' MAX_TOTAL_TOKENS: no request's work estimate exceeds it (a replica
+    never runs prompt + new tokens beyond it, whatever ``max_tokens`` says)."""
     tokenizer_path: str | None = None
     """Local model folder to count prompt tokens with; None: estimate (4 chars/token)."""
 

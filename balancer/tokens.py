@@ -170,8 +170,41 @@ def _load_tokenizer(path: str) -> tuple[Any, int]:
     that drops or merges characters (NFKC, stripped whitespace) is the exception: such
     text could hold fewer tokens than the bound assumes, and is refused all the same.
     """
-    from transformers import AutoTokenizer  # heavy import: only when a tokenizer is configured
-
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = _open_tokenizer(path)
     longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
     return tokenizer, max(1, longest)
+
+
+def _open_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer  # heavy import: only when a tokenizer is configured
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (ValueError, OSError) as exc:
+        # A folder saved by transformers 5 names tokenizer_class "TokenizersBackend", which
+        # 4.57 does not know ("Tokenizer class TokenizersBackend does not exist"); its
+        # tokenizer.json is still the tokenizers library's own format.
+        tokenizer_json = Path(path) / "tokenizer.json"
+        if not tokenizer_json.is_file():
+            raise
+        log.info("AutoTokenizer cannot load %s (%s): reading tokenizer.json directly", path, exc)
+        return _TokenizersBackend(str(tokenizer_json))
+
+
+class _TokenizersBackend:
+    """tokenizer.json through the ``tokenizers`` library, called like a transformers
+    tokenizer (``tok(text, add_special_tokens=True)["input_ids"]``); its post-processor adds
+    the special tokens (BOS) as the model's own tokenizer would."""
+
+    def __init__(self, tokenizer_json: str) -> None:
+        from tokenizers import Tokenizer
+
+        self._tokenizer = Tokenizer.from_file(tokenizer_json)
+
+    def get_vocab(self) -> dict[str, int]:
+        return self._tokenizer.get_vocab(with_added_tokens=True)
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {
+            "input_ids": self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        }

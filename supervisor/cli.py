@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import importlib.util
 import sys
 from collections.abc import Sequence
@@ -35,11 +36,20 @@ def _available() -> dict[str, tuple[str, str]]:
     return found
 
 
+def version() -> str:
+    """The installed distribution's version (a source tree without metadata says so)."""
+    try:
+        return importlib.metadata.version("neuron-fleet")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed: pip install .)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="neuron-fleet",
         description="Data-parallel TGI Neuron replicas behind one streaming balancer.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in _available().items():
         module = importlib.import_module(module_name)

@@ -28,6 +28,7 @@ from typing import Any
 from balancer.admission import QUEUE_ORDERS
 from balancer.config import BalancerConfig, UpstreamSpec
 from supervisor.host_checks import (
+    check_export_versions,
     check_launcher_host,
     check_ports,
     host_inventory,
@@ -150,6 +151,7 @@ def load_config(
     inventory: Inventory | None = None,
     check_host: bool = True,
     read_model: bool = True,
+    require_model: bool = True,
 ) -> FleetConfig:
     """Read, merge, resolve and validate; raise ConfigError listing every problem.
 
@@ -159,7 +161,8 @@ def load_config(
     else neuron-ls, else /dev). ``check_host=False`` skips what looks at this machine
     (neuron-ls, ports in use, binaries on PATH, model folder present) -- for ``export``
     and for tests. ``read_model=False`` ignores what the model folder says (``export``,
-    which is about to replace it).
+    which is about to replace it). ``require_model=False`` (``plan``): a model not set or
+    not exported yet is a warning, not an error.
     """
     layers = Layers()
     if path is not None:
@@ -204,10 +207,14 @@ def load_config(
             'the balancer; "127.0.0.1" keeps them private'
         )
     model, fleet, model_errors, model_warnings = resolve_model(
-        model, fleet, launcher, check_host, read_model
+        model, fleet, launcher, check_host, read_model, require_model
     )
     errors += model_errors
     warnings += model_warnings
+    if check_host and read_model:
+        version_errors, version_warnings = check_export_versions(model, fleet, launcher)
+        errors += version_errors
+        warnings += version_warnings
 
     listen = ("127.0.0.1", 8080)
     if "listen" in balancer_raw:
@@ -263,6 +270,7 @@ def _balancer(
         "max_inflight_per_replica", model.batch_size or BalancerConfig.max_inflight_per_replica
     )
     values.setdefault("max_input_tokens", model.max_input_tokens)
+    values["max_total_tokens"] = model.max_total_tokens
     values.setdefault("tokenizer_path", model.tokenizer)
     upstreams = tuple(UpstreamSpec(url=r.url, name=r.name, cores=r.cores) for r in plan.replicas)
     return BalancerConfig(host=listen[0], port=listen[1], upstreams=upstreams, **values)

@@ -61,7 +61,12 @@ queue_timeout_s = 120
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("--listen", default="127.0.0.1:8080", metavar="HOST:PORT", help="balancer address")
+    add(
+        "--listen",
+        default="127.0.0.1:8080",
+        metavar="HOST:PORT",
+        help="balancer address (default %(default)s)",
+    )
     add("--replicas", type=int, default=3, metavar="N", help="simulated replicas (default 3)")
     add(
         "--speed",

@@ -3,35 +3,79 @@
 TGI on Neuron can compile at start-up, but then every replica start (and restart) pays
 for it. Exporting once into ``[model] id`` with the fleet's batch size, sequence length
 (MAX_TOTAL_TOKENS), tensor-parallel degree (cores per replica) and dtype makes starts
-load-only; a matching export (same neuron_config.json) is reused, not recompiled.
+load-only; a matching export (same shape, same optimum-neuron and compiler) is reused.
 
-Two ways to compile: optimum-neuron in this Python (the ``neuron-fleet[neuron]`` extra,
-imported only here), or ``--docker``: ``optimum-cli`` inside the TGI Neuron image, as the
-blog does, which needs nothing installed on the host but docker.
+One optimum-neuron for export and serving: optimum-neuron loads only exports made by its
+own version and compiler (see runtime_versions.py). So with the docker launcher the export
+runs inside the serving image by default (the blog's way: its optimum-cli, its neuronx-cc);
+``--host`` compiles with optimum-neuron in this Python instead (the ``neuron-fleet[neuron]``
+extra, imported only here), which suits the native launcher.
+
+Starts load, never download: the checkpoint is first fetched into the persistent Hub cache
+(``[launcher.docker] hub_cache``, or the host's HF cache) and the export is made from that
+local folder, which makes optimum-neuron save the sharded weights in the export's
+``checkpoint/`` folder (optimum-neuron 0.3.0 and 0.4.5,
+models/inference/backend/pretrained_model.py: ``_save_pretrained`` shards the checkpoint
+when the model was exported from a local path, and ``load_weights`` reads ``checkpoint/``
+first). A Hub id export would instead record ``checkpoint_id`` and fetch the weights at
+every replica start.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 
 from supervisor.config import ConfigError, FleetConfig, load_config
+from supervisor.launchers import HUB_CACHE_MOUNT, hub_cache_host
 from supervisor.model import ModelInfoError, export_differences, read_model_info
 from supervisor.neuron import inventory_from_dev
+from supervisor.runtime_versions import (
+    RuntimeVersions,
+    VersionQueryError,
+    image_versions,
+    mismatch,
+)
 
+SOURCE_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+"""What is fetched from the Hub: config, safetensors weights, tokenizer (not *.bin, not the
+``original/`` consolidated .pth files some repositories also carry)."""
 MISSING_EXTRA = (
     "optimum-neuron is not installed: pip install 'neuron-fleet[neuron]' (needs a Neuron SDK "
-    "host), or use --docker to compile inside the TGI Neuron image"
+    "host), or pass --docker to compile inside the TGI Neuron image (the default with the "
+    "docker launcher)"
 )
+EXPORT_MARKER = "# neuron-fleet: export"
+EXPORT_CODE = f"""{EXPORT_MARKER}
+# Runs inside the serving image with its own optimum-neuron: fetch the checkpoint into the
+# mounted Hub cache, then export from that local folder so the weights are saved with it.
+import json, os, subprocess, sys
+job = json.loads(sys.argv[1])
+source = job["source"]
+if not os.path.isdir(source):
+    from huggingface_hub import snapshot_download
+    source = snapshot_download(source, revision=job["revision"], allow_patterns=job["patterns"])
+argv = ["optimum-cli", "export", "neuron", "--model", source, "--task", "text-generation",
+        "--batch_size", str(job["batch_size"]), "--sequence_length", str(job["sequence_length"]),
+        "--num_cores", str(job["num_cores"]), "--auto_cast_type", job["auto_cast_type"],
+        job["output"]]
+print("running: " + " ".join(argv), flush=True)
+sys.exit(subprocess.call(argv))
+"""
+"""``--num_cores`` and ``--auto_cast_type`` are what optimum-cli 0.3.0 passes to the decoder
+export (optimum/commands/export/neuronx.py; exporters/neuron/__main__.py); 0.4.5 keeps
+``--num_cores`` as a hidden alias of ``--tensor_parallel_size`` and ignores
+``--auto_cast_type`` for decoders (the checkpoint's dtype is used)."""
 
 
 @dataclass(frozen=True)
 class ExportJob:
     source: str
-    """Hub id (or local checkpoint) to compile."""
+    """Hub id (or local checkpoint folder) to compile."""
     output: str
     """Host folder the export is written to (the fleet's [model] id)."""
     batch_size: int
@@ -39,11 +83,17 @@ class ExportJob:
     num_cores: int
     auto_cast_type: str
     revision: str | None = None
+    hub_cache: str | None = None
+    """Host folder the checkpoint is fetched into (docker: mounted as HF_HUB_CACHE)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", "-c", metavar="FILE", default=os.environ.get("NEURON_FLEET_CONFIG")
+        "--config",
+        "-c",
+        metavar="FILE",
+        default=os.environ.get("NEURON_FLEET_CONFIG"),
+        help="fleet TOML file (default: $NEURON_FLEET_CONFIG)",
     )
     parser.add_argument("--env-file", metavar="FILE", help="KEY=VALUE file, e.g. the blog's .env")
     parser.add_argument(
@@ -58,11 +108,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--auto-cast-type", help="bf16 | fp16 | fp32; default: [model] auto_cast_type or bf16"
     )
-    parser.add_argument("--force", action="store_true", help="overwrite an export of another shape")
     parser.add_argument(
+        "--force", action="store_true", help="replace an export of another shape or version"
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
         "--docker",
         action="store_true",
-        help="compile with optimum-cli inside [launcher.docker] image",
+        help="compile inside [launcher.docker] image (the default with the docker launcher)",
+    )
+    where.add_argument(
+        "--host",
+        action="store_true",
+        help="compile with optimum-neuron in this Python (the [neuron] extra; the default "
+        "with the native launcher); the replicas must run the same optimum-neuron",
     )
 
 
@@ -84,16 +143,26 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"neuron-fleet export: {exc}", file=sys.stderr)
         return 2
-    status, message = existing_export(job)
+    in_image = args.docker or (not args.host and config.fleet.launcher == "docker")
+    runtime = None
+    if in_image:
+        try:  # the serving image's versions: an export made by others is not "up to date"
+            docker = config.launcher.docker
+            runtime = image_versions(docker.binary, docker.image)
+        except VersionQueryError:
+            runtime = None  # not pulled yet: the export's `docker run` pulls it
+    status, message = existing_export(job, runtime)
     if status == "match":
         print(message)
         return 0
     if status == "differs" and not args.force:
         print(f"neuron-fleet export: {message}; pass --force to replace it", file=sys.stderr)
         return 2
-    if args.docker:
-        return export_with_docker(job, config)
-    return export_with_optimum(job, hf_token=config.model.hf_token)
+    if in_image:
+        code = export_with_docker(job, config)
+    else:
+        code = export_with_optimum(job, hf_token=config.model.hf_token)
+    return code or report(job, config if in_image else None)
 
 
 def job_from_config(
@@ -125,14 +194,16 @@ def job_from_config(
         )
     if errors:
         raise ConfigError(errors)
+    output = os.path.abspath(os.path.expanduser(str(output)))
     return ExportJob(
         source=str(source),
-        output=os.path.abspath(str(output)),
+        output=output,
         batch_size=int(model.batch_size or 0),
         sequence_length=int(model.max_total_tokens or 0),
         num_cores=int(config.fleet.cores_per_replica or 0),
         auto_cast_type=dtype or model.auto_cast_type or "bf16",
         revision=model.revision,
+        hub_cache=hub_cache_host(config.launcher.docker, output),
     )
 
 
@@ -150,7 +221,7 @@ def _host_folder(config: FleetConfig) -> str | None:
     return os.path.expanduser(model_id) if _is_path(model_id) else None
 
 
-def existing_export(job: ExportJob) -> tuple[str, str]:
+def existing_export(job: ExportJob, runtime: RuntimeVersions | None = None) -> tuple[str, str]:
     """("missing" | "match" | "differs", message)."""
     try:
         info = read_model_info(job.output) if os.path.isdir(job.output) else None
@@ -165,50 +236,59 @@ def existing_export(job: ExportJob) -> tuple[str, str]:
         tp_degree=job.num_cores,
         dtype=job.auto_cast_type,
     )
+    if runtime is not None and (problem := mismatch(info, runtime)):
+        diffs.append(problem)
     if not diffs:
         return "match", f"{job.output} is up to date ({info.describe()}): nothing to do"
     return "differs", f"{job.output} holds another export ({'; '.join(diffs)})"
 
 
 def export_with_optimum(job: ExportJob, *, hf_token: str | None) -> int:
+    """optimum-neuron in this Python. Written against optimum-neuron 0.4.5 (the extra's pin):
+    ``NeuronModelForCausalLM.get_neuron_config(model_name_or_path, config, token, revision,
+    instance_type, batch_size, sequence_length, tensor_parallel_size)`` -- no auto_cast_type:
+    the dtype is the config's ``dtype`` (models/inference/modeling_utils.py) -- then
+    ``export(model_id, neuron_config, config, token, revision, load_weights)``."""
     try:
         from optimum.neuron import NeuronModelForCausalLM  # optional extra
     except ImportError:
         print(f"neuron-fleet export: {MISSING_EXTRA}", file=sys.stderr)
         return 2
-    from transformers import AutoTokenizer
+    from huggingface_hub import snapshot_download
+    from transformers import AutoConfig, AutoTokenizer
 
     print(
         f"compiling {job.source} -> {job.output} (batch {job.batch_size}, sequence "
         f"{job.sequence_length}, {job.num_cores} cores, {job.auto_cast_type}); this takes a while",
         file=sys.stderr,
     )
+    local = job.source
+    if not os.path.isdir(local):  # a local folder makes the export keep the weights
+        local = snapshot_download(
+            job.source, revision=job.revision, token=hf_token, allow_patterns=SOURCE_PATTERNS
+        )
+    config = AutoConfig.from_pretrained(local).get_text_config()
+    config.dtype = job.auto_cast_type  # DTYPE_MAPPER.pt() takes "bf16" / "fp16" / "fp32"
     neuron_config = NeuronModelForCausalLM.get_neuron_config(
-        model_name_or_path=job.source,
-        token=hf_token,
-        revision=job.revision,
+        model_name_or_path=local,
+        config=config,
         batch_size=job.batch_size,
         sequence_length=job.sequence_length,
         tensor_parallel_size=job.num_cores,
-        auto_cast_type=job.auto_cast_type,
     )
     model = NeuronModelForCausalLM.export(
-        model_id=job.source, neuron_config=neuron_config, token=hf_token, load_weights=False
+        model_id=local, neuron_config=neuron_config, config=config, load_weights=False
     )
     model.save_pretrained(job.output)
     # The balancer counts prompt tokens with the tokenizer in this folder.
-    AutoTokenizer.from_pretrained(
-        job.source, token=hf_token, revision=job.revision
-    ).save_pretrained(job.output)
-    status, message = existing_export(job)
-    print(message if status == "match" else f"warning: {message}", file=sys.stderr)
+    AutoTokenizer.from_pretrained(local).save_pretrained(job.output)
     return 0
 
 
 def docker_export_argv(
     job: ExportJob, config: FleetConfig, dev_dir: str = "/dev"
 ) -> tuple[list[str], str]:
-    """The blog's ``docker run --entrypoint optimum-cli ... export neuron``.
+    """``docker run --entrypoint python IMAGE -c EXPORT_CODE JOB``: fetch, then optimum-cli.
 
     Returns (argv, the export folder as the container sees it).
     """
@@ -216,26 +296,85 @@ def docker_export_argv(
     mount = docker.data_mount.rstrip("/") or "/data"
     parent = os.path.dirname(job.output)
     inside = f"{mount}/{os.path.basename(job.output)}"
-    argv = [docker.binary, "run", "--rm", "-v", f"{parent}:{mount}"]
+    argv = [
+        docker.binary,
+        "run",
+        "--rm",
+        "--label",
+        "neuron-fleet.export=1",
+        "-v",
+        f"{parent}:{mount}",
+    ]
+    source = job.source
+    if os.path.isdir(source):
+        argv += ["-v", f"{os.path.abspath(source)}:/source:ro"]
+        source = "/source"
+    if job.hub_cache:
+        argv += [
+            "-v",
+            f"{job.hub_cache}:{HUB_CACHE_MOUNT}",
+            "-e",
+            f"HF_HUB_CACHE={HUB_CACHE_MOUNT}",
+        ]
     argv += [f"--device={d.path}" for d in inventory_from_dev(dev_dir).devices]
     if config.model.hf_token:
-        argv += ["-e", "HF_TOKEN"]
-    argv += ["--entrypoint", "optimum-cli", docker.image, "export", "neuron", "--model", job.source]
-    argv += ["--batch_size", str(job.batch_size), "--sequence_length", str(job.sequence_length)]
-    argv += ["--num_cores", str(job.num_cores), "--auto_cast_type", job.auto_cast_type]
-    argv += ["--task", "text-generation", inside]
+        argv += ["-e", "HF_TOKEN"]  # name only: docker copies the value from its environment
+    spec = {
+        "source": source,
+        "revision": job.revision,
+        "patterns": SOURCE_PATTERNS,
+        "output": inside,
+        "batch_size": job.batch_size,
+        "sequence_length": job.sequence_length,
+        "num_cores": job.num_cores,
+        "auto_cast_type": job.auto_cast_type,
+    }
+    argv += ["--entrypoint", "python", docker.image, "-c", EXPORT_CODE, json.dumps(spec)]
     return argv, inside
 
 
 def export_with_docker(job: ExportJob, config: FleetConfig) -> int:
-    argv, _ = docker_export_argv(job, config)
+    argv, inside = docker_export_argv(job, config)
     os.makedirs(os.path.dirname(job.output), exist_ok=True)
+    if job.hub_cache:
+        os.makedirs(job.hub_cache, exist_ok=True)
     env = dict(os.environ)
     if config.model.hf_token:
         env["HF_TOKEN"] = config.model.hf_token
-    print("running: " + " ".join(argv), file=sys.stderr)
+    print(
+        f"compiling {job.source} -> {job.output} inside {config.launcher.docker.image} "
+        f"(as {inside}); this takes a while",
+        file=sys.stderr,
+    )
     try:
         return subprocess.run(argv, env=env, check=False).returncode
     except FileNotFoundError:
         print(f"neuron-fleet export: {argv[0]!r} is not on PATH", file=sys.stderr)
         return 2
+
+
+def report(job: ExportJob, config: FleetConfig | None) -> int:
+    """After a compile: the export's shape, weights and versions against the runtime."""
+    status, message = existing_export(job)
+    if status != "match":
+        print(f"neuron-fleet export: the new export does not match: {message}", file=sys.stderr)
+        return 1
+    print(message)
+    if not os.path.isdir(os.path.join(job.output, "checkpoint")):
+        print(
+            f"warning: {job.output} has no checkpoint/ folder: replicas will fetch the weights "
+            "from the Hub at every start",
+            file=sys.stderr,
+        )
+    if config is not None:
+        docker = config.launcher.docker
+        try:
+            runtime = image_versions(docker.binary, docker.image)
+        except VersionQueryError as exc:
+            print(f"warning: cannot ask {docker.image} for its versions: {exc}", file=sys.stderr)
+            return 0
+        status, message = existing_export(job, runtime)
+        if status != "match":
+            print(f"neuron-fleet export: {message}", file=sys.stderr)
+            return 1
+    return 0

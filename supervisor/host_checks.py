@@ -19,7 +19,13 @@ from supervisor.neuron import (
     inventory_from_count,
 )
 from supervisor.plan import Plan
-from supervisor.schema import FleetSettings, LauncherConfig
+from supervisor.runtime_versions import (
+    VersionQueryError,
+    image_versions,
+    mismatch,
+    native_versions,
+)
+from supervisor.schema import FleetSettings, LauncherConfig, ModelConfig
 
 
 def check_launcher_host(fleet: FleetSettings, launcher: LauncherConfig) -> list[str]:
@@ -73,9 +79,9 @@ def port_in_use(host: str, port: int) -> bool:
 
 
 def uses_metrics_port(launcher: str, template: str = "") -> bool:
-    return launcher in ("docker", "native") or (
-        launcher == "command" and "{metrics_port}" in template
-    )
+    """A host port for the replica's own Prometheus listener: TGI on the host binds one
+    (two on the same port panic); docker keeps it inside the container's namespace."""
+    return launcher == "native" or (launcher == "command" and "{metrics_port}" in template)
 
 
 def check_ports(
@@ -141,6 +147,36 @@ def host_inventory(
             0, cores_per_device=fleet.cores_per_device, source=reason, assumed=True
         ), []
     try:
-        return discover_inventory(cores_per_device=fleet.cores_per_device), []
+        return discover_inventory(
+            cores_per_device=fleet.cores_per_device, neuron_ls=fleet.neuron_ls
+        ), []
     except (NeuronLsError, OSError) as exc:
         return None, [f"cannot list Neuron devices: {exc}"]
+
+
+def check_export_versions(
+    model: ModelConfig, fleet: FleetSettings, launcher: LauncherConfig
+) -> tuple[list[str], list[str]]:
+    """(errors, warnings): the export's optimum-neuron / neuronx-cc against the runtime's."""
+    info = model.neuron
+    if info is None or not (info.optimum_neuron_version or info.neuronxcc_version):
+        return [], []
+    try:
+        if fleet.launcher == "docker":
+            runtime = image_versions(launcher.docker.binary, launcher.docker.image)
+        elif fleet.launcher == "native":
+            runtime = native_versions()
+        else:
+            return [], []
+    except VersionQueryError as exc:
+        hint = (
+            f" (`docker pull {launcher.docker.image}`; `neuron-fleet export` pulls it too)"
+            if fleet.launcher == "docker"
+            else ""
+        )
+        return [], [
+            f"cannot check the export's optimum-neuron {info.optimum_neuron_version} / "
+            f"neuronx-cc {info.neuronxcc_version} against the replicas': {exc}{hint}"
+        ]
+    problem = mismatch(info, runtime)
+    return ([problem] if problem else []), []

@@ -444,84 +444,51 @@ class _Directive:
     args: list[str]
     block: list[_Directive] | None
     line: int
+    file: str = ""
 
 
-def _nginx_tokens(text: str) -> Iterator[tuple[str, int, bool]]:
-    """(token, line, quoted); ``{`` ``}`` ``;`` are their own tokens."""
-    i, line, n = 0, 1, len(text)
-    while i < n:
-        ch = text[i]
-        if ch == "\n":
-            line += 1
-            i += 1
-        elif ch.isspace():
-            i += 1
-        elif ch == "#":
-            while i < n and text[i] != "\n":
-                i += 1
-        elif ch in "{};":
-            yield ch, line, False
-            i += 1
-        elif ch in "\"'":
-            start_line = line
-            j, buf = i + 1, []
-            while j < n and text[j] != ch:
-                if text[j] == "\\" and j + 1 < n:
-                    j += 1
-                if text[j] == "\n":
-                    line += 1
-                buf.append(text[j])
-                j += 1
-            if j >= n:
-                raise ValueError(f"line {start_line}: unterminated quote")
-            yield "".join(buf), start_line, True
-            i = j + 1
+def parse_nginx(path: str) -> tuple[list[_Directive], list[str]]:
+    """(directives with included files inlined, notes on includes that could not be read).
+
+    Parsed by crossplane (NGINX Inc.'s parser, which lexes as nginx does: quotes, ``${var}``,
+    comments; crossplane 0.5.8, parser.py). Context and argument checks are off: a conf.d
+    snippet (``upstream`` at the top) is as welcome as a whole nginx.conf. Raises ValueError
+    for a syntax error in ``path`` itself.
+    """
+    import crossplane  # only the importer needs it
+
+    with open(path, encoding="utf-8"):
+        pass  # a missing or unreadable file is the caller's OSError, not a note
+    payload = crossplane.parse(
+        path, check_ctx=False, check_args=False, onerror=lambda exc: type(exc).__name__
+    )
+    notes = []
+    for error in payload["errors"]:
+        where = f"{os.path.basename(error['file'])}:{error['line']}"
+        if error.get("callback") in _IO_ERRORS:
+            # e.g. /etc/nginx/mime.types: a path inside the nginx container, not on this host
+            notes.append(f"{where}: an include was not read ({error['error']})")
+        elif error["file"] == path:
+            raise ValueError(f"{where}: {error['error']}")
         else:
-            j = i
-            while j < n and not text[j].isspace() and text[j] not in ";{}":
-                if text[j] == "$" and text[j + 1 : j + 2] == "{":  # ${var}
-                    end = text.find("}", j)
-                    j = end + 1 if end > 0 else n
-                    continue
-                j += 1
-            yield text[i:j], line, False
-            i = j
+            notes.append(f"{where}: not read: {error['error']}")
+    configs = payload["config"]
 
-
-def parse_nginx(text: str) -> list[_Directive]:
-    """A tolerant nginx.conf parser: directives, arguments and blocks (no includes)."""
-    root: list[_Directive] = []
-    stack = [root]
-    words: list[str] = []
-    first_line = 0
-    for token, line, quoted in _nginx_tokens(text):
-        if token == ";" and not quoted:
-            if not words:
+    def build(statements: list[dict[str, Any]], file: str) -> list[_Directive]:
+        out: list[_Directive] = []
+        for stmt in statements:
+            if "includes" in stmt:  # inline the included files where the include stood
+                for index in stmt["includes"]:
+                    out += build(configs[index]["parsed"], configs[index]["file"])
                 continue
-            stack[-1].append(_Directive(words[0], words[1:], None, first_line))
-            words = []
-        elif token == "{" and not quoted:
-            if not words:
-                raise ValueError(f"line {line}: '{{' without a directive")
-            block: list[_Directive] = []
-            stack[-1].append(_Directive(words[0], words[1:], block, first_line))
-            stack.append(block)
-            words = []
-        elif token == "}" and not quoted:
-            if words:
-                raise ValueError(f"line {line}: missing ';' after {words[0]!r}")
-            if len(stack) == 1:
-                raise ValueError(f"line {line}: unexpected '}}'")
-            stack.pop()
-        else:
-            if not words:
-                first_line = line
-            words.append(token)
-    if words:
-        raise ValueError(f"missing ';' after {words[0]!r} at the end")
-    if len(stack) > 1:
-        raise ValueError("missing '}' at the end")
-    return root
+            block = build(stmt["block"], file) if "block" in stmt else None
+            out.append(_Directive(stmt["directive"], stmt["args"], block, stmt["line"], file))
+        return out
+
+    return build(configs[0]["parsed"], path), notes
+
+
+_IO_ERRORS = frozenset({"FileNotFoundError", "PermissionError", "IsADirectoryError", "OSError"})
 
 
 def _walk(directives: list[_Directive]) -> Iterator[tuple[_Directive, tuple[str, ...]]]:
@@ -587,9 +554,8 @@ _BALANCING = {
 
 def analyse_nginx(path: str) -> NginxInfo:
     """Read ``path`` and describe its upstream, listen port and proxy settings."""
-    with open(path, encoding="utf-8") as handle:
-        tree = parse_nginx(handle.read())
-    info = NginxInfo(path=path)
+    tree, include_notes = parse_nginx(path)
+    info = NginxInfo(path=path, notes=include_notes)
     upstreams: dict[str, _Directive] = {}
     proxied: list[str] = []
     unhandled: set[str] = set()
@@ -611,10 +577,6 @@ def analyse_nginx(path: str) -> NginxInfo:
             info.read_timeout = d.args[0]
         elif d.name == "client_max_body_size" and d.args:
             info.client_max_body_size = d.args[0]
-        elif d.name == "include":
-            info.notes.append(
-                f"{os.path.basename(path)}:{d.line}: include {' '.join(d.args)} was not read"
-            )
         elif "upstream" in ctx:
             if d.name in _BALANCING:
                 info.method = _BALANCING[d.name]
@@ -1066,8 +1028,8 @@ def _build(
     if model.get("id"):
         notes.add(
             "[model] source is not set: set it to the Hub model you compiled into [model] id "
-            "(the blog: meta-llama/Meta-Llama-3.1-8B-Instruct), so `neuron-fleet export "
-            "--docker` can compile it again (same image, same optimum-cli) for a new shape"
+            "(the blog: meta-llama/Meta-Llama-3.1-8B-Instruct), so `neuron-fleet export` can "
+            "compile it again inside the same image (same optimum-cli) for a new shape"
         )
     toml = _render(
         sources or compose_name,

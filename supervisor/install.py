@@ -137,6 +137,10 @@ EnvironmentFile=-/etc/neuron-fleet/neuron-fleet.env
 Environment=NEURON_COMPILE_CACHE_URL=/var/cache/neuron-fleet/neuron-compile-cache
 Environment=HF_HOME=/var/cache/neuron-fleet/huggingface
 Environment=PYTHONUNBUFFERED=1
+# neuron-ls (aws-neuronx-tools) lives in /opt/aws/neuron/bin, which systemd's default PATH
+# lacks: without it the supervisor could only count /dev/neuron* and would not see cores
+# held by another process (or set [fleet] neuron_ls).
+Environment=PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/opt/aws/neuron/bin
 
 ExecStart=/opt/neuron-fleet/venv/bin/neuron-fleet serve --config /etc/neuron-fleet/fleet.toml
 # SIGHUP = rolling restart: one replica drained, restarted and ready before the next.

@@ -27,8 +27,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from supervisor.config import FleetConfig
+from supervisor.leftovers import REPLICA_LABEL
 from supervisor.plan import ReplicaPlan
-from supervisor.schema import ConfigError, check_command_template, stop_grace_seconds
+from supervisor.schema import (
+    ConfigError,
+    DockerLauncherConfig,
+    check_command_template,
+    stop_grace_seconds,
+)
 
 
 @dataclass(frozen=True)
@@ -100,14 +106,22 @@ def _native_model_id(config: FleetConfig) -> str:
     return config.model.path or config.model.id
 
 
+def _host_model_folder(config: FleetConfig) -> str | None:
+    """The model's folder on the host, also when it is not exported yet (``plan``)."""
+    mount = config.launcher.docker.data_mount.rstrip("/") or "/data"
+    model_id = config.model.id
+    if config.model.path is None and os.path.isabs(model_id):
+        if not model_id.startswith(mount + "/"):  # not the blog's container path
+            return model_id
+    return config.model.path
+
+
 def docker_mounts(config: FleetConfig) -> tuple[list[str], str]:
     """(``-v`` arguments, MODEL_ID as the container sees it)."""
     docker = config.launcher.docker
     mount = docker.data_mount.rstrip("/") or "/data"
-    path = config.model.path
+    path = _host_model_folder(config)
     model_id = config.model.id
-    if path is None and os.path.isabs(model_id) and not model_id.startswith(mount + "/"):
-        path = model_id  # a host folder not exported yet (check_host=False): map it all the same
     data_dir = docker.data_dir or (os.path.dirname(path) if path else None)
     volumes = [f"{os.path.abspath(data_dir)}:{mount}"] if data_dir else []
     if path is None or data_dir is None:
@@ -120,6 +134,22 @@ def docker_mounts(config: FleetConfig) -> tuple[list[str], str]:
     return volumes, f"{mount}/{relative}" if relative != "." else mount
 
 
+HUB_CACHE_MOUNT = "/hf-cache"
+
+
+def hub_cache_host(docker: DockerLauncherConfig, model_folder: str | None) -> str | None:
+    """The host folder behind HF_HUB_CACHE in the containers (None: nowhere to put it).
+
+    The image sets HUGGINGFACE_HUB_CACHE=/tmp (TGI Dockerfile.neuron), inside a ``--rm``
+    container: whatever a replica fetches is lost at every stop. huggingface_hub reads
+    HF_HUB_CACHE before HUGGINGFACE_HUB_CACHE (huggingface_hub 0.36.2, constants.py).
+    """
+    if docker.hub_cache:
+        return os.path.abspath(os.path.expanduser(docker.hub_cache))
+    base = docker.data_dir or (os.path.dirname(model_folder) if model_folder else None)
+    return os.path.join(os.path.abspath(base), "hf-cache") if base else None
+
+
 def docker_spec(plan: ReplicaPlan, config: FleetConfig) -> LaunchSpec:
     docker = config.launcher.docker
     name = container_name(plan)
@@ -127,18 +157,21 @@ def docker_spec(plan: ReplicaPlan, config: FleetConfig) -> LaunchSpec:
     argv = [docker.binary, "run", "--rm", "--name", name]
     if docker.init:
         argv.append("--init")
-    argv += ["--label", f"neuron-fleet.replica={plan.name}"]
+    argv += ["--label", f"{REPLICA_LABEL}={plan.name}"]  # removed at start if left over
+    # Only the API port: TGI serves /metrics there (router/src/server.rs routes "/metrics").
+    # Its --prometheus-port listener is built but never served (server.rs drops the
+    # exporter future returned by PrometheusBuilder::build()), and inside its own network
+    # namespace a container cannot collide with another on it.
     argv += ["-p", f"{plan.host}:{plan.port}:{plan.port}"]
-    argv += ["-p", f"{plan.host}:{plan.metrics_port}:{plan.metrics_port}"]
     argv += [f"--device={device}" for device in plan.devices]
+    cache = hub_cache_host(docker, _host_model_folder(config))
+    if cache:
+        volumes = [*volumes, f"{cache}:{HUB_CACHE_MOUNT}"]
     for volume in volumes:
         argv += ["-v", volume]
-    env_pairs = {
-        "PORT": str(plan.port),
-        "PROMETHEUS_PORT": str(plan.metrics_port),
-        "MODEL_ID": model_id,
-        **tgi_env(config),
-    }
+    env_pairs = {"PORT": str(plan.port), "MODEL_ID": model_id, **tgi_env(config)}
+    if cache:
+        env_pairs["HF_HUB_CACHE"] = HUB_CACHE_MOUNT
     for key, value in env_pairs.items():
         argv += ["-e", f"{key}={value}"]
     secrets = _secret_env(config)

@@ -64,7 +64,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
 SECRET_KEYS = {("model", "hf_token"), ("balancer", "admin_token"), ("balancer", "api_keys")}
 
 _DERIVED = {"model": {"path", "neuron"}}
-_BALANCER_DERIVED = {"host", "port", "upstreams"}
+_BALANCER_DERIVED = {"host", "port", "upstreams", "max_total_tokens"}
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,

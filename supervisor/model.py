@@ -53,6 +53,20 @@ class NeuronModelInfo:
     """Normalised: ``bf16``, ``fp16``, ``fp32`` (or the raw string if unknown)."""
     optimum_neuron_version: str | None = None
     neuronxcc_version: str | None = None
+    checkpoint_id: str | None = None
+    """The Hub model the weights are fetched from at load time when the export holds none."""
+
+    @property
+    def has_weights(self) -> bool:
+        """Sharded weights in ``checkpoint/`` or plain safetensors next to the config: what
+        optimum-neuron's ``load_weights`` reads before it goes to the Hub (0.3.0 / 0.4.5,
+        models/inference/backend/pretrained_model.py)."""
+        if os.path.isdir(os.path.join(self.path, "checkpoint")):
+            return True
+        try:
+            return any(name.endswith(".safetensors") for name in os.listdir(self.path))
+        except OSError:
+            return False
 
     @property
     def default_max_input_tokens(self) -> int | None:
@@ -132,6 +146,9 @@ def _info(path: str, source: str, data: dict[str, Any]) -> NeuronModelInfo:
         dtype=normalize_dtype(dtype) if dtype else None,
         optimum_neuron_version=data.get("optimum_neuron_version"),
         neuronxcc_version=data.get("neuronxcc_version") or data.get("compiler_version"),
+        checkpoint_id=data.get("checkpoint_id")
+        if isinstance(data.get("checkpoint_id"), str)
+        else None,
     )
 
 

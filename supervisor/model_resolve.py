@@ -31,17 +31,28 @@ def resolve_model(
     launcher: LauncherConfig,
     check_host: bool,
     read_model: bool = True,
+    require_model: bool = True,
 ) -> tuple[ModelConfig, FleetSettings, list[str], list[str]]:
-    """Find the local folder, read its neuron_config.json, fill defaults, check limits."""
+    """Find the local folder, read its neuron_config.json, fill defaults, check limits.
+
+    ``require_model=False`` (``neuron-fleet plan``): no model, or an export not made yet,
+    is a warning, so cores, devices and ports can be planned before ``export``.
+    """
     errors: list[str] = []
     warnings: list[str] = []
+    missing = errors if require_model else warnings
     if not model.id:
         if fleet.launcher == "simulated":
             model = dataclasses.replace(model, id=SIMULATED_MODEL_ID)
-        else:
+        elif require_model:
             errors.append(
                 "[model] id is not set: set MODEL_ID (env or --env-file) or [model] id to an "
                 "exported model folder or a Hub id"
+            )
+        else:
+            warnings.append(
+                "no model set ([model] id / MODEL_ID): this plan shows cores, devices and "
+                "ports only; serve needs the model"
             )
     path = _local_model_path(model.id, fleet.launcher, launcher.docker) if model.id else None
     hardware = fleet.launcher in ("docker", "native")
@@ -59,7 +70,7 @@ def resolve_model(
                 "(the compose file's $PWD)"
             )
         else:
-            errors.append(
+            missing.append(
                 f"[model] id {model.id!r} is not a folder on this host: run `neuron-fleet export` "
                 "first, or fix MODEL_ID"
             )
@@ -70,6 +81,12 @@ def resolve_model(
             info = read_model_info(path)
         except ModelInfoError as exc:
             errors.append(str(exc))
+        if info is not None and hardware and info.checkpoint_id and not info.has_weights:
+            warnings.append(
+                f"{path} holds no weights: every replica start fetches {info.checkpoint_id} "
+                "from the Hub (network and HF_TOKEN needed; kept in the Hub cache): "
+                "`neuron-fleet export --force` makes an export that carries them"
+            )
         if info is None and hardware and not errors:
             warnings.append(
                 f"{path} has no neuron_config.json: TGI will compile it at every start (slow); "

@@ -6,10 +6,13 @@ one that knows which processes hold cores; the runtime reserves cores until the 
 process exits, so an orphaned replica would make the next start fail deep in TGI's logs.
 We look first and name the PID instead.
 
-Two JSON shapes are accepted: the array printed by ``neuron-ls -j`` (one object per device)
-and the newer ``neuron-ls --output-format json`` (Neuron >= 2.34), an object that adds
-top-level instance fields around the device list. The newer shape is not documented in
-detail yet, so the parser is tolerant: any object holding a list of device objects works.
+neuron-ls is run with ``--json-output`` / ``-j``, the only JSON flag of the released tools
+(Neuron LS User Guide, awsdocs-neuron "latest" and v2.28.0: options -w, -a, -t, -j). AWS
+announced (16 Oct 2026, "end of support for the neuron-ls JSON output format starting with
+Neuron 2.34") that 2.34 replaces it with ``--output-format json``, an object with
+top-level instance fields around the device list; that flag is tried only when ``-j`` is
+refused, and since its shape is not documented the parser takes any object holding a list
+of device objects.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +30,8 @@ DEFAULT_CORES_PER_DEVICE = 2
 """inf2 and trn1 devices hold 2 NeuronCores each (trn2: 8 physical, 4 logical by default)."""
 
 NEURON_LS_TIMEOUT_S = 10.0
+NEURON_TOOLS_BIN = "/opt/aws/neuron/bin"
+"""Where aws-neuronx-tools installs neuron-ls (not on systemd's default PATH)."""
 
 _DEVICE_LIST_KEYS = ("neuron_devices", "devices", "neuron_device_list", "device_list")
 _INSTANCE_TYPE_KEYS = ("instance_type", "instance-type", "instanceType")
@@ -232,13 +238,13 @@ def run_neuron_ls(
     timeout_s: float = NEURON_LS_TIMEOUT_S,
     runner: Runner = subprocess.run,
 ) -> Inventory | None:
-    """Run neuron-ls (newer flag first, then the legacy ``-j``); None if it is not installed.
+    """Run ``neuron-ls -j`` (then the announced ``--output-format json``); None if absent.
 
     Raises NeuronLsError when it exists but fails or times out: that host is broken, and
     silently falling back to /dev would hide it.
     """
     problems = []
-    for flags in (("--output-format", "json"), ("-j",)):
+    for flags in (("-j",), ("--output-format", "json")):
         try:
             done = runner(
                 [binary, *flags], capture_output=True, text=True, timeout=timeout_s, check=False
@@ -278,8 +284,7 @@ def inventory_from_dev(
         )
         for i in indexes
     )
-    note = () if not devices else ("no neuron-ls: processes holding cores cannot be detected",)
-    return Inventory(devices=devices, source=f"{dev_dir}/neuron*", notes=note)
+    return Inventory(devices=devices, source=f"{dev_dir}/neuron*")
 
 
 def read_neuron_ls_file(path: str) -> Inventory:
@@ -297,7 +302,7 @@ def discover_inventory(
     devices: int | None = None,
     neuron_ls_file: str | None = None,
     dev_dir: str = "/dev",
-    neuron_ls: str = "neuron-ls",
+    neuron_ls: str = "",
     cores_per_device: int = DEFAULT_CORES_PER_DEVICE,
     timeout_s: float = NEURON_LS_TIMEOUT_S,
     runner: Runner = subprocess.run,
@@ -305,6 +310,8 @@ def discover_inventory(
     """The first source that answers: file, config count, neuron-ls, then /dev.
 
     A config count wins over probing (it is how a simulated fleet or a test says "pretend").
+    ``neuron_ls``: the configured command; empty: PATH, then /opt/aws/neuron/bin. A
+    configured one that does not run is an error, not a silent fallback.
     """
     if neuron_ls_file:
         return read_neuron_ls_file(neuron_ls_file)
@@ -312,15 +319,35 @@ def discover_inventory(
         return inventory_from_count(
             devices, cores_per_device=cores_per_device, source="config devices"
         )
-    found = run_neuron_ls(neuron_ls, timeout_s=timeout_s, runner=runner)
+    binary = neuron_ls or find_neuron_ls()
+    found = run_neuron_ls(binary, timeout_s=timeout_s, runner=runner) if binary else None
     if found is not None:
         return found
+    if neuron_ls:
+        raise NeuronLsError(
+            f"[fleet] neuron_ls = {neuron_ls!r} is not found: install aws-neuronx-tools or "
+            "fix the path"
+        )
     found = inventory_from_dev(dev_dir, cores_per_device=cores_per_device)
+    note = (
+        f"neuron-ls not found (PATH, {NEURON_TOOLS_BIN}): counted {found.source} only, so "
+        "NeuronCores held by another process cannot be seen; install aws-neuronx-tools or "
+        "set [fleet] neuron_ls"
+    )
     return Inventory(
         devices=found.devices,
-        source=f"{found.source}, {neuron_ls} not installed",
-        notes=found.notes,
+        source=f"{found.source}, neuron-ls not installed",
+        notes=(note,) if found.devices else (),
     )
+
+
+def find_neuron_ls(path: str | None = None) -> str | None:
+    """neuron-ls on PATH, else in /opt/aws/neuron/bin (systemd's PATH lacks it)."""
+    found = shutil.which("neuron-ls", path=path)
+    if found:
+        return found
+    candidate = os.path.join(NEURON_TOOLS_BIN, "neuron-ls")
+    return candidate if os.access(candidate, os.X_OK) else None
 
 
 # -- core ranges ---------------------------------------------------------------------------

@@ -209,12 +209,17 @@ def _slot_groups(
             [f"replicas not set: {len(free)} x {size} cores fit in {total} NeuronCores"],
         )
     if want * size > total:
+        fix = (
+            f"set [fleet] replicas = {total // size} or lower cores_per_replica"
+            if total >= size
+            else f"not even one replica fits: use a larger instance or a model compiled for "
+            f"at most {total} cores (--num-cores)"
+        )
         return (
             [],
             [
                 f"the fleet needs {want * size} NeuronCores ({want} replicas x {size}) but this "
-                f"host has {total} ({len(inventory.devices)} devices x {per_device}): set "
-                f"[fleet] replicas = {max(total // size, 0)} or lower cores_per_replica"
+                f"host has {total} ({len(inventory.devices)} devices x {per_device}): {fix}"
             ],
             [],
         )

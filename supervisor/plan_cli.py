@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-host-checks",
         action="store_true",
-        help="skip what looks at this machine (ports in use, binaries, model folder, neuron-ls)",
+        help="skip what looks at this machine (ports in use, binaries, model folder, "
+        "neuron-ls, the image's optimum-neuron version)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -64,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
             overrides=overrides_from_args(args),
             inventory=inventory,
             check_host=not args.no_host_checks,
+            require_model=False,  # a plan of cores and ports needs no export
         )
     except ConfigError as exc:
         print(f"neuron-fleet plan: {exc}", file=sys.stderr)
@@ -106,6 +108,11 @@ def plan_document(config: FleetConfig) -> dict[str, Any]:
     }
 
 
+def _known(value: int | None) -> str:
+    """A limit the config does not set is the export's (TGI reads neuron_config.json)."""
+    return "from the export" if value is None else str(value)
+
+
 def format_plan(config: FleetConfig) -> str:
     inv = config.plan.inventory
     model = config.model
@@ -114,11 +121,11 @@ def format_plan(config: FleetConfig) -> str:
         f"{inv['total_cores']} NeuronCores ({inv['source']}"
         + (f", {inv['instance_type']}" if inv.get("instance_type") else "")
         + ")",
-        f"model:     {model.path or model.id}"
+        f"model:     {model.path or model.id or '(not set)'}"
         + (f"  [{model.neuron.describe()}]" if model.neuron else ""),
-        f"limits:    batch {model.batch_size}, max_input_tokens {model.max_input_tokens}, "
-        f"max_total_tokens {model.max_total_tokens}, max_concurrent_requests "
-        f"{model.max_concurrent_requests}",
+        f"limits:    batch {_known(model.batch_size)}, max_input_tokens "
+        f"{_known(model.max_input_tokens)}, max_total_tokens {_known(model.max_total_tokens)}, "
+        f"max_concurrent_requests {model.max_concurrent_requests}",
         f"launcher:  {config.fleet.launcher}",
         f"balancer:  {config.balancer.host}:{config.balancer.port} ({config.balancer.policy}, "
         f"{config.balancer.max_inflight_per_replica} in flight per replica)",

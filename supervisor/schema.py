@@ -100,6 +100,9 @@ class FleetSettings:
     """Pretend this many devices exist (no neuron-ls); for simulated fleets and tests."""
     cores_per_device: int = DEFAULT_CORES_PER_DEVICE
     """Only used without neuron-ls (device count from config or /dev/neuron*)."""
+    neuron_ls: str = ""
+    """neuron-ls to run; default: on PATH, else /opt/aws/neuron/bin/neuron-ls (where
+    aws-neuronx-tools installs it, outside systemd's default PATH)."""
     min_ready: int = 1
     """Replicas that must be ready before the balancer starts taking traffic."""
     startup_timeout_s: float = 1800.0
@@ -121,6 +124,9 @@ class DockerLauncherConfig:
     """Host folder mounted at /data (the compose file's ``$PWD:/data``); default: the
     parent of a local model folder."""
     data_mount: str = "/data"
+    hub_cache: str | None = None
+    """Host folder mounted into every replica (and the export) as HF_HUB_CACHE, so what is
+    fetched from the Hub survives ``--rm`` and restarts; default: hf-cache in data_dir."""
     init: bool = True
     """``docker run --init``: a real PID 1 that forwards SIGTERM and reaps the shards."""
     extra_args: tuple[str, ...] = ()

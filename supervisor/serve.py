@@ -27,7 +27,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from balancer.upstream import ReplicaState
 from supervisor import reaper
@@ -128,17 +128,28 @@ def load(args: argparse.Namespace, *, env: dict[str, str] | None = None) -> Flee
     except (OSError, ValueError, NeuronLsError) as exc:
         print(f"neuron-fleet: cannot read --neuron-ls {neuron_ls}: {exc}", file=sys.stderr)
         return 2
+    sources = {"env": env, "env_file": getattr(args, "env_file", None), "overrides": overrides}
+    _remove_leftover_containers(sources, args.config)
     try:
-        return load_config(
-            args.config,
-            env=env,
-            env_file=getattr(args, "env_file", None),
-            overrides=overrides,
-            inventory=inventory,
-        )
+        return load_config(args.config, inventory=inventory, **sources)
     except ConfigError as exc:
         print(f"neuron-fleet: {exc}", file=sys.stderr)
         return 2
+
+
+def _remove_leftover_containers(sources: dict[str, Any], config_path: str | None) -> None:
+    """Before the plan looks at the host: containers of a crashed earlier run still hold
+    NeuronCores and ports (see leftovers.py). Only the launcher is needed, so the config
+    is read without host checks; a config that fails here fails the real load too."""
+    from supervisor.config import ConfigError, load_config
+    from supervisor.leftovers import clean_up_leftovers
+
+    try:
+        config = load_config(config_path, check_host=False, **sources)
+    except ConfigError:
+        return
+    if config.fleet.launcher == "docker":
+        clean_up_leftovers(config.launcher.docker.binary)
 
 
 def run(args: argparse.Namespace) -> int:

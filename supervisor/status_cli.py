@@ -30,9 +30,24 @@ COLUMNS = ("NAME", "STATE", "CORES", "PID", "PORT", "INFLIGHT", "RESTARTS", "UPT
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("--url", default=DEFAULT_URL, help=f"the balancer (default {DEFAULT_URL})")
+    add(
+        "--url",
+        default=DEFAULT_URL,
+        help=f"the balancer: URL, HOST:PORT or PORT (default {DEFAULT_URL})",
+    )
     add("--json", action="store_true", help="print the raw JSON")
     add("--timeout", type=float, default=5.0, help="seconds to wait for an answer (default 5)")
+
+
+def normalize_url(text: str) -> str:
+    """``127.0.0.1:8080``, ``[::1]:8080``, ``8080`` -> an http:// URL (as ``listen`` is
+    written); a URL with a scheme is kept."""
+    text = text.strip().rstrip("/")
+    if "://" in text:
+        return text
+    if text.isdigit():
+        return f"http://127.0.0.1:{text}"
+    return f"http://{text}"
 
 
 def fetch_status(url: str, token: str | None, timeout: float = 5.0) -> dict[str, Any]:
@@ -133,7 +148,7 @@ def format_table(status: dict[str, Any], url: str = "") -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    url = args.url.rstrip("/")
+    url = normalize_url(args.url)
     token = find_token(url)
     try:
         status = fetch_status(url, token, args.timeout)
@@ -158,8 +173,13 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    if args.json:
-        print(json.dumps(status, indent=2, sort_keys=True))
-    else:
-        print(format_table(status, url))
+    text = json.dumps(status, indent=2, sort_keys=True) if args.json else format_table(status, url)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # The reader left (`| head -1`): no traceback. Python's documented way: point stdout
+        # at /dev/null so the interpreter's final flush does not raise again
+        # (https://docs.python.org/3/library/signal.html#note-on-sigpipe).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0

@@ -311,3 +311,19 @@ async def test_outstanding_work_shrinks_as_the_replica_works(scripted, balancer)
             await resp.read()
     await wait_until(lambda: replica.inflight == 0, what="released")
     assert replica.outstanding_work == 0
+
+
+async def test_work_estimate_never_exceeds_max_total_tokens(scripted, balancer):
+    """max_tokens = 10**12 is accepted and passed on, but a replica never runs more than
+    MAX_TOTAL_TOKENS: the least-work estimate is clamped to it."""
+    _, url = await scripted(Script(tokens=50, token_delay_s=0.05))
+    server = await balancer([url], max_total_tokens=4096)
+    replica = server.registry.get("r0")
+    body = {"inputs": "hello", "parameters": {"max_new_tokens": 10**12}}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{server.url}/generate_stream", json=body) as resp:
+            await resp.content.readuntil(b"\n\n")
+            # Admitted with 4096; after the prefill (~2 tokens) and a token, 4093 remain.
+            await wait_until(lambda: replica.outstanding_work == 4093, what="prefill done")
+            await resp.read()
+    await wait_until(lambda: replica.inflight == 0, what="released")

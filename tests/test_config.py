@@ -338,6 +338,7 @@ devices = 12
     assert config.model.max_batch_prefill_tokens == 8 * 2048
     assert config.balancer.max_inflight_per_replica == 8
     assert config.balancer.max_input_tokens == 2048
+    assert config.balancer.max_total_tokens == 4096  # caps a request's work estimate
     assert config.balancer.tokenizer_path == str(folder)
     assert len(config.plan.replicas) == 3
 

@@ -77,8 +77,8 @@ def test_blog_fixtures_are_the_blog_files() -> None:
         "MAX_INPUT_TOKENS=16000",
         "MAX_TOTAL_TOKENS=16512",
     ]
-    tree = parse_nginx((BLOG / "nginx.conf").read_text())
-    assert [d.name for d in tree] == ["events", "http"]
+    tree, notes = parse_nginx(str(BLOG / "nginx.conf"))
+    assert [d.name for d in tree] == ["events", "http"] and notes == []
 
 
 def test_blog_import_loads_and_plans_like_the_compose_file(
@@ -405,8 +405,8 @@ def test_problems_that_stop_the_import(tmp_path: Path, capsys: pytest.CaptureFix
     assert "hf_leaky" not in out + err
     nginx = tmp_path / "bad.conf"
     nginx.write_text("http { server { listen 80 }\n")
-    with pytest.raises(ValueError, match="missing ';'"):
-        parse_nginx(nginx.read_text())
+    with pytest.raises(ValueError, match=r"bad\.conf:1: .*unexpected"):
+        parse_nginx(str(nginx))
 
 
 # -- the parts ------------------------------------------------------------------------------
@@ -518,3 +518,24 @@ def test_nginx_max_conns_becomes_the_slot_cap(tmp_path: Path) -> None:
     assert tomllib.loads(result.toml)["balancer"]["max_inflight_per_replica"] == 4
     assert any("max_conns=4 -> [balancer] max_inflight_per_replica" in n for n in result.notes)
     assert any("no /dev/neuron devices" in n for n in result.notes)
+
+
+def test_nginx_includes_are_read_and_missing_ones_named(tmp_path: Path) -> None:
+    """A conf.d layout: the upstream lives in an included file (crossplane reads it); an
+    include of a path that exists only inside the nginx container becomes a note."""
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "tgi.conf").write_text(
+        "upstream tgi {\n    least_conn;\n    server tgi-1:8081;\n    server tgi-2:8082;\n}\n"
+    )
+    conf = tmp_path / "nginx.conf"
+    inside_container = tmp_path / "only-in-the-container" / "mime.types"
+    conf.write_text(
+        f"events {{}}\nhttp {{\n    include {inside_container};\n    include conf.d/*.conf;\n"
+        "    server { listen 8080; location / { proxy_pass http://tgi; } }\n}\n"
+    )
+    info = analyse_nginx(str(conf))
+    assert info.upstream == "tgi" and info.method == "least_conn"
+    assert [(h, p) for h, p, _ in info.servers] == [("tgi-1", 8081), ("tgi-2", 8082)]
+    assert info.listen_ports == [8080]
+    (note,) = info.notes
+    assert note.startswith("nginx.conf:3: an include was not read") and "mime.types" in note

@@ -275,3 +275,13 @@ def test_folders_are_0755_whatever_the_umask(
         assert mode(prefix / folder) == 0o755, folder
     assert mode(prefix / "etc/neuron-fleet/neuron-fleet.env") == 0o600
     assert mode(prefix / "etc/systemd/system/neuron-fleet.service") == 0o644
+
+
+def test_unit_path_reaches_neuron_ls() -> None:
+    """aws-neuronx-tools installs neuron-ls in /opt/aws/neuron/bin, off systemd's PATH."""
+    lines = [
+        line for line in install.UNIT_TEMPLATE.splitlines() if line.startswith("Environment=PATH=")
+    ]
+    assert len(lines) == 1
+    assert "/opt/aws/neuron/bin" in lines[0].split("=", 2)[2].split(":")
+    assert "/usr/bin" in lines[0]

@@ -86,15 +86,15 @@ def test_docker_spec_is_the_compose_service(tmp_path: Path) -> None:
     assert [a for a in argv if a.startswith("--device=")] == [
         f"--device=/dev/neuron{i}" for i in range(4, 8)
     ]
-    assert [argv[i + 1] for i, a in enumerate(argv) if a == "-p"] == [
-        "127.0.0.1:8082:8082",
-        "127.0.0.1:9082:9082",
-    ]
-    assert flag(argv, "-v") == f"{tmp_path / 'data'}:/data"
+    # Only the API port: TGI serves /metrics on it; its prometheus port serves nothing.
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "-p"] == ["127.0.0.1:8082:8082"]
+    assert not any("PROMETHEUS_PORT" in a or "9082" in a for a in argv)
+    volumes = [argv[i + 1] for i, a in enumerate(argv) if a == "-v"]
+    assert volumes == [f"{tmp_path / 'data'}:/data", f"{tmp_path / 'data' / 'hf-cache'}:/hf-cache"]
     envs = [argv[i + 1] for i, a in enumerate(argv) if a == "-e"]
     for expected in (
         "PORT=8082",
-        "PROMETHEUS_PORT=9082",
+        "HF_HUB_CACHE=/hf-cache",  # Hub downloads outlive the --rm container
         "MODEL_ID=/data/exportedmodel",
         "HF_NUM_CORES=8",
         "MAX_BATCH_SIZE=8",
@@ -126,7 +126,11 @@ def test_docker_model_outside_data_dir_gets_its_own_mount(tmp_path: Path) -> Non
     config = replace(config, model=replace(config.model, path=str(moved), id=str(moved)))
     argv = launch_spec(config.plan.replicas[0], config).argv
     volumes = [argv[i + 1] for i, a in enumerate(argv) if a == "-v"]
-    assert volumes == [f"{tmp_path / 'data'}:/data", f"{moved}:/model"]
+    assert volumes == [
+        f"{tmp_path / 'data'}:/data",
+        f"{moved}:/model",
+        f"{tmp_path / 'data' / 'hf-cache'}:/hf-cache",
+    ]
     assert "MODEL_ID=/model" in argv
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 
 from supervisor import cli
 from supervisor.config import ENV_VARS, load_config
-from supervisor.export_cli import MISSING_EXTRA, docker_export_argv, job_from_config
+from supervisor.export_cli import MISSING_EXTRA, job_from_config
 from supervisor.model import (
     ModelInfoError,
     check_model,
@@ -19,9 +18,6 @@ from supervisor.model import (
     normalize_dtype,
     read_model_info,
 )
-
-FAKEBIN = Path(__file__).resolve().parent / "fakebin"
-SECRET = "hf_ExportSecret987"
 
 
 @pytest.fixture(autouse=True)
@@ -182,14 +178,14 @@ def test_export_skips_a_matching_export_without_importing_optimum(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], no_optimum: None
 ) -> None:
     neuron_config(tmp_path / "exportedmodel")
-    assert cli.main(["export", "--config", export_toml(tmp_path, **BLOG_MODEL)]) == 0
+    assert cli.main(["export", "--host", "--config", export_toml(tmp_path, **BLOG_MODEL)]) == 0
     assert "up to date" in capsys.readouterr().out
 
 
 def test_export_without_the_extra_says_how_to_install_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], no_optimum: None
 ) -> None:
-    assert cli.main(["export", "--config", export_toml(tmp_path, **BLOG_MODEL)]) == 2
+    assert cli.main(["export", "--host", "--config", export_toml(tmp_path, **BLOG_MODEL)]) == 2
     err = capsys.readouterr().err
     assert (
         "optimum-neuron is not installed: pip install 'neuron-fleet[neuron]' "
@@ -203,11 +199,11 @@ def test_export_refuses_to_overwrite_another_shape(
 ) -> None:
     neuron_config(tmp_path / "exportedmodel", batch_size=4)
     config = export_toml(tmp_path, **BLOG_MODEL)
-    assert cli.main(["export", "--config", config]) == 2
+    assert cli.main(["export", "--host", "--config", config]) == 2
     err = capsys.readouterr().err
     assert "batch_size: found 4, want 8" in err and "--force" in err
     # --force goes on to compile, which needs the extra here.
-    assert cli.main(["export", "--config", config, "--force"]) == 2
+    assert cli.main(["export", "--host", "--config", config, "--force"]) == 2
     assert "optimum-neuron is not installed" in capsys.readouterr().err
 
 
@@ -229,31 +225,3 @@ def test_export_differences() -> None:
     assert export_differences(
         info, batch_size=8, sequence_length=4096, tp_degree=8, dtype="bf16"
     ) == ["tp_degree: found 2, want 8"]
-
-
-def test_export_with_docker_passes_the_token_by_environment(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    monkeypatch.setenv("PATH", f"{FAKEBIN}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("FAKEBIN_LOG_DIR", str(logs))
-    monkeypatch.setenv("HF_TOKEN", SECRET)
-    config_path = export_toml(tmp_path, **BLOG_MODEL)
-    config = load_config(config_path, check_host=False, read_model=False)
-    argv, inside = docker_export_argv(job_from_config(config), config, dev_dir=str(tmp_path))
-    assert inside == "/data/exportedmodel" and SECRET not in " ".join(argv)
-    assert argv[argv.index("--entrypoint") + 1 : argv.index("--entrypoint") + 5] == [
-        "optimum-cli",
-        config.launcher.docker.image,
-        "export",
-        "neuron",
-    ]
-
-    assert cli.main(["export", "--config", config_path, "--docker"]) == 0
-    call = json.loads((logs / "calls.jsonl").read_text().splitlines()[-1])
-    assert call["argv"][-1] == "/data/exportedmodel" and "--num_cores" in call["argv"]
-    assert SECRET not in json.dumps(call["argv"])
-    assert call["hf_token_in_container"] is True
-    token_files = list(logs.glob("*.hf_token"))
-    assert len(token_files) == 1 and token_files[0].read_text() == SECRET

@@ -17,6 +17,7 @@ from supervisor.neuron import (
     Inventory,
     NeuronLsError,
     discover_inventory,
+    find_neuron_ls,
     format_core_range,
     format_devices,
     inventory_from_count,
@@ -27,8 +28,10 @@ from supervisor.neuron import (
     run_neuron_ls,
 )
 from supervisor.plan import compute_plan, plan_replicas
+from tests.conftest import free_ports
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "neuron-ls"
+FAKEBIN = Path(__file__).resolve().parent / "fakebin"
 
 
 def fixture(name: str) -> Inventory:
@@ -61,14 +64,6 @@ def test_small_and_trn1_hosts() -> None:
     assert trn1.total_cores == 32 and trn1.devices[15].core_ids == (30, 31)
 
 
-def test_newer_output_format_shape() -> None:
-    inv = fixture("inf2.24xlarge-output-format.json")
-    assert inv.instance_type == "inf2.24xlarge"
-    assert len(inv.devices) == 6
-    assert inv.busy_cores()[10][0].pid == 4242
-    assert inv.busy_cores()[11][0].command == "python train.py"
-
-
 def test_tolerant_object_shapes() -> None:
     devices = [{"neuron_device": 1, "nc_count": 2}, {"neuron_device": 0, "nc_count": 2}]
     for document in (
@@ -92,20 +87,57 @@ def _completed(
     return subprocess.CompletedProcess(argv, rc, out, err)
 
 
-def test_run_neuron_ls_falls_back_to_the_legacy_flag() -> None:
+def test_run_neuron_ls_uses_the_released_json_flag_first() -> None:
+    """-j is the JSON flag of every released neuron-ls; --output-format json is only the
+    successor AWS announced for Neuron 2.34, tried when -j is refused."""
     calls = []
     text = (FIXTURES / "inf2.xlarge.json").read_text()
 
-    def runner(argv, **kwargs):
+    def released(argv, **kwargs):
         calls.append(argv)
         assert kwargs["timeout"] == 3
-        if "--output-format" in argv:
-            return _completed(argv, 2, err="unrecognized option '--output-format'")
+        if argv[1:] != ["-j"]:
+            return _completed(argv, 2, err=f"unrecognized arguments: {argv[1]}")
         return _completed(argv, 0, out=text)
 
-    inv = run_neuron_ls("neuron-ls", timeout_s=3, runner=runner)
+    inv = run_neuron_ls("neuron-ls", timeout_s=3, runner=released)
     assert inv is not None and inv.total_cores == 2 and inv.source == "neuron-ls -j"
-    assert calls == [["neuron-ls", "--output-format", "json"], ["neuron-ls", "-j"]]
+    assert calls == [["neuron-ls", "-j"]]
+
+    def announced(argv, **kwargs):
+        if "-j" in argv:
+            return _completed(argv, 2, err="unrecognized arguments: -j")
+        return _completed(argv, 0, out=json.dumps({"neuron_devices": json.loads(text)}))
+
+    inv = run_neuron_ls("neuron-ls", timeout_s=3, runner=announced)
+    assert inv is not None and inv.source == "neuron-ls --output-format json"
+
+
+def test_fake_neuron_ls_through_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """[fleet] neuron_ls names the binary (systemd's PATH lacks /opt/aws/neuron/bin)."""
+    monkeypatch.setenv("FAKE_NEURON_LS_JSON", str(FIXTURES / "inf2.48xlarge-cores-in-use.json"))
+    ports = free_ports(4)
+    path = tmp_path / "fleet.toml"
+    path.write_text(
+        '[model]\nid = "org/model"\n[fleet]\nlauncher = "command"\ncores_per_replica = 8\n'
+        f'replicas = 3\nbase_port = {ports[1]}\nneuron_ls = "{FAKEBIN / "neuron-ls"}"\n'
+        '[launcher.command]\ntemplate = "server --port {port}"\n'
+        f'[balancer]\nlisten = "127.0.0.1:{ports[0]}"\n'
+    )
+    with pytest.raises(ConfigError, match="PID 113985"):
+        load_config(str(path), env={})
+    path.write_text(path.read_text().replace("replicas = 3", "replicas = 2"))
+    config = load_config(str(path), env={})
+    assert config.plan.inventory["source"].endswith("neuron-ls -j")
+
+
+def test_configured_neuron_ls_that_is_missing_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(NeuronLsError, match=r"neuron_ls = .* is not found"):
+        discover_inventory(neuron_ls=str(tmp_path / "nope"), dev_dir=str(tmp_path))
+
+
+def test_neuron_ls_is_found_on_path(tmp_path: Path) -> None:
+    assert find_neuron_ls(str(FAKEBIN)) == str(FAKEBIN / "neuron-ls")
 
 
 def test_run_neuron_ls_missing_or_hanging() -> None:
@@ -130,8 +162,11 @@ def test_dev_fallback_and_discovery_order(tmp_path: Path) -> None:
     def missing(argv, **kwargs):
         raise FileNotFoundError(argv[0])
 
-    found = discover_inventory(dev_dir=str(tmp_path), runner=missing)
+    found = discover_inventory(dev_dir=str(tmp_path), neuron_ls="", runner=missing)
     assert len(found.devices) == 3 and "not installed" in found.source
+    (note,) = found.notes  # said once, as a warning (serve logs config warnings at start)
+    assert "NeuronCores held by another process cannot be seen" in note
+    assert "/opt/aws/neuron/bin" in note and "[fleet] neuron_ls" in note
     assert len(discover_inventory(devices=12, runner=missing).devices) == 12
     from_file = discover_inventory(
         neuron_ls_file=str(FIXTURES / "trn1.32xlarge.json"), runner=missing
@@ -335,3 +370,47 @@ def test_plan_command_invalid_exits_2_with_every_problem(
     path.write_text(PLAN_TOML)
     assert cli.main([*busy, "--no-host-checks", "--replicas", "3"]) == 2
     assert "PID 113985" in capsys.readouterr().err
+
+
+def test_plan_without_a_model_plans_cores_devices_and_ports(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    neuron_ls = str(FIXTURES / "inf2.48xlarge.json")
+    args = ["plan", "--neuron-ls", neuron_ls, "--cores-per-replica", "4", "--no-host-checks"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith("replica-")]
+    assert [row[1] for row in rows] == ["0-3", "4-7", "8-11", "12-15", "16-19", "20-23"]
+    assert "None" not in out  # limits the export will decide are said so, not "None"
+    assert "batch from the export" in out
+    assert "no model set" in out
+
+
+def test_plan_before_export_warns_and_serve_refuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's order: import -> plan -> export -> serve."""
+    path = tmp_path / "fleet.toml"
+    data = tmp_path / "data"
+    data.mkdir()
+    ports = free_ports(7)
+    path.write_text(
+        '[model]\nid = "/data/exportedmodel"\n[fleet]\nlauncher = "docker"\n'
+        f"cores_per_replica = 8\nbase_port = {ports[1]}\nmetrics_base_port = {ports[4]}\n"
+        f'[launcher.docker]\nbinary = "true"\ndata_dir = "{data}"\n'
+        f'[balancer]\nlisten = "127.0.0.1:{ports[0]}"\n'
+    )
+    neuron_ls = str(FIXTURES / "inf2.48xlarge.json")
+    assert cli.main(["plan", "--config", str(path), "--neuron-ls", neuron_ls]) == 0
+    assert "run `neuron-fleet export` first" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="run `neuron-fleet export` first"):
+        load_config(str(path), env={}, inventory=fixture("inf2.48xlarge.json"))
+
+
+def test_plan_on_a_host_too_small_for_one_replica_does_not_advise_zero() -> None:
+    plan, errors = plan_replicas(
+        settings(replicas=1, cores_per_replica=8), fixture("inf2.xlarge.json"), whole_devices=True
+    )
+    assert plan is None
+    assert "replicas = 0" not in errors[0]
+    assert "not even one replica fits" in errors[0] and "at most 2 cores" in errors[0]
