@@ -151,7 +151,6 @@ class _Stream:
     __slots__ = (
         "client_gone",
         "deadline",
-        "detail",
         "expired",
         "phase",
         "request",
@@ -169,8 +168,6 @@ class _Stream:
         self.deadline: float | None = None
         """Loop time a non-streaming response must be complete by (response_timeout_s)."""
         self.expired: str | None = None
-        self.detail = ""
-        """What went wrong with the last attempt, for the client's error message."""
         self.client_gone = False
         """The client's transport was found closing while relaying to it."""
         self.work_done = 0
@@ -327,7 +324,7 @@ class Relay:
             )
         return json_error(
             502,
-            f"Replica {replica.name} failed before answering ({stream.detail or reason})",
+            f"Replica {replica.name} failed before answering ({reason})",
             "unavailable",
             headers=headers,
         )
@@ -374,7 +371,7 @@ class Relay:
                 raise _Retry(timeout_kind) from None
             return None
         except UpstreamError as exc:
-            stream.expired, stream.detail = exc.kind, str(exc)
+            stream.expired = exc.kind
             self.outliers.failed(replica, exc.kind)
             if not last_attempt:
                 raise _Retry(exc.kind) from None
