@@ -1,21 +1,21 @@
 """Admin API: ``/fleet/status`` and per-replica drain / undrain / restart.
 
-Loopback clients only unless ``admin_from_any_host`` is set, and a bearer token when one is
-configured. Without a supervisor (``neuron-fleet balance``) drain and undrain still work —
-they only change routing — and restart answers 501.
+Who may call it is decided in balancer/access.py (loopback, bearer token, Host, no
+cross-site browser request); every action is logged with the client's address. Without a
+supervisor (``neuron-fleet balance``) drain and undrain still work — they only change
+routing — and restart answers 501.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import ipaddress
 import logging
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
+from balancer.access import admin_denied
 from balancer.errors import expect_handler, json_error
 from balancer.upstream import ReplicaState
 
@@ -37,33 +37,6 @@ log = logging.getLogger("neuron_fleet.admin")
 
 FLEET_KEY = web.AppKey("fleet", object)
 ACTIONS = ("drain", "undrain", "restart")
-
-
-def _is_loopback(remote: str | None) -> bool:
-    if not remote:
-        return False
-    try:
-        return ipaddress.ip_address(remote).is_loopback
-    except ValueError:
-        return False  # unix sockets and the like: not a network client we can vouch for
-
-
-def _check_access(request: web.Request, balancer: Balancer) -> web.Response | None:
-    cfg = balancer.config
-    if not cfg.admin_from_any_host and not _is_loopback(request.remote):
-        return json_error(403, "Admin routes answer loopback clients only", "forbidden")
-    if cfg.admin_token:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), cfg.admin_token.encode()
-        ):
-            return json_error(
-                401,
-                "Admin routes need `Authorization: Bearer <admin token>`",
-                "unauthorized",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-    return None
 
 
 def fleet_status(balancer: Balancer, fleet: FleetControl | None) -> dict[str, Any]:
@@ -112,17 +85,18 @@ def add_admin_routes(app: web.Application, balancer: Balancer) -> None:
         return app.get(FLEET_KEY)  # type: ignore[return-value]
 
     async def status(request: web.Request) -> web.Response:
-        denied = _check_access(request, balancer)
+        denied = admin_denied(request, balancer.config)
         if denied is not None:
             return denied
         return web.json_response(fleet_status(balancer, fleet()))
 
     async def action(request: web.Request) -> web.Response:
-        denied = _check_access(request, balancer)
+        denied = admin_denied(request, balancer.config)
         if denied is not None:
             return denied
         name = request.match_info["name"]
         verb = request.match_info["action"]
+        log.info("admin API: %s %s requested by %s", verb, name, request.remote)
         replica = balancer.registry.get(name)
         if replica is None:
             known = ", ".join(r.name for r in balancer.registry.replicas)
@@ -147,9 +121,10 @@ def add_admin_routes(app: web.Application, balancer: Balancer) -> None:
         return web.json_response({"replica": name, "action": verb, "state": replica.display_state})
 
     async def rolling(request: web.Request) -> web.Response:
-        denied = _check_access(request, balancer)
+        denied = admin_denied(request, balancer.config)
         if denied is not None:
             return denied
+        log.info("admin API: rolling restart requested by %s", request.remote)
         control = fleet()
         if control is None:
             return json_error(

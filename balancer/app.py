@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 import json
 import logging
 import re
@@ -21,16 +20,18 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from balancer import access
 from balancer.admission import Admission
 from balancer.config import BalancerConfig
 from balancer.errors import expect_handler, json_error
 from balancer.forecast import Forecast
 from balancer.metrics import BalancerMetrics, route_label
 from balancer.policy import make_policy
+from balancer.quotas import Quotas
 from balancer.relay import CLIENT_GONE, STAGE, Relay, RelayRequest
 from balancer.slo import DEADLINE_HEADER, BadDeadline, SloGate, budget_s
 from balancer.ticket import Ticket
-from balancer.tokens import TokenCounter, requested_new_tokens
+from balancer.tokens import PromptTooLong, TokenCounter, requested_new_tokens
 from balancer.upstream import Registry
 
 log = logging.getLogger("neuron_fleet.app")
@@ -75,7 +76,9 @@ class Balancer:
         requests are still served (``shutdown_delay_s``)."""
         self.draining = False
         """Past the delay: new requests are refused (503 + Retry-After)."""
-        self.tokens = tokens or TokenCounter(config.tokenizer_path)
+        self.tokens = tokens or TokenCounter(
+            config.tokenizer_path, config.max_input_tokens, config.tokenize_concurrency
+        )
         self.forecast = Forecast()
         self.admission = Admission(
             registry,
@@ -92,6 +95,13 @@ class Balancer:
         self.relay = Relay(config, registry, self.admission, self.metrics)
         self.relay.on_stream_end = self._stream_ended
         self.slo = SloGate(self.forecast, self.admission, registry)
+        self.quotas = Quotas(
+            config,
+            registry,
+            self.metrics,
+            frozenset(GENERATION_ROUTES),
+            frozenset(PASSTHROUGH_GET + PASSTHROUGH_POST),
+        )
         self.replica_metrics: Any = None
         """Optional re-exporter of the replicas' own metrics (set by the server)."""
 
@@ -136,9 +146,18 @@ class Balancer:
             not isinstance(new_tokens, int) or isinstance(new_tokens, bool) or new_tokens < 0
         ):
             raise _Invalid(422, f"max tokens must be a non-negative integer, got {new_tokens!r}")
-        prompt_tokens = await self.tokens.count_request(doc)
-        self.metrics.prompt_tokens.observe(prompt_tokens)
         limit = self.config.max_input_tokens
+        try:
+            prompt_tokens = await self.tokens.count_request(doc)
+        except PromptTooLong as exc:
+            raise _Invalid(
+                422,
+                f"Input validation error: `inputs` must have less than {limit} tokens. Given: "
+                f"a prompt of {exc.chars} characters, more than {limit} tokens can hold "
+                f"({exc.max_chars} characters)",
+                reason="too_many_chars",
+            ) from None
+        self.metrics.prompt_tokens.observe(prompt_tokens)
         if limit and self.tokens.exact and prompt_tokens > limit:
             raise _Invalid(
                 422,
@@ -298,16 +317,6 @@ ERROR_TYPES = {
 }
 
 
-def _authorized(request: web.Request, keys: tuple[str, ...]) -> bool:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        return False
-    given = token.strip().encode()
-    # Compare against every key (no early exit) in constant time per key.
-    return any([hmac.compare_digest(given, key.encode()) for key in keys])
-
-
 def _make_observer(balancer: Balancer) -> Any:
     metrics = balancer.metrics
     api_keys = balancer.config.api_keys
@@ -323,8 +332,16 @@ def _make_observer(balancer: Balancer) -> Any:
                 and request.path not in OPEN_ROUTES
                 and not request.path.startswith("/fleet/")
             ):
-                if not _authorized(request, api_keys):
+                if not access.bearer_matches(request.headers.get("Authorization", ""), api_keys):
                     code = "401"
+                    metrics.rejected.labels(reason="unauthorized").inc()
+                    access.refusals.warn(
+                        "api-401",
+                        "refused %s %s from %s: missing or invalid API key",
+                        request.method,
+                        request.path,
+                        request.remote or "?",
+                    )
                     return json_error(
                         401,
                         "Missing or invalid API key: send `Authorization: Bearer <key>`",
@@ -377,6 +394,12 @@ def _make_observer(balancer: Balancer) -> Any:
     return observe
 
 
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """No software versions for scanners (aiohttp would send ``Python/3.11 aiohttp/3.x``);
+    runs after aiohttp set its own (see ``_before_head``), so it replaces it."""
+    response.headers["Server"] = "neuron-fleet"
+
+
 async def _before_head(
     balancer: Balancer, request: web.Request, response: web.StreamResponse
 ) -> None:
@@ -399,11 +422,13 @@ async def _before_head(
 def create_app(balancer: Balancer) -> web.Application:
     app = web.Application(
         client_max_size=balancer.config.max_body_bytes,
-        middlewares=[_make_observer(balancer)],
+        # observe first: it checks API keys, which the quotas then use to tell clients apart
+        middlewares=[_make_observer(balancer), balancer.quotas.middleware],
         handler_args={"max_field_size": 16384, "max_line_size": 16384},
     )
     app[BALANCER_KEY] = balancer
     app.on_response_prepare.append(functools.partial(_before_head, balancer))
+    app.on_response_prepare.append(_server_header)
     post = functools.partial(app.router.add_post, expect_handler=expect_handler)
     get = functools.partial(app.router.add_get, allow_head=False, expect_handler=expect_handler)
     for path in GENERATION_ROUTES:

@@ -198,6 +198,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="DEBUG, INFO, WARNING (default %(default)s; env NEURON_FLEET_LOG_LEVEL)",
     )
     parser.add_argument(
+        "--allow-public-without-api-keys",
+        action="store_true",
+        help="start on a non-loopback --listen address although NEURON_FLEET_API_KEYS is "
+        "unset (e.g. behind an authenticating proxy)",
+    )
+    parser.add_argument(
         "--shutdown-delay",
         type=float,
         default=d.shutdown_delay_s,
@@ -231,9 +237,12 @@ def config_from_args(args: argparse.Namespace) -> BalancerConfig:
         health_interval_s=args.health_interval,
         max_input_tokens=args.max_input_tokens,
         tokenizer_path=args.tokenizer,
+        allow_public_without_api_keys=args.allow_public_without_api_keys,
         shutdown_delay_s=args.shutdown_delay,
         admin_token=os.environ.get("NEURON_FLEET_ADMIN_TOKEN") or None,
-        api_keys=tuple(k for k in os.environ.get("NEURON_FLEET_API_KEYS", "").split(",") if k),
+        api_keys=tuple(
+            k.strip() for k in os.environ.get("NEURON_FLEET_API_KEYS", "").split(",") if k.strip()
+        ),
     )
 
 
@@ -277,5 +286,13 @@ async def serve_balancer(config: BalancerConfig, drain_timeout_s: float) -> int:
 def run(args: argparse.Namespace) -> int:
     import uvloop
 
+    from balancer.access import insecure_settings
+
     setup_logging(args.log_level)
-    return uvloop.run(serve_balancer(config_from_args(args), args.drain_timeout))
+    config = config_from_args(args)
+    problems = insecure_settings(config, token_configured=bool(config.admin_token))
+    for problem in problems:
+        log.error("refusing to start: %s", problem)
+    if problems:
+        return 2
+    return uvloop.run(serve_balancer(config, args.drain_timeout))

@@ -97,3 +97,24 @@ class BalancerConfig:
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     admin_from_any_host: bool = False
     """Admin routes (/fleet/*) answer loopback clients only unless this is set."""
+    admin_hosts: tuple[str, ...] = ()
+    """Host names (besides IP addresses and localhost) admin requests may be addressed to;
+    any other name is refused, so a DNS name pointed at 127.0.0.1 cannot reach /fleet/*."""
+    allow_public_without_api_keys: bool = False
+    """Start on a non-loopback address with no API keys (e.g. behind an authenticating
+    proxy); without it the balancer refuses to start."""
+
+    max_connections: int = 2048
+    """Open client connections; beyond it a new one gets 503 and is closed. Each may also
+    hold a replica connection: at start the open-file limit is raised to fit, or the cap
+    lowered (balancer/connections.py); 0 = no cap."""
+    max_queued_per_client: int = 256
+    """Requests one client (API key, else address) may have outstanding beyond the fleet's
+    slot count; beyond it: 429 + Retry-After, so one client cannot fill the queue."""
+    max_buffered_body_bytes: int = 256 * 1024 * 1024
+    """Memory for the bodies of outstanding requests (queued or streaming), each counted at
+    twice its size (the bytes and the parsed JSON); beyond it: 503."""
+    max_passthrough_requests: int = 16
+    """Concurrent /tokenize, /info, /v1/models requests (no slot taken); beyond it: 429."""
+    tokenize_concurrency: int = 1
+    """Prompts tokenized at once in worker threads (each can take a core)."""

@@ -157,7 +157,6 @@ class _Stream:
     __slots__ = (
         "client_gone",
         "deadline",
-        "detail",
         "expired",
         "phase",
         "request",
@@ -175,8 +174,6 @@ class _Stream:
         self.deadline: float | None = None
         """Loop time a non-streaming response must be complete by (response_timeout_s)."""
         self.expired: str | None = None
-        self.detail = ""
-        """What went wrong with the last attempt, for the client's error message."""
         self.client_gone = False
         """The client's transport was found closing while relaying to it."""
         self.work_done = 0
@@ -338,7 +335,7 @@ class Relay:
             )
         return json_error(
             502,
-            f"Replica {replica.name} failed before answering ({stream.detail or reason})",
+            f"Replica {replica.name} failed before answering ({reason})",
             "unavailable",
             headers=headers,
         )
@@ -385,7 +382,7 @@ class Relay:
                 raise _Retry(timeout_kind) from None
             return None
         except UpstreamError as exc:
-            stream.expired, stream.detail = exc.kind, str(exc)
+            stream.expired = exc.kind
             self.outliers.failed(replica, exc.kind)
             if not last_attempt:
                 raise _Retry(exc.kind) from None

@@ -11,15 +11,19 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import replace
 
 import aiohttp
 from aiohttp import web
 
+from balancer import token_file
 from balancer.admin import FLEET_KEY, FleetControl
 from balancer.app import Balancer, create_app
 from balancer.config import BalancerConfig
+from balancer.connections import CappedTCPSite
 from balancer.health import HealthChecker
 from balancer.replica_metrics import ReplicaMetricsExporter
+from balancer.server_log import ServerLog
 from balancer.tasks import supervised
 from balancer.upstream import Registry, Replica, ReplicaState
 
@@ -52,6 +56,10 @@ class BalancerServer:
         registry: Registry | None = None,
         fleet: FleetControl | None = None,
     ) -> None:
+        self.generated_admin_token = not config.admin_token
+        """No token was configured: one is made up and saved for `neuron-fleet status`."""
+        if self.generated_admin_token:
+            config = replace(config, admin_token=token_file.generate_token())
         self.config = config
         self.registry = registry if registry is not None else registry_from_config(config)
         self.fleet = fleet
@@ -92,9 +100,17 @@ class BalancerServer:
             # both the keep-alive idle limit and the deadline for a client trickling its
             # headers in (slowloris). Bodies have their own deadline (app._read_body).
             keepalive_timeout=cfg.client_timeout_s,
+            logger=ServerLog(balancer.metrics.rejected.labels(reason="malformed_http").inc),
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, cfg.host, cfg.port, backlog=1024, reuse_address=True)
+        site = CappedTCPSite(
+            self._runner,
+            cfg.host,
+            cfg.port,
+            limit=cfg.max_connections,
+            on_refuse=balancer.metrics.rejected.labels(reason="too_many_connections").inc,
+            backlog=1024,
+        )
         try:
             await site.start()
         except OSError:
@@ -103,6 +119,8 @@ class BalancerServer:
         server = getattr(site, "_server", None)
         sockets = getattr(server, "sockets", None) or []
         self.bound_port = sockets[0].getsockname()[1] if sockets else cfg.port
+        if self.generated_admin_token:
+            self._save_admin_token()
         health = HealthChecker(cfg, self.registry, self._session)
         loop = asyncio.get_running_loop()
         failed = balancer.metrics.background_task_failures
@@ -125,6 +143,23 @@ class BalancerServer:
             self.bound_port,
             len(self.registry),
             cfg.policy,
+        )
+
+    def _save_admin_token(self) -> None:
+        assert self.config.admin_token and self.bound_port is not None
+        try:
+            path = token_file.write_token(self.bound_port, self.config.admin_token)
+        except (OSError, token_file.TokenFileError) as exc:
+            log.warning(
+                "admin API: no token configured and the generated one could not be saved (%s): "
+                "/fleet/* stays closed; set NEURON_FLEET_ADMIN_TOKEN to use it",
+                exc,
+            )
+            return
+        log.info(
+            "admin API: no token configured; generated one in %s (0600, read by "
+            "`neuron-fleet status`)",
+            path,
         )
 
     @property
@@ -189,6 +224,9 @@ class BalancerServer:
         await self._cleanup()
 
     async def _cleanup(self) -> None:
+        if self.generated_admin_token and self.bound_port is not None:
+            assert self.config.admin_token
+            token_file.remove_token(self.bound_port, self.config.admin_token)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

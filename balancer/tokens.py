@@ -4,6 +4,12 @@ The tokenizer (transformers, from the *local* model folder, never a hub) loads o
 loop at startup; long prompts are tokenized in a worker thread, so a 16k-token prompt never
 stalls the streams being relayed. Without a tokenizer we estimate ~4 characters per token,
 which is good enough for the work-aware policy but never used to refuse a request.
+
+Tokenizing is the one piece of work a client can make the balancer do in proportion to its
+prompt, so it is bounded before it starts: no prompt longer than ``max_input_tokens`` x the
+longest token of the vocabulary (in characters) is tokenized — such a prompt has more than
+``max_input_tokens`` tokens whatever it says, and is refused at once — and at most
+``concurrency`` prompts are tokenized at a time (the others wait their turn).
 """
 
 from __future__ import annotations
@@ -72,10 +78,28 @@ def has_tokenizer_files(folder: str | Path) -> bool:
     )
 
 
+class PromptTooLong(Exception):
+    """More characters than ``max_input_tokens`` tokens can cover: refused untokenized."""
+
+    def __init__(self, chars: int, max_chars: int) -> None:
+        super().__init__(f"{chars} characters > {max_chars}")
+        self.chars = chars
+        self.max_chars = max_chars
+
+
 class TokenCounter:
-    def __init__(self, tokenizer_path: str | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer_path: str | None = None,
+        max_input_tokens: int | None = None,
+        concurrency: int = 1,
+    ) -> None:
         self.tokenizer_path = tokenizer_path
+        self.max_input_tokens = max_input_tokens
         self._tokenizer: Any = None
+        self.max_chars: int | None = None
+        """Longest prompt (characters) worth tokenizing; set once the tokenizer loads."""
+        self._workers = asyncio.Semaphore(max(1, concurrency))
 
     @property
     def exact(self) -> bool:
@@ -94,8 +118,17 @@ class TokenCounter:
             )
             return
         try:
-            self._tokenizer = await asyncio.to_thread(_load_tokenizer, self.tokenizer_path)
-            log.info("tokenizer loaded from %s", self.tokenizer_path)
+            tokenizer, longest = await asyncio.to_thread(_load_tokenizer, self.tokenizer_path)
+            if self.max_input_tokens:
+                self.max_chars = self.max_input_tokens * longest
+            self._tokenizer = tokenizer
+            log.info(
+                "tokenizer loaded from %s (longest token %d characters; prompts over %s "
+                "characters are refused untokenized)",
+                self.tokenizer_path,
+                longest,
+                self.max_chars if self.max_chars is not None else "no limit of",
+            )
         except Exception as exc:
             log.warning(
                 "could not load the tokenizer from %s (%s): prompt tokens are estimated",
@@ -107,11 +140,16 @@ class TokenCounter:
         return len(text) // CHARS_PER_TOKEN + 1 if text else 0
 
     async def count(self, text: str) -> int:
+        """Tokens in ``text``; raises PromptTooLong without tokenizing when it is over
+        ``max_chars``."""
         if self._tokenizer is None or not text:
             return self.estimate(text)
+        if self.max_chars is not None and len(text) > self.max_chars:
+            raise PromptTooLong(len(text), self.max_chars)
         if len(text) < INLINE_CHARS:
             return self._count_now(text)
-        return await asyncio.to_thread(self._count_now, text)
+        async with self._workers:
+            return await asyncio.to_thread(self._count_now, text)
 
     def _count_now(self, text: str) -> int:
         return len(self._tokenizer(text, add_special_tokens=True)["input_ids"])
@@ -121,7 +159,23 @@ class TokenCounter:
         return tokens + CHAT_TOKENS_PER_MESSAGE * message_count(body)
 
 
-def _load_tokenizer(path: str) -> Any:
+def _load_tokenizer(path: str) -> tuple[Any, int]:
+    """The tokenizer and its longest token in characters.
+
+    A vocabulary entry is at least as long as the text it stands for: byte-level BPE writes
+    one character per byte (GPT-2's bytes_to_unicode), SentencePiece one ``▁`` per space
+    and ``<0xNN>`` per fallback byte, WordPiece adds ``##``; added tokens (``<|eot_id|>``)
+    are in ``get_vocab()`` as written. (transformers 4.57.6,
+    ``PreTrainedTokenizerFast.get_vocab``: base vocabulary plus added tokens.) A normalizer
+    that drops or merges characters (NFKC, stripped whitespace) is the exception: such
+    text could hold fewer tokens than the bound assumes, and is refused all the same.
+    """
+    tokenizer = _open_tokenizer(path)
+    longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
+    return tokenizer, max(1, longest)
+
+
+def _open_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer  # heavy import: only when a tokenizer is configured
 
     try:
@@ -146,6 +200,9 @@ class _TokenizersBackend:
         from tokenizers import Tokenizer
 
         self._tokenizer = Tokenizer.from_file(tokenizer_json)
+
+    def get_vocab(self) -> dict[str, int]:
+        return self._tokenizer.get_vocab(with_added_tokens=True)
 
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
         return {

@@ -63,11 +63,17 @@ class ResponseState(enum.Enum):
 
 
 class UpstreamError(Exception):
-    """The connection to a replica failed; ``kind`` says how (a metrics label)."""
+    """The connection to a replica failed; ``kind`` says how (a metrics label).
+
+    ``str()`` is the kind alone: it reaches clients in 502 bodies and error events, which
+    must not name internal addresses or errno values; ``detail`` (with those) is logged at
+    DEBUG for the operator."""
 
     def __init__(self, kind: str, detail: str) -> None:
-        super().__init__(f"{kind}: {detail}")
+        super().__init__(kind)
         self.kind = kind
+        self.detail = detail
+        log.debug("upstream %s: %s", kind, detail)
 
 
 class _HeadTooLarge(Exception):

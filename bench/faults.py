@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import random
+import secrets
 import signal
 import socket
 import subprocess
@@ -42,6 +43,8 @@ from pathlib import Path
 import aiohttp
 
 ROOT = Path(__file__).resolve().parents[1]
+ADMIN_TOKEN = secrets.token_urlsafe(32)
+"""Given to every service started here, so the bench can read /fleet/status."""
 DEMO = ROOT / "deploy" / "fleet-demo.toml"
 REPLICAS, BATCH = 3, 8
 SLOTS = REPLICAS * BATCH
@@ -132,6 +135,7 @@ async def service(
     config = write_config(folder, replica_ports[0], speed, fleet, balancer or {}, extra_args or [])
     log = folder / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
+    env["NEURON_FLEET_ADMIN_TOKEN"] = ADMIN_TOKEN
     argv = [sys.executable, "-m", "supervisor", "serve", "--config", str(config)]
     argv += ["--listen", f"127.0.0.1:{listen}", "--log-level", "WARNING"]
     proc = _spawn(argv, log, env)
@@ -169,7 +173,11 @@ def _spawn(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[
 
 async def fleet_status(http: aiohttp.ClientSession, base: str) -> dict | None:
     try:
-        async with http.get(f"{base}/fleet/status", timeout=aiohttp.ClientTimeout(total=3)) as r:
+        async with http.get(
+            f"{base}/fleet/status",
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            timeout=aiohttp.ClientTimeout(total=3),
+        ) as r:
             return await r.json() if r.status == 200 else None
     except (aiohttp.ClientError, TimeoutError, ValueError):
         return None

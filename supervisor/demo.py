@@ -92,7 +92,8 @@ def _announce(service: FleetService) -> None:
         f"\nneuron-fleet demo: {n} simulated TGI Neuron replica(s) behind {url}\n"
         f"  try it:   {curl_line(url)}\n"
         f"  metrics:  {url}/metrics\n"
-        f"  status:   {url}/fleet/status   (or: neuron-fleet status --url {url})\n"
+        f"  status:   neuron-fleet status --url {url}   ({url}/fleet/status with the admin\n"
+        "            token that `neuron-fleet status` finds by itself; see docs/admin-api.md)\n"
         "Ctrl-C to stop.\n",
         flush=True,
     )

@@ -895,8 +895,9 @@ def _listen(
                 notes.add(
                     f'listen = "0.0.0.0:{port}": the compose file published {port} on every '
                     f'interface, and so does neuron-fleet; use "127.0.0.1:{port}" if only '
-                    "local clients (a benchmark on localhost) need it, or set "
-                    "NEURON_FLEET_API_KEYS if other hosts can reach it",
+                    "local clients (a benchmark on localhost) need it; on 0.0.0.0 `serve` "
+                    "refuses to start without NEURON_FLEET_API_KEYS (or [balancer] "
+                    "allow_public_without_api_keys = true)",
                     lb_name,
                 )
         else:

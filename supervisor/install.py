@@ -46,6 +46,7 @@ SOURCE_DEPLOY_DIR = Path(__file__).resolve().parent.parent / "deploy"
 PROTECTED_HOME = ("/home", "/root", "/run/user")
 """Hidden from the service by ProtectHome=yes."""
 SECRET_CONFIG_KEYS = (("model", "hf_token"), ("balancer", "admin_token"), ("balancer", "api_keys"))
+ADMIN_TOKEN_VAR = "NEURON_FLEET_ADMIN_TOKEN"
 SECRET_WORDS = frozenset({"TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "KEYS", "CREDENTIALS"})
 
 UNIT_TEMPLATE = """\
@@ -121,10 +122,11 @@ Group=neuron-fleet
 # guidance (udev: SUBSYSTEM=="neuron*", KERNEL=="neuron*", GROUP="neuron", MODE="0660");
 # the driver's default rule is MODE="0666". The group must exist, or the start fails with
 # 216/GROUP: `groupadd --system neuron`.
-# docker: only for launcher = "docker", to reach /var/run/docker.sock. Membership of docker
-# is root-equivalent on the host: prefer launcher = "native" where that matters.
-# (install-service writes this line from the config's launcher and --device-group.)
-SupplementaryGroups=neuron docker
+# install-service adds "docker" here only for launcher = "docker" (to reach
+# /var/run/docker.sock): membership of docker is root-equivalent on the host, so the shipped
+# unit, meant for any launcher, leaves it out. (install-service writes this line from the
+# config's launcher and --device-group.)
+SupplementaryGroups=neuron
 
 # Secrets (HF_TOKEN, NEURON_FLEET_ADMIN_TOKEN, NEURON_FLEET_API_KEYS) and overrides live
 # here, root:root 0600: systemd reads it as root before dropping privileges, so the service
@@ -245,7 +247,9 @@ ENV_EXAMPLE = """\
 # -- secrets -------------------------------------------------------------------------
 # Hugging Face token, for gated models (meta-llama/...) downloaded by the replicas.
 #HF_TOKEN=
-# Bearer token for the balancer's /fleet/* admin routes (drain, restart, rolling-restart).
+# Bearer token for the balancer's /fleet/* admin routes (drain, restart, rolling-restart),
+# always required: install-service generates one when none is set. `neuron-fleet status`
+# run as root reads it from this file.
 #NEURON_FLEET_ADMIN_TOKEN=
 # Comma-separated API keys clients must send (Authorization: Bearer KEY); unset = open.
 #NEURON_FLEET_API_KEYS=
@@ -431,7 +435,7 @@ class _File:
 
 def _write(path: Path, content: str, mode: int) -> None:
     """Atomically, with ``mode`` from the first byte (no window where a secret is 0644)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    _make_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
@@ -442,6 +446,34 @@ def _write(path: Path, content: str, mode: int) -> None:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+
+
+def generate_token() -> str:
+    from balancer.token_file import generate_token as make
+
+    return make()
+
+
+def _existing_env(path: Path) -> tuple[str, dict[str, str]] | None:
+    """The kept env file's text and variables; None when it cannot be parsed (left alone)."""
+    from supervisor.config import ConfigError, parse_env_file
+
+    try:
+        return path.read_text(encoding="utf-8"), parse_env_file(str(path))
+    except (OSError, UnicodeDecodeError, ConfigError):
+        return None
+
+
+def _make_dirs(folder: Path) -> None:
+    """Create ``folder`` and its missing parents as 0755 whatever the umask (mkdir's mode
+    is masked by it, and ``parents=True`` gives parents the default 0777 & ~umask)."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)
+        os.chmod(path, 0o755)
 
 
 def _target(prefix: Path, final: str) -> Path:
@@ -479,19 +511,27 @@ def run(args: argparse.Namespace) -> int:
         print(f"neuron-fleet install-service: cannot read {config_file}: {exc}", file=err)
         return 2
 
+    admin_token = generate_token()
+    """Used only where the operator set none: the admin API always needs one."""
     env_values: dict[str, str] | None = None
     if args.env_source:
         from supervisor.config import ConfigError, parse_env_file
 
         try:
             env_values = parse_env_file(args.env_source)
+            generated = not env_values.get(ADMIN_TOKEN_VAR)
+            if generated:
+                env_values[ADMIN_TOKEN_VAR] = admin_token
             env_text = render_env(env_values, os.path.abspath(args.env_source))
         except (ConfigError, ValueError) as exc:
             # ConfigError names files and lines, never values.
             print(f"neuron-fleet install-service: {args.env_source}: {exc}", file=err)
             return 2
     else:
-        env_text = ENV_EXAMPLE
+        generated = True
+        env_text = ENV_EXAMPLE.replace(
+            f"#{ADMIN_TOKEN_VAR}=\n", f"{ADMIN_TOKEN_VAR}={env_value(admin_token)}\n"
+        )
 
     launcher = (env_values or {}).get("NEURON_FLEET_LAUNCHER") or str(
         config.get("fleet", {}).get("launcher", "docker")
@@ -516,7 +556,12 @@ def run(args: argparse.Namespace) -> int:
             env_text,
             0o600,
             note="mode 0600; variables: "
-            + (describe_names(env_values) if env_values is not None else "none set (example)"),
+            + (
+                describe_names(env_values)
+                if env_values is not None
+                else f"{ADMIN_TOKEN_VAR} (secret, not shown), the rest commented out (example)"
+            )
+            + (f"; {ADMIN_TOKEN_VAR} generated" if generated else ""),
         ),
     ]
     unit_file, config_out, env_file = files
@@ -536,6 +581,20 @@ def run(args: argparse.Namespace) -> int:
         mode = stat.S_IMODE(env_file.path.stat().st_mode)
         if mode & 0o077:
             env_file.extra.append(f"mode {mode:04o} -> 0600")
+        existing = _existing_env(env_file.path)
+        if existing is not None and ADMIN_TOKEN_VAR not in existing[1]:
+            # The one change made to a kept env file: the admin API always needs a token.
+            env_file.action = "add token"
+            env_file.content = (
+                existing[0]
+                + ("" if existing[0].endswith("\n") or not existing[0] else "\n")
+                + (
+                    "# Added by `neuron-fleet install-service`: the admin API (/fleet/*) always "
+                    "needs a token.\n"
+                    f"{ADMIN_TOKEN_VAR}={env_value(admin_token)}\n"
+                )
+            )
+            env_file.extra.append(f"{ADMIN_TOKEN_VAR} generated and added")
 
     dry = args.dry_run
     print(f"neuron-fleet install-service{' (dry run: nothing written)' if dry else ''}:")
@@ -547,7 +606,7 @@ def run(args: argparse.Namespace) -> int:
         if dry:
             continue
         try:
-            if f.action in ("write", "replace"):
+            if f.action in ("write", "replace", "add token"):
                 _write(f.path, f.content, f.mode)
             elif f.extra:
                 os.chmod(f.path, 0o600)
@@ -588,6 +647,8 @@ def next_steps(user: str, device_group: str, groups: list[str], exec_argv: list[
         )
     lines += [
         f"  ${{EDITOR:-vi}} {ENV_PATH}   # HF_TOKEN=... for gated models; stays 0600",
+        "  # other local users can reach the replicas' own ports: docs/security.md has the "
+        "nftables rule that keeps them to the service user",
         f"  {plan} plan --config {CONFIG_PATH}   # cores, ports, model: checked before starting",
         "  systemctl daemon-reload",
         "  systemctl enable --now neuron-fleet",

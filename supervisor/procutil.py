@@ -24,6 +24,8 @@ import sys
 from collections.abc import Callable, Mapping
 
 PR_SET_PDEATHSIG = 1
+PR_GET_DUMPABLE = 3
+PR_SET_DUMPABLE = 4
 _SUPERVISOR_ONLY_ENV = (
     "NOTIFY_SOCKET",
     "WATCHDOG_USEC",
@@ -68,6 +70,21 @@ def die_with_parent_preexec() -> Callable[[], None] | None:
             os._exit(1)
 
     return preexec
+
+
+def hide_own_memory() -> bool:
+    """``prctl(PR_SET_DUMPABLE, 0)``: other processes of our user (a native replica runs as
+    the service's user) can no longer read our environment or memory — the admin token and
+    API keys — from /proc, nor ptrace us; no core dump either.
+
+    proc(5): /proc/[pid] files are owned by root:root when the process is not dumpable;
+    prctl(2): ptrace access needs it. Replicas are unaffected: execve makes a process
+    dumpable again. False where prctl is unavailable.
+    """
+    libc = _load_libc()
+    if libc is None:
+        return False
+    return libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
 
 
 def child_env(extra: Mapping[str, str]) -> dict[str, str]:

@@ -164,6 +164,18 @@ def serve(config: FleetConfig, *, on_ready: Callable[[FleetService], None] | Non
     """Run the service on uvloop until it is stopped; the process exit code."""
     import uvloop
 
+    from balancer.access import insecure_settings
+
+    problems = insecure_settings(
+        config.balancer, token_configured=bool(config.balancer.admin_token)
+    )
+    for problem in problems:
+        print(f"neuron-fleet: refusing to start: {problem}", file=sys.stderr)
+    if problems:
+        return 2
+    from supervisor.procutil import hide_own_memory
+
+    hide_own_memory()
     return uvloop.run(FleetService(config, on_ready=on_ready).run())
 
 

@@ -1,17 +1,28 @@
 """``neuron-fleet status``: one look at a running service (``GET /fleet/status``).
 
 Standard library only, so it answers instantly even on a host under load.
+
+The admin token comes from ``NEURON_FLEET_ADMIN_TOKEN``, else (for a balancer on this host)
+the 0600 file a balancer started without a configured token writes
+(balancer/token_file.py), else the service's env file when this user may read it (root).
+Never from the command line, where every local user could read it in ``ps``.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
+
+from balancer import token_file
+
+ENV_FILE = "/etc/neuron-fleet/neuron-fleet.env"
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 COLUMNS = ("NAME", "STATE", "CORES", "PID", "PORT", "INFLIGHT", "RESTARTS", "UPTIME", "LAST EXIT")
@@ -24,7 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_URL,
         help=f"the balancer: URL, HOST:PORT or PORT (default {DEFAULT_URL})",
     )
-    add("--token", help="admin token (default: env NEURON_FLEET_ADMIN_TOKEN)")
     add("--json", action="store_true", help="print the raw JSON")
     add("--timeout", type=float, default=5.0, help="seconds to wait for an answer (default 5)")
 
@@ -46,6 +56,36 @@ def fetch_status(url: str, token: str | None, timeout: float = 5.0) -> dict[str,
         request.add_header("Authorization", f"Bearer {token}")
     with urllib.request.urlopen(request, timeout=timeout) as resp:
         return json.loads(resp.read())
+
+
+def find_token(url: str, env_file: str = ENV_FILE) -> str | None:
+    """The admin token for ``url``: environment, then (loopback URLs only) the runtime file
+    of a balancer on that port, then the service's env file if readable."""
+    token = os.environ.get("NEURON_FLEET_ADMIN_TOKEN")
+    if token:
+        return token
+    parts = urllib.parse.urlsplit(url)
+    try:
+        local = (
+            parts.hostname == "localhost" or ipaddress.ip_address(parts.hostname or "").is_loopback
+        )
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None
+    if not local:
+        return None  # never send a local secret to another host
+    return token_file.read_token(port) or _token_from_env_file(env_file)
+
+
+def _token_from_env_file(path: str) -> str | None:
+    if not os.access(path, os.R_OK):
+        return None  # absent, or root-only and we are not root
+    from supervisor.config import ConfigError, parse_env_file
+
+    try:
+        return parse_env_file(path).get("NEURON_FLEET_ADMIN_TOKEN") or None
+    except (OSError, UnicodeDecodeError, ConfigError):
+        return None
 
 
 def format_uptime(seconds: float | None) -> str:
@@ -118,13 +158,14 @@ def format_table(status: dict[str, Any], url: str = "") -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    token = args.token or os.environ.get("NEURON_FLEET_ADMIN_TOKEN") or None
     url = normalize_url(args.url)
+    token = find_token(url)
     try:
         status = fetch_status(url, token, args.timeout)
     except urllib.error.HTTPError as exc:
         hints = {
-            401: "it needs the admin token: pass --token or set NEURON_FLEET_ADMIN_TOKEN",
+            401: "it needs the admin token: set NEURON_FLEET_ADMIN_TOKEN (the service's value, "
+            f"in {ENV_FILE}), or run this as the user who started the balancer",
             403: "admin routes answer loopback clients only: run this on the host itself",
             404: "no /fleet/status there: is that a neuron-fleet balancer?",
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,6 +20,21 @@ from balancer.server import BalancerServer
 from tests.upstreams import Script, ScriptedReplica
 
 LOOPBACK = "127.0.0.1"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Admin tokens that balancers generate (balancer/token_file.py) go to a folder of this
+    test session, inherited by the services the tests spawn, not the user's own."""
+    folder = tmp_path_factory.mktemp("xdg-runtime")
+    folder.chmod(0o700)
+    saved = os.environ.get("XDG_RUNTIME_DIR")
+    os.environ["XDG_RUNTIME_DIR"] = str(folder)
+    yield folder
+    if saved is None:
+        os.environ.pop("XDG_RUNTIME_DIR", None)
+    else:
+        os.environ["XDG_RUNTIME_DIR"] = saved
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
@@ -174,3 +190,11 @@ def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from tests.helpers_tokenizer import build_tiny_tokenizer
 
     return build_tiny_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))
+
+
+def admin_headers(server: BalancerServer) -> dict[str, str]:
+    """What an admin client sends: the server's (possibly generated) token, and the header
+    that marks a POST as not cross-site."""
+    from balancer.access import ADMIN_HEADER
+
+    return {"Authorization": f"Bearer {server.config.admin_token}", ADMIN_HEADER: "1"}

@@ -11,7 +11,7 @@ import pytest
 from balancer.admission import Admission, QueueFull, QueueTimeout
 from balancer.policy import LeastOutstanding, LeastWork, RoundRobin, make_policy
 from balancer.upstream import Registry, Replica, ReplicaState
-from tests.conftest import metric_value, read_sse, wait_until
+from tests.conftest import admin_headers, metric_value, read_sse, wait_until
 from tests.upstreams import Script
 
 GEN = {"inputs": "hello", "parameters": {"max_new_tokens": 5}}
@@ -279,21 +279,22 @@ async def test_drain_and_undrain_without_supervisor(scripted, balancer, http):
     a, url_a = await scripted(Script(tokens=1))
     _b, url_b = await scripted(Script(tokens=1))
     server = await balancer([url_a, url_b])
-    async with http.post(f"{server.url}/fleet/replicas/r0/drain") as resp:
+    admin = admin_headers(server)
+    async with http.post(f"{server.url}/fleet/replicas/r0/drain", headers=admin) as resp:
         assert resp.status == 200
         assert (await resp.json())["state"] == "draining"
     for _ in range(3):
         async with http.post(f"{server.url}/generate", json=GEN) as resp:
             assert resp.status == 200
     assert len(a.seen.requests) == 0
-    async with http.get(f"{server.url}/fleet/status") as resp:
+    async with http.get(f"{server.url}/fleet/status", headers=admin) as resp:
         status = await resp.json()
     assert [r["state"] for r in status["replicas"]] == ["draining", "ready"]
-    async with http.post(f"{server.url}/fleet/replicas/r0/undrain") as resp:
+    async with http.post(f"{server.url}/fleet/replicas/r0/undrain", headers=admin) as resp:
         assert resp.status == 200
-    async with http.post(f"{server.url}/fleet/replicas/r0/restart") as resp:
+    async with http.post(f"{server.url}/fleet/replicas/r0/restart", headers=admin) as resp:
         assert resp.status == 501
-    async with http.post(f"{server.url}/fleet/replicas/nope/drain") as resp:
+    async with http.post(f"{server.url}/fleet/replicas/nope/drain", headers=admin) as resp:
         assert resp.status == 404
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
+from balancer.access import insecure_settings
 from supervisor.config import DEFAULT_IMAGE, load_config
 
 pytestmark = pytest.mark.timeout(120)
@@ -153,6 +154,8 @@ def test_kubernetes_numbers_agree(tmp_path: Path) -> None:
     config = load_fleet(fleet_toml_k8s(), tmp_path)
     assert config.fleet.launcher == "native"
     assert config.balancer.host == "0.0.0.0" and config.balancer.port == 8080
+    # Public address, no keys: started only because the manifest opts out explicitly.
+    assert insecure_settings(config.balancer, token_configured=False) == []
     delay, drain = config.balancer.shutdown_delay_s, config.fleet.drain_timeout_s
     assert delay >= 2 * 5 + 1  # > the ALB's unhealthy threshold x interval (ingress.yaml)
 
@@ -264,6 +267,7 @@ def test_user_data_is_valid_bash_with_a_loadable_fleet_toml(tmp_path: Path) -> N
     assert "complete-lifecycle-action" in lifecycle.read_text()
 
     config = load_fleet(heredocs["/tmp/fleet.toml"], tmp_path)
+    assert insecure_settings(config.balancer, token_configured=False) == []
     props = template()["Resources"]
     tg = props["TargetGroup"]["Properties"]
     attributes = {a["Key"]: a["Value"] for a in tg["TargetGroupAttributes"]}

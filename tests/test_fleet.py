@@ -304,6 +304,7 @@ async def test_admin_api_answers_409_to_overlapping_operations(tmp_path: Path) -
 
     from balancer.config import BalancerConfig
     from balancer.server import BalancerServer
+    from tests.conftest import admin_headers
 
     fleet = await started(make_fleet(tmp_path, 3, min_ready=1))
     config = BalancerConfig(host="127.0.0.1", port=0, health_interval_s=0.1)
@@ -313,7 +314,7 @@ async def test_admin_api_answers_409_to_overlapping_operations(tmp_path: Path) -
     assert r0 is not None
     r0.inflight = 1  # hold the first restart in its drain
     try:
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(headers=admin_headers(server)) as http:
             answers = []
             for name in ("replica-0", "replica-1", "replica-2"):
                 async with http.post(f"{server.url}/fleet/replicas/{name}/restart") as resp:

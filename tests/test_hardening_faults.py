@@ -35,6 +35,7 @@ from supervisor.procutil import pid_alive
 from supervisor.replica import LifecycleSettings
 from tests.conftest import free_port, metric_value, start_app, wait_until
 from tests.test_hardening_input import metric_sum
+from tests.test_serve import admin_auth
 from tests.upstreams import Script
 
 pytestmark = pytest.mark.timeout(90)
@@ -528,7 +529,11 @@ def _serve(tmp_path: Path) -> tuple[subprocess.Popen[str], str, list[int]]:
 
 async def _status(http: aiohttp.ClientSession, base: str) -> dict | None:
     try:
-        async with http.get(f"{base}/fleet/status", timeout=aiohttp.ClientTimeout(total=2)) as r:
+        async with http.get(
+            f"{base}/fleet/status",
+            headers=admin_auth(base),
+            timeout=aiohttp.ClientTimeout(total=2),
+        ) as r:
             return await r.json() if r.status == 200 else None
     except (aiohttp.ClientError, TimeoutError):
         return None

@@ -21,7 +21,7 @@ import pytest
 
 from supervisor.procutil import pid_alive
 from tests.conftest import free_ports
-from tests.test_serve import demo_config, start_serve
+from tests.test_serve import admin_auth, demo_config, start_serve
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -55,7 +55,9 @@ class Sampler:
         async with aiohttp.ClientSession() as http:
             while not stop.is_set():
                 self.peak_rss = max(self.peak_rss, proc.memory_info().rss)
-                async with http.get(f"{self.base}/fleet/status") as resp:
+                async with http.get(
+                    f"{self.base}/fleet/status", headers=admin_auth(self.base)
+                ) as resp:
                     status = await resp.json()
                 self.samples.append((status["queue_depth"], status["inflight"]))
                 await asyncio.sleep(0.01)
@@ -102,7 +104,7 @@ async def test_bursts_beyond_capacity_are_shed_while_the_fleet_runs_full(tmp_pat
             deadline = time.monotonic() + 30
             while True:
                 try:
-                    async with http.get(f"{base}/fleet/status") as resp:
+                    async with http.get(f"{base}/fleet/status", headers=admin_auth(base)) as resp:
                         status = await resp.json()
                     if status["ready_replicas"] == REPLICAS:
                         break
@@ -161,7 +163,7 @@ async def test_bursts_beyond_capacity_are_shed_while_the_fleet_runs_full(tmp_pat
         assert peak_20x - peak_10x < 16 * 2**20
 
         async with aiohttp.ClientSession() as http:
-            async with http.get(f"{base}/fleet/status") as resp:
+            async with http.get(f"{base}/fleet/status", headers=admin_auth(base)) as resp:
                 status = await resp.json()
         assert status["queue_depth"] == 0 and status["inflight"] == 0
     finally:

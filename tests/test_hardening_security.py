@@ -24,8 +24,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from balancer import app as app_module
-from balancer.admin import _check_access
+from balancer import access as access_module
+from balancer.access import ADMIN_HEADER, admin_denied
 from balancer.config import BalancerConfig
 from supervisor.procutil import child_env, pid_alive
 from tests.conftest import start_app, wait_until
@@ -63,12 +63,12 @@ def test_defaults_listen_on_loopback_and_keep_admin_local() -> None:
 
 
 def test_admin_refuses_remote_clients_whatever_their_headers() -> None:
-    balancer = mock.Mock(config=BalancerConfig())
+    balancer = mock.Mock(config=BalancerConfig(admin_token="t"))
     for remote in ("127.0.0.1", "::1", "127.8.9.10"):
-        assert _check_access(_mocked(remote), balancer) is None
+        assert admin_denied(_mocked(remote, {"Authorization": "Bearer t"}), balancer.config) is None
     spoofed = {"X-Forwarded-For": "127.0.0.1", "X-Real-IP": "127.0.0.1", "Forwarded": "for=::1"}
     for remote in ("10.0.0.7", "192.168.1.20", "2001:db8::1", ""):
-        denied = _check_access(_mocked(remote, spoofed), balancer)
+        denied = admin_denied(_mocked(remote, spoofed), balancer.config)
         assert denied is not None and denied.status == 403
         assert json.loads(denied.body) == {  # type: ignore[arg-type]
             "error": "Admin routes answer loopback clients only",
@@ -78,13 +78,15 @@ def test_admin_refuses_remote_clients_whatever_their_headers() -> None:
 
 def test_admin_from_any_host_still_needs_the_token() -> None:
     balancer = mock.Mock(config=BalancerConfig(admin_from_any_host=True, admin_token="adm-1"))
-    denied = _check_access(_mocked("10.0.0.7"), balancer)
+    denied = admin_denied(_mocked("10.0.0.7"), balancer.config)
     assert denied is not None and denied.status == 401
     assert denied.headers["WWW-Authenticate"] == "Bearer"
     for wrong in ("Bearer adm-2", "Bearer adm-1x", "Basic adm-1", "adm-1", "Bearer "):
-        assert _check_access(_mocked("10.0.0.7", {"Authorization": wrong}), balancer) is not None
+        assert (
+            admin_denied(_mocked("10.0.0.7", {"Authorization": wrong}), balancer.config) is not None
+        )
     ok = _mocked("10.0.0.7", {"Authorization": "bearer adm-1"})
-    assert _check_access(ok, balancer) is None
+    assert admin_denied(ok, balancer.config) is None
 
 
 async def test_admin_actions_need_the_token(scripted, balancer, http) -> None:
@@ -99,7 +101,8 @@ async def test_admin_actions_need_the_token(scripted, balancer, http) -> None:
     async with http.post(f"{drain}?token=adm-secret") as resp:
         assert resp.status == 401  # never from the query string (it ends up in access logs)
     assert server.registry.get("r0").routable  # type: ignore[union-attr]
-    async with http.post(drain, headers={"Authorization": "Bearer adm-secret"}) as resp:
+    admin = {"Authorization": "Bearer adm-secret", ADMIN_HEADER: "1"}
+    async with http.post(drain, headers=admin) as resp:
         assert resp.status == 200
     assert not server.registry.get("r0").routable  # type: ignore[union-attr]
 
@@ -155,7 +158,7 @@ async def test_api_key_check_compares_every_key_in_constant_time(
         calls.append((a, b))
         return compare(a, b)
 
-    monkeypatch.setattr(app_module.hmac, "compare_digest", spy)
+    monkeypatch.setattr(access_module.hmac, "compare_digest", spy)
     for given, status in (("k-1", 200), ("k-3", 200), ("k-4", 401)):
         calls.clear()
         headers = {"Authorization": f"Bearer {given}"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import stat
 import sys
 from pathlib import Path
@@ -79,7 +80,7 @@ def test_installs_unit_config_and_env_file(
     # Only those lines differ from the shipped unit.
     shipped = (DEPLOY / "neuron-fleet.service").read_text().splitlines()
     changed = [a for a, b in zip(shipped, unit.read_text().splitlines(), strict=True) if a != b]
-    assert [c.split("=")[0] for c in changed] == ["ExecStart"]
+    assert [c.split("=")[0] for c in changed] == ["SupplementaryGroups", "ExecStart"]
 
     # The env file: systemd syntax, every variable, the secrets included...
     env_text = env.read_text()
@@ -116,7 +117,13 @@ def test_env_example_installed_without_env_source(
     rc, out = run_install(capsys, "--prefix", str(tmp_path))
     assert rc == 0, out
     env = tmp_path / "etc/neuron-fleet/neuron-fleet.env"
-    assert env.read_text() == (DEPLOY / "neuron-fleet.env.example").read_text()
+    example = (DEPLOY / "neuron-fleet.env.example").read_text().splitlines()
+    written = env.read_text().splitlines()
+    changed = [(a, b) for a, b in zip(example, written, strict=True) if a != b]
+    # The example, but with a generated admin token: the admin API always needs one.
+    assert len(changed) == 1 and changed[0][0] == "#NEURON_FLEET_ADMIN_TOKEN="
+    token = changed[0][1].removeprefix('NEURON_FLEET_ADMIN_TOKEN="').removesuffix('"')
+    assert len(token) >= 43 and token not in out
     assert mode(env) == 0o600
 
 
@@ -133,16 +140,22 @@ def test_existing_files_kept_and_env_mode_repaired(
     rc, out = run_install(capsys, "--prefix", str(tmp_path))
     assert rc == 0, out
     assert config.read_text().endswith("# edited by the operator\n")
-    assert env.read_text() == f"HF_TOKEN={SECRET}-rotated\n"
+    # Kept as it was, but for the one thing the service now needs: an admin token.
+    kept, added = env.read_text().split("\n", 1)
+    assert kept == f"HF_TOKEN={SECRET}-rotated"
+    assert added.startswith("# Added by `neuron-fleet install-service`")
+    token = added.splitlines()[-1].removeprefix('NEURON_FLEET_ADMIN_TOKEN="').rstrip('"')
+    assert len(token) >= 43 and token not in out
     assert mode(env) == 0o600
-    assert "0644 -> 0600" in out
+    assert "0644 -> 0600" in out and "NEURON_FLEET_ADMIN_TOKEN generated and added" in out
     assert SECRET not in out
+    env.write_text(f"HF_TOKEN={SECRET}-rotated\nNEURON_FLEET_ADMIN_TOKEN=mine\n")
 
     # --force replaces fleet.toml, never the env file.
     rc, out = run_install(capsys, "--prefix", str(tmp_path), "--force")
     assert rc == 0, out
     assert config.read_text() == (DEPLOY / "fleet.toml").read_text()
-    assert env.read_text() == f"HF_TOKEN={SECRET}-rotated\n"
+    assert env.read_text() == f"HF_TOKEN={SECRET}-rotated\nNEURON_FLEET_ADMIN_TOKEN=mine\n"
 
 
 def test_dry_run_writes_nothing(
@@ -230,6 +243,38 @@ def test_subcommand_is_wired(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
     assert main(["install-service", "--prefix", str(tmp_path), "--dry-run"]) == 0
     assert "would write" in capsys.readouterr().out
+
+
+def test_env_source_without_admin_token_gets_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "blog.env"
+    source.write_text(f"HF_TOKEN={SECRET}\nMAX_BATCH_SIZE=8\n")
+    rc, out = run_install(capsys, "--prefix", str(tmp_path / "root"), "--env-source", str(source))
+    assert rc == 0, out
+    from supervisor.config import parse_env_file
+
+    values = parse_env_file(str(tmp_path / "root/etc/neuron-fleet/neuron-fleet.env"))
+    assert values["HF_TOKEN"] == SECRET and len(values["NEURON_FLEET_ADMIN_TOKEN"]) >= 43
+    assert values["NEURON_FLEET_ADMIN_TOKEN"] not in out
+    assert "NEURON_FLEET_ADMIN_TOKEN generated" in out
+
+
+def test_folders_are_0755_whatever_the_umask(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Under umask 000, mkdir(parents=True) made /etc/neuron-fleet and its parents 0777."""
+    prefix = tmp_path / "root"
+    old = os.umask(0)
+    try:
+        rc, out = run_install(capsys, "--prefix", str(prefix))
+    finally:
+        os.umask(old)
+    assert rc == 0, out
+    for folder in ("etc", "etc/neuron-fleet", "etc/systemd", "etc/systemd/system"):
+        assert mode(prefix / folder) == 0o755, folder
+    assert mode(prefix / "etc/neuron-fleet/neuron-fleet.env") == 0o600
+    assert mode(prefix / "etc/systemd/system/neuron-fleet.service") == 0o644
 
 
 def test_unit_path_reaches_neuron_ls() -> None:

@@ -43,6 +43,8 @@ pytestmark = pytest.mark.timeout(110)
 
 ROOT = Path(__file__).resolve().parents[1]
 HOSTS = {"host-a": "127.0.0.2", "host-b": "127.0.0.3"}
+ADMIN_TOKEN = "multihost-admin-token"
+"""Given to both services, so the test can read their /fleet/status."""
 CHECK_INTER_MS = 500
 SHUTDOWN_DELAY_S = 2.0
 """> HAProxy's detection time: 2 failed checks x 500 ms, plus one interval of phase."""
@@ -191,6 +193,7 @@ class Host:
         )
         argv = [sys.executable, "-m", "supervisor", "serve", "--config", str(config)]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
+        env["NEURON_FLEET_ADMIN_TOKEN"] = ADMIN_TOKEN
         with self.log.open("a") as log:
             self.proc = subprocess.Popen(
                 argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True
@@ -202,7 +205,10 @@ class Host:
     def replicas(self) -> list[tuple[int, int]]:
         """(pid, port) of each replica, from the host's /fleet/status."""
         with socket.create_connection((self.address, self.port), timeout=2) as sock:
-            sock.sendall(b"GET /fleet/status HTTP/1.0\r\nHost: x\r\n\r\n")
+            sock.sendall(
+                f"GET /fleet/status HTTP/1.0\r\nHost: {self.address}:{self.port}\r\n"
+                f"Authorization: Bearer {ADMIN_TOKEN}\r\n\r\n".encode()
+            )
             data = b""
             while chunk := sock.recv(65536):
                 data += chunk

@@ -117,9 +117,11 @@ def start_serve(
     )
 
 
-def get(url: str, timeout: float = 5) -> tuple[int, bytes]:
+def get(url: str, timeout: float = 5, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers or {}), timeout=timeout
+        ) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -133,8 +135,17 @@ def post_json(url: str, body: dict[str, Any], timeout: float = 10) -> tuple[int,
         return resp.status, resp.read().decode()
 
 
+def admin_auth(base: str) -> dict[str, str]:
+    """The headers `neuron-fleet status` would send to the local balancer at ``base`` (its
+    token from the 0600 runtime file the balancer wrote, since the tests configure none)."""
+    from balancer.access import ADMIN_HEADER
+    from supervisor.status_cli import find_token
+
+    return {"Authorization": f"Bearer {find_token(base)}", ADMIN_HEADER: "1"}
+
+
 def fleet_status(base: str) -> dict[str, Any]:
-    status, body = get(f"{base}/fleet/status")
+    status, body = get(f"{base}/fleet/status", headers=admin_auth(base))
     assert status == 200, body
     return json.loads(body)
 

@@ -22,7 +22,16 @@ import aiohttp
 import pytest
 
 from tests.conftest import free_ports
-from tests.test_serve import CHAT, demo_config, get, post_json, start_serve, stop, wait_for
+from tests.test_serve import (
+    CHAT,
+    demo_config,
+    fleet_status,
+    get,
+    post_json,
+    start_serve,
+    stop,
+    wait_for,
+)
 from tests.upstreams import Script
 
 pytestmark = pytest.mark.timeout(60)
@@ -174,7 +183,7 @@ def test_serve_health_is_503_until_min_ready(tmp_path: Path) -> None:
                 return False
             assert status == 200, body
             # Readiness only grows while starting: checked after the 200, it must be 3.
-            assert json.loads(get(f"{base}/fleet/status")[1])["ready_replicas"] == 3
+            assert fleet_status(base)["ready_replicas"] == 3
             return True
 
         wait_for(ready, seconds=20, what="/health 200")

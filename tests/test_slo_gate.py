@@ -15,7 +15,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.conftest import metric_value, read_sse, wait_until
+from tests.conftest import admin_headers, metric_value, read_sse, wait_until
 from tests.upstreams import Script
 
 pytestmark = pytest.mark.timeout(60)
@@ -221,11 +221,12 @@ async def test_fleet_status_shows_what_the_forecast_learned(simulator, balancer,
 
     url = await simulator(batch_size=2, speed=20.0)
     server = await balancer([url], max_inflight_per_replica=2, ttft_slo_s=2.0)
-    async with http.get(f"{server.url}/fleet/status") as resp:
+    admin = admin_headers(server)
+    async with http.get(f"{server.url}/fleet/status", headers=admin) as resp:
         before = await resp.json()
     assert before["ttft_slo_s"] == 2.0 and before["replicas"][0]["forecast"] is None
     await teach(http, server.url)
-    async with http.get(f"{server.url}/fleet/status") as resp:
+    async with http.get(f"{server.url}/fleet/status", headers=admin) as resp:
         status = await resp.json()
     learned = status["replicas"][0]["forecast"]
     assert learned["streams_seen"] == 4

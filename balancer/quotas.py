@@ -1,0 +1,138 @@
+"""Fair sharing in front of admission: what one client may hold, and what all bodies may weigh.
+
+Admission (balancer/admission.py) hands slots out in order and queues the rest up to
+``max_queue``; on its own it lets one client fill the whole queue. This layer runs first:
+
+- a client — its API key when keys are configured, else its address — may have at most the
+  fleet's slot count + ``max_queued_per_client`` generation requests outstanding (in a slot
+  or queued); beyond it: 429 + ``Retry-After``;
+- the bodies of outstanding requests (kept until the stream ends, for retries) count
+  against ``max_buffered_body_bytes``, reserved from ``Content-Length`` before the body is
+  read (``max_body_bytes`` when the length is not given) at ``BODY_COST`` times their size;
+  beyond it: 503 + ``Retry-After``;
+- ``/tokenize``, ``/info`` and ``/v1/models`` take no slot, so they get their own small
+  limit, ``max_passthrough_requests`` at a time; beyond it: 429.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from balancer.access import refusals
+from balancer.errors import json_error
+
+if TYPE_CHECKING:
+    from balancer.config import BalancerConfig
+    from balancer.metrics import BalancerMetrics
+    from balancer.upstream import Registry
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+BODY_COST = 2
+"""Memory a held body costs per byte: the bytes (kept for retries) and the parsed JSON's
+strings (measured: an 8 MB body, +15 MB RSS while queued)."""
+
+
+@dataclass
+class Quotas:
+    config: BalancerConfig
+    registry: Registry
+    metrics: BalancerMetrics
+    generation_routes: frozenset[str]
+    passthrough_routes: frozenset[str]
+    outstanding: dict[str, int] = field(default_factory=dict)
+    """Client -> its generation requests not yet answered (entries at 0 are removed)."""
+    body_bytes: int = 0
+    passthrough: int = 0
+
+    def client(self, request: web.Request) -> str:
+        """The API key when keys are configured (it was checked before this runs), else
+        the socket peer's address (forwarded headers are a client's say-so)."""
+        if self.config.api_keys:
+            return "key:" + request.headers.get("Authorization", "").partition(" ")[2].strip()
+        return "addr:" + (request.remote or "?")
+
+    def client_limit(self) -> int:
+        """0: no per-client limit."""
+        extra = self.config.max_queued_per_client
+        if not extra:
+            return 0
+        return sum(r.slot_cap for r in self.registry.replicas) + extra
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method == "POST" and request.path in self.generation_routes:
+            return await self._generation(request, handler)
+        if request.path in self.passthrough_routes:
+            return await self._passthrough(request, handler)
+        return await handler(request)
+
+    async def _generation(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        cfg = self.config
+        who = self.client(request)
+        held = self.outstanding.get(who, 0)
+        limit = self.client_limit()
+        if limit and held >= limit:
+            return self._refuse(
+                request,
+                429,
+                f"This client already has {held} requests waiting or running at the balancer "
+                f"(limit {limit}: slots + max_queued_per_client); retry when some finish",
+                "client_quota",
+            )
+        length = request.content_length
+        size = BODY_COST * (
+            cfg.max_body_bytes if length is None else min(length, cfg.max_body_bytes)
+        )
+        if self.body_bytes + size > cfg.max_buffered_body_bytes:
+            return self._refuse(
+                request,
+                503,
+                "The balancer holds as many request bodies as its memory budget allows "
+                "(max_buffered_body_bytes); retry shortly",
+                "body_budget",
+            )
+        self.outstanding[who] = held + 1
+        self.body_bytes += size
+        try:
+            return await handler(request)
+        finally:
+            self.body_bytes -= size
+            left = self.outstanding[who] - 1
+            if left:
+                self.outstanding[who] = left
+            else:
+                del self.outstanding[who]
+
+    async def _passthrough(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        limit = self.config.max_passthrough_requests
+        if limit and self.passthrough >= limit:
+            return self._refuse(
+                request,
+                429,
+                f"{self.passthrough} /tokenize, /info and /v1/models requests are already "
+                "running (max_passthrough_requests); retry shortly",
+                "passthrough_limit",
+            )
+        self.passthrough += 1
+        try:
+            return await handler(request)
+        finally:
+            self.passthrough -= 1
+
+    def _refuse(self, request: web.Request, status: int, message: str, reason: str) -> web.Response:
+        """Counted by ``reason``; logged with the client's address (never its key)."""
+        self.metrics.rejected.labels(reason=reason).inc()
+        refusals.warn(
+            reason,
+            "refused %s %s from %s: %s",
+            request.method,
+            request.path,
+            request.remote,
+            reason,
+        )
+        return json_error(status, message, "overloaded", headers={"Retry-After": "1"})
