@@ -196,7 +196,7 @@ class Balancer:
                 429,
                 refusal.message,
                 "overloaded",
-                headers={"Retry-After": str(refusal.retry_after_s), "x-request-id": request_id},
+                headers={**refusal.headers, "x-request-id": request_id},
             )
         rr = RelayRequest(
             route_label(path),

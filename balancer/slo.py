@@ -6,9 +6,9 @@ a long timeout serves requests so late that nobody counts them as served. With
 arrival from the slots' predicted free times and the queue ahead of it:
 
 - predicted TTFT (plus the forecast's recent error, its 99th percentile) over its budget:
-  **429** at once, in TGI's error shape, with
-  ``Retry-After`` = the predicted time until it would fit (the predicted overshoot: the
-  queue ahead must drain by that much first), counted by reason;
+  **429** at once, in TGI's error shape, with ``Retry-After`` (and ``retry-after-ms``) =
+  the predicted time until it would fit (the predicted overshoot: the queue ahead must
+  drain by that much first), counted by reason;
 - admitted: it may wait in the queue until ``latest_start`` (arrival + budget - its
   predicted prefill). Still queued then, it can no longer make it and leaves with 503
   (``ttft_slo_expired``) rather than being served late;
@@ -44,7 +44,18 @@ class Refusal:
     """``ttft_slo`` (over the fleet's SLO) or ``ttft_deadline`` (over the request's own)."""
     predicted_s: float
     budget_s: float
-    retry_after_s: int
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """``Retry-After`` in whole seconds (RFC 9110), and to the millisecond in
+        ``retry-after-ms``, which the OpenAI SDK prefers (openai 3.57.0,
+        ``openai/_base_client.py`` ``_parse_retry_after_header``: retry-after-ms, then
+        retry-after; honoured up to 120 s)."""
+        overshoot = self.predicted_s - self.budget_s
+        return {
+            "Retry-After": str(ceil_seconds(overshoot)),
+            "retry-after-ms": str(max(1, round(overshoot * 1000))),
+        }
 
     @property
     def message(self) -> str:
@@ -52,7 +63,7 @@ class Refusal:
         return (
             f"Model is overloaded: the predicted time to first token is "
             f"{self.predicted_s:.2f} s, over {what} of {self.budget_s:g} s; "
-            f"retry in {self.retry_after_s} s"
+            f"retry in {ceil_seconds(self.predicted_s - self.budget_s)} s"
         )
 
 
@@ -99,11 +110,6 @@ class SloGate:
         # that proves optimistic means a drop from the queue later, a slow "no".
         expected = prediction.ttft_s + self.forecast.margin_s(ticket)
         if expected > budget:
-            return Refusal(
-                "ttft_deadline" if by_header else "ttft_slo",
-                expected,
-                budget,
-                ceil_seconds(expected - budget),
-            )
+            return Refusal("ttft_deadline" if by_header else "ttft_slo", expected, budget)
         ticket.latest_start = now + budget - prefill
         return None

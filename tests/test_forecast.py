@@ -272,7 +272,8 @@ def test_gate_refuses_what_would_miss_the_budget_with_the_overshoot_as_retry_aft
     refusal = gate.check(late, now=0.0)
     assert refusal is not None and refusal.reason == "ttft_slo"
     assert refusal.predicted_s == pytest.approx(4.1, rel=0.02)
-    assert refusal.retry_after_s == 4  # ceil(4.1 - 1.0)
+    assert refusal.headers["Retry-After"] == "4"  # ceil(4.1 - 1.0)
+    assert 3050 <= int(refusal.headers["retry-after-ms"]) <= 3150
     assert "4.10 s" in refusal.message and "SLO of 1 s" in refusal.message
     by_header = gate.check(Ticket(1_000, 10, 0.0, budget_s=1.0), now=0.0, by_header=True)
     assert by_header is not None and by_header.reason == "ttft_deadline"

@@ -113,8 +113,30 @@ async def test_openai_sdk_sees_a_rate_limit_error_it_can_back_off_on(
         await client.completions.create(model="tgi", prompt="hello", max_tokens=20)
     assert excinfo.value.status_code == 429
     assert int(excinfo.value.response.headers["Retry-After"]) >= 1
+    assert int(excinfo.value.response.headers["retry-after-ms"]) >= 1
     completion = await holder
     assert completion.choices[0].text
+
+
+async def test_openai_sdk_retries_when_the_forecast_says_a_slot_will_be_free(
+    simulator, balancer, http
+) -> None:
+    url = await simulator(batch_size=1, speed=20.0)
+    server = await balancer([url], max_inflight_per_replica=1, ttft_slo_s=0.05)
+    await teach(http, server.url)
+    holder = asyncio.create_task(
+        openai.AsyncOpenAI(
+            base_url=f"{server.url}/v1", api_key="unused", max_retries=0
+        ).completions.create(model="tgi", prompt="hello", max_tokens=300)
+    )
+    await wait_until(lambda: server.registry.replicas[0].inflight == 1, what="slot taken")
+    # The SDK's own retry loop, driven by retry-after-ms / Retry-After: no client code.
+    patient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=6)
+    completion = await patient.completions.create(model="tgi", prompt="hello", max_tokens=5)
+    assert completion.choices[0].text
+    await holder
+    text = await metrics(http, server.url)
+    assert metric_value(text, "neuron_fleet_rejected_requests_total", reason="ttft_slo") >= 1
 
 
 async def test_a_queued_request_that_can_no_longer_make_it_leaves_with_503(
