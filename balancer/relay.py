@@ -561,8 +561,9 @@ class Relay:
         origin = loop_time() - (time.monotonic() - started)
         last_token = 0.0
         tokens = 0
-        # The stream's progress, read by the forecast (balancer/forecast.py); the loop's
-        # clock is CLOCK_MONOTONIC, as time.monotonic() (uvloop: libuv's uv_now).
+        # The stream's progress, read by the forecast (balancer/forecast.py). The loop's
+        # clock has time.monotonic()'s epoch: uvloop 0.23.0 loop.pyx Loop.time() is libuv's
+        # uv_now() (CLOCK_MONOTONIC) in whole milliseconds, after uv_update_time().
         ticket = rr.ticket if rr.ticket is not None else Ticket()
 
         def count(events_bytes: bytes) -> None:
