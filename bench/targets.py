@@ -166,6 +166,9 @@ def start_haproxy(
         f"    server r{i} {u.removeprefix('http://')} maxconn {maxconn}"
         for i, u in enumerate(upstreams, 1)
     )
+    # HAProxy 2.6.12 configuration.txt (Debian's haproxy package), "timeout queue": a request
+    # still pending in the queue then "is dropped and a 503 error is returned to the
+    # client"; the value is in milliseconds unless suffixed.
     timeout_queue = "120s"
     if queue_timeout_from_slo:
         if slo_s is None:
