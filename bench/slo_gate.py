@@ -334,7 +334,7 @@ async def main(args: argparse.Namespace) -> int:
     started = time.monotonic()
     doc: dict[str, Any] = {"meta": meta, "workloads": {}}
     for workload in args.workloads.split(","):
-        n = args.requests or (150 if args.quick else 600)
+        n = args.requests or (150 if args.quick else 800)
         res = await run_workload(
             workload, targets, tmp, speed=args.speed, load=args.load, n=n, slo_s=args.slo
         )
@@ -355,7 +355,7 @@ if __name__ == "__main__":
     parser.add_argument("--speed", type=float, default=20.0)
     parser.add_argument("--load", type=float, default=1.3)
     parser.add_argument("--slo", type=float, default=3.0, help="TTFT SLO, inf2 seconds")
-    parser.add_argument("--requests", type=int, default=0, help="per workload (default 600)")
+    parser.add_argument("--requests", type=int, default=0, help="per workload (default 800)")
     parser.add_argument("--quick", action="store_true", help="150 requests: a smoke run")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument(
