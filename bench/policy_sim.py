@@ -31,6 +31,7 @@ takes, TTFT of served requests, for
 - ``nginx``: ``rr``, the queue in the replicas;
 - ``haproxy``: ``lor-cap``, FIFO queue, no timeout that matters (``timeout queue 120s``);
 - ``haproxy-slo``: the same, a waiter dropped after S in the queue (``timeout queue`` = S);
+- ``haproxy-slo-tight``: dropped after S - the workload's mean prefill time;
 - ``gate``: neuron-fleet's SLO gate (balancer/slo.py), FIFO, on the balancer's own online
   forecast (balancer/forecast.py) driven by this virtual clock;
 - ``gate-sf``: the gate with the ``shortest`` queue order and the long-prompt floor
@@ -55,7 +56,7 @@ from balancer.queue_order import QueueOrder, estimated_service_s
 from balancer.slo import SloGate
 from balancer.ticket import Ticket
 from balancer.upstream import Registry, Replica, ReplicaState
-from supervisor.simulator.engine import Job, NeuronBatcher, Step
+from supervisor.simulator.engine import Job, NeuronBatcher, NeuronTiming, Step
 
 POLICIES = (
     "rr",
@@ -229,7 +230,7 @@ def simulate(
     return {"ttft": ttft, "itl": itl}  # type: ignore[dict-item]
 
 
-SLO_POLICIES = ("nginx", "haproxy", "haproxy-slo", "gate", "gate-sf")
+SLO_POLICIES = ("nginx", "haproxy", "haproxy-slo", "haproxy-slo-tight", "gate", "gate-sf")
 
 
 class _Waiting:
@@ -267,6 +268,7 @@ def simulate_slo(
     warmup_s: float = 600.0,
     seed: int = 3,
     long_tokens: int = 4096,
+    mean_prefill_s: float = 0.0,
 ) -> dict[str, object]:
     """One SLO policy (``SLO_POLICIES``) under Poisson arrivals: per measured request its
     class, TTFT (None if refused) and time to refusal."""
@@ -350,7 +352,11 @@ def simulate_slo(
                 continue
             key = queue.order.key(now, p + o, p, ticket)
             bisect.insort_right(queue.items, _Waiting(job, ticket, key), key=lambda w: w.deadline)
-            give_up = now + slo_s if policy == "haproxy-slo" else ticket.latest_start
+            give_up = ticket.latest_start
+            if policy == "haproxy-slo":
+                give_up = now + slo_s
+            elif policy == "haproxy-slo-tight":
+                give_up = now + slo_s - mean_prefill_s
             if give_up is not None:
                 heapq.heappush(events, (give_up, next(seq), "expire", n))
             dispatch(now)
@@ -435,11 +441,19 @@ if __name__ == "__main__":
     cap = saturated_throughput(sampler)["req_per_s"]
     print(f"{args.workload}: capacity {cap:.3f} req/s; load {args.load:.0%}")
     if args.slo:
+        draw = random.Random(5)
+        mean_prompt = sum(sampler(draw)[0] for _ in range(5000)) / 5000
+        mean_prefill_s = NeuronTiming().prefill(round(mean_prompt))
         slo_out: dict[str, dict[str, float]] = {}
         for policy in SLO_POLICIES:
             f = slo_figures(
                 simulate_slo(
-                    policy, sampler, args.load * cap, args.slo, duration_s=args.hours * 3600
+                    policy,
+                    sampler,
+                    args.load * cap,
+                    args.slo,
+                    duration_s=args.hours * 3600,
+                    mean_prefill_s=mean_prefill_s,
                 ),
                 args.slo,
             )

@@ -8,6 +8,8 @@ measured in the same run, on the blog's shape and on mixed lengths (bench/loadge
 - ``neuron-fleet-slo``: least-outstanding, FIFO, ``--ttft-slo`` = SLO (the gate);
 - ``neuron-fleet-slo-sf``: the gate with ``--queue-order shortest`` (+ long-prompt floor);
 - ``haproxy-slo``: leastconn, maxconn 8, ``timeout queue`` = SLO (HAProxy tuned for it);
+- ``haproxy-slo-tight``: ``timeout queue`` = SLO - the workload's mean prefill time (tuned
+  to the workload and the replicas' speed, which a fixed config can know for one shape);
 - ``haproxy``: the same with ``timeout queue 120s`` (as usually configured);
 - ``nginx-blog``: the blog's nginx.conf (round-robin; the queue is in the replicas).
 
@@ -27,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
+import statistics
 import sys
 import time
 import traceback
@@ -39,11 +43,14 @@ from harness import BENCH, Proc, free_ports, percentile, stop_all, wait_http
 from loadgen import SAMPLERS, Result, fixed_requests, poisson_schedule, run_closed, run_open
 from targets import TARGETS, start_replicas
 
+from supervisor.simulator.engine import NeuronTiming
+
 RESULTS = BENCH / "results"
 DEFAULT_TARGETS = (
     "neuron-fleet-slo",
     "neuron-fleet-slo-sf",
     "haproxy-slo",
+    "haproxy-slo-tight",
     "haproxy",
     "nginx-blog",
 )
@@ -98,6 +105,9 @@ async def run_workload(
     cap = await measure_capacity(plan, sampler, tmp, duration_s=300 / speed)
     rate = load * cap["req_per_s"] * speed
     schedule = poisson_schedule(sampler, rate, n, seed=2024 + len(workload))
+    draw = random.Random(5)
+    mean_prompt = statistics.fmean(sampler(draw)[0] for _ in range(5000))
+    mean_prefill_s = NeuronTiming().prefill(round(mean_prompt))  # inf2 seconds
     span = schedule[-1].at - schedule[0].at
     warm = fixed_requests(sampler, 24, seed=99)
     log(
@@ -111,6 +121,7 @@ async def run_workload(
         "slo_s": slo_s,
         "capacity_req_per_s": cap["req_per_s"],
         "offered_req_per_s": rate / speed,
+        "mean_prefill_s": mean_prefill_s,
         "requests": n,
         "targets": {},
         "errors": {},
@@ -125,7 +136,15 @@ async def run_workload(
             for p, u in zip(reps, ups, strict=True):
                 await wait_http(u + "/health", 60, p)
             (port,) = free_ports(1)
-            started = target.launch(port, ups, wd, batch=plan.batch, speed=speed, slo_s=slo_s)
+            started = target.launch(
+                port,
+                ups,
+                wd,
+                batch=plan.batch,
+                speed=speed,
+                slo_s=slo_s,
+                mean_prefill_s=mean_prefill_s,
+            )
             procs = started.procs + procs
             await wait_http(started.url + started.health_path, 60, started.balancer)
             await warm_up(started.url)
@@ -243,6 +262,7 @@ def section(results: Path = RESULTS) -> str | None:
         "timeout, which does scale). Every target first served the same 24 requests (not "
         "measured). `neuron-fleet-slo` = `--ttft-slo`, FIFO; `-sf` = `--queue-order shortest` "
         "(floor 0.25 for prompts >= 4096 tokens); `haproxy-slo` = `timeout queue` = SLO; "
+        "`haproxy-slo-tight` = `timeout queue` = SLO - the workload's mean prefill time; "
         "`haproxy` = `timeout queue 120s`; `nginx-blog` = the blog's config.\n"
     )
     for workload, res in doc["workloads"].items():
