@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
-from balancer.admission import Admission
 from balancer.forecast import Forecast, ceil_seconds
 from balancer.ticket import Ticket
 from balancer.upstream import Registry
@@ -84,10 +84,18 @@ def budget_s(slo_s: float | None, header: str | None) -> tuple[float | None, boo
     return value, True
 
 
+class QueueView(Protocol):
+    """What the gate needs of the queue (``Admission``; bench/policy_sim.py's own)."""
+
+    def ahead_of(self, ticket: Ticket, now: float) -> list[Ticket]: ...
+
+
 class SloGate:
-    def __init__(self, forecast: Forecast, admission: Admission, registry: Registry) -> None:
+    """Decides on arrival, from the forecast and the queue ahead; keeps no state itself."""
+
+    def __init__(self, forecast: Forecast, queue: QueueView, registry: Registry) -> None:
         self.forecast = forecast
-        self.admission = admission
+        self.queue = queue
         self.registry = registry
 
     def check(self, ticket: Ticket, now: float, by_header: bool = False) -> Refusal | None:
@@ -97,7 +105,7 @@ class SloGate:
         if budget is None:
             return None
         replicas = self.registry.routable()
-        ahead = self.admission.ahead_of(ticket, now)
+        ahead = self.queue.ahead_of(ticket, now)
         prediction = self.forecast.predict(ticket, replicas, ahead, now)
         if prediction is None:
             return None

@@ -298,7 +298,7 @@ def simulate_slo(
     forecast = Forecast()
     ordering = "shortest" if policy == "gate-sf" else "fifo"
     queue = _Queue(QueueOrder(ordering, 0.3, forecast, 0.25 if policy == "gate-sf" else 0.0))
-    gate = SloGate(forecast, queue, fleet) if policy.startswith("gate") else None  # type: ignore[arg-type]
+    gate = SloGate(forecast, queue, fleet) if policy.startswith("gate") else None
     step: list[Step | None] = [None] * replicas
     tickets: dict[int, Ticket] = {}
     cls: dict[int, str] = {}

@@ -334,7 +334,8 @@ def test_gate_never_refuses_a_request_a_free_slot_is_waiting_for() -> None:
 
 async def test_a_queued_request_leaves_once_it_can_no_longer_make_its_budget() -> None:
     gate, _, _ = gate_with_busy_replica()
-    admission = gate.admission
+    admission = gate.queue
+    assert isinstance(admission, Admission)
     ticket = Ticket(0, 10, arrived_at=time.monotonic(), budget_s=10.0)
     ticket.latest_start = ticket.arrived_at + 0.05
     with pytest.raises(QueueTimeout) as excinfo:
