@@ -194,7 +194,10 @@ async def one_client_floods() -> list[str]:
 
 @scenario("queued bodies")
 async def queued_bodies() -> list[str]:
-    async with service(balancer={"queue_timeout_s": 300}) as svc:
+    # 8 MB bodies: above the 2000000-byte default (TGI's --payload-limit), as an operator
+    # who raised both would allow.
+    balancer = {"queue_timeout_s": 300, "max_body_bytes": 8 * MIB}
+    async with service(balancer=balancer) as svc:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
             hold = [asyncio.create_task(_stream(http, svc.base, 400)) for _ in range(24)]
             await asyncio.sleep(1)

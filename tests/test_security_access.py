@@ -375,7 +375,7 @@ async def test_prompts_too_long_to_hold_max_input_tokens_are_refused_untokenized
         tokens, "_count_now", lambda text: calls.append(len(text)) or count_now(text)
     )
 
-    huge = {"inputs": "a" * (2 * 1024 * 1024)}
+    huge = {"inputs": "a" * (1024 * 1024)}  # under max_body_bytes (2000000)
     async with http.post(f"{server.url}/generate", json=huge) as resp:
         message = await _error(resp, 422, "validation")
     assert "must have less than 50 tokens" in message and str(tokens.max_chars) in message
