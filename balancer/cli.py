@@ -195,6 +195,7 @@ def config_from_args(args: argparse.Namespace) -> BalancerConfig:
         api_keys=tuple(
             k.strip() for k in os.environ.get("NEURON_FLEET_API_KEYS", "").split(",") if k.strip()
         ),
+        replica_api_key=os.environ.get("NEURON_FLEET_REPLICA_API_KEY", "").strip() or None,
     )
 
 

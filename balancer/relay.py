@@ -196,13 +196,20 @@ class Relay:
         )
         self._streams: set[_Stream] = set()
         self._any_turn = 0
-        # The client's API key is the balancer's to check, not the replicas' to see.
-        self._consumed = frozenset({"authorization"}) if config.api_keys else frozenset()
+        # The client's API key is the balancer's to check, not the replicas' to see; with a
+        # replica key, the replicas see that one instead of anything the client sent.
+        replica_key = config.replica_api_key
+        self._consumed = (
+            frozenset({"authorization"}) if config.api_keys or replica_key else frozenset()
+        )
+        self._replica_auth = f"Bearer {replica_key}" if replica_key else None
 
     # ---------------------------------------------------------------- 1. choose and retry
     async def forward(self, request: web.Request, rr: RelayRequest) -> web.StreamResponse:
         started = time.monotonic()
         headers = upstream_headers(request, rr.request_id, drop=self._consumed)
+        if self._replica_auth is not None:
+            headers["Authorization"] = self._replica_auth
         ticket = Ticket()
         failures = RequestFailures(rr.request_id)
         succeeded = False

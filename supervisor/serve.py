@@ -21,8 +21,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
@@ -179,6 +181,16 @@ def serve(config: FleetConfig, *, on_ready: Callable[[FleetService], None] | Non
     return uvloop.run(FleetService(config, on_ready=on_ready).run())
 
 
+def with_replica_key(config: FleetConfig) -> FleetConfig:
+    """``config`` with a replica key made for this run (unless one is configured or
+    ``[fleet] replica_auth = false``): the launchers give it to every replica, the relay
+    sends it, and a replica restarted during the run gets the same one."""
+    if not config.fleet.replica_auth or config.balancer.replica_api_key:
+        return config
+    balancer = dataclasses.replace(config.balancer, replica_api_key=secrets.token_hex(32))
+    return dataclasses.replace(config, balancer=balancer)
+
+
 class FleetService:
     """Balancer + fleet + systemd reporting + signals, for one FleetConfig."""
 
@@ -191,6 +203,7 @@ class FleetService:
     ) -> None:
         from balancer.server import BalancerServer
 
+        config = with_replica_key(config)
         self.config = config
         self.registry = build_registry(config, config.plan)
         self.fleet = Fleet.from_config(config, config.plan, self.registry)
