@@ -70,6 +70,7 @@ def fleet_status(balancer: Balancer, fleet: FleetControl | None) -> dict[str, An
         "inflight": balancer.inflight,
         "policy": balancer.config.policy,
         "draining": balancer.draining,
+        "phase": balancer.phase,
         "supervised": fleet is not None,
     }
     if fleet is not None:

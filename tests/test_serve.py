@@ -381,6 +381,11 @@ def test_status_table_formatting() -> None:
     assert "2/8" in table and "1h02m" in table and "exit 1" in table
     assert "replica-1 failed: crash loop" in table
     assert format_uptime(59) == "59s" and format_uptime(61) == "1m01s"
+    assert "STOPPING" not in table
+    stopping = format_table({**status, "phase": "stopping"}, None)
+    assert "STOPPING (health 503, still serving)" in stopping
+    draining = format_table({**status, "phase": "draining", "draining": True}, None)
+    assert "SHUTTING DOWN" in draining and "STOPPING" not in draining
 
 
 def test_status_cli_reports_an_unreachable_service(capsys: pytest.CaptureFixture[str]) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import free_ports
+from tests.conftest import admin_headers, free_ports
 from tests.test_serve import (
     CHAT,
     demo_config,
@@ -83,15 +83,25 @@ async def test_shutdown_steps_serve_then_refuse(simulator, balancer, http) -> No
     assert await server.wait_idle(10)
 
 
+async def _phase(http: aiohttp.ClientSession, server) -> tuple[str, bool]:
+    async with http.get(f"{server.url}/fleet/status", headers=admin_headers(server)) as resp:
+        assert resp.status == 200
+        status = await resp.json()
+    return status["phase"], status["draining"]
+
+
 async def test_begin_shutdown_waits_the_delay_before_refusing(simulator, balancer, http) -> None:
     server = await balancer([await simulator()])
+    assert await _phase(http, server) == ("serving", False)
     task = asyncio.create_task(server.begin_shutdown(delay_s=0.5))
     await asyncio.sleep(0.1)
     assert server.balancer.stopping and not server.balancer.draining
+    assert await _phase(http, server) == ("stopping", False)  # what an operator sees
     async with http.post(f"{server.url}/generate", json=GENERATE) as resp:
         assert resp.status == 200
     await task
     assert server.balancer.draining
+    assert await _phase(http, server) == ("draining", True)
     async with http.post(f"{server.url}/generate", json=GENERATE) as resp:
         assert resp.status == 503
 
