@@ -11,7 +11,7 @@ from balancer.admission import Admission, Ticket
 from balancer.policy import LeastOutstanding
 from balancer.upstream import Registry, Replica, ReplicaState
 from tests.conftest import metric_value, read_sse, wait_until
-from tests.upstreams import Script
+from tests.upstreams import Script, raw_replica
 
 GEN = {"inputs": "hello", "parameters": {"max_new_tokens": 5}}
 
@@ -315,31 +315,11 @@ async def test_the_replica_is_asked_for_an_uncompressed_answer(scripted, balance
 # ---------------------------------------------------------------- 6. the replica's head
 async def _raw_replica(answer: bytes) -> tuple[asyncio.Server, str, list[bytes]]:
     """A replica that answers every request with ``answer`` (health checks with 200)."""
-    seen: list[bytes] = []
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                await reader.readexactly(length)
-                seen.append(head)
-                if head.startswith(b"GET /health"):
-                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-                else:
-                    writer.write(answer)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    async def write(writer: asyncio.StreamWriter) -> None:
+        writer.write(answer)
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    return server, f"http://127.0.0.1:{port}", seen
+    return await raw_replica(write)
 
 
 async def test_a_huge_response_header_is_refused_not_buffered(balancer, http):
