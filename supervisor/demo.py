@@ -13,7 +13,8 @@ import os
 import sys
 import tempfile
 
-from supervisor.serve import FleetService, add_logging_argument, configure_logging, load, serve
+from balancer.logs import add_logging_arguments, configure_logging
+from supervisor.serve import FleetService, load, serve
 
 DEMO_TOML = """\
 # neuron-fleet demo: three simulated TGI Neuron replicas behind the balancer.
@@ -74,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="X",
         help="simulation speed: 1 = inf2 timings, 10 = ten times faster (default 1)",
     )
-    add_logging_argument(parser)
+    add_logging_arguments(parser)
 
 
 def curl_line(url: str) -> str:
@@ -102,7 +103,7 @@ def _announce(service: FleetService) -> None:
 def run(args: argparse.Namespace) -> int:
     from supervisor.config import split_listen
 
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_stream)
     try:
         _, port = split_listen(args.listen)
     except ValueError as exc:

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import secrets
 import signal
 import sys
@@ -31,6 +30,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from balancer.logs import add_logging_arguments, configure_logging
 from balancer.upstream import ReplicaState
 from supervisor import reaper
 from supervisor.fleet import Fleet, FleetBusyError, build_registry
@@ -60,52 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="on SIGTERM, keep serving S seconds with /health 503 before refusing new requests "
         "(overrides [balancer] shutdown_delay_s)",
     )
-    add_logging_argument(parser)
-
-
-def add_logging_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--log-level",
-        default=os.environ.get("NEURON_FLEET_LOG_LEVEL", "INFO"),
-        help="DEBUG, INFO, WARNING (default INFO; env NEURON_FLEET_LOG_LEVEL)",
-    )
-    parser.add_argument(
-        "--log-stream",
-        choices=("stderr", "stdout"),
-        default=os.environ.get("NEURON_FLEET_LOG_STREAM", "stderr"),
-        help="where log lines go (default stderr; env NEURON_FLEET_LOG_STREAM); both reach "
-        "the journal and `kubectl logs`",
-    )
-
-
-class _Formatter(logging.Formatter):
-    """One line per event; replica output keeps its ``[replica-N]`` prefix and no level.
-
-    Under systemd (JOURNAL_STREAM set) the journal adds timestamps, so we do not.
-    """
-
-    def __init__(self, timestamps: bool) -> None:
-        super().__init__(datefmt="%Y-%m-%d %H:%M:%S")
-        self.timestamps = timestamps
-
-    def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
-        if record.exc_info:
-            message = f"{message}\n{self.formatException(record.exc_info)}"
-        if record.name != "neuron_fleet.replica.output":
-            message = f"{record.levelname:<7} {message}"
-        if self.timestamps:
-            message = f"{self.formatTime(record, self.datefmt)} {message}"
-        return message
-
-
-def configure_logging(level: str = "INFO", stream: str = "stderr") -> None:
-    handler = logging.StreamHandler(sys.stdout if stream == "stdout" else sys.stderr)
-    handler.setFormatter(_Formatter(timestamps="JOURNAL_STREAM" not in os.environ))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(getattr(logging, str(level).upper(), logging.INFO))
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    add_logging_arguments(parser)
 
 
 def load(args: argparse.Namespace, *, env: dict[str, str] | None = None) -> FleetConfig | int:

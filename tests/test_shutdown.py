@@ -240,7 +240,11 @@ def test_balance_cli_shutdown_delay(tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "supervisor", "balance", "--listen", f"127.0.0.1:{listen}"]
     argv += ["--upstream", f"http://127.0.0.1:{replica_port}", "--health-interval", "0.2"]
     balancer = subprocess.Popen(
-        [*argv, "--shutdown-delay", "2"], cwd=ROOT, stderr=subprocess.PIPE, text=True
+        [*argv, "--shutdown-delay", "2", "--log-stream", "stdout"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         wait_for(lambda: _status(base) == 200, seconds=20, what="balancer ready")
@@ -251,10 +255,12 @@ def test_balance_cli_shutdown_delay(tmp_path: Path) -> None:
         assert code == 200 and text.rstrip().endswith("data:[DONE]")
         assert time.monotonic() - signalled < 2, "the delay ended before we could check"
         # Nothing in flight: once the delay is over it refuses, drains at once and exits.
-        _, err = balancer.communicate(timeout=20)
+        out, err = balancer.communicate(timeout=20)
         assert balancer.returncode == 0, err[-3000:]
         assert time.monotonic() - signalled >= 2, "exited before the shutdown delay"
-        assert "refusing new requests" in err
+        # --log-stream stdout: as serve in a container, the log lines go to stdout
+        assert "refusing new requests" in out and "INFO" in out
+        assert "refusing new requests" not in err
     finally:
         for proc in (balancer, replica):
             if proc.poll() is None:
