@@ -340,13 +340,13 @@ class FleetService:
         for task in self._tasks:  # no more status reports: we say "stopping" from here on
             if task.get_name() == "status-report":
                 task.cancel()
-        self.server.announce_stop()
+        # Not ready yet: /health was never 200, so no front balancer sends here: no delay.
+        delay = self.config.balancer.shutdown_delay_s if self.ready else 0.0
+        self.server.announce_stop(delay)
         if self._rolling is not None and not self._rolling.done():
             self._rolling.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._rolling
-        # Not ready yet: /health was never 200, so no front balancer sends here: no delay.
-        delay = self.config.balancer.shutdown_delay_s if self.ready else 0.0
         self.notifier.stopping(
             f"stopping: /health 503, serving {delay:g} s more"
             if delay > 0
