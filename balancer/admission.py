@@ -74,6 +74,9 @@ class Ticket:
     estimate for the deadline order)."""
     admitted: bool = False
     """Held a slot once: a retry is not refused by ``max_queue`` (it was counted already)."""
+    queued_s: float = 0.0
+    """Time spent waiting in the queue over all attempts: ``queue_timeout_s`` bounds this,
+    not the time spent on replicas (a retry after a first-byte timeout still gets its wait)."""
 
 
 @dataclass(eq=False)
@@ -141,20 +144,25 @@ class Admission:
         waiter.deadline = ticket.order_key
         bisect.insort_right(self._queue, waiter, key=_deadline)
         self.dispatch()
+        waited = 0.0
         if not waiter.future.done():
-            remaining = ticket.arrived_at + self.queue_timeout_s - time.monotonic()
+            queued_at = time.monotonic()
+            remaining = self.queue_timeout_s - ticket.queued_s
             try:
                 async with asyncio.timeout(max(remaining, 0.0)):
                     await waiter.future
             except BaseException as exc:
                 self._forget(waiter)
+                ticket.queued_s += time.monotonic() - queued_at
                 if isinstance(exc, TimeoutError):
-                    waited = time.monotonic() - ticket.arrived_at
-                    raise QueueTimeout(waited, no_replica=not self.registry.routable()) from None
+                    no_replica = not self.registry.routable()
+                    raise QueueTimeout(ticket.queued_s, no_replica=no_replica) from None
                 raise
+            waited = time.monotonic() - queued_at
+            ticket.queued_s += waited
         ticket.admitted = True
         if self._on_wait is not None:
-            self._on_wait(time.monotonic() - ticket.arrived_at)
+            self._on_wait(waited)
         return waiter.future.result()
 
     def _forget(self, waiter: _Waiter) -> None:

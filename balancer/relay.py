@@ -241,11 +241,16 @@ class Relay:
                         failures.add(replica, answer.failure)
                     else:
                         succeeded = True
-                        self.outliers.passed(replica)
                     # The outcome is known: blame now, not when a long stream ends.
                     failures.settle(self.outliers, succeeded)
                     response = self._commit(request, rr, answer)
-                    await self._pipe(request, rr, replica, answer, response, stream, started)
+                    clean = await self._pipe(
+                        request, rr, replica, answer, response, stream, started
+                    )
+                    if clean and answer.failure is None:
+                        # Only a response that ended well clears the replica's failure
+                        # count: one that fails every stream after its head must add up.
+                        self.outliers.passed(replica)
                     return response
                 except _Retry as retry:
                     tried.add(replica)
@@ -429,12 +434,13 @@ class Relay:
         response: web.StreamResponse,
         stream: _Stream,
         started: float,
-    ) -> None:
+    ) -> bool:
+        """Relay the body; True if it ended well (not cut, not left by the client)."""
         upstream = answer.upstream
         try:
             await response.prepare(request)
             if answer.is_sse:
-                await self._pipe_events(
+                return await self._pipe_events(
                     rr,
                     replica,
                     upstream,
@@ -444,12 +450,13 @@ class Relay:
                     started,
                     answer.error_event,
                 )
-            else:
-                await self._pipe_bytes(upstream, response, stream, answer.first)
+            await self._pipe_bytes(upstream, response, stream, answer.first)
+            return True
         except ConnectionResetError:
             # The client left (or was cut off as a slow reader): close upstream, free the slot.
             request[CLIENT_GONE] = True
             upstream.abort()
+            return False
         except UpstreamError as exc:
             # A non-SSE body cut after it started (replica died or went idle): there is no
             # error event for it, and ending it cleanly would pass a truncated body off as
@@ -459,6 +466,7 @@ class Relay:
             log.warning("response %s from %s cut (%s)", rr.request_id, replica.name, reason)
             if request.transport is not None:
                 request.transport.abort()
+            return False
 
     async def _open_client(
         self, request: web.Request, response: web.StreamResponse, stream: _Stream, first: bytes
@@ -546,7 +554,8 @@ class Relay:
         first: bytes,
         started: float,
         saw_error: bool = False,
-    ) -> None:
+    ) -> bool:
+        """Relay SSE events, whole ones only; True if the stream ended well."""
         rm = self.metrics.for_replica(replica)
         request = stream.request
         loop_time = asyncio.get_running_loop().time
@@ -557,6 +566,7 @@ class Relay:
         origin = loop_time() - (time.monotonic() - started)
         last_token = 0.0
         tokens = 0
+        clean = True
 
         def count(events_bytes: bytes) -> None:
             """Count the token events among whole events (never a partial one)."""
@@ -639,12 +649,14 @@ class Relay:
                 event_bytes = sep + event_bytes
             stream.enter(Phase.WRITING, loop_time())
             await response.write(event_bytes)
+            clean = False
         finally:
             if tokens:
                 rm.output_tokens.inc(tokens)
         # Every write to the client may block on a full socket: keep it under the watchdog.
         stream.enter(Phase.WRITING, loop_time())
         await response.write_eof()
+        return clean
 
     # ---------------------------------------------------------------- 5. account
     def _stream_failed(self, replica: Replica, reason: str) -> None:
