@@ -73,6 +73,7 @@ def fleet_status(balancer: Balancer, fleet: FleetControl | None) -> dict[str, An
         "queue_order": balancer.config.queue_order,
         "ttft_slo_s": balancer.config.ttft_slo_s,
         "draining": balancer.draining,
+        "phase": balancer.phase,
         "supervised": fleet is not None,
     }
     if fleet is not None:

@@ -142,8 +142,10 @@ class Admission:
         waiter.deadline = ticket.order_key
         bisect.insort_right(self._queue, waiter, key=_deadline)
         self.dispatch()
+        waited = 0.0
         if not waiter.future.done():
-            give_up, reason = ticket.arrived_at + self.queue_timeout_s, ""
+            queued_at = time.monotonic()
+            give_up, reason = queued_at + self.queue_timeout_s - ticket.queued_s, ""
             if ticket.latest_start is not None and ticket.latest_start < give_up:
                 give_up, reason = ticket.latest_start, "ttft_slo_expired"
             try:
@@ -151,16 +153,20 @@ class Admission:
                     await waiter.future
             except BaseException as exc:
                 self._forget(waiter)
+                ticket.queued_s += time.monotonic() - queued_at
                 if isinstance(exc, TimeoutError):
-                    waited = time.monotonic() - ticket.arrived_at
                     no_replica = not self.registry.routable()
                     if reason and self.forecast is not None:
                         self._forecast_missed(ticket)
-                    raise QueueTimeout(waited, no_replica, "" if no_replica else reason) from None
+                    raise QueueTimeout(
+                        ticket.queued_s, no_replica, "" if no_replica else reason
+                    ) from None
                 raise
+            waited = time.monotonic() - queued_at
+            ticket.queued_s += waited
         ticket.admitted = True
         if self._on_wait is not None:
-            self._on_wait(time.monotonic() - ticket.arrived_at)
+            self._on_wait(waited)
         return waiter.future.result()
 
     def _forecast_missed(self, ticket: Ticket) -> None:

@@ -105,6 +105,17 @@ class Balancer:
         self.replica_metrics: Any = None
         """Optional re-exporter of the replicas' own metrics (set by the server)."""
 
+    @property
+    def phase(self) -> str:
+        """``starting`` (fewer than ``min_ready`` ready), ``serving``, ``stopping`` (the
+        shutdown delay: /health 503, requests still served) or ``draining`` (new requests
+        refused, in-flight ones finishing)."""
+        if self.draining:
+            return "draining"
+        if self.stopping:
+            return "stopping"
+        return "starting" if self.starting else "serving"
+
     def _observe_wait(self, seconds: float) -> None:
         self.metrics.queue_wait.observe(seconds)
 

@@ -7,11 +7,11 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 from dataclasses import replace
 
 from balancer.admission import QUEUE_ORDERS
 from balancer.config import BalancerConfig, UpstreamSpec
+from balancer.logs import add_logging_arguments, configure_logging
 from balancer.policy import POLICIES
 from balancer.server import BalancerServer
 
@@ -192,11 +192,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="on SIGTERM, how long in-flight streams may finish (default %(default)s)",
     )
-    parser.add_argument(
-        "--log-level",
-        default=os.environ.get("NEURON_FLEET_LOG_LEVEL", "INFO"),
-        help="DEBUG, INFO, WARNING (default %(default)s; env NEURON_FLEET_LOG_LEVEL)",
-    )
+    add_logging_arguments(parser)
     parser.add_argument(
         "--allow-public-without-api-keys",
         action="store_true",
@@ -243,14 +239,7 @@ def config_from_args(args: argparse.Namespace) -> BalancerConfig:
         api_keys=tuple(
             k.strip() for k in os.environ.get("NEURON_FLEET_API_KEYS", "").split(",") if k.strip()
         ),
-    )
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        replica_api_key=os.environ.get("NEURON_FLEET_REPLICA_API_KEY", "").strip() or None,
     )
 
 
@@ -288,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
 
     from balancer.access import insecure_settings
 
-    setup_logging(args.log_level)
+    configure_logging(args.log_level, args.log_stream)
     config = config_from_args(args)
     problems = insecure_settings(config, token_configured=bool(config.admin_token))
     for problem in problems:

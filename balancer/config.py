@@ -95,6 +95,11 @@ class BalancerConfig:
 
     admin_token: str | None = field(default=None, repr=False)
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    replica_api_key: str | None = field(default=None, repr=False)
+    """Sent to every replica as ``Authorization: Bearer <key>`` in place of whatever the
+    client sent. A TGI replica started with ``API_KEY`` (``--api-key``) refuses generation
+    requests without it, so another local user cannot reach its port around the balancer's
+    API keys and queue. ``serve`` makes one per run unless ``[fleet] replica_auth = false``."""
     admin_from_any_host: bool = False
     """Admin routes (/fleet/*) answer loopback clients only unless this is set."""
     admin_hosts: tuple[str, ...] = ()

@@ -5,14 +5,17 @@ reports each attempt's outcome; ``eject_after_failures`` failures in a row eject
 until the health checker re-admits it (``rise`` passing checks). Two rules keep one bad
 request from emptying the fleet:
 
-- **Ejection budget.** At most ``max_ejected_fraction`` of the replicas are ejected by
-  this detector at once (never less than one replica, as Envoy). Health checks still take
-  any replica out that really stops answering.
-- **Request-correlated failures.** A failure that followed one request from replica to
-  replica (424, 5xx, a generation error event from each replica it tried) is evidence
-  against the request — a prompt that crashes the batch — not against every replica. The
-  relay reports such answers through a ``RequestFailures`` that counts them only when the
-  request then succeeded elsewhere or was tried on a single replica.
+- **Ejection budget.** At most ``max_ejected_fraction`` of the ready replicas are ejected
+  by this detector at once (never less than one replica, as Envoy), and never the last
+  routable one (Envoy's panic threshold: with nothing left to route to, a suspect replica
+  beats none). Health checks still take any replica out that really stops answering.
+- **Request-correlated failures.** A replica that *answered* with a failure (424, 5xx, a
+  generation error event) is blamed only when the same request then succeeded on another
+  replica: that proves the request could be served. A failure that followed the request to
+  every replica it tried — or a request that ended before another replica could judge it
+  (one replica to try, queue timeout, client gone) — is not evidence against a replica:
+  a prompt that crashes the batch must not eject replicas, whatever the client does.
+  Transport failures (connect errors, timeouts, a stream cut mid-way) always count.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import math
 from dataclasses import dataclass, field
 
 from balancer.metrics import BalancerMetrics
-from balancer.upstream import Registry, Replica
+from balancer.upstream import Registry, Replica, ReplicaState
 
 log = logging.getLogger("neuron_fleet.outlier")
 
@@ -46,6 +49,21 @@ class OutlierDetector:
         """How many replicas this detector may hold ejected at once."""
         return max(1, math.floor(self.max_ejected_fraction * len(self.registry) + 1e-9))
 
+    def _room_to_eject(self, replica: Replica) -> str | None:
+        """None if ``replica`` may be ejected now, else why not."""
+        others = [r for r in self.registry.replicas if r is not replica]
+        # Only ready replicas hold the budget: one given up by the supervisor (failed) or
+        # restarting is out of rotation for its own reasons.
+        ejected = sum(1 for r in others if r.ejected and r.state is ReplicaState.READY)
+        if ejected >= self.budget:
+            return (
+                f"{ejected} of {len(self.registry)} replicas are ejected already "
+                f"(max_ejected_fraction {self.max_ejected_fraction:g})"
+            )
+        if not any(r.routable for r in others):
+            return "it is the last routable replica"
+        return None
+
     def passed(self, replica: Replica) -> None:
         replica.consecutive_failures = 0
 
@@ -55,19 +73,16 @@ class OutlierDetector:
         replica.consecutive_failures += 1
         if not replica.healthy or replica.consecutive_failures < self.eject_after_failures:
             return
-        ejected = sum(1 for r in self.registry.replicas if r.ejected and not r.healthy)
-        if ejected >= self.budget:
+        refused = self._room_to_eject(replica)
+        if refused is not None:
             if replica.name not in self._over_budget_logged:
                 self._over_budget_logged.add(replica.name)
                 log.warning(
-                    "%s failed %d requests in a row (last: %s) but %d of %d replicas are "
-                    "ejected already (max_ejected_fraction %g): it stays in rotation",
+                    "%s failed %d requests in a row (last: %s) but %s: it stays in rotation",
                     replica.name,
                     replica.consecutive_failures,
                     kind,
-                    ejected,
-                    len(self.registry),
-                    self.max_ejected_fraction,
+                    refused,
                 )
             self.metrics.ejections.labels(replica=replica.name, outcome="over_budget").inc()
             return
@@ -97,13 +112,23 @@ class RequestFailures:
         self.answered.append((replica, kind))
 
     def settle(self, detector: OutlierDetector, succeeded: bool) -> None:
-        """Blame the replicas, unless the failure followed the request to several of them."""
-        replicas = {r for r, _ in self.answered}
-        if not succeeded and len(replicas) > 1:
+        """Blame the replicas that answered with a failure if the request then succeeded
+        elsewhere; otherwise count the failures against the request (metrics only)."""
+        if succeeded:
             for replica, kind in self.answered:
-                detector.metrics.upstream_errors.labels(
-                    replica=replica.name, kind=f"{kind}_request_correlated"
-                ).inc()
+                detector.failed(replica, kind)
+            self.answered.clear()
+            return
+        if not self.answered:
+            return
+        replicas = {r for r, _ in self.answered}
+        # Several replicas: the request fails everywhere. One: nobody else judged it.
+        verdict = "request_correlated" if len(replicas) > 1 else "unsettled"
+        for replica, kind in self.answered:
+            detector.metrics.upstream_errors.labels(
+                replica=replica.name, kind=f"{kind}_{verdict}"
+            ).inc()
+        if len(replicas) > 1:
             log.warning(
                 "request %s failed the same way on %d replicas (%s): blamed on the request, "
                 "not on the replicas",
@@ -111,7 +136,4 @@ class RequestFailures:
                 len(replicas),
                 ", ".join(sorted(f"{r.name}: {k}" for r, k in self.answered)),
             )
-        else:
-            for replica, kind in self.answered:
-                detector.failed(replica, kind)
         self.answered.clear()

@@ -203,13 +203,20 @@ class Relay:
         self._streams: set[_Stream] = set()
         self._any_turn = 0
         self.on_stream_end: StreamEnd | None = None
-        # The client's API key is the balancer's to check, not the replicas' to see.
-        self._consumed = frozenset({"authorization"}) if config.api_keys else frozenset()
+        # The client's API key is the balancer's to check, not the replicas' to see; with a
+        # replica key, the replicas see that one instead of anything the client sent.
+        replica_key = config.replica_api_key
+        self._consumed = (
+            frozenset({"authorization"}) if config.api_keys or replica_key else frozenset()
+        )
+        self._replica_auth = f"Bearer {replica_key}" if replica_key else None
 
     # ---------------------------------------------------------------- 1. choose and retry
     async def forward(self, request: web.Request, rr: RelayRequest) -> web.StreamResponse:
         started = time.monotonic()
         headers = upstream_headers(request, rr.request_id, drop=self._consumed)
+        if self._replica_auth is not None:
+            headers["Authorization"] = self._replica_auth
         ticket = rr.ticket if rr.ticket is not None else Ticket()
         failures = RequestFailures(rr.request_id)
         succeeded = False
@@ -241,11 +248,16 @@ class Relay:
                         failures.add(replica, answer.failure)
                     else:
                         succeeded = True
-                        self.outliers.passed(replica)
                     # The outcome is known: blame now, not when a long stream ends.
                     failures.settle(self.outliers, succeeded)
                     response = self._commit(request, rr, answer)
-                    await self._pipe(request, rr, replica, answer, response, stream, started)
+                    clean = await self._pipe(
+                        request, rr, replica, answer, response, stream, started
+                    )
+                    if clean and answer.failure is None:
+                        # Only a response that ended well clears the replica's failure
+                        # count: one that fails every stream after its head must add up.
+                        self.outliers.passed(replica)
                     return response
                 except _Retry as retry:
                     tried.add(replica)
@@ -433,12 +445,13 @@ class Relay:
         response: web.StreamResponse,
         stream: _Stream,
         started: float,
-    ) -> None:
+    ) -> bool:
+        """Relay the body; True if it ended well (not cut, not left by the client)."""
         upstream = answer.upstream
         try:
             await response.prepare(request)
             if answer.is_sse:
-                await self._pipe_events(
+                return await self._pipe_events(
                     rr,
                     replica,
                     upstream,
@@ -448,12 +461,13 @@ class Relay:
                     started,
                     answer.error_event,
                 )
-            else:
-                await self._pipe_bytes(upstream, response, stream, answer.first)
+            await self._pipe_bytes(upstream, response, stream, answer.first)
+            return True
         except ConnectionResetError:
             # The client left (or was cut off as a slow reader): close upstream, free the slot.
             request[CLIENT_GONE] = True
             upstream.abort()
+            return False
         except UpstreamError as exc:
             # A non-SSE body cut after it started (replica died or went idle): there is no
             # error event for it, and ending it cleanly would pass a truncated body off as
@@ -463,6 +477,7 @@ class Relay:
             log.warning("response %s from %s cut (%s)", rr.request_id, replica.name, reason)
             if request.transport is not None:
                 request.transport.abort()
+            return False
 
     async def _open_client(
         self, request: web.Request, response: web.StreamResponse, stream: _Stream, first: bytes
@@ -550,7 +565,8 @@ class Relay:
         first: bytes,
         started: float,
         saw_error: bool = False,
-    ) -> None:
+    ) -> bool:
+        """Relay SSE events, whole ones only; True if the stream ended well."""
         rm = self.metrics.for_replica(replica)
         request = stream.request
         loop_time = asyncio.get_running_loop().time
@@ -561,6 +577,7 @@ class Relay:
         origin = loop_time() - (time.monotonic() - started)
         last_token = 0.0
         tokens = 0
+        clean = True
         # The stream's progress, read by the forecast (balancer/forecast.py). The loop's
         # clock has time.monotonic()'s epoch: uvloop 0.23.0 loop.pyx Loop.time() is libuv's
         # uv_now() (CLOCK_MONOTONIC) in whole milliseconds, after uv_update_time().
@@ -649,15 +666,17 @@ class Relay:
                 event_bytes = sep + event_bytes
             stream.enter(Phase.WRITING, loop_time())
             await response.write(event_bytes)
+            clean = False
         finally:
             if tokens:
                 rm.output_tokens.inc(tokens)
                 if self.on_stream_end is not None and rr.ticket is not None:
-                    clean = upstream.complete and not saw_error and not stream.client_gone
-                    self.on_stream_end(rr.ticket, clean)
+                    ended_well = upstream.complete and not saw_error and not stream.client_gone
+                    self.on_stream_end(rr.ticket, ended_well)
         # Every write to the client may block on a full socket: keep it under the watchdog.
         stream.enter(Phase.WRITING, loop_time())
         await response.write_eof()
+        return clean
 
     # ---------------------------------------------------------------- 5. account
     def _stream_failed(self, replica: Replica, reason: str) -> None:

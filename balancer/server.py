@@ -177,12 +177,16 @@ class BalancerServer:
             await asyncio.sleep(tick)
             relay.check_timeouts(loop.time())
 
-    def announce_stop(self) -> None:
+    def announce_stop(self, delay_s: float | None = None) -> None:
         """First step of a stop: ``/health`` answers 503 (a front balancer takes this host
         out) and responses close their connections, but requests are still served."""
         if self.balancer is not None and not self.balancer.stopping:
             self.balancer.stopping = True
-            log.info("stopping: /health now answers 503; still serving new requests")
+            if delay_s:
+                log.info(
+                    "stopping: /health now answers 503; still serving new requests for %g s",
+                    delay_s,
+                )
 
     def refuse_new(self) -> None:
         """Second step: new requests get 503 + Retry-After; in-flight ones go on."""
@@ -194,7 +198,7 @@ class BalancerServer:
     async def begin_shutdown(self, delay_s: float = 0.0) -> None:
         """Both steps, ``delay_s`` apart (``shutdown_delay_s``: longer than the time a
         front balancer takes to notice the 503 on /health, so it stops sending first)."""
-        self.announce_stop()
+        self.announce_stop(delay_s)
         if delay_s > 0:
             await asyncio.sleep(delay_s)
         self.refuse_new()

@@ -22,6 +22,9 @@ class Ticket:
     """The queue's sort key, fixed at the first ``acquire`` (balancer/queue_order.py)."""
     admitted: bool = False
     """Held a slot once: a retry is not refused by ``max_queue`` (it was counted already)."""
+    queued_s: float = 0.0
+    """Time spent waiting in the queue over all attempts: ``queue_timeout_s`` bounds this,
+    not the time spent on replicas (a retry after a first-byte timeout still gets its wait)."""
     budget_s: float | None = None
     """The TTFT it must meet (the SLO, or a tighter deadline header); None: no SLO."""
     long: bool = False

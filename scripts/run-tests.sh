@@ -18,6 +18,7 @@ fi
 setup_venv "[test]"
 
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 [ -n "${NEURON_FLEET_SKIP_WHEEL_CHECK:-}" ] || bash scripts/check-wheel.sh # the wheel, outside the checkout
 set +e
 .venv/bin/python -m pytest "$@"

@@ -137,6 +137,7 @@ class FleetConfig:
         data["model"]["hf_token"] = REDACTED if self.model.hf_token else None
         data["balancer"]["admin_token"] = REDACTED if self.balancer.admin_token else None
         data["balancer"]["api_keys"] = [REDACTED] * len(self.balancer.api_keys)
+        data["balancer"]["replica_api_key"] = REDACTED if self.balancer.replica_api_key else None
         return data
 
     redacted = to_public_dict

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 
-from supervisor.serve import FleetService, add_logging_argument, configure_logging, load, serve
+from balancer.logs import add_logging_arguments, configure_logging
+from supervisor.serve import FleetService, load, serve
 
 DEMO_TOML = """\
 # neuron-fleet demo: three simulated TGI Neuron replicas behind the balancer.
@@ -74,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="X",
         help="simulation speed: 1 = inf2 timings, 10 = ten times faster (default 1)",
     )
-    add_logging_argument(parser)
+    add_logging_arguments(parser)
 
 
 def curl_line(url: str) -> str:
@@ -85,6 +87,19 @@ def curl_line(url: str) -> str:
     return f"curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'"
 
 
+def own_command(argv0: str | None = None) -> str:
+    """How to run neuron-fleet again from any shell: the bare name when that is what PATH
+    finds, else the full path we were started by (``scripts/demo.sh`` runs
+    ``.venv/bin/neuron-fleet``, which is not on the user's PATH)."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    if os.path.basename(argv0) != "neuron-fleet":
+        return "neuron-fleet"  # python -m supervisor, tests
+    on_path = shutil.which("neuron-fleet")
+    if on_path and os.path.realpath(on_path) == os.path.realpath(argv0):
+        return "neuron-fleet"
+    return os.path.abspath(argv0)
+
+
 def _announce(service: FleetService) -> None:
     url = service.url
     n = len(service.registry)
@@ -92,7 +107,7 @@ def _announce(service: FleetService) -> None:
         f"\nneuron-fleet demo: {n} simulated TGI Neuron replica(s) behind {url}\n"
         f"  try it:   {curl_line(url)}\n"
         f"  metrics:  {url}/metrics\n"
-        f"  status:   neuron-fleet status --url {url}   ({url}/fleet/status with the admin\n"
+        f"  status:   {own_command()} status --url {url}   ({url}/fleet/status with the admin\n"
         "            token that `neuron-fleet status` finds by itself; see docs/admin-api.md)\n"
         "Ctrl-C to stop.\n",
         flush=True,
@@ -102,7 +117,7 @@ def _announce(service: FleetService) -> None:
 def run(args: argparse.Namespace) -> int:
     from supervisor.config import split_listen
 
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_stream)
     try:
         _, port = split_listen(args.listen)
     except ValueError as exc:

@@ -45,7 +45,12 @@ SOURCE_DEPLOY_DIR = Path(__file__).resolve().parent.parent / "deploy"
 """deploy/ of a source checkout (absent from an installed wheel)."""
 PROTECTED_HOME = ("/home", "/root", "/run/user")
 """Hidden from the service by ProtectHome=yes."""
-SECRET_CONFIG_KEYS = (("model", "hf_token"), ("balancer", "admin_token"), ("balancer", "api_keys"))
+SECRET_CONFIG_KEYS = (
+    ("model", "hf_token"),
+    ("balancer", "admin_token"),
+    ("balancer", "api_keys"),
+    ("balancer", "replica_api_key"),
+)
 ADMIN_TOKEN_VAR = "NEURON_FLEET_ADMIN_TOKEN"
 SECRET_WORDS = frozenset({"TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "KEYS", "CREDENTIALS"})
 

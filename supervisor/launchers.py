@@ -53,7 +53,7 @@ class LaunchSpec:
     left behind (``docker rm -f name``: a leftover container keeps its name and its cores)."""
 
 
-SECRET_ENV = frozenset({"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"})
+SECRET_ENV = frozenset({"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "API_KEY", "VLLM_API_KEY"})
 
 
 def container_name(plan: ReplicaPlan) -> str:
@@ -94,7 +94,21 @@ def tgi_env(config: FleetConfig) -> dict[str, str]:
 
 
 def _secret_env(config: FleetConfig) -> dict[str, str]:
-    return {"HF_TOKEN": config.model.hf_token} if config.model.hf_token else {}
+    """Secrets for the child's environment: the Hub token and the replica key."""
+    env = {"HF_TOKEN": config.model.hf_token} if config.model.hf_token else {}
+    return {**env, **_replica_key_env(config)}
+
+
+def _replica_key_env(config: FleetConfig) -> dict[str, str]:
+    """The replica key, for the replica to demand from its callers.
+
+    TGI's launcher reads ``API_KEY`` (``#[clap(long, env)] api_key``, launcher/src/main.rs)
+    and passes it to the router, which then answers the generation routes and /tokenize
+    only to ``Authorization: Bearer <key>`` (router/src/server.rs, ``base_routes``; /health,
+    /info, /metrics stay open). TGI v3.3.6, both files.
+    """
+    key = config.balancer.replica_api_key
+    return {"API_KEY": key} if key else {}
 
 
 def _display(argv: tuple[str, ...], env: dict[str, str] | None = None) -> str:
@@ -239,7 +253,12 @@ def simulated_spec(plan: ReplicaPlan, config: FleetConfig) -> LaunchSpec:
             argv += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
     final = (*argv, *sim.extra_args)
     env = {"NEURON_RT_VISIBLE_CORES": plan.cores}
-    return LaunchSpec(argv=final, env=env, stop_argv=None, display=_display(final, env))
+    return LaunchSpec(
+        argv=final,
+        env={**env, **_replica_key_env(config)},
+        stop_argv=None,
+        display=_display(final, env),
+    )
 
 
 def command_values(plan: ReplicaPlan, config: FleetConfig) -> dict[str, str]:
@@ -264,6 +283,11 @@ def command_spec(plan: ReplicaPlan, config: FleetConfig) -> LaunchSpec:
     values = command_values(plan, config)
     argv = tuple(word.format(**values) for word in shlex.split(template))
     env = {"NEURON_RT_VISIBLE_CORES": plan.cores, "PORT": str(plan.port), **tgi_env(config)}
+    secrets = _secret_env(config)
+    if "API_KEY" in secrets:
+        # vLLM's OpenAI server reads VLLM_API_KEY when --api-key is not given
+        # (vllm/entrypoints/openai/api_server.py: ``args.api_key or envs.VLLM_API_KEY``).
+        secrets["VLLM_API_KEY"] = secrets["API_KEY"]
     return LaunchSpec(
-        argv=argv, env={**env, **_secret_env(config)}, stop_argv=None, display=_display(argv, env)
+        argv=argv, env={**env, **secrets}, stop_argv=None, display=_display(argv, env)
     )

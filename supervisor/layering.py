@@ -59,9 +59,15 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "NEURON_FLEET_LISTEN": ("balancer", "listen"),
     "NEURON_FLEET_ADMIN_TOKEN": ("balancer", "admin_token"),
     "NEURON_FLEET_API_KEYS": ("balancer", "api_keys"),
+    "NEURON_FLEET_REPLICA_API_KEY": ("balancer", "replica_api_key"),
 }
 
-SECRET_KEYS = {("model", "hf_token"), ("balancer", "admin_token"), ("balancer", "api_keys")}
+SECRET_KEYS = {
+    ("model", "hf_token"),
+    ("balancer", "admin_token"),
+    ("balancer", "api_keys"),
+    ("balancer", "replica_api_key"),
+}
 
 _DERIVED = {"model": {"path", "neuron"}}
 _BALANCER_DERIVED = {"host", "port", "upstreams", "max_total_tokens"}

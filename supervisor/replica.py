@@ -333,6 +333,9 @@ class ReplicaProcess:
         if outcome is _Outcome.READY:
             r.start_duration_s = round(time.monotonic() - spawned_at, 3)
             r.healthy = True
+            # A new process: what the outlier detector held against the old one is gone.
+            r.ejected = False
+            r.consecutive_failures = 0
             self._ready_spawn = self._spawns
             state = ReplicaState.DRAINING if self.drained else ReplicaState.READY
             self.registry.set_state(r, state)

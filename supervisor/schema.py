@@ -105,6 +105,10 @@ class FleetSettings:
     aws-neuronx-tools installs it, outside systemd's default PATH)."""
     min_ready: int = 1
     """Replicas that must be ready before the balancer starts taking traffic."""
+    replica_auth: bool = True
+    """Give the replicas a key made for this run (env ``API_KEY``, TGI's ``--api-key``;
+    also ``VLLM_API_KEY`` for the command launcher) and send it from the balancer, so their
+    ports answer generation requests from the balancer only. false: no key."""
     startup_timeout_s: float = 1800.0
     drain_timeout_s: float = 300.0
     stop_grace_s: float = 30.0

@@ -21,14 +21,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
-import os
+import secrets
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from balancer.logs import add_logging_arguments, configure_logging
 from balancer.upstream import ReplicaState
 from supervisor import reaper
 from supervisor.fleet import Fleet, FleetBusyError, build_registry
@@ -58,52 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="on SIGTERM, keep serving S seconds with /health 503 before refusing new requests "
         "(overrides [balancer] shutdown_delay_s)",
     )
-    add_logging_argument(parser)
-
-
-def add_logging_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--log-level",
-        default=os.environ.get("NEURON_FLEET_LOG_LEVEL", "INFO"),
-        help="DEBUG, INFO, WARNING (default INFO; env NEURON_FLEET_LOG_LEVEL)",
-    )
-    parser.add_argument(
-        "--log-stream",
-        choices=("stderr", "stdout"),
-        default=os.environ.get("NEURON_FLEET_LOG_STREAM", "stderr"),
-        help="where log lines go (default stderr; env NEURON_FLEET_LOG_STREAM); both reach "
-        "the journal and `kubectl logs`",
-    )
-
-
-class _Formatter(logging.Formatter):
-    """One line per event; replica output keeps its ``[replica-N]`` prefix and no level.
-
-    Under systemd (JOURNAL_STREAM set) the journal adds timestamps, so we do not.
-    """
-
-    def __init__(self, timestamps: bool) -> None:
-        super().__init__(datefmt="%Y-%m-%d %H:%M:%S")
-        self.timestamps = timestamps
-
-    def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
-        if record.exc_info:
-            message = f"{message}\n{self.formatException(record.exc_info)}"
-        if record.name != "neuron_fleet.replica.output":
-            message = f"{record.levelname:<7} {message}"
-        if self.timestamps:
-            message = f"{self.formatTime(record, self.datefmt)} {message}"
-        return message
-
-
-def configure_logging(level: str = "INFO", stream: str = "stderr") -> None:
-    handler = logging.StreamHandler(sys.stdout if stream == "stdout" else sys.stderr)
-    handler.setFormatter(_Formatter(timestamps="JOURNAL_STREAM" not in os.environ))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(getattr(logging, str(level).upper(), logging.INFO))
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    add_logging_arguments(parser)
 
 
 def load(args: argparse.Namespace, *, env: dict[str, str] | None = None) -> FleetConfig | int:
@@ -179,6 +136,16 @@ def serve(config: FleetConfig, *, on_ready: Callable[[FleetService], None] | Non
     return uvloop.run(FleetService(config, on_ready=on_ready).run())
 
 
+def with_replica_key(config: FleetConfig) -> FleetConfig:
+    """``config`` with a replica key made for this run (unless one is configured or
+    ``[fleet] replica_auth = false``): the launchers give it to every replica, the relay
+    sends it, and a replica restarted during the run gets the same one."""
+    if not config.fleet.replica_auth or config.balancer.replica_api_key:
+        return config
+    balancer = dataclasses.replace(config.balancer, replica_api_key=secrets.token_hex(32))
+    return dataclasses.replace(config, balancer=balancer)
+
+
 class FleetService:
     """Balancer + fleet + systemd reporting + signals, for one FleetConfig."""
 
@@ -191,6 +158,7 @@ class FleetService:
     ) -> None:
         from balancer.server import BalancerServer
 
+        config = with_replica_key(config)
         self.config = config
         self.registry = build_registry(config, config.plan)
         self.fleet = Fleet.from_config(config, config.plan, self.registry)
@@ -372,13 +340,13 @@ class FleetService:
         for task in self._tasks:  # no more status reports: we say "stopping" from here on
             if task.get_name() == "status-report":
                 task.cancel()
-        self.server.announce_stop()
+        # Not ready yet: /health was never 200, so no front balancer sends here: no delay.
+        delay = self.config.balancer.shutdown_delay_s if self.ready else 0.0
+        self.server.announce_stop(delay)
         if self._rolling is not None and not self._rolling.done():
             self._rolling.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._rolling
-        # Not ready yet: /health was never 200, so no front balancer sends here: no delay.
-        delay = self.config.balancer.shutdown_delay_s if self.ready else 0.0
         self.notifier.stopping(
             f"stopping: /health 503, serving {delay:g} s more"
             if delay > 0

@@ -120,6 +120,8 @@ def format_table(status: dict[str, Any], url: str = "") -> str:
         head.append(f"TTFT SLO {status['ttft_slo_s']:g} s")
     if status.get("draining"):
         head.append("SHUTTING DOWN")
+    elif status.get("phase") == "stopping":
+        head.append("STOPPING (health 503, still serving)")
     lines = [f"neuron-fleet{' at ' + url if url else ''}: {', '.join(head)}"]
     if status.get("operation"):
         lines.append(f"in progress: {status['operation']}")

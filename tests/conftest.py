@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import time
@@ -198,3 +199,31 @@ def admin_headers(server: BalancerServer) -> dict[str, str]:
     from balancer.access import ADMIN_HEADER
 
     return {"Authorization": f"Bearer {server.config.admin_token}", ADMIN_HEADER: "1"}
+
+
+# -- the fake docker (tests/fakebin/docker) ---------------------------------------------------
+
+FAKEBIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fakebin")
+IMAGE = "ghcr.io/huggingface/text-generation-inference:latest-neuron"
+TGI_33 = {"optimum_neuron": "0.3.0", "neuronxcc": "2.19.8089.0+8ab9f450"}
+"""What the latest-neuron image (TGI 3.3.x) ships (its Dockerfile.neuron)."""
+
+
+@pytest.fixture
+def fake_docker(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """PATH with the fake docker; its images in images.json; a private cache folder; the
+    folder its calls are logged in."""
+    from supervisor.config import ENV_VARS
+
+    for name in ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    images = tmp_path / "images.json"
+    images.write_text(json.dumps({IMAGE: {"id": "sha256:aaa", **TGI_33}}))
+    monkeypatch.setenv("PATH", f"{FAKEBIN}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKEBIN_LOG_DIR", str(logs))
+    monkeypatch.setenv("FAKE_DOCKER_IMAGES", str(images))
+    monkeypatch.delenv("CACHE_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return logs

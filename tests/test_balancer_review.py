@@ -11,7 +11,7 @@ from balancer.admission import Admission, Ticket
 from balancer.policy import LeastOutstanding
 from balancer.upstream import Registry, Replica, ReplicaState
 from tests.conftest import metric_value, read_sse, wait_until
-from tests.upstreams import Script
+from tests.upstreams import Script, raw_replica
 
 GEN = {"inputs": "hello", "parameters": {"max_new_tokens": 5}}
 
@@ -60,21 +60,27 @@ async def test_a_retry_keeps_its_place_and_its_deadline():
     assert got is held and not later.done()
     adm.release(got, 1)
     adm.release(await asyncio.wait_for(later, 1), 1)
-    # ...and its deadline: 0.3 s from its first arrival, not from the retry.
+    # ...and its deadline: 0.3 s of queueing in all, not a fresh 0.3 s for the retry (the
+    # time spent on a replica between the two is not queueing).
     adm2 = Admission(registry, LeastOutstanding(), max_queue=8, queue_timeout_s=0.3)
     hold = await adm2.acquire(1)
     ticket = Ticket()
-    await asyncio.sleep(0.2)
+    first = asyncio.ensure_future(adm2.acquire(1, ticket=ticket))
+    await asyncio.sleep(0.2)  # queued 0.2 s
+    adm2.release(hold, 1)
+    got = await asyncio.wait_for(first, 1)
+    await asyncio.sleep(0.3)  # on the replica, then it failed: not queue time
     started = loop.time()
     try:
-        await adm2.acquire(1, ticket=ticket)
+        await adm2.acquire(1, ticket=ticket)  # the slot is still held (by ``got``)
     except Exception as exc:  # QueueTimeout
         waited = loop.time() - started
         assert type(exc).__name__ == "QueueTimeout"
-        assert waited < 0.25
+        assert 0.05 < waited < 0.27  # the 0.1 s left of its 0.3 s, not a fresh 0.3 s
+        assert 0.25 < exc.waited_s < 0.4  # reported: its queueing in all
     else:
         raise AssertionError("expected a queue timeout")
-    adm2.release(hold, 1)
+    adm2.release(got, 1)
 
 
 # ---------------------------------------------------------------- end to end
@@ -114,12 +120,14 @@ async def test_a_poison_prompt_ejects_no_replica(scripted, balancer, http):
 
 
 async def test_failures_eject_at_most_the_budget(scripted, balancer, http):
-    """2. Three replicas that all fail every request: at most one of three is ejected."""
-    urls = [(await scripted(Script(status=500)))[1] for _ in range(3)]
+    """2. Three replicas that all cut every stream (a transport failure, always counted):
+    at most one of three is ejected."""
+    urls = [(await scripted(Script(tokens=6, die_mid_event_after=1)))[1] for _ in range(3)]
     server = await balancer(urls, eject_after_failures=1, health_interval_s=60, retries=0)
     for _ in range(9):
-        async with http.post(f"{server.url}/generate", json=GEN) as resp:
-            assert resp.status == 500
+        async with http.post(f"{server.url}/generate_stream", json=GEN) as resp:
+            assert resp.status == 200
+            assert b"Incomplete generation stream" in await resp.read()
     assert sum(not r.healthy for r in server.registry) == 1
     async with http.get(f"{server.url}/metrics") as resp:
         text = await resp.text()
@@ -315,31 +323,11 @@ async def test_the_replica_is_asked_for_an_uncompressed_answer(scripted, balance
 # ---------------------------------------------------------------- 6. the replica's head
 async def _raw_replica(answer: bytes) -> tuple[asyncio.Server, str, list[bytes]]:
     """A replica that answers every request with ``answer`` (health checks with 200)."""
-    seen: list[bytes] = []
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                await reader.readexactly(length)
-                seen.append(head)
-                if head.startswith(b"GET /health"):
-                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-                else:
-                    writer.write(answer)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    async def write(writer: asyncio.StreamWriter) -> None:
+        writer.write(answer)
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    return server, f"http://127.0.0.1:{port}", seen
+    return await raw_replica(write)
 
 
 async def test_a_huge_response_header_is_refused_not_buffered(balancer, http):

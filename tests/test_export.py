@@ -15,29 +15,12 @@ import pytest
 from supervisor import cli
 from supervisor.config import ENV_VARS, load_config
 from supervisor.export_cli import EXPORT_MARKER, docker_export_argv, job_from_config
+from tests.conftest import IMAGE, TGI_33
 from tests.helpers_tokenizer import build_tiny_tokenizer
 
 TESTS = Path(__file__).resolve().parent
 FAKEBIN = TESTS / "fakebin"
 SECRET = "hf_ExportSecret987"
-IMAGE = "ghcr.io/huggingface/text-generation-inference:latest-neuron"
-TGI_33 = {"optimum_neuron": "0.3.0", "neuronxcc": "2.19.8089.0+8ab9f450"}
-
-
-@pytest.fixture
-def fake_docker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for name in ENV_VARS:
-        monkeypatch.delenv(name, raising=False)
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    images = tmp_path / "images.json"
-    images.write_text(json.dumps({IMAGE: {"id": "sha256:aaa", **TGI_33}}))
-    monkeypatch.setenv("PATH", f"{FAKEBIN}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("FAKEBIN_LOG_DIR", str(logs))
-    monkeypatch.setenv("FAKE_DOCKER_IMAGES", str(images))
-    monkeypatch.delenv("CACHE_DIRECTORY", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    return logs
 
 
 def blog_toml(tmp_path: Path, launcher: str = "docker") -> str:

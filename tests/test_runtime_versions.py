@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from supervisor import cli
-from supervisor.config import ENV_VARS, ConfigError, load_config
+from supervisor.config import ConfigError, load_config
 from supervisor.model import read_model_info
 from supervisor.runtime_versions import (
     RuntimeVersions,
@@ -18,29 +18,10 @@ from supervisor.runtime_versions import (
     mismatch,
     native_versions,
 )
-from tests.conftest import free_ports
+from tests.conftest import IMAGE, TGI_33, free_ports
 
 TESTS = Path(__file__).resolve().parent
 FAKEBIN = TESTS / "fakebin"
-IMAGE = "ghcr.io/huggingface/text-generation-inference:latest-neuron"
-TGI_33 = {"optimum_neuron": "0.3.0", "neuronxcc": "2.19.8089.0+8ab9f450"}
-
-
-@pytest.fixture
-def fake_docker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """PATH with the fake docker; its images in images.json; a private cache folder."""
-    for name in ENV_VARS:
-        monkeypatch.delenv(name, raising=False)
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    images = tmp_path / "images.json"
-    images.write_text(json.dumps({IMAGE: {"id": "sha256:aaa", **TGI_33}}))
-    monkeypatch.setenv("PATH", f"{FAKEBIN}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("FAKEBIN_LOG_DIR", str(logs))
-    monkeypatch.setenv("FAKE_DOCKER_IMAGES", str(images))
-    monkeypatch.delenv("CACHE_DIRECTORY", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    return logs
 
 
 def docker_calls(logs: Path) -> list[list[str]]:

@@ -381,6 +381,11 @@ def test_status_table_formatting() -> None:
     assert "2/8" in table and "1h02m" in table and "exit 1" in table
     assert "replica-1 failed: crash loop" in table
     assert format_uptime(59) == "59s" and format_uptime(61) == "1m01s"
+    assert "STOPPING" not in table
+    stopping = format_table({**status, "phase": "stopping"}, None)
+    assert "STOPPING (health 503, still serving)" in stopping
+    draining = format_table({**status, "phase": "draining", "draining": True}, None)
+    assert "SHUTTING DOWN" in draining and "STOPPING" not in draining
 
 
 def test_status_cli_reports_an_unreachable_service(capsys: pytest.CaptureFixture[str]) -> None:
@@ -398,3 +403,21 @@ def test_unreadable_neuron_ls_file_exits_2(
     argv = ["serve", "--config", str(DEMO_FILE), "--neuron-ls", str(bad)]
     assert cli.main([*argv, "--listen", f"127.0.0.1:{listen}"]) == 2
     assert "--neuron-ls" in capsys.readouterr().err
+
+
+def test_demo_names_a_status_command_that_runs(tmp_path: Path, monkeypatch) -> None:
+    """demo.sh starts .venv/bin/neuron-fleet, which is not on the user's PATH: the banner
+    must name that path, and the bare name only where PATH finds the same program."""
+    from supervisor.demo import own_command
+
+    venv_bin = tmp_path / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    program = venv_bin / "neuron-fleet"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.chdir(tmp_path)
+    assert own_command(".venv/bin/neuron-fleet") == str(program)
+    monkeypatch.setenv("PATH", f"{venv_bin}:/usr/bin:/bin")
+    assert own_command(".venv/bin/neuron-fleet") == "neuron-fleet"
+    assert own_command("/x/supervisor/__main__.py") == "neuron-fleet"

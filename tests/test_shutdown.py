@@ -21,7 +21,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import free_ports
+from tests.conftest import admin_headers, free_ports
 from tests.test_serve import (
     CHAT,
     demo_config,
@@ -83,15 +83,25 @@ async def test_shutdown_steps_serve_then_refuse(simulator, balancer, http) -> No
     assert await server.wait_idle(10)
 
 
+async def _phase(http: aiohttp.ClientSession, server) -> tuple[str, bool]:
+    async with http.get(f"{server.url}/fleet/status", headers=admin_headers(server)) as resp:
+        assert resp.status == 200
+        status = await resp.json()
+    return status["phase"], status["draining"]
+
+
 async def test_begin_shutdown_waits_the_delay_before_refusing(simulator, balancer, http) -> None:
     server = await balancer([await simulator()])
+    assert await _phase(http, server) == ("serving", False)
     task = asyncio.create_task(server.begin_shutdown(delay_s=0.5))
     await asyncio.sleep(0.1)
     assert server.balancer.stopping and not server.balancer.draining
+    assert await _phase(http, server) == ("stopping", False)  # what an operator sees
     async with http.post(f"{server.url}/generate", json=GENERATE) as resp:
         assert resp.status == 200
     await task
     assert server.balancer.draining
+    assert await _phase(http, server) == ("draining", True)
     async with http.post(f"{server.url}/generate", json=GENERATE) as resp:
         assert resp.status == 503
 
@@ -230,7 +240,11 @@ def test_balance_cli_shutdown_delay(tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "supervisor", "balance", "--listen", f"127.0.0.1:{listen}"]
     argv += ["--upstream", f"http://127.0.0.1:{replica_port}", "--health-interval", "0.2"]
     balancer = subprocess.Popen(
-        [*argv, "--shutdown-delay", "2"], cwd=ROOT, stderr=subprocess.PIPE, text=True
+        [*argv, "--shutdown-delay", "2", "--log-stream", "stdout"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         wait_for(lambda: _status(base) == 200, seconds=20, what="balancer ready")
@@ -241,10 +255,12 @@ def test_balance_cli_shutdown_delay(tmp_path: Path) -> None:
         assert code == 200 and text.rstrip().endswith("data:[DONE]")
         assert time.monotonic() - signalled < 2, "the delay ended before we could check"
         # Nothing in flight: once the delay is over it refuses, drains at once and exits.
-        _, err = balancer.communicate(timeout=20)
+        out, err = balancer.communicate(timeout=20)
         assert balancer.returncode == 0, err[-3000:]
         assert time.monotonic() - signalled >= 2, "exited before the shutdown delay"
-        assert "refusing new requests" in err
+        # --log-stream stdout: as serve in a container, the log lines go to stdout
+        assert "refusing new requests" in out and "INFO" in out
+        assert "refusing new requests" not in err
     finally:
         for proc in (balancer, replica):
             if proc.poll() is None:

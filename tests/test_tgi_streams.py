@@ -8,6 +8,7 @@ import pytest
 
 from tests import tgi_streams as tgi
 from tests.conftest import metric_value
+from tests.upstreams import raw_replica
 
 SSE_HEAD = (
     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
@@ -18,37 +19,18 @@ SSE_HEAD = (
 async def replay(body: bytes, stride: int | None = None) -> tuple[asyncio.Server, str, list]:
     """A replica that answers every generation request with ``body`` as TGI frames it
     (chunked), cut into ``stride``-byte pieces written one by one."""
-    requests: list[bytes] = []
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                await reader.readexactly(length)
-                if head.startswith(b"GET /health"):
-                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-                    continue
-                requests.append(head)
-                writer.write(SSE_HEAD)
-                step = stride or len(body)
-                for at in range(0, len(body), step):
-                    piece = body[at : at + step]
-                    writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
-                    await writer.drain()
-                    await asyncio.sleep(0.001)  # separate reads on the balancer's side
-                writer.write(b"0\r\n\r\n")
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    async def write(writer: asyncio.StreamWriter) -> None:
+        writer.write(SSE_HEAD)
+        step = stride or len(body)
+        for at in range(0, len(body), step):
+            piece = body[at : at + step]
+            writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+            await writer.drain()
+            await asyncio.sleep(0.001)  # separate reads on the balancer's side
+        writer.write(b"0\r\n\r\n")
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", requests
+    return await raw_replica(write)
 
 
 NATIVE = ("/generate_stream", {"inputs": "What is Deep Learning?", "parameters": {}})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -191,3 +192,36 @@ class ScriptedReplica:
             await resp.write(b"data:" + json.dumps(doc2, separators=(",", ":")).encode() + b"\n\n")
         await resp.write_eof()
         return resp
+
+
+async def raw_replica(
+    answer: Callable[[asyncio.StreamWriter], Awaitable[None]],
+) -> tuple[asyncio.Server, str, list[bytes]]:
+    """A replica on a bare socket, for byte-exact answers no HTTP server would write: reads
+    each request (head, then a Content-Length body), answers ``GET /health`` with 200 and
+    any other request with ``await answer(writer)``. Returns the server, its URL and the
+    heads of the requests that were not health checks."""
+    requests: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                await reader.readexactly(length)
+                if head.startswith(b"GET /health"):
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                else:
+                    requests.append(head)
+                    await answer(writer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", requests

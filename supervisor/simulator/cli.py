@@ -144,6 +144,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
             startup_delay=args.startup_delay,
             seed=args.seed,
             eos_probability=args.eos_probability,
+            api_key=env.get("API_KEY") or None,
             keepalive_interval=args.keepalive_interval,
             timing=NeuronTiming(
                 prefill_base_s=args.prefill_base_ms / 1e3,

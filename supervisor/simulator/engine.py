@@ -53,7 +53,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 __all__ = [
@@ -168,6 +168,9 @@ class SimConfig:
     shutdown_timeout: float = 5.0
     timing: NeuronTiming = NeuronTiming()
     faults: FaultConfig = FaultConfig()
+    api_key: str | None = field(default=None, repr=False)
+    """TGI's ``--api-key`` / ``API_KEY``: the generation routes and /tokenize need
+    ``Authorization: Bearer <key>`` (case-insensitive, as TGI compares), else 401."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

@@ -21,6 +21,11 @@ Checked against text-generation-inference v3.3.7 (the ``latest-neuron`` image's 
   (router/src/lib.rs ``ChatCompletionLogprobs``), logprob 0 as on Neuron;
 - ``max_new_tokens`` is checked on its first 1024-token chunk (router/src/validation.rs).
   ``best_of`` is validated but not generated (one sequence comes back).
+With ``API_KEY`` set, the generation routes and ``/tokenize`` answer 401 with an empty body
+to a request without ``Authorization: Bearer <key>``, compared case-insensitively; /health,
+/info, /metrics, /v1/models and /chat_tokenize stay open (router/src/server.rs: the auth
+layer wraps ``base_routes`` only). The simulator's own route below is guarded too.
+
 One route is the simulator's own: ``POST /_sim/health {"fail": true|false}`` flips ``/health``
 to 503 and back at runtime (fault injection for health-checker tests).
 """
@@ -867,13 +872,43 @@ def _chat_messages(raw: Any) -> list[dict[str, str]]:
 # --------------------------------------------------------------------------- app and server
 
 
+GUARDED_ROUTES = frozenset(
+    {
+        "/",
+        "/generate",
+        "/generate_stream",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/invocations",
+        "/tokenize",
+        "/_sim/health",
+    }
+)
+"""TGI's ``base_routes`` (router/src/server.rs, v3.3.7; /vertex is not simulated) and the
+simulator's own fault switch."""
+
+
+def _api_key_guard(api_key: str) -> Any:
+    expected = f"Bearer {api_key}".lower()
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.method == "POST" and request.path in GUARDED_ROUTES:
+            if request.headers.get("Authorization", "").lower() != expected:
+                return web.Response(status=401)
+        return await handler(request)
+
+    return guard
+
+
 def create_app(config: SimConfig, *, clock: Clock | None = None) -> web.Application:
     """The replica's aiohttp app. Run it with ``handler_cancellation=True`` (as ``start_server``
     does) so that a client that leaves frees its slot."""
     engine = Engine(config, clock=clock)
     metrics = TgiMetrics(engine)
     replica = _Replica(config, engine, metrics)
-    app = web.Application(client_max_size=PAYLOAD_LIMIT)
+    middlewares = [_api_key_guard(config.api_key)] if config.api_key else []
+    app = web.Application(client_max_size=PAYLOAD_LIMIT, middlewares=middlewares)
     app[ENGINE] = engine
     app[METRICS] = metrics
     r = app.router
