@@ -112,6 +112,10 @@ class BalancerConfig:
     """Memory for the bodies of outstanding requests (queued or streaming), each counted at
     twice its size (the bytes and the parsed JSON); beyond it: 503."""
     max_passthrough_requests: int = 16
-    """Concurrent /tokenize, /info, /v1/models requests (no slot taken); beyond it: 429."""
+    """Concurrent /tokenize, /info, /v1/models requests (no slot taken) per client (API key,
+    else address); beyond it: 429. Counted once the body is read. 0 = no limit."""
+    max_passthrough_total: int = 256
+    """The same for all clients together, so many clients cannot flood the replicas with
+    /tokenize; beyond it: 429. 0 = no limit."""
     tokenize_concurrency: int = 1
     """Prompts tokenized at once in worker threads (each can take a core)."""
