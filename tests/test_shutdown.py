@@ -21,7 +21,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import admin_headers, free_ports
+from tests.conftest import admin_headers, free_ports, wait_until
 from tests.test_serve import (
     CHAT,
     demo_config,
@@ -81,6 +81,53 @@ async def test_shutdown_steps_serve_then_refuse(simulator, balancer, http) -> No
     events = (await before.read()).split(b"\n\n")
     assert b'"generated_text":"' in [e for e in events if e][-1]
     assert await server.wait_idle(10)
+
+
+async def _half_sent(server, head: bytes, body: bytes):
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.bound_port)
+    writer.write(head % len(body) + body[:10])
+    await writer.drain()
+    connections = server._runner.server.connections
+    await wait_until(lambda: len(connections) == 1, what="the connection accepted")
+    await asyncio.sleep(0.2)  # the handler starts and waits for the rest of the body
+    return reader, writer
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n",
+        b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n",
+    ],
+    ids=["generate", "tokenize"],
+)
+async def test_the_drain_waits_for_a_request_still_sending_its_body(
+    scripted, balancer, head: bytes
+) -> None:
+    """A request that began before the drain but is still reading its body is not idle:
+    the drain waits for it, and it gets a 503 + Retry-After (it had not started), not a
+    connection closed under it by stop()."""
+    _, url = await scripted(Script(tokens=3))
+    server = await balancer([url])
+    body = json.dumps(GENERATE).encode()
+    reader, writer = await _half_sent(server, head, body)
+    await server.begin_shutdown(0.0)
+    assert not server.balancer.idle
+    waiting = asyncio.create_task(server.wait_idle(10.0))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()  # still waiting for the body
+    writer.write(body[10:])
+    await writer.drain()
+    assert await waiting
+    answer = await asyncio.wait_for(reader.read(), 10)
+    await server.stop()
+    writer.close()
+    head_bytes, _, rest = answer.partition(b"\r\n\r\n")
+    assert head_bytes.startswith(b"HTTP/1.1 503"), answer[:200]
+    assert b"Retry-After: 5" in head_bytes
+    assert json.loads(rest)["error_type"] == "unavailable"
 
 
 async def _phase(http: aiohttp.ClientSession, server) -> tuple[str, bool]:
