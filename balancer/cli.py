@@ -10,6 +10,7 @@ import signal
 from dataclasses import replace
 
 from balancer.admission import QUEUE_ORDERS
+from balancer.client_address import parse_networks
 from balancer.config import BalancerConfig, UpstreamSpec
 from balancer.logs import add_logging_arguments, configure_logging
 from balancer.policy import POLICIES
@@ -38,6 +39,15 @@ def _upstream(value: str) -> UpstreamSpec:
     if not url.startswith(("http://", "https://")):
         raise argparse.ArgumentTypeError(f"upstream must be an http:// URL, got {value!r}")
     return UpstreamSpec(url=url, name=name or None)
+
+
+def _trusted_proxy(value: str) -> str:
+    """An IP address or CIDR range (checked here, so a typo stops the start)."""
+    try:
+        parse_networks([value])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -155,6 +165,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "unset (e.g. behind an authenticating proxy)",
     )
     parser.add_argument(
+        "--trusted-proxy",
+        action="append",
+        type=_trusted_proxy,
+        default=[],
+        metavar="CIDR",
+        help="a front proxy (address or CIDR range, e.g. the VPC of an ALB) whose "
+        "X-Forwarded-For names the client for per-client limits; repeatable (default: none, "
+        "the socket peer is the client)",
+    )
+    parser.add_argument(
         "--shutdown-delay",
         type=float,
         default=d.shutdown_delay_s,
@@ -187,6 +207,7 @@ def config_from_args(args: argparse.Namespace) -> BalancerConfig:
         tokenizer_path=args.tokenizer,
         allow_public_without_api_keys=args.allow_public_without_api_keys,
         shutdown_delay_s=args.shutdown_delay,
+        trusted_proxies=tuple(args.trusted_proxy),
         admin_token=os.environ.get("NEURON_FLEET_ADMIN_TOKEN") or None,
         api_keys=tuple(
             k.strip() for k in os.environ.get("NEURON_FLEET_API_KEYS", "").split(",") if k.strip()

@@ -108,6 +108,10 @@ class BalancerConfig:
     max_queued_per_client: int = 256
     """Requests one client (API key, else address) may have outstanding beyond the fleet's
     slot count; beyond it: 429 + Retry-After, so one client cannot fill the queue."""
+    trusted_proxies: tuple[str, ...] = ()
+    """Front proxies (IP addresses or CIDR ranges, e.g. the VPC's for an ALB) whose
+    ``X-Forwarded-For`` names the client for per-client quotas (balancer/client_address.py).
+    Empty: the socket peer is the client. Never used for the admin loopback check."""
     max_buffered_body_bytes: int = 256 * 1024 * 1024
     """Memory for the bodies of outstanding requests (queued or streaming), each counted at
     twice its size (the bytes and the parsed JSON); beyond it: 503."""

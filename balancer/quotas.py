@@ -3,7 +3,8 @@
 Admission (balancer/admission.py) hands slots out in order and queues the rest up to
 ``max_queue``; on its own it lets one client fill the whole queue. This layer runs first:
 
-- a client — its API key when keys are configured, else its address — may have at most the
+- a client — its API key when keys are configured, else its address (the one
+  ``X-Forwarded-For`` names when the peer is in ``trusted_proxies``) — may have at most the
   fleet's slot count + ``max_queued_per_client`` generation requests outstanding (in a slot
   or queued); beyond it: 429 + ``Retry-After``;
 - the bodies of outstanding requests (kept until the stream ends, for retries) count
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from balancer.access import refusals
+from balancer.client_address import Network, client_address, parse_networks
 from balancer.errors import json_error
 
 if TYPE_CHECKING:
@@ -54,13 +56,23 @@ class Quotas:
     """Passthrough requests being relayed (their bodies read), all clients."""
     passthrough_by_client: dict[str, int] = field(default_factory=dict)
     """Client -> its passthrough requests being relayed (entries at 0 are removed)."""
+    trusted_proxies: tuple[Network, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.trusted_proxies = parse_networks(self.config.trusted_proxies)
 
     def client(self, request: web.Request) -> str:
         """The API key when keys are configured (it was checked before this runs), else
-        the socket peer's address (forwarded headers are a client's say-so)."""
+        the socket peer's address, or the address ``X-Forwarded-For`` names when the peer
+        is one of ``trusted_proxies`` (from anyone else the header is a client's say-so)."""
         if self.config.api_keys:
             return "key:" + request.headers.get("Authorization", "").partition(" ")[2].strip()
-        return "addr:" + (request.remote or "?")
+        return "addr:" + self.address(request)
+
+    def address(self, request: web.Request) -> str:
+        return client_address(
+            request.remote, request.headers.getall("X-Forwarded-For", ()), self.trusted_proxies
+        )
 
     def client_limit(self) -> int:
         """0: no per-client limit."""
@@ -158,7 +170,7 @@ class Quotas:
             "refused %s %s from %s: %s",
             request.method,
             request.path,
-            request.remote,
+            self.address(request),
             reason,
         )
         return json_error(status, message, "overloaded", headers={"Retry-After": "1"})

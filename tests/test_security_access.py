@@ -499,6 +499,51 @@ async def test_one_client_cannot_fill_the_queue_for_everyone(
     assert "key-a" not in caplog.text
 
 
+async def _post_from(
+    http: aiohttp.ClientSession, url: str, forwarded_for: str
+) -> tuple[int, str | None]:
+    async with http.post(url, json=GEN, headers={"X-Forwarded-For": forwarded_for}) as resp:
+        await resp.read()
+        return resp.status, resp.headers.get("Retry-After")
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["trusted-proxy", "untrusted-peer"])
+async def test_behind_a_trusted_proxy_each_forwarded_user_has_its_own_share(
+    gate: tuple[Gate, str], balancer, http, caplog: pytest.LogCaptureFixture, trusted: bool
+) -> None:
+    """The shipped ALB manifests: no API keys, every connection from the proxy. With the
+    proxy in trusted_proxies the right-most X-Forwarded-For address is the client; from any
+    other peer the header is ignored (a client cannot pick its own key)."""
+    from balancer import access
+
+    access.refusals._last.clear()
+    g, url = gate
+    server = await balancer(
+        [url],
+        max_inflight_per_replica=1,
+        max_queued_per_client=2,
+        trusted_proxies=("127.0.0.0/8", "::1") if trusted else (),
+    )
+    generate = f"{server.url}/generate"
+    # user A (the ALB appended 10.0.0.1; the client itself claimed 10.9.9.9 on the left)
+    user_a = "10.9.9.9, 10.0.0.1"
+    greedy = [asyncio.create_task(_post_from(http, generate, user_a)) for _ in range(3)]
+    await wait_until(lambda: server.balancer.admission.queue_depth == 2, what="2 queued")  # type: ignore[union-attr]
+    assert await _post_from(http, generate, "10.0.0.1") == (429, "1")
+    other = asyncio.create_task(_post_from(http, generate, "10.0.0.2"))
+    if trusted:
+        await wait_until(lambda: server.balancer.admission.queue_depth == 3, what="B queued")  # type: ignore[union-attr]
+        assert "refused POST /generate from 10.0.0.1: client_quota" in caplog.text
+    else:
+        assert (await other) == (429, "1")  # one client: the socket peer
+    g.open.set()
+    statuses = [s for s, _ in await asyncio.gather(*greedy)]
+    assert statuses == [200] * 3
+    if trusted:
+        assert (await other)[0] == 200
+    assert server.balancer.quotas.outstanding == {}  # type: ignore[union-attr]
+
+
 async def test_queued_bodies_count_against_a_memory_budget(
     gate: tuple[Gate, str], balancer, http
 ) -> None:
