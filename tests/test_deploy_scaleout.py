@@ -237,6 +237,7 @@ def template() -> dict[str, Any]:
 def user_data() -> str:
     data = template()["Resources"]["LaunchTemplate"]["Properties"]["LaunchTemplateData"]
     script = data["UserData"]["Fn::Base64"]["Sub"]
+
     # Render ${Param} / ${AWS::Region} as CloudFormation would, with sample values.
     def sample(name: str) -> str:
         return "10.0.0.0/16" if name.endswith("Cidr") else f"sample-{name.replace(':', '-')}"
