@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Awaitable
 from dataclasses import replace
 
 from balancer.admission import QUEUE_ORDERS
@@ -229,20 +230,52 @@ async def serve_balancer(config: BalancerConfig, drain_timeout_s: float) -> int:
         )
         return 2
     stop = asyncio.Event()
+    forced = asyncio.Event()
+    signals = 0
+
+    def on_signal(name: str) -> None:
+        """The first signal starts the graceful stop; a second one (as for ``serve``) skips
+        the rest of the shutdown delay and the drain."""
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            stop.set()
+        elif not forced.is_set():
+            log.warning("%s again: stopping now, closing the remaining streams", name)
+            forced.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, signal.Signals(sig).name)
     await stop.wait()
     log.info(
-        "stopping: serving %.0f s more, then draining in-flight requests (up to %.0f s)",
+        "stopping: serving %.0f s more, then draining in-flight requests (up to %.0f s); "
+        "a second signal stops at once",
         config.shutdown_delay_s,
         drain_timeout_s,
     )
-    await server.begin_shutdown(config.shutdown_delay_s)
-    if not await server.wait_idle(drain_timeout_s):
-        log.warning("drain timeout: closing the remaining streams")
+    await _unless_forced(forced, server.begin_shutdown(config.shutdown_delay_s))
+    server.refuse_new()
+    if not await _unless_forced(forced, server.wait_idle(drain_timeout_s)):
+        if not forced.is_set():
+            log.warning("drain timeout: closing the remaining streams")
     await server.stop()
     return 0
+
+
+async def _unless_forced(forced: asyncio.Event, waiting: Awaitable[bool | None]) -> bool:
+    """True once ``waiting`` finished (and did not return False); False as soon as
+    ``forced`` is set."""
+    if forced.is_set():
+        return False
+    task = asyncio.ensure_future(waiting)
+    force = asyncio.ensure_future(forced.wait())
+    try:
+        await asyncio.wait({task, force}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        force.cancel()
+        task.cancel()
+    return task.done() and not task.cancelled() and task.result() is not False
 
 
 def run(args: argparse.Namespace) -> int:

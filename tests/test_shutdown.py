@@ -313,3 +313,53 @@ def test_balance_cli_shutdown_delay(tmp_path: Path) -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=5)
+
+
+@pytest.mark.parametrize("phase", ["delay", "drain"])
+def test_balance_cli_second_signal_stops_at_once(tmp_path: Path, phase: str) -> None:
+    """As `serve`: a second SIGTERM/SIGINT during the shutdown delay or the drain skips the
+    rest of it, instead of leaving an operator waiting minutes."""
+    replica_port, listen = free_ports(2)
+    base = f"http://127.0.0.1:{listen}"
+    replica = subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "simulate-replica", "--port", str(replica_port)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    argv = [sys.executable, "-m", "supervisor", "balance", "--listen", f"127.0.0.1:{listen}"]
+    argv += ["--upstream", f"http://127.0.0.1:{replica_port}", "--health-interval", "0.2"]
+    argv += ["--shutdown-delay", "120" if phase == "delay" else "0", "--drain-timeout", "120"]
+    balancer = subprocess.Popen(
+        argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    stream = None
+    try:
+        wait_for(lambda: _status(base) == 200, seconds=20, what="balancer ready")
+        if phase == "drain":  # a long stream keeps the drain busy
+            body = {"inputs": "Hello", "parameters": {"max_new_tokens": 5000}}
+            stream = urllib.request.urlopen(
+                urllib.request.Request(
+                    f"{base}/generate_stream",
+                    data=json.dumps(body).encode(),
+                    headers={"Content-Type": "application/json"},
+                ),
+                timeout=30,
+            )
+            assert stream.status == 200
+            stream.read(1)
+        balancer.send_signal(signal.SIGTERM)
+        wait_for(lambda: _status(base) != 200, seconds=5, what="the stop began")
+        with pytest.raises(subprocess.TimeoutExpired):
+            balancer.wait(timeout=1.0)  # still in the delay / drain
+        balancer.send_signal(signal.SIGINT)
+        _, err = balancer.communicate(timeout=15)
+        assert balancer.returncode == 0, err[-3000:]
+        assert "SIGINT again: stopping now" in err
+    finally:
+        if stream is not None:
+            stream.close()
+        for proc in (balancer, replica):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=5)
