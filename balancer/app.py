@@ -188,8 +188,10 @@ class Balancer:
         return await self.relay.forward(request, rr)
 
     async def passthrough(self, request: web.Request) -> web.StreamResponse:
-        # TGI's GET /info and /v1/models take no body: never wait for one a client announces
-        # (aiohttp drops an unread body after the response, or closes the connection).
+        # TGI's GET /info and /v1/models take no body: never wait for one a client announces.
+        # aiohttp 3.14.5 (web_protocol.py, RequestHandler.start) reads and drops an unread
+        # body after the response for up to lingering_time (10 s), then closes the
+        # connection: outside any handler, so it holds no passthrough slot.
         body = b""
         if request.method == "POST" and request.can_read_body:
             body = await _read_body(request, self.config)
