@@ -46,6 +46,8 @@ GENERATION_ROUTES = (
 )
 PASSTHROUGH_GET = ("/info", "/v1/models")
 PASSTHROUGH_POST = ("/tokenize", "/chat_tokenize")
+HANDLED_ROUTES = frozenset(GENERATION_ROUTES + PASSTHROUGH_GET + PASSTHROUGH_POST)
+"""Routes whose handlers a drain waits for (``Balancer.handling``)."""
 OPEN_ROUTES = frozenset({"/health", "/ping", "/live", "/metrics"})
 """Answered without an API key: probes and scrapers carry none."""
 DEFAULT_NEW_TOKENS = 256
@@ -100,10 +102,12 @@ class Balancer:
             registry,
             self.metrics,
             frozenset(GENERATION_ROUTES),
-            frozenset(PASSTHROUGH_GET + PASSTHROUGH_POST),
         )
         self.replica_metrics: Any = None
         """Optional re-exporter of the replicas' own metrics (set by the server)."""
+        self.handling = 0
+        """Generation and passthrough handlers running, from the moment they start (still
+        reading a body or tokenizing included): a drain waits for them too."""
 
     @property
     def phase(self) -> str:
@@ -139,18 +143,26 @@ class Balancer:
 
     @property
     def idle(self) -> bool:
-        return self.inflight == 0 and self.admission.queue_depth == 0 and self.relay.active == 0
+        return (
+            self.handling == 0
+            and self.inflight == 0
+            and self.admission.queue_depth == 0
+            and self.relay.active == 0
+        )
+
+    def _refuse_draining(self, request_id: str) -> web.Response:
+        return json_error(
+            503,
+            "The balancer is shutting down; retry on another instance",
+            "unavailable",
+            headers={"Retry-After": str(RETRY_AFTER_S), "x-request-id": request_id},
+        )
 
     # ------------------------------------------------------------------ handlers
     async def generation(self, request: web.Request) -> web.StreamResponse:
         request_id = _request_id(request)
         if self.draining:
-            return json_error(
-                503,
-                "The balancer is shutting down; retry on another instance",
-                "unavailable",
-                headers={"Retry-After": str(RETRY_AFTER_S), "x-request-id": request_id},
-            )
+            return self._refuse_draining(request_id)
         body, doc = await _read_json(request, self.config)
         new_tokens = requested_new_tokens(doc)
         if new_tokens is not None and (
@@ -220,12 +232,26 @@ class Balancer:
             stream=path == "/generate_stream" or doc.get("stream") is True,
             ticket=ticket,
         )
+        if self.draining:  # the drain began while the body arrived or the prompt was counted
+            return self._refuse_draining(request_id)
         return await self.relay.forward(request, rr)
 
     async def passthrough(self, request: web.Request) -> web.StreamResponse:
-        body = await _read_body(request, self.config) if request.can_read_body else b""
-        rr = RelayRequest(route_label(request.path), body, _request_id(request), False, admit=False)
-        return await self.relay.forward(request, rr)
+        # TGI's GET /info and /v1/models take no body: never wait for one a client announces.
+        # aiohttp 3.14.5 (web_protocol.py, RequestHandler.start) reads and drops an unread
+        # body after the response for up to lingering_time (10 s), then closes the
+        # connection: outside any handler, so it holds no passthrough slot.
+        body = b""
+        if request.method == "POST" and request.can_read_body:
+            body = await _read_body(request, self.config)
+        request_id = _request_id(request)
+        if self.draining:
+            return self._refuse_draining(request_id)
+        async with self.quotas.passthrough_slot(request) as refusal:
+            if refusal is not None:
+                return refusal
+            rr = RelayRequest(route_label(request.path), body, request_id, False, admit=False)
+            return await self.relay.forward(request, rr)
 
     async def health(self, request: web.Request) -> web.Response:
         """200 when this host can take a request now; 503 (+ Retry-After) while it starts,
@@ -337,6 +363,9 @@ def _make_observer(balancer: Balancer) -> Any:
         started = time.monotonic()
         route = route_label(request.path)
         code = "500"
+        counted = request.path in HANDLED_ROUTES
+        if counted:
+            balancer.handling += 1
         try:
             if (
                 api_keys
@@ -399,6 +428,8 @@ def _make_observer(balancer: Balancer) -> Any:
             log.exception("unexpected error on %s %s", request.method, request.path)
             return json_error(500, "Internal error in the balancer; see its log", "internal")
         finally:
+            if counted:
+                balancer.handling -= 1
             metrics.requests.labels(route=route, code=code).inc()
             metrics.request_duration.labels(route=route).observe(time.monotonic() - started)
 

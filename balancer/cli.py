@@ -7,9 +7,11 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Awaitable
 from dataclasses import replace
 
 from balancer.admission import QUEUE_ORDERS
+from balancer.client_address import parse_networks
 from balancer.config import BalancerConfig, UpstreamSpec
 from balancer.logs import add_logging_arguments, configure_logging
 from balancer.policy import POLICIES
@@ -58,6 +60,15 @@ def _share(value: str) -> float:
     if not 0 <= share < 1:
         raise argparse.ArgumentTypeError(f"expected a share 0 <= x < 1, got {value!r}")
     return share
+
+
+def _trusted_proxy(value: str) -> str:
+    """An IP address or CIDR range (checked here, so a typo stops the start)."""
+    try:
+        parse_networks([value])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -200,6 +211,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "unset (e.g. behind an authenticating proxy)",
     )
     parser.add_argument(
+        "--trusted-proxy",
+        action="append",
+        type=_trusted_proxy,
+        default=[],
+        metavar="CIDR",
+        help="a front proxy (address or CIDR range, e.g. the VPC of an ALB) whose "
+        "X-Forwarded-For names the client for per-client limits; repeatable (default: none, "
+        "the socket peer is the client)",
+    )
+    parser.add_argument(
         "--shutdown-delay",
         type=float,
         default=d.shutdown_delay_s,
@@ -235,6 +256,7 @@ def config_from_args(args: argparse.Namespace) -> BalancerConfig:
         tokenizer_path=args.tokenizer,
         allow_public_without_api_keys=args.allow_public_without_api_keys,
         shutdown_delay_s=args.shutdown_delay,
+        trusted_proxies=tuple(args.trusted_proxy),
         admin_token=os.environ.get("NEURON_FLEET_ADMIN_TOKEN") or None,
         api_keys=tuple(
             k.strip() for k in os.environ.get("NEURON_FLEET_API_KEYS", "").split(",") if k.strip()
@@ -256,20 +278,52 @@ async def serve_balancer(config: BalancerConfig, drain_timeout_s: float) -> int:
         )
         return 2
     stop = asyncio.Event()
+    forced = asyncio.Event()
+    signals = 0
+
+    def on_signal(name: str) -> None:
+        """The first signal starts the graceful stop; a second one (as for ``serve``) skips
+        the rest of the shutdown delay and the drain."""
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            stop.set()
+        elif not forced.is_set():
+            log.warning("%s again: stopping now, closing the remaining streams", name)
+            forced.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, signal.Signals(sig).name)
     await stop.wait()
     log.info(
-        "stopping: serving %.0f s more, then draining in-flight requests (up to %.0f s)",
+        "stopping: serving %.0f s more, then draining in-flight requests (up to %.0f s); "
+        "a second signal stops at once",
         config.shutdown_delay_s,
         drain_timeout_s,
     )
-    await server.begin_shutdown(config.shutdown_delay_s)
-    if not await server.wait_idle(drain_timeout_s):
-        log.warning("drain timeout: closing the remaining streams")
+    await _unless_forced(forced, server.begin_shutdown(config.shutdown_delay_s))
+    server.refuse_new()
+    if not await _unless_forced(forced, server.wait_idle(drain_timeout_s)):
+        if not forced.is_set():
+            log.warning("drain timeout: closing the remaining streams")
     await server.stop()
     return 0
+
+
+async def _unless_forced(forced: asyncio.Event, waiting: Awaitable[bool | None]) -> bool:
+    """True once ``waiting`` finished (and did not return False); False as soon as
+    ``forced`` is set."""
+    if forced.is_set():
+        return False
+    task = asyncio.ensure_future(waiting)
+    force = asyncio.ensure_future(forced.wait())
+    try:
+        await asyncio.wait({task, force}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        force.cancel()
+        task.cancel()
+    return task.done() and not task.cancelled() and task.result() is not False
 
 
 def run(args: argparse.Namespace) -> int:

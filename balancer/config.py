@@ -116,10 +116,18 @@ class BalancerConfig:
     max_queued_per_client: int = 256
     """Requests one client (API key, else address) may have outstanding beyond the fleet's
     slot count; beyond it: 429 + Retry-After, so one client cannot fill the queue."""
+    trusted_proxies: tuple[str, ...] = ()
+    """Front proxies (IP addresses or CIDR ranges, e.g. the VPC's for an ALB) whose
+    ``X-Forwarded-For`` names the client for per-client quotas (balancer/client_address.py).
+    Empty: the socket peer is the client. Never used for the admin loopback check."""
     max_buffered_body_bytes: int = 256 * 1024 * 1024
     """Memory for the bodies of outstanding requests (queued or streaming), each counted at
     twice its size (the bytes and the parsed JSON); beyond it: 503."""
     max_passthrough_requests: int = 16
-    """Concurrent /tokenize, /info, /v1/models requests (no slot taken); beyond it: 429."""
+    """Concurrent /tokenize, /info, /v1/models requests (no slot taken) per client (API key,
+    else address); beyond it: 429. Counted once the body is read. 0 = no limit."""
+    max_passthrough_total: int = 256
+    """The same for all clients together, so many clients cannot flood the replicas with
+    /tokenize; beyond it: 429. 0 = no limit."""
     tokenize_concurrency: int = 1
     """Prompts tokenized at once in worker threads (each can take a core)."""

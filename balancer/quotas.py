@@ -3,7 +3,8 @@
 Admission (balancer/admission.py) hands slots out in order and queues the rest up to
 ``max_queue``; on its own it lets one client fill the whole queue. This layer runs first:
 
-- a client — its API key when keys are configured, else its address — may have at most the
+- a client — its API key when keys are configured, else its address (the one
+  ``X-Forwarded-For`` names when the peer is in ``trusted_proxies``) — may have at most the
   fleet's slot count + ``max_queued_per_client`` generation requests outstanding (in a slot
   or queued); beyond it: 429 + ``Retry-After``;
 - the bodies of outstanding requests (kept until the stream ends, for retries) count
@@ -11,18 +12,23 @@ Admission (balancer/admission.py) hands slots out in order and queues the rest u
   read (``max_body_bytes`` when the length is not given) at ``BODY_COST`` times their size;
   beyond it: 503 + ``Retry-After``;
 - ``/tokenize``, ``/info`` and ``/v1/models`` take no slot, so they get their own small
-  limit, ``max_passthrough_requests`` at a time; beyond it: 429.
+  limits: ``max_passthrough_requests`` at a time per client and
+  ``max_passthrough_total`` for all clients; beyond either: 429. They are counted only
+  once the body has been read (``passthrough_slot``, called by the handler), so clients
+  sending slow bodies cannot hold them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from balancer.access import refusals
+from balancer.client_address import Network, client_address, parse_networks
 from balancer.errors import json_error
 
 if TYPE_CHECKING:
@@ -43,18 +49,30 @@ class Quotas:
     registry: Registry
     metrics: BalancerMetrics
     generation_routes: frozenset[str]
-    passthrough_routes: frozenset[str]
     outstanding: dict[str, int] = field(default_factory=dict)
     """Client -> its generation requests not yet answered (entries at 0 are removed)."""
     body_bytes: int = 0
     passthrough: int = 0
+    """Passthrough requests being relayed (their bodies read), all clients."""
+    passthrough_by_client: dict[str, int] = field(default_factory=dict)
+    """Client -> its passthrough requests being relayed (entries at 0 are removed)."""
+    trusted_proxies: tuple[Network, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.trusted_proxies = parse_networks(self.config.trusted_proxies)
 
     def client(self, request: web.Request) -> str:
         """The API key when keys are configured (it was checked before this runs), else
-        the socket peer's address (forwarded headers are a client's say-so)."""
+        the socket peer's address, or the address ``X-Forwarded-For`` names when the peer
+        is one of ``trusted_proxies`` (from anyone else the header is a client's say-so)."""
         if self.config.api_keys:
             return "key:" + request.headers.get("Authorization", "").partition(" ")[2].strip()
-        return "addr:" + (request.remote or "?")
+        return "addr:" + self.address(request)
+
+    def address(self, request: web.Request) -> str:
+        return client_address(
+            request.remote, request.headers.getall("X-Forwarded-For", ()), self.trusted_proxies
+        )
 
     def client_limit(self) -> int:
         """0: no per-client limit."""
@@ -67,8 +85,6 @@ class Quotas:
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.method == "POST" and request.path in self.generation_routes:
             return await self._generation(request, handler)
-        if request.path in self.passthrough_routes:
-            return await self._passthrough(request, handler)
         return await handler(request)
 
     async def _generation(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -108,21 +124,43 @@ class Quotas:
             else:
                 del self.outstanding[who]
 
-    async def _passthrough(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        limit = self.config.max_passthrough_requests
-        if limit and self.passthrough >= limit:
-            return self._refuse(
+    @asynccontextmanager
+    async def passthrough_slot(self, request: web.Request) -> AsyncIterator[web.Response | None]:
+        """Yields a refusal (429) when the client or everyone is at the passthrough limit,
+        else None while the slot is held. Taken after the body is read: a body that never
+        arrives must not keep other clients from /info."""
+        cfg = self.config
+        who = self.client(request)
+        mine = self.passthrough_by_client.get(who, 0)
+        if cfg.max_passthrough_requests and mine >= cfg.max_passthrough_requests:
+            yield self._refuse(
                 request,
                 429,
-                f"{self.passthrough} /tokenize, /info and /v1/models requests are already "
+                f"This client already has {mine} /tokenize, /info or /v1/models requests "
                 "running (max_passthrough_requests); retry shortly",
                 "passthrough_limit",
             )
+            return
+        if cfg.max_passthrough_total and self.passthrough >= cfg.max_passthrough_total:
+            yield self._refuse(
+                request,
+                429,
+                f"{self.passthrough} /tokenize, /info and /v1/models requests are already "
+                "running (max_passthrough_total); retry shortly",
+                "passthrough_limit",
+            )
+            return
         self.passthrough += 1
+        self.passthrough_by_client[who] = mine + 1
         try:
-            return await handler(request)
+            yield None
         finally:
             self.passthrough -= 1
+            left = self.passthrough_by_client[who] - 1
+            if left:
+                self.passthrough_by_client[who] = left
+            else:
+                del self.passthrough_by_client[who]
 
     def _refuse(self, request: web.Request, status: int, message: str, reason: str) -> web.Response:
         """Counted by ``reason``; logged with the client's address (never its key)."""
@@ -132,7 +170,7 @@ class Quotas:
             "refused %s %s from %s: %s",
             request.method,
             request.path,
-            request.remote,
+            self.address(request),
             reason,
         )
         return json_error(status, message, "overloaded", headers={"Retry-After": "1"})

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 MAX_HELD_BYTES = 1 << 20
 """A partial event larger than this is forwarded as it is (a server that never ends its
-events must still stream); from then on the framer no longer holds bytes back."""
+events must still stream); framing resumes at the next separator."""
 
 OVERLOADED = "overloaded"
 GENERATION = "generation"
@@ -57,23 +57,45 @@ _TGI_MESSAGES = (
 )
 
 
-def first_event_end(buf: bytes) -> int:
+def first_event_end(buf: bytes | bytearray) -> int:
     """Index just past the first event that is not only comments, or -1 if none is whole.
 
     TGI sends a ``:`` keep-alive comment after 15 s without an event, and a Neuron replica can
     take longer than that to start a request (a queue of 16k-token prefills): the first event
     that says something may follow one or more of them.
     """
-    pos = 0
-    while True:
-        lf, crlf = buf.find(b"\n\n", pos), buf.find(b"\r\n\r\n", pos)
-        if lf < 0 and crlf < 0:
-            return -1
-        end = lf + 2 if crlf < 0 or 0 <= lf < crlf else crlf + 4
-        lines = buf[pos:end].splitlines()
-        if any(line and not line.startswith(b":") for line in lines):
-            return end
-        pos = end
+    return FirstEventScanner().end(buf)
+
+
+class FirstEventScanner:
+    """``first_event_end`` for a buffer that only grows: each call scans only the bytes added
+    since the last one (plus a separator's length), so a large first event arriving in small
+    reads costs linear time, not quadratic."""
+
+    __slots__ = ("pos", "scan")
+
+    def __init__(self) -> None:
+        self.pos = 0
+        """Where the first event not yet known to be only comments starts."""
+        self.scan = 0
+        """Where the search for its end resumes."""
+
+    def end(self, buf: bytes | bytearray) -> int:
+        """As ``first_event_end(buf)``; ``buf`` must start with what earlier calls saw."""
+        pos = self.pos
+        while True:
+            start = max(pos, self.scan)
+            lf, crlf = buf.find(b"\n\n", start), buf.find(b"\r\n\r\n", start)
+            if lf < 0 and crlf < 0:
+                self.pos = pos
+                self.scan = max(pos, len(buf) - 3)  # a separator may be cut by the read
+                return -1
+            end = lf + 2 if crlf < 0 or 0 <= lf < crlf else crlf + 4
+            lines = buf[pos:end].splitlines()
+            if any(line and not line.startswith(b":") for line in lines):
+                self.pos = pos
+                return end
+            pos = self.scan = end
 
 
 def separator_of(first: bytes) -> bytes:
@@ -82,35 +104,93 @@ def separator_of(first: bytes) -> bytes:
 
 
 class EventFramer:
-    """Cuts a byte stream at event boundaries; counts events on the way."""
+    """Cuts a byte stream at event boundaries.
 
-    __slots__ = ("held", "passthrough", "sep")
+    The held start of an unfinished event is kept as a list of pieces and each new piece is
+    searched alone (plus the ``len(sep) - 1`` bytes before it when it may finish a separator
+    split across two reads), so a large event arriving in small reads costs linear time.
+    The common case, a read that ends where an event ends, returns the piece itself."""
+
+    __slots__ = ("held", "held_bytes", "passthrough", "sep", "tail")
 
     def __init__(self, sep: bytes = b"\n\n") -> None:
         self.sep = sep
-        self.held = b""
-        """The start of an event whose end has not arrived yet."""
+        self.held: list[bytes] = []
+        """The start of an event whose end has not arrived yet, as it came; in passthrough
+        ``[b""]``, so the common case below never skips the passthrough checks."""
+        self.held_bytes = 0
         self.passthrough = False
+        """An event grew over ``MAX_HELD_BYTES``: its start went out unframed, and its
+        pieces follow as they come until a separator ends it."""
+        self.tail = b""
+        """In passthrough: the last ``len(sep) - 1`` bytes forwarded."""
 
     def feed(self, piece: bytes) -> bytes:
         """The whole events ``piece`` completes (possibly empty); keeps the rest back."""
         sep = self.sep
         if not self.held and piece.endswith(sep):
             return piece  # the common case: a read ends where an event ends (no copy)
+        held = self.held
+        last = piece.rfind(sep)
+        if last >= 0:
+            cut = last + len(sep)
+        elif piece and piece[0] in sep and held:  # may end a separator cut by the read
+            cut = self._split_separator_end(piece)
+            if cut < 0:
+                return self._inside_event(piece)
+        else:
+            return self._inside_event(piece)
         if self.passthrough:
+            self.passthrough = False
+            held = []
+        if cut == len(piece):
+            if held:
+                held.append(piece)
+                piece = b"".join(held)
+                self.held = []
+                self.held_bytes = 0
             return piece
-        data = self.held + piece if self.held else piece
-        cut = data.rfind(sep)
-        if cut < 0:
-            if len(data) > MAX_HELD_BYTES:
-                self.passthrough = True
-                self.held = b""
-                return data
-            self.held = data
+        rest = piece[cut:]
+        if held:
+            held.append(piece[:cut])
+            done = b"".join(held)
+        else:
+            done = piece[:cut]
+        self.held = [rest]
+        self.held_bytes = len(rest)
+        return done
+
+    def _split_separator_end(self, piece: bytes) -> int:
+        """Index in ``piece`` just past a separator that began in the previous read, or -1."""
+        keep = len(self.sep) - 1
+        if self.passthrough:
+            before = self.tail
+        else:
+            before = b""
+            for earlier in reversed(self.held):
+                before = earlier + before
+                if len(before) >= keep:
+                    break
+            before = before[-keep:]
+        last = (before + piece[:keep]).rfind(self.sep)
+        return last + len(self.sep) - len(before) if last >= 0 else -1
+
+    def _inside_event(self, piece: bytes) -> bytes:
+        """``piece`` neither ends nor completes an event: hold it, or pass it on."""
+        if self.passthrough:
+            keep = len(self.sep) - 1
+            self.tail = piece[-keep:] if len(piece) >= keep else (self.tail + piece)[-keep:]
+            return piece
+        if piece:
+            self.held.append(piece)
+            self.held_bytes += len(piece)
+        if self.held_bytes <= MAX_HELD_BYTES:
             return b""
-        cut += len(sep)
-        self.held = data[cut:]
-        return data[:cut]
+        out = self.flush()
+        self.passthrough = True
+        self.held = [b""]
+        self.tail = out[1 - len(self.sep) :]
+        return out
 
     @property
     def mid_event(self) -> bool:
@@ -119,8 +199,10 @@ class EventFramer:
 
     def flush(self) -> bytes:
         """What is held at the end of the stream (a last event without its blank line)."""
-        held, self.held = self.held, b""
-        return held
+        held = self.held
+        self.held = []
+        self.held_bytes = 0
+        return held[0] if len(held) == 1 else b"".join(held)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 import httptools
 from multidict import CIMultiDict
 
-from balancer.sse import first_event_end
+from balancer.sse import FirstEventScanner
 
 log = logging.getLogger("neuron_fleet.upstream")
 
@@ -218,14 +218,24 @@ class ReplicaConnection(asyncio.Protocol):
         """Body bytes buffered so far: for SSE until the first complete event that is not a
         keep-alive comment (or ``limit`` bytes, or the end), else whatever the first piece
         is. Empty means the body is empty."""
+        scanner = FirstEventScanner() if until_event else None
+        buf: bytes | bytearray = b""
         while True:
-            buf = b"".join(self._buffered)
-            whole = not until_event or first_event_end(buf) >= 0
+            pending = self._buffered
+            if pending:
+                if not buf and len(pending) == 1:
+                    buf = pending[0]  # the common case: the first read holds the event
+                else:  # grows in place: a large first event in small reads stays linear
+                    if not isinstance(buf, bytearray):
+                        buf = bytearray(buf)
+                    for piece in pending:
+                        buf += piece
+                pending.clear()
+            whole = scanner is None or scanner.end(buf) >= 0
             if self.complete or self.error is not None or (buf and whole) or len(buf) >= limit:
-                self._buffered.clear()
                 if self.error is not None and not (buf and whole):
                     raise self.error  # nothing usable arrived: the relay may still retry
-                return buf
+                return bytes(buf) if isinstance(buf, bytearray) else buf
             await self._wait()
 
     def pipe(self, sink: Sink) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from balancer.admission import QUEUE_ORDERS
+from balancer.client_address import parse_networks
 from balancer.config import BalancerConfig, UpstreamSpec
 from supervisor.host_checks import (
     check_export_versions,
@@ -225,6 +226,10 @@ def load_config(
             errors.append(f"[balancer] {exc}")
     if balancer_raw.get("policy", "least-outstanding") not in POLICIES:
         errors.append(not_one_of("[balancer] policy", balancer_raw["policy"], POLICIES))
+    try:
+        parse_networks(balancer_raw.get("trusted_proxies", ()))
+    except ValueError as exc:
+        errors.append(f"[balancer] {exc}")
     if balancer_raw.get("queue_order", "fifo") not in QUEUE_ORDERS:
         errors.append(
             not_one_of("[balancer] queue_order", balancer_raw["queue_order"], QUEUE_ORDERS)

@@ -247,6 +247,14 @@ def test_balancer_host_port_keys_point_to_listen(tmp_path: Path) -> None:
     assert 'listen = "HOST:PORT"' in errors_of(excinfo)
 
 
+def test_trusted_proxies_are_checked_and_kept(tmp_path: Path) -> None:
+    config = load(tmp_path, SIMULATED + '[balancer]\ntrusted_proxies = ["10.0.0.0/16", "::1"]\n')
+    assert config.balancer.trusted_proxies == ("10.0.0.0/16", "::1")
+    with pytest.raises(ConfigError) as excinfo:
+        load(tmp_path, SIMULATED + '[balancer]\ntrusted_proxies = ["10.0.0.0/16", "vpc"]\n')
+    assert "[balancer] trusted_proxies: 'vpc' is not an IP address or CIDR" in errors_of(excinfo)
+
+
 def test_listen_forms() -> None:
     assert split_listen("localhost:8080") == ("localhost", 8080)
     assert split_listen("127.0.0.1:8080") == ("127.0.0.1", 8080)

@@ -156,6 +156,7 @@ def test_kubernetes_numbers_agree(tmp_path: Path) -> None:
     assert config.balancer.host == "0.0.0.0" and config.balancer.port == 8080
     # Public address, no keys: started only because the manifest opts out explicitly.
     assert insecure_settings(config.balancer, token_configured=False) == []
+    assert config.balancer.trusted_proxies  # per-user quotas behind the ALB
     delay, drain = config.balancer.shutdown_delay_s, config.fleet.drain_timeout_s
     assert delay >= 2 * 5 + 1  # > the ALB's unhealthy threshold x interval (ingress.yaml)
 
@@ -236,10 +237,12 @@ def template() -> dict[str, Any]:
 def user_data() -> str:
     data = template()["Resources"]["LaunchTemplate"]["Properties"]["LaunchTemplateData"]
     script = data["UserData"]["Fn::Base64"]["Sub"]
+
     # Render ${Param} / ${AWS::Region} as CloudFormation would, with sample values.
-    return re.sub(
-        r"\$\{([A-Za-z0-9:]+)\}", lambda m: f"sample-{m.group(1).replace(':', '-')}", script
-    )
+    def sample(name: str) -> str:
+        return "10.0.0.0/16" if name.endswith("Cidr") else f"sample-{name.replace(':', '-')}"
+
+    return re.sub(r"\$\{([A-Za-z0-9:]+)\}", lambda m: sample(m.group(1)), script)
 
 
 def test_cfn_lint_passes_and_catches_mistakes(tmp_path: Path) -> None:
@@ -268,6 +271,7 @@ def test_user_data_is_valid_bash_with_a_loadable_fleet_toml(tmp_path: Path) -> N
 
     config = load_fleet(heredocs["/tmp/fleet.toml"], tmp_path)
     assert insecure_settings(config.balancer, token_configured=False) == []
+    assert config.balancer.trusted_proxies == ("10.0.0.0/16",)  # the ALB's X-Forwarded-For
     props = template()["Resources"]
     tg = props["TargetGroup"]["Properties"]
     attributes = {a["Key"]: a["Value"] for a in tg["TargetGroupAttributes"]}

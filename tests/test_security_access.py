@@ -499,6 +499,51 @@ async def test_one_client_cannot_fill_the_queue_for_everyone(
     assert "key-a" not in caplog.text
 
 
+async def _post_from(
+    http: aiohttp.ClientSession, url: str, forwarded_for: str
+) -> tuple[int, str | None]:
+    async with http.post(url, json=GEN, headers={"X-Forwarded-For": forwarded_for}) as resp:
+        await resp.read()
+        return resp.status, resp.headers.get("Retry-After")
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["trusted-proxy", "untrusted-peer"])
+async def test_behind_a_trusted_proxy_each_forwarded_user_has_its_own_share(
+    gate: tuple[Gate, str], balancer, http, caplog: pytest.LogCaptureFixture, trusted: bool
+) -> None:
+    """The shipped ALB manifests: no API keys, every connection from the proxy. With the
+    proxy in trusted_proxies the right-most X-Forwarded-For address is the client; from any
+    other peer the header is ignored (a client cannot pick its own key)."""
+    from balancer import access
+
+    access.refusals._last.clear()
+    g, url = gate
+    server = await balancer(
+        [url],
+        max_inflight_per_replica=1,
+        max_queued_per_client=2,
+        trusted_proxies=("127.0.0.0/8", "::1") if trusted else (),
+    )
+    generate = f"{server.url}/generate"
+    # user A (the ALB appended 10.0.0.1; the client itself claimed 10.9.9.9 on the left)
+    user_a = "10.9.9.9, 10.0.0.1"
+    greedy = [asyncio.create_task(_post_from(http, generate, user_a)) for _ in range(3)]
+    await wait_until(lambda: server.balancer.admission.queue_depth == 2, what="2 queued")  # type: ignore[union-attr]
+    assert await _post_from(http, generate, "10.0.0.1") == (429, "1")
+    other = asyncio.create_task(_post_from(http, generate, "10.0.0.2"))
+    if trusted:
+        await wait_until(lambda: server.balancer.admission.queue_depth == 3, what="B queued")  # type: ignore[union-attr]
+        assert "refused POST /generate from 10.0.0.1: client_quota" in caplog.text
+    else:
+        assert (await other) == (429, "1")  # one client: the socket peer
+    g.open.set()
+    statuses = [s for s, _ in await asyncio.gather(*greedy)]
+    assert statuses == [200] * 3
+    if trusted:
+        assert (await other)[0] == 200
+    assert server.balancer.quotas.outstanding == {}  # type: ignore[union-attr]
+
+
 async def test_queued_bodies_count_against_a_memory_budget(
     gate: tuple[Gate, str], balancer, http
 ) -> None:
@@ -531,6 +576,66 @@ async def test_tokenize_info_and_models_have_their_own_small_limit(
         resp.release()
     async with http.get(f"{server.url}/info") as resp:
         assert resp.status == 200
+
+
+async def test_slow_bodies_hold_no_passthrough_slot(gate: tuple[Gate, str], balancer, http) -> None:
+    """16 GET /info announcing a body they never send, and 16 POST /tokenize sending half of
+    theirs, hold nothing: the GET routes read no body, and the limit is taken once the body
+    is read."""
+    g, url = gate
+    g.open.set()
+    server = await balancer([url], client_timeout_s=30.0, max_passthrough_requests=16)
+    heads = [b"GET /info HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"] * 16 + [
+        b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\n\r\n{"
+    ] * 16
+    streams = [await asyncio.open_connection("127.0.0.1", server.bound_port) for _ in heads]
+    try:
+        for (_, writer), head in zip(streams, heads, strict=True):
+            writer.write(head)
+            await writer.drain()
+        # the GETs are answered at once although their announced bodies never come
+        for reader, _ in streams[:16]:
+            status = await asyncio.wait_for(reader.readline(), 10)
+            assert status.startswith(b"HTTP/1.1 200"), status
+        await wait_until(lambda: server.balancer.handling == 16, what="16 tokenize bodies read")  # type: ignore[union-attr]
+        for path in ("/info", "/v1/models"):
+            async with http.get(f"{server.url}{path}") as resp:
+                assert resp.status in (200, 404), await resp.text()  # the gate has no /v1/models
+        async with http.post(f"{server.url}/tokenize", json=GEN) as resp:
+            assert resp.status == 200, await resp.text()
+        assert server.balancer.quotas.passthrough == 0  # type: ignore[union-attr]
+    finally:
+        for _, writer in streams:
+            writer.close()
+
+
+async def test_the_passthrough_limit_is_per_client(gate: tuple[Gate, str], balancer) -> None:
+    """One client (127.0.0.1) at max_passthrough_requests gets 429; another address on
+    loopback (127.0.0.2) is still served; max_passthrough_total bounds them all."""
+    g, url = gate
+    server = await balancer([url], max_passthrough_requests=1, max_passthrough_total=2)
+    one = aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.1", 0)))
+    two = aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0)))
+    three = aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.3", 0)))
+    try:
+        held = [asyncio.create_task(one.get(f"{server.url}/info"))]
+        await wait_until(lambda: g.waiting == 1, what="client one's /info at the replica")
+        async with one.post(f"{server.url}/tokenize", json=GEN) as resp:
+            assert "max_passthrough_requests" in await _error(resp, 429, "overloaded")
+        held.append(asyncio.create_task(two.get(f"{server.url}/info")))
+        await wait_until(lambda: g.waiting == 2, what="client two's /info at the replica")
+        async with three.get(f"{server.url}/info") as resp:
+            assert "max_passthrough_total" in await _error(resp, 429, "overloaded")
+        g.open.set()
+        for task in held:
+            resp = await task
+            assert resp.status == 200
+            resp.release()
+        assert server.balancer.quotas.passthrough_by_client == {}  # type: ignore[union-attr]
+    finally:
+        for session in (one, two, three):
+            await session.close()
 
 
 async def test_connections_over_the_cap_get_a_503_and_are_closed(scripted, balancer, http) -> None:

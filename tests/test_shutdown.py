@@ -21,7 +21,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import admin_headers, free_ports
+from tests.conftest import admin_headers, free_ports, wait_until
 from tests.test_serve import (
     CHAT,
     demo_config,
@@ -81,6 +81,53 @@ async def test_shutdown_steps_serve_then_refuse(simulator, balancer, http) -> No
     events = (await before.read()).split(b"\n\n")
     assert b'"generated_text":"' in [e for e in events if e][-1]
     assert await server.wait_idle(10)
+
+
+async def _half_sent(server, head: bytes, body: bytes):
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.bound_port)
+    writer.write(head % len(body) + body[:10])
+    await writer.drain()
+    connections = server._runner.server.connections
+    await wait_until(lambda: len(connections) == 1, what="the connection accepted")
+    await asyncio.sleep(0.2)  # the handler starts and waits for the rest of the body
+    return reader, writer
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n",
+        b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n",
+    ],
+    ids=["generate", "tokenize"],
+)
+async def test_the_drain_waits_for_a_request_still_sending_its_body(
+    scripted, balancer, head: bytes
+) -> None:
+    """A request that began before the drain but is still reading its body is not idle:
+    the drain waits for it, and it gets a 503 + Retry-After (it had not started), not a
+    connection closed under it by stop()."""
+    _, url = await scripted(Script(tokens=3))
+    server = await balancer([url])
+    body = json.dumps(GENERATE).encode()
+    reader, writer = await _half_sent(server, head, body)
+    await server.begin_shutdown(0.0)
+    assert not server.balancer.idle
+    waiting = asyncio.create_task(server.wait_idle(10.0))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()  # still waiting for the body
+    writer.write(body[10:])
+    await writer.drain()
+    assert await waiting
+    answer = await asyncio.wait_for(reader.read(), 10)
+    await server.stop()
+    writer.close()
+    head_bytes, _, rest = answer.partition(b"\r\n\r\n")
+    assert head_bytes.startswith(b"HTTP/1.1 503"), answer[:200]
+    assert b"Retry-After: 5" in head_bytes
+    assert json.loads(rest)["error_type"] == "unavailable"
 
 
 async def _phase(http: aiohttp.ClientSession, server) -> tuple[str, bool]:
@@ -262,6 +309,56 @@ def test_balance_cli_shutdown_delay(tmp_path: Path) -> None:
         assert "refusing new requests" in out and "INFO" in out
         assert "refusing new requests" not in err
     finally:
+        for proc in (balancer, replica):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+@pytest.mark.parametrize("phase", ["delay", "drain"])
+def test_balance_cli_second_signal_stops_at_once(tmp_path: Path, phase: str) -> None:
+    """As `serve`: a second SIGTERM/SIGINT during the shutdown delay or the drain skips the
+    rest of it, instead of leaving an operator waiting minutes."""
+    replica_port, listen = free_ports(2)
+    base = f"http://127.0.0.1:{listen}"
+    replica = subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "simulate-replica", "--port", str(replica_port)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    argv = [sys.executable, "-m", "supervisor", "balance", "--listen", f"127.0.0.1:{listen}"]
+    argv += ["--upstream", f"http://127.0.0.1:{replica_port}", "--health-interval", "0.2"]
+    argv += ["--shutdown-delay", "120" if phase == "delay" else "0", "--drain-timeout", "120"]
+    balancer = subprocess.Popen(
+        argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    stream = None
+    try:
+        wait_for(lambda: _status(base) == 200, seconds=20, what="balancer ready")
+        if phase == "drain":  # a long stream keeps the drain busy
+            body = {"inputs": "Hello", "parameters": {"max_new_tokens": 5000}}
+            stream = urllib.request.urlopen(
+                urllib.request.Request(
+                    f"{base}/generate_stream",
+                    data=json.dumps(body).encode(),
+                    headers={"Content-Type": "application/json"},
+                ),
+                timeout=30,
+            )
+            assert stream.status == 200
+            stream.read(1)
+        balancer.send_signal(signal.SIGTERM)
+        wait_for(lambda: _status(base) != 200, seconds=5, what="the stop began")
+        with pytest.raises(subprocess.TimeoutExpired):
+            balancer.wait(timeout=1.0)  # still in the delay / drain
+        balancer.send_signal(signal.SIGINT)
+        _, err = balancer.communicate(timeout=15)
+        assert balancer.returncode == 0, err[-3000:]
+        assert "SIGINT again: stopping now" in err
+    finally:
+        if stream is not None:
+            stream.close()
         for proc in (balancer, replica):
             if proc.poll() is None:
                 proc.kill()

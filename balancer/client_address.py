@@ -1,0 +1,74 @@
+"""Who a request comes from, for per-client quotas, when it arrives through a front proxy.
+
+Behind an ALB (or nginx, HAProxy) without API keys every user shares the proxy's socket
+address, so a per-client limit keyed on it is a global limit in disguise. When the socket
+peer is one of the configured ``trusted_proxies``, the client is taken from
+``X-Forwarded-For`` with the trusted-proxy-list method (MDN, "X-Forwarded-For", section
+"Selecting an IP address"): all ``X-Forwarded-For`` headers joined as one comma-separated
+list in the order received, searched from the right, skipping addresses in
+``trusted_proxies``; the first other entry is the client. Entries left of it were written
+by the client itself and are never believed.
+
+Used for quotas only: the admin loopback check (balancer/access.py) keeps using the socket
+peer, since a header is a client's say-so.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def parse_networks(cidrs: Iterable[str]) -> tuple[Network, ...]:
+    """``10.0.0.0/16``, ``192.168.1.7`` (one host), ``fd00::/8``; ValueError names a bad one.
+
+    Host bits may be set (``10.0.3.1/16`` means ``10.0.0.0/16``), as in most proxy configs."""
+    networks = []
+    for cidr in cidrs:
+        try:
+            networks.append(ipaddress.ip_network(cidr.strip(), strict=False))
+        except ValueError:
+            raise ValueError(
+                f"trusted_proxies: {cidr!r} is not an IP address or CIDR range (e.g. 10.0.0.0/16)"
+            ) from None
+    return tuple(networks)
+
+
+def _address(entry: str) -> Address | None:
+    """An ``X-Forwarded-For`` entry as an address; tolerates ``[v6]:port`` and ``v4:port``
+    (some proxies add the port), None when it is not an address at all."""
+    text = entry.strip()
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _trusted(address: Address | None, networks: Sequence[Network]) -> bool:
+    return address is not None and any(address in net for net in networks)
+
+
+def client_address(
+    peer: str | None, forwarded_for: Iterable[str], trusted: Sequence[Network]
+) -> str:
+    """The client's address: the socket ``peer`` unless it is a trusted proxy, else the
+    right-most ``X-Forwarded-For`` entry not in ``trusted`` (the left-most entry when every
+    one is trusted; the peer when there is no header)."""
+    if not peer or not trusted or not _trusted(_address(peer), trusted):
+        return peer or "?"
+    entries = [e.strip() for value in forwarded_for for e in value.split(",") if e.strip()]
+    for entry in reversed(entries):
+        address = _address(entry)
+        if not _trusted(address, trusted):
+            return str(address) if address is not None else entry[:64]
+    return str(_address(entries[0])) if entries else peer
