@@ -71,6 +71,18 @@ POLICIES = (
 CAPPED = ("lor-cap", "least-work", "prefill-aware", "remaining-work", "lor-remaining")
 
 
+def push_arrivals(
+    events: list, seq: itertools.count, rng: random.Random, rate: float, duration_s: float
+) -> None:
+    """Poisson arrivals at ``rate`` per second until ``duration_s``, as "arrive" events."""
+    t = 0.0
+    while True:
+        t += rng.expovariate(rate)
+        if t > duration_s:
+            return
+        heapq.heappush(events, (t, next(seq), "arrive", -1))
+
+
 def simulate(
     policy: str,
     sampler: Callable[[random.Random], tuple[int, int, str]],
@@ -180,12 +192,7 @@ def simulate(
             queue.remove(job)
             send(job, i, now)
 
-    t = 0.0
-    while True:
-        t += rng.expovariate(rate)
-        if t > duration_s:
-            break
-        heapq.heappush(events, (t, next(seq), "arrive", -1))
+    push_arrivals(events, seq, rng, rate, duration_s)
     while events:
         now, _, kind, i = heapq.heappop(events)
         if kind == "arrive":
@@ -333,12 +340,7 @@ def simulate_slo(
             batchers[i].add(waiter.job)
             start_step(i, now)
 
-    t = 0.0
-    while True:
-        t += rng.expovariate(rate)
-        if t > duration_s:
-            break
-        heapq.heappush(events, (t, next(seq), "arrive", -1))
+    push_arrivals(events, seq, rng, rate, duration_s)
     while events:
         now, _, kind, i = heapq.heappop(events)
         if kind == "arrive":

@@ -274,24 +274,31 @@ def _refused(base: str) -> bool:
         return True
 
 
-def test_balance_cli_shutdown_delay(tmp_path: Path) -> None:
-    """`neuron-fleet balance` (no supervisor) runs the same two steps on SIGTERM."""
+def _balance_in_front_of_a_replica(
+    *args: str,
+) -> tuple[subprocess.Popen[str], subprocess.Popen[str], str]:
+    """A simulated replica and `neuron-fleet balance ARGS` in front of it, as processes
+    (output piped); the balancer's base URL."""
     replica_port, listen = free_ports(2)
-    base = f"http://127.0.0.1:{listen}"
     replica = subprocess.Popen(
         [sys.executable, "-m", "supervisor", "simulate-replica", "--port", str(replica_port)],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        text=True,
     )
     argv = [sys.executable, "-m", "supervisor", "balance", "--listen", f"127.0.0.1:{listen}"]
     argv += ["--upstream", f"http://127.0.0.1:{replica_port}", "--health-interval", "0.2"]
     balancer = subprocess.Popen(
-        [*argv, "--shutdown-delay", "2", "--log-stream", "stdout"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        [*argv, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    return replica, balancer, f"http://127.0.0.1:{listen}"
+
+
+def test_balance_cli_shutdown_delay(tmp_path: Path) -> None:
+    """`neuron-fleet balance` (no supervisor) runs the same two steps on SIGTERM."""
+    replica, balancer, base = _balance_in_front_of_a_replica(
+        "--shutdown-delay", "2", "--log-stream", "stdout"
     )
     try:
         wait_for(lambda: _status(base) == 200, seconds=20, what="balancer ready")
@@ -319,19 +326,9 @@ def test_balance_cli_shutdown_delay(tmp_path: Path) -> None:
 def test_balance_cli_second_signal_stops_at_once(tmp_path: Path, phase: str) -> None:
     """As `serve`: a second SIGTERM/SIGINT during the shutdown delay or the drain skips the
     rest of it, instead of leaving an operator waiting minutes."""
-    replica_port, listen = free_ports(2)
-    base = f"http://127.0.0.1:{listen}"
-    replica = subprocess.Popen(
-        [sys.executable, "-m", "supervisor", "simulate-replica", "--port", str(replica_port)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    argv = [sys.executable, "-m", "supervisor", "balance", "--listen", f"127.0.0.1:{listen}"]
-    argv += ["--upstream", f"http://127.0.0.1:{replica_port}", "--health-interval", "0.2"]
-    argv += ["--shutdown-delay", "120" if phase == "delay" else "0", "--drain-timeout", "120"]
-    balancer = subprocess.Popen(
-        argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    delay = "120" if phase == "delay" else "0"
+    replica, balancer, base = _balance_in_front_of_a_replica(
+        "--shutdown-delay", delay, "--drain-timeout", "120"
     )
     stream = None
     try:
