@@ -131,7 +131,7 @@ class Balancer:
         ttft_s = ticket.first_token_at - ticket.arrived_at
         met = ttft_s <= ticket.budget_s
         self.metrics.slo_requests.labels(
-            outcome="met" if met else "missed", prompt_class=_prompt_class(ticket)
+            outcome="met" if met else "missed", prompt_class=ticket.prompt_class
         ).inc()
         if ticket.predicted_ttft is not None:
             self.metrics.ttft_forecast_error.observe(ttft_s - ticket.predicted_ttft)
@@ -213,7 +213,7 @@ class Balancer:
         if refusal is not None:
             self.metrics.rejected.labels(reason=refusal.reason).inc()
             self.metrics.slo_requests.labels(
-                outcome="refused", prompt_class=_prompt_class(ticket)
+                outcome="refused", prompt_class=ticket.prompt_class
             ).inc()
             return json_error(
                 429,
@@ -291,10 +291,6 @@ class _Invalid(Exception):
         self.status = status
         self.message = message
         self.reason = reason or f"invalid_{status}"
-
-
-def _prompt_class(ticket: Ticket) -> str:
-    return "long" if ticket.long else "short"
 
 
 def _request_id(request: web.Request) -> str:

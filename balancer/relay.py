@@ -295,8 +295,9 @@ class Relay:
             what = "no replica is ready" if exc.no_replica else "every replica slot stayed busy"
             if reason == "ttft_slo_expired":
                 what = "it can no longer get its first token within its TTFT budget"
-                klass = "long" if ticket.long else "short"
-                self.metrics.slo_requests.labels(outcome="expired", prompt_class=klass).inc()
+                self.metrics.slo_requests.labels(
+                    outcome="expired", prompt_class=ticket.prompt_class
+                ).inc()
             return json_error(
                 503,
                 f"Waited {exc.waited_s:.1f} s for a replica slot but {what}; retry later",

@@ -43,3 +43,8 @@ class Ticket:
     """Token events relayed so far on the current attempt (the relay keeps it)."""
     first_token_at: float | None = None
     last_token_at: float = 0.0
+
+    @property
+    def prompt_class(self) -> str:
+        """The class the metrics and the queue's floor tell apart: ``long`` or ``short``."""
+        return "long" if self.long else "short"
