@@ -432,12 +432,6 @@ def _make_observer(balancer: Balancer) -> Any:
     return observe
 
 
-async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
-    """No software versions for scanners (aiohttp would send ``Python/3.11 aiohttp/3.x``);
-    runs after aiohttp set its own (see ``_before_head``), so it replaces it."""
-    response.headers["Server"] = "neuron-fleet"
-
-
 async def _before_head(
     balancer: Balancer, request: web.Request, response: web.StreamResponse
 ) -> None:
@@ -446,7 +440,10 @@ async def _before_head(
     A refusal (429, 503) without ``Retry-After`` gets one, whoever wrote it: a replica's own
     429 passed through, an admin 503. Once a stop began, every response says
     ``Connection: close``, so a front balancer keeps no idle connection to a host that will
-    soon stop listening (reusing one would fail a request it already sent)."""
+    soon stop listening (reusing one would fail a request it already sent). ``Server``
+    names no software versions for scanners (aiohttp would send ``Python/3.11
+    aiohttp/3.x``); aiohttp set its own before this hook, so it is replaced."""
+    response.headers["Server"] = "neuron-fleet"
     if response.status in (429, 503) and "Retry-After" not in response.headers:
         response.headers["Retry-After"] = str(RETRY_AFTER_S)
     if balancer.stopping or balancer.draining:
@@ -466,7 +463,6 @@ def create_app(balancer: Balancer) -> web.Application:
     )
     app[BALANCER_KEY] = balancer
     app.on_response_prepare.append(functools.partial(_before_head, balancer))
-    app.on_response_prepare.append(_server_header)
     post = functools.partial(app.router.add_post, expect_handler=expect_handler)
     get = functools.partial(app.router.add_get, allow_head=False, expect_handler=expect_handler)
     for path in GENERATION_ROUTES:
