@@ -8,7 +8,9 @@ to whichever replica frees a slot first.
 Every request joins the queue at its place and admission then dispatches: whenever a slot
 could match a waiter (a request arrives, a slot frees, a replica comes back) free slots go
 to waiters in queue order, skipping a waiter that excluded that replica. So a retry waiting
-for "any replica but A" never keeps a new request off an idle A. A waiter that gives up
+for "any replica but A" never keeps a new request off an idle A. A retry excludes a replica
+only in the incarnation it failed in (``balancer.upstream.excluded``): once A restarted, the
+retry may take it. A waiter that gives up
 (timeout, or its client left) is removed, and a slot granted to it at the same instant is
 given back.
 
@@ -36,7 +38,7 @@ from balancer.forecast import NO_BUDGET_TOKENS, Forecast
 from balancer.policy import Policy
 from balancer.queue_order import QUEUE_ORDERS, QueueOrder, estimated_service_s
 from balancer.ticket import Ticket
-from balancer.upstream import Registry, Replica
+from balancer.upstream import Registry, Replica, Tried, excluded
 
 log = logging.getLogger("neuron_fleet.admission")
 
@@ -69,7 +71,7 @@ class QueueTimeout(Exception):
 class _Waiter:
     future: asyncio.Future[Replica]
     work: int
-    exclude: frozenset[Replica]
+    exclude: Tried
     ticket: Ticket
     deadline: float = 0.0
     """The queue's sort key (``Ticket.order_key``)."""
@@ -124,13 +126,14 @@ class Admission:
     async def acquire(
         self,
         work: int,
-        exclude: frozenset[Replica] = frozenset(),
+        exclude: Tried | None = None,
         prompt_tokens: int = 0,
         ticket: Ticket | None = None,
     ) -> Replica:
         """Wait for a slot; raises QueueFull, QueueTimeout, or CancelledError (client left).
 
-        Pass the request's ``ticket`` on a retry to keep its place and its deadline.
+        Pass the request's ``ticket`` on a retry to keep its place and its deadline, and the
+        replicas it failed on (``exclude``: each with the incarnation it failed in).
         """
         if ticket is None:
             ticket = Ticket()
@@ -138,7 +141,7 @@ class Admission:
             ticket.order_key = self.order.key(ticket.arrived_at, work, prompt_tokens, ticket)
         if not ticket.admitted and len(self._queue) >= self.max_queue:
             raise QueueFull()
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), work, exclude, ticket)
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), work, exclude or {}, ticket)
         waiter.deadline = ticket.order_key
         bisect.insort_right(self._queue, waiter, key=_deadline)
         self.dispatch()
@@ -212,7 +215,8 @@ class Admission:
             for waiter in self.order.in_turn(self._queue):
                 if waiter.future.done():
                     continue
-                candidates = [r for r in free if r not in waiter.exclude]
+                exclude = waiter.exclude
+                candidates = [r for r in free if not excluded(r, exclude)] if exclude else free
                 replica = self.policy.pick(candidates, waiter.work)
                 if replica is not None:
                     self._queue.remove(waiter)

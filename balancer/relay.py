@@ -3,7 +3,9 @@
 A request's life, top to bottom (``Relay.forward``), one method per concern:
 
 1. **Choose a replica and retry** (``forward``, ``_choose``): take a slot (admission); the
-   request's ``Ticket`` keeps its place in line and its queue deadline across retries.
+   request's ``Ticket`` keeps its place in line and its queue deadline across retries. A
+   retry avoids the replicas the request failed on, each for the incarnation it failed in
+   (``balancer.upstream.excluded``): a replica that restarted since may take it.
 2. **Open** (``_open``): send the request and wait for the replica's answer: the status
    line and headers, and for event streams the first event. Connection refused or reset,
    a 424/429/5xx answer, or TGI's HTTP-200 stream whose first event is an error
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -53,7 +56,7 @@ from balancer.errors import json_error, stream_error_event
 from balancer.metrics import BalancerMetrics
 from balancer.outlier import OutlierDetector, RequestFailures
 from balancer.sse import CLIENT, GENERATION, EventFramer, parse_error_event, separator_of
-from balancer.upstream import Registry, Replica, ReplicaState
+from balancer.upstream import Registry, Replica, ReplicaState, Tried, excluded
 from balancer.upstream_http import ReplicaConnection, UpstreamError, UpstreamPool
 
 log = logging.getLogger("neuron_fleet.relay")
@@ -220,28 +223,22 @@ class Relay:
         ticket = rr.ticket if rr.ticket is not None else Ticket()
         failures = RequestFailures(rr.request_id)
         succeeded = False
-        tried: set[Replica] = set()
+        tried: dict[Replica, int] = {}
+        """Replicas this request failed on -> the incarnation it failed in."""
         stream = _Stream(request)
         self._streams.add(stream)
         try:
             for attempt in range(self.config.retries + 1):
                 request[STAGE] = "queued"
-                replica = await self._choose(rr, ticket, frozenset(tried))
+                replica = await self._choose(rr, ticket, tried)
                 if replica is None:
                     return self._reject_no_replica(rr)
-                # No replica left to retry on: answer with this one's error now, rather than
-                # wait queue_timeout_s for a slot on a replica this request excludes. One
-                # that is starting counts: it will be back (a supervised restart).
-                last_attempt = attempt == self.config.retries or not any(
-                    (r.routable or r.state is ReplicaState.STARTING)
-                    and r is not replica
-                    and r not in tried
-                    for r in self.registry.replicas
-                )
+                incarnation = replica.incarnation
+                can_retry = functools.partial(self._can_retry, attempt, replica, incarnation, tried)
                 stream.work_done = 0
                 try:
                     request[STAGE] = "waiting_first_byte"
-                    answer = await self._open(request, rr, replica, headers, stream, last_attempt)
+                    answer = await self._open(request, rr, replica, headers, stream, can_retry)
                     if answer is None:  # timed out or unreachable on the last attempt
                         return self._unanswered(rr, replica, stream)
                     if answer.failure is not None:
@@ -260,7 +257,7 @@ class Relay:
                         self.outliers.passed(replica)
                     return response
                 except _Retry as retry:
-                    tried.add(replica)
+                    tried[replica] = incarnation
                     if retry.answered:
                         failures.add(replica, retry.reason)
                     if stream.upstream is not None:
@@ -310,16 +307,33 @@ class Relay:
             if stream.upstream is not None:
                 stream.upstream.release()  # kept for the next request if it ended cleanly
 
-    async def _choose(
-        self, rr: RelayRequest, ticket: Ticket, exclude: frozenset[Replica]
-    ) -> Replica | None:
+    async def _choose(self, rr: RelayRequest, ticket: Ticket, tried: Tried) -> Replica | None:
         if rr.admit:
-            return await self.admission.acquire(rr.work, exclude, rr.prompt_tokens, ticket)
-        candidates = [r for r in self.registry.replicas if r.routable and r not in exclude]
+            return await self.admission.acquire(rr.work, tried, rr.prompt_tokens, ticket)
+        candidates = [r for r in self.registry.replicas if r.routable and not excluded(r, tried)]
         if not candidates:
             return None
         self._any_turn += 1
         return candidates[self._any_turn % len(candidates)]
+
+    def _can_retry(self, attempt: int, replica: Replica, incarnation: int, tried: Tried) -> bool:
+        """Whether the request, failing on ``replica`` now, may go on to another attempt.
+
+        Not when the retries are used up, nor when no replica is left that could take it:
+        then the attempt's own error is the answer now, rather than a wait of
+        ``queue_timeout_s`` for a slot on a replica the request excludes. A replica that is
+        starting counts, ``replica`` itself included: it will be back as a new incarnation
+        (a supervised restart). Asked when the attempt fails, not before it: the fleet may
+        have changed meanwhile (a restart during a long wait for the first byte)."""
+        if attempt >= self.config.retries:
+            return False
+        for r in self.registry.replicas:
+            if r.state is ReplicaState.STARTING:
+                return True
+            if r.routable and not excluded(r, tried):
+                if r is not replica or r.incarnation != incarnation:
+                    return True
+        return False
 
     def _reject_no_replica(self, rr: RelayRequest) -> web.Response:
         self.metrics.rejected.labels(reason="no_replica").inc()
@@ -361,10 +375,11 @@ class Relay:
         replica: Replica,
         headers: CIMultiDict[str],
         stream: _Stream,
-        last_attempt: bool,
+        can_retry: Callable[[], bool],
     ) -> _Answer | None:
-        """The replica's head (and first event): an ``_Answer`` to commit, ``_Retry``, or
-        None when the last replica tried did not answer (``stream.expired`` says why)."""
+        """The replica's head (and first event): an ``_Answer`` to commit, ``_Retry`` (when
+        ``can_retry()``), or None when the last replica tried did not answer
+        (``stream.expired`` says why)."""
         cfg = self.config
         stream.upstream = None
         stream.expired = None
@@ -382,22 +397,21 @@ class Relay:
                 )
                 status = upstream.status
                 self.metrics.upstream_responses.labels(replica=replica.name, code=str(status)).inc()
-                if status == BUSY_STATUS and not last_attempt:
-                    raise _Retry("status_429")  # busy is not broken
-                if status in FAILED_STATUS and not last_attempt:
-                    raise _Retry(f"status_{status}", answered=True)
+                if (status == BUSY_STATUS or status in FAILED_STATUS) and can_retry():
+                    # Busy (429) is not broken; a failure answer is judged with the request.
+                    raise _Retry(f"status_{status}", answered=status != BUSY_STATUS)
                 is_sse = _content_type(upstream.headers) == SSE
                 first = await upstream.read_first(is_sse, FIRST_EVENT_LIMIT)
         except TimeoutError:
             stream.expired = timeout_kind
             self.outliers.failed(replica, timeout_kind)
-            if not last_attempt:
+            if can_retry():
                 raise _Retry(timeout_kind) from None
             return None
         except UpstreamError as exc:
             stream.expired = exc.kind
             self.outliers.failed(replica, exc.kind)
-            if not last_attempt:
+            if can_retry():
                 raise _Retry(exc.kind) from None
             return None
 
@@ -411,7 +425,7 @@ class Relay:
                 answer.error_event = True
                 self.metrics.upstream_errors.labels(replica=replica.name, kind="error_event").inc()
                 kind = f"{event.verdict}_event"
-                if event.verdict != CLIENT and not last_attempt:
+                if event.verdict != CLIENT and can_retry():
                     # Overloaded: busy, not broken. Generation: the replica failed this
                     # request (or the request fails everywhere: RequestFailures decides).
                     raise _Retry(kind, answered=event.verdict == GENERATION)

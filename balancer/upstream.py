@@ -9,13 +9,16 @@ One `Replica` object per upstream server is the single source of truth:
 - policies only read it.
 
 A replica gets traffic only when it is ``routable``: lifecycle state READY *and* healthy.
+Each time it becomes routable again (a supervised restart, health checks re-admitting it) it
+starts a new ``incarnation``: a request that failed on it excludes it only for the
+incarnation it failed in (balancer/relay.py), so a retry may return to a restarted replica.
 """
 
 from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +60,12 @@ class Replica:
     health_failures: int = 0
     ever_healthy: bool = False
 
+    incarnation: int = 0
+    """Times it came (back) into rotation: bumped by ``Registry.notify`` when it turns
+    routable. Requests that failed here exclude it for this incarnation only."""
+    in_rotation: bool = field(default=False, repr=False)
+    """Whether it was routable at the last ``Registry.notify`` (to see it come back)."""
+
     # Process facts, filled in by the supervisor (None in balance-only mode).
     pid: int | None = None
     port: int | None = None
@@ -95,6 +104,16 @@ class Replica:
         return (time.monotonic() if now is None else now) - self.started_at
 
 
+Tried = Mapping[Replica, int]
+"""The replicas a request failed on, each with the incarnation it failed in."""
+
+
+def excluded(replica: Replica, tried: Tried) -> bool:
+    """Whether ``replica`` failed this request in its current incarnation (so not again);
+    one that restarted since is a fresh process and may take the request."""
+    return tried.get(replica) == replica.incarnation
+
+
 class Registry:
     """Ordered collection of replicas, looked up by name."""
 
@@ -109,7 +128,16 @@ class Registry:
         self._listeners.append(listener)
 
     def notify(self) -> None:
-        """Tell listeners (admission) that states changed: call after moving a state."""
+        """Tell listeners (admission) that states changed: call after moving a state.
+
+        Every writer of ``state`` or ``healthy`` (supervisor, health checker, outlier
+        detection, admin) calls this, so it is where a replica coming back into rotation
+        starts a new incarnation."""
+        for replica in self._replicas.values():
+            routable = replica.routable
+            if routable and not replica.in_rotation:
+                replica.incarnation += 1
+            replica.in_rotation = routable
         for listener in self._listeners:
             listener()
 
@@ -121,6 +149,7 @@ class Registry:
         if replica.name in self._replicas:
             raise ValueError(f"duplicate replica name {replica.name!r}")
         self._replicas[replica.name] = replica
+        replica.in_rotation = replica.routable
 
     def remove(self, name: str) -> Replica:
         return self._replicas.pop(name)

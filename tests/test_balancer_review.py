@@ -32,7 +32,7 @@ async def test_a_queued_retry_does_not_keep_new_requests_off_an_idle_replica():
     busy_b = await adm.acquire(1)
     assert {first, busy_b} == {a, b}
     # A's request failed: its retry excludes A and waits for B, which is busy.
-    retry = asyncio.ensure_future(adm.acquire(1, exclude=frozenset({a})))
+    retry = asyncio.ensure_future(adm.acquire(1, exclude={a: a.incarnation}))
     await asyncio.sleep(0)
     adm.release(a, 1)
     await asyncio.sleep(0)

@@ -1,0 +1,217 @@
+"""A retry avoids a replica only for the incarnation the request failed in.
+
+A replica that died under a request and was restarted by the supervisor (same ``Replica``,
+STARTING -> READY) is a fresh process: the retry may go back to it. Found as a defect: with
+overlapping deaths (A dies, the retry goes to B, B dies, A is back) every replica was
+excluded for the whole request and the client got 502 although A was ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from balancer.admission import Admission
+from balancer.config import BalancerConfig
+from balancer.health import HealthChecker
+from balancer.policy import LeastOutstanding
+from balancer.server import BalancerServer
+from balancer.upstream import Registry, Replica, ReplicaState, excluded
+from supervisor.fleet import Fleet, FleetSettings
+from supervisor.launchers import LaunchSpec
+from tests.conftest import free_port, wait_until
+from tests.test_hardening_faults import LIFECYCLE
+from tests.upstreams import Script
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _ready(name: str) -> Replica:
+    return Replica(name, f"http://{name}", slot_cap=1, state=ReplicaState.READY, healthy=True)
+
+
+# --------------------------------------------------------------------------- the counter
+
+
+def test_incarnation_changes_only_when_a_replica_comes_back_into_rotation() -> None:
+    """Bumped when the supervisor makes a replica ready again or health checks re-admit it;
+    not by other replicas' changes, nor while it is still down."""
+    a, b = _ready("a"), _ready("b")
+    registry = Registry([a, b])
+    checks = HealthChecker(BalancerConfig(health_fall=1, health_rise=1), registry, None)  # type: ignore[arg-type]
+    first = a.incarnation
+    failed_here = {a: first}
+    registry.set_state(b, ReplicaState.DRAINING)  # something else changed
+    registry.set_state(b, ReplicaState.READY)
+    assert a.incarnation == first and excluded(a, failed_here)
+
+    # The supervisor saw it exit and restarts it: down while starting, back when ready.
+    a.healthy = False
+    registry.set_state(a, ReplicaState.STARTING)
+    assert a.incarnation == first
+    a.healthy = True
+    registry.set_state(a, ReplicaState.READY)
+    assert a.incarnation == first + 1 and not excluded(a, failed_here)
+
+    # Balance-only mode: health checks take it out and bring it back.
+    failed_here = {a: a.incarnation}
+    checks.record(a, False, "HTTP 503")
+    checks.record(a, True)
+    assert a.incarnation == first + 2 and not excluded(a, failed_here)
+
+
+async def test_a_queued_retry_takes_a_replica_only_once_it_restarted() -> None:
+    registry = Registry([_ready("a"), _ready("b")])
+    a, b = registry.replicas
+    adm = Admission(registry, LeastOutstanding(), max_queue=8, queue_timeout_s=5)
+    assert await adm.acquire(1) is a
+    assert await adm.acquire(1) is b
+    # The request failed on A; its retry waits for "any replica but this A".
+    retry = asyncio.ensure_future(adm.acquire(1, exclude={a: a.incarnation}))
+    await asyncio.sleep(0)
+    adm.release(a, 1)
+    registry.notify()  # any state change: A is free and the same process
+    await asyncio.sleep(0.05)
+    assert not retry.done()
+    # A restarts: down, then ready again as a new incarnation.
+    a.healthy = False
+    registry.set_state(a, ReplicaState.STARTING)
+    await asyncio.sleep(0.05)
+    assert not retry.done()
+    a.healthy = True
+    registry.set_state(a, ReplicaState.READY)
+    assert await asyncio.wait_for(retry, 1) is a
+    adm.release(a, 1)
+    adm.release(b, 1)
+
+
+# --------------------------------------------------------------------------- end to end
+
+REPLICA = textwrap.dedent(
+    """
+    # A replica for this test: its first process dies under the first generation request
+    # it gets; once restarted (the supervisor starts the same command again) it answers.
+    import json, os, sys, time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from pathlib import Path
+
+    port, name, folder = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+    restarted = (folder / f"died-{name}").exists()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if not restarted:
+                first_to_die = not any(folder.glob("died-*"))
+                (folder / f"died-{name}").touch()
+                if not first_to_die:
+                    # The second death waits until the test says the first replica's
+                    # death has been seen by the supervisor.
+                    while not (folder / "go").exists():
+                        time.sleep(0.01)
+                os._exit(1)  # dies under the request: no answer, connection closed
+            body = json.dumps({"generated_text": "ok", "replica": name, "pid": os.getpid()})
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+    ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+    """
+)
+
+
+async def test_overlapping_deaths_the_retry_returns_to_the_restarted_replica(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "replica.py"
+    script.write_text(REPLICA)
+    replicas, specs = [], {}
+    for name in ("a", "b"):
+        port = free_port()
+        replicas.append(Replica(name=name, url=f"http://127.0.0.1:{port}", port=port, slot_cap=2))
+        specs[name] = LaunchSpec(argv=(sys.executable, str(script), str(port), name, str(tmp_path)))
+    registry = Registry(replicas)
+    fleet = Fleet(registry, specs, FleetSettings(min_ready=2, lifecycle=LIFECYCLE))
+    config = BalancerConfig(
+        host="127.0.0.1",
+        port=0,
+        health_interval_s=0.1,
+        health_timeout_s=0.5,
+        queue_timeout_s=20.0,
+        response_timeout_s=20.0,
+        retries=2,
+    )
+    server = BalancerServer(config, registry, fleet)
+    await server.start()
+    await fleet.start()
+    try:
+        async with asyncio.timeout(20):
+            assert await fleet.wait_ready()
+        first_pids = {r.name: r.pid for r in replicas}
+        incarnations = {r.name: r.incarnation for r in replicas}
+        async with aiohttp.ClientSession() as http:
+            call = asyncio.ensure_future(
+                http.post(f"{server.url}/generate", json={"inputs": "hello"})
+            )
+            # The first replica died under the request; the retry went to the other one.
+            await wait_until(
+                lambda: len(list(tmp_path.glob("died-*"))) == 2, what="both got the request"
+            )
+            # The second one is still alive (it waits for "go"): only the first can be down.
+            await wait_until(
+                lambda: any(r.restarts or r.state is not ReplicaState.READY for r in replicas),
+                what="the supervisor saw the first death",
+            )
+            (tmp_path / "go").touch()  # now the second replica dies too
+            async with asyncio.timeout(30):
+                resp = await call
+            async with resp:
+                text = await resp.text()
+                assert resp.status == 200, text
+                served = json.loads(text)
+        # Served by a restarted process (a new incarnation of a replica it had failed on).
+        by_name = {r.name: r for r in replicas}
+        winner = by_name[served["replica"]]
+        assert served["pid"] != first_pids[winner.name]
+        assert winner.incarnation > incarnations[winner.name]
+        metrics = await _metrics(server)
+        assert 'neuron_fleet_retries_total{reason="disconnected"} 2.0' in metrics
+    finally:
+        await server.begin_shutdown()
+        await fleet.stop(grace=1)
+        await server.stop()
+
+
+async def _metrics(server: BalancerServer) -> str:
+    async with aiohttp.ClientSession() as http, http.get(f"{server.url}/metrics") as r:
+        return await r.text()
+
+
+async def test_a_replica_that_failed_and_is_still_the_same_process_stays_excluded(
+    scripted, balancer, http
+) -> None:
+    """Retries left, but every replica failed the request in its current incarnation: the
+    last failure is the answer now, and no replica gets the request twice."""
+    a, a_url = await scripted(Script(status=503))
+    b, b_url = await scripted(Script(status=503))
+    server = await balancer([a_url, b_url], retries=5, eject_after_failures=100)
+    async with http.post(f"{server.url}/generate", json={"inputs": "x"}) as resp:
+        assert resp.status == 503
+        assert (await resp.json())["error"] == "scripted 503"
+    assert len(a.seen.requests) == 1 and len(b.seen.requests) == 1
