@@ -28,7 +28,7 @@ from balancer.forecast import Forecast
 from balancer.metrics import BalancerMetrics, route_label
 from balancer.policy import make_policy
 from balancer.quotas import Quotas
-from balancer.relay import CLIENT_GONE, STAGE, Relay, RelayRequest
+from balancer.relay import CLIENT_GONE, RETRY_AFTER_S, STAGE, Relay, RelayRequest
 from balancer.slo import DEADLINE_HEADER, BadDeadline, SloGate, budget_s
 from balancer.ticket import Ticket
 from balancer.tokens import PromptTooLong, TokenCounter, requested_new_tokens
@@ -52,8 +52,6 @@ OPEN_ROUTES = frozenset({"/health", "/ping", "/live", "/metrics"})
 """Answered without an API key: probes and scrapers carry none."""
 DEFAULT_NEW_TOKENS = 256
 """Work estimate for requests that do not say how many tokens they want."""
-RETRY_AFTER_S = 5
-"""Seconds a refused client should wait (every 429/503 carries ``Retry-After``)."""
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 
 BALANCER_KEY = web.AppKey("balancer", "Balancer")

@@ -334,6 +334,25 @@ class Forecast:
         return Prediction(at, at + self.prefill_s(name, ticket.prompt_tokens), name)
 
 
+RETRY_AFTER_MAX_S = 60.0
+"""Longest wait a refusal asks for: a forecast further out is a guess, and the OpenAI SDK
+gives up rather than wait over 120 s (openai 3.57.0, ``openai/_constants.py``
+``MAX_RETRY_AFTER_DELAY``; ``_base_client.py`` ``_should_retry``)."""
+
+
 def ceil_seconds(seconds: float) -> int:
     """A ``Retry-After`` value: whole seconds (RFC 9110 delay-seconds), at least 1."""
     return max(1, math.ceil(seconds))
+
+
+def retry_after(seconds: float) -> dict[str, str]:
+    """Headers asking a refused client to come back in ``seconds`` (at most
+    ``RETRY_AFTER_MAX_S``): ``Retry-After`` in whole seconds (RFC 9110), and to the
+    millisecond in ``retry-after-ms``, which the OpenAI SDK prefers (openai 3.57.0,
+    ``openai/_base_client.py`` ``_parse_retry_after_header``: retry-after-ms, then
+    retry-after)."""
+    seconds = min(seconds, RETRY_AFTER_MAX_S)
+    return {
+        "Retry-After": str(ceil_seconds(seconds)),
+        "retry-after-ms": str(max(1, round(seconds * 1000))),
+    }

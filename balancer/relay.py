@@ -53,6 +53,7 @@ from multidict import CIMultiDict
 from balancer.admission import Admission, QueueFull, QueueTimeout, Ticket
 from balancer.config import BalancerConfig
 from balancer.errors import json_error, stream_error_event
+from balancer.forecast import retry_after
 from balancer.metrics import BalancerMetrics
 from balancer.outlier import OutlierDetector, RequestFailures
 from balancer.sse import CLIENT, GENERATION, EventFramer, parse_error_event, separator_of
@@ -90,6 +91,9 @@ STAGE = web.RequestKey("neuron_fleet_stage", str)
 """request[STAGE]: where a request is (queued / waiting_first_byte / streaming)."""
 CLIENT_GONE = web.RequestKey("neuron_fleet_client_gone", bool)
 """request[CLIENT_GONE]: the client disconnected while we were writing to it."""
+RETRY_AFTER_S = 5
+"""Seconds a refused client should wait when the balancer cannot tell better (every 429 and
+503 carries ``Retry-After``: balancer/app.py adds it to those it did not write)."""
 FIRST_EVENT_LIMIT = 1 << 20
 """Most bytes read while looking for the first event before we give up looking."""
 
@@ -279,12 +283,14 @@ class Relay:
             raise AssertionError("unreachable: the last attempt never retries")
         except QueueFull:
             self.metrics.rejected.labels(reason="queue_full").inc()
+            # The queue has room again once its first request takes a slot.
+            retry = self._slot_retry_after(ticket, behind_queue=False, fallback=1)
             return json_error(
                 429,
                 f"Model is overloaded: {self.admission.queue_depth} requests are queued "
-                "at the balancer (max_queue reached); retry later",
+                f"at the balancer (max_queue reached); retry in {retry['Retry-After']} s",
                 "overloaded",
-                headers={"Retry-After": "1", "x-request-id": rr.request_id},
+                headers={**retry, "x-request-id": rr.request_id},
             )
         except QueueTimeout as exc:
             reason = exc.reason
@@ -295,11 +301,17 @@ class Relay:
                 self.metrics.slo_requests.labels(
                     outcome="expired", prompt_class=ticket.prompt_class
                 ).inc()
+            retry = (
+                self._start_retry_after()
+                if exc.no_replica
+                else self._slot_retry_after(ticket, behind_queue=True, fallback=RETRY_AFTER_S)
+            )
             return json_error(
                 503,
-                f"Waited {exc.waited_s:.1f} s for a replica slot but {what}; retry later",
+                f"Waited {exc.waited_s:.1f} s for a replica slot but {what}; "
+                f"retry in {retry['Retry-After']} s",
                 "unavailable" if exc.no_replica else "overloaded",
-                headers={"Retry-After": "5", "x-request-id": rr.request_id},
+                headers={**retry, "x-request-id": rr.request_id},
             )
         finally:
             failures.settle(self.outliers, succeeded)  # no commit (refused, cancelled): now
@@ -341,8 +353,39 @@ class Relay:
             503,
             "No replica is ready to answer; check `neuron-fleet status`",
             "unavailable",
-            headers={"Retry-After": "5", "x-request-id": rr.request_id},
+            headers={**self._start_retry_after(), "x-request-id": rr.request_id},
         )
+
+    def _slot_retry_after(
+        self, ticket: Ticket, behind_queue: bool, fallback: int
+    ) -> dict[str, str]:
+        """``Retry-After`` for a request refused while every slot is busy: when the forecast
+        predicts a slot frees for it, behind the requests queued now (``behind_queue``) or
+        the first one to free (the queue is full: then it has room again); never under
+        1 s. ``fallback`` seconds until the forecast has learned from a first stream."""
+        forecast = self.admission.forecast
+        if forecast is not None:
+            now = time.monotonic()
+            ahead = self.admission.ahead_of(ticket, now) if behind_queue else []
+            prediction = forecast.predict(ticket, self.registry.routable(), ahead, now)
+            if prediction is not None:
+                return retry_after(max(1.0, prediction.wait_s))
+        return {"Retry-After": str(fallback)}
+
+    def _start_retry_after(self) -> dict[str, str]:
+        """``Retry-After`` when no replica is ready: when the first starting one should be
+        (its last start's duration, from its process start), else ``RETRY_AFTER_S``."""
+        now = time.monotonic()
+        due = [
+            r.start_duration_s - (now - r.started_at)
+            for r in self.registry.replicas
+            if r.state is ReplicaState.STARTING
+            and r.started_at is not None
+            and r.start_duration_s is not None
+        ]
+        if due:
+            return retry_after(max(1.0, min(due)))
+        return {"Retry-After": str(RETRY_AFTER_S)}
 
     def _unanswered(self, rr: RelayRequest, replica: Replica, stream: _Stream) -> web.Response:
         """The last replica tried never answered: 504 if it was silent, else 502."""

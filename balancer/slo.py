@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
-from balancer.forecast import Forecast, ceil_seconds
+from balancer.forecast import Forecast, retry_after
 from balancer.ticket import Ticket
 from balancer.upstream import Registry
 
@@ -47,15 +47,8 @@ class Refusal:
 
     @property
     def headers(self) -> dict[str, str]:
-        """``Retry-After`` in whole seconds (RFC 9110), and to the millisecond in
-        ``retry-after-ms``, which the OpenAI SDK prefers (openai 3.57.0,
-        ``openai/_base_client.py`` ``_parse_retry_after_header``: retry-after-ms, then
-        retry-after; honoured up to 120 s)."""
-        overshoot = self.predicted_s - self.budget_s
-        return {
-            "Retry-After": str(ceil_seconds(overshoot)),
-            "retry-after-ms": str(max(1, round(overshoot * 1000))),
-        }
+        """``Retry-After`` / ``retry-after-ms``: the predicted overshoot."""
+        return retry_after(self.predicted_s - self.budget_s)
 
     @property
     def message(self) -> str:
@@ -63,7 +56,7 @@ class Refusal:
         return (
             f"Model is overloaded: the predicted time to first token is "
             f"{self.predicted_s:.2f} s, over {what} of {self.budget_s:g} s; "
-            f"retry in {ceil_seconds(self.predicted_s - self.budget_s)} s"
+            f"retry in {self.headers['Retry-After']} s"
         )
 
 
