@@ -29,7 +29,7 @@ from balancer.metrics import BalancerMetrics, route_label
 from balancer.policy import make_policy
 from balancer.quotas import Quotas
 from balancer.relay import CLIENT_GONE, RETRY_AFTER_S, STAGE, Relay, RelayRequest
-from balancer.slo import DEADLINE_HEADER, BadDeadline, SloGate, budget_s
+from balancer.slo import DEADLINE_HEADER, BadDeadline, SloGate, SloScore, budget_s
 from balancer.ticket import Ticket
 from balancer.tokens import PromptTooLong, TokenCounter, requested_new_tokens
 from balancer.upstream import Registry
@@ -93,7 +93,7 @@ class Balancer:
         )
         self.metrics = BalancerMetrics(registry, lambda: self.admission.queue_depth)
         self.relay = Relay(config, registry, self.admission, self.metrics)
-        self.relay.on_stream_end = self._stream_ended
+        self.relay.score = SloScore(self.forecast, self.metrics)
         self.slo = SloGate(self.forecast, self.admission, registry)
         self.quotas = Quotas(
             config,
@@ -120,20 +120,6 @@ class Balancer:
 
     def _observe_wait(self, seconds: float) -> None:
         self.metrics.queue_wait.observe(seconds)
-
-    def _stream_ended(self, ticket: Ticket, complete: bool) -> None:
-        """Learn from a finished stream; score it against its TTFT budget."""
-        self.forecast.observe(ticket, complete)
-        if ticket.budget_s is None or ticket.first_token_at is None:
-            return
-        ttft_s = ticket.first_token_at - ticket.arrived_at
-        met = ttft_s <= ticket.budget_s
-        self.metrics.slo_requests.labels(
-            outcome="met" if met else "missed", prompt_class=ticket.prompt_class
-        ).inc()
-        if ticket.predicted_ttft is not None:
-            self.metrics.ttft_forecast_error.observe(ttft_s - ticket.predicted_ttft)
-            self.forecast.ttft_error(ticket, ttft_s - ticket.predicted_ttft)
 
     @property
     def inflight(self) -> int:

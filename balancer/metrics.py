@@ -151,9 +151,12 @@ class BalancerMetrics:
         )
         self.slo_requests = Counter(
             f"{p}_ttft_slo_requests",
-            "Generation requests with a TTFT budget, by outcome (met, missed: served with a "
-            "TTFT within / over it; refused: 429 on arrival; expired: dropped from the "
-            "queue) and prompt class (short, long). Goodput: rate of outcome=met.",
+            "Generation requests with a TTFT budget, by outcome (met, missed: streams whose "
+            "first token event came within / over it; response_met, response_missed: "
+            "non-streaming answers whose response head, which brings the first token with "
+            "the whole answer, came within / over it; refused: 429 on arrival; expired: "
+            "dropped from the queue) and prompt class (short, long). Goodput: rate of "
+            'outcome=~"met|response_met".',
             ["outcome", "prompt_class"],
             registry=r,
         )

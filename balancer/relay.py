@@ -56,6 +56,7 @@ from balancer.errors import json_error, stream_error_event
 from balancer.forecast import retry_after
 from balancer.metrics import BalancerMetrics
 from balancer.outlier import OutlierDetector, RequestFailures
+from balancer.slo import SloScore
 from balancer.sse import CLIENT, GENERATION, EventFramer, parse_error_event, separator_of
 from balancer.upstream import Registry, Replica, ReplicaState, Tried, excluded
 from balancer.upstream_http import ReplicaConnection, UpstreamError, UpstreamPool
@@ -118,10 +119,6 @@ class RelayRequest:
     ``first_byte_timeout_s``; otherwise the whole answer within ``response_timeout_s``."""
     ticket: Ticket | None = None
     """Made by the app with what the forecast and the SLO gate need (balancer/ticket.py)."""
-
-
-StreamEnd = Callable[[Ticket, bool], None]
-"""Called when a stream with a ticket ends: (its ticket, whether it ended normally)."""
 
 
 class _Retry(Exception):
@@ -209,7 +206,8 @@ class Relay:
         )
         self._streams: set[_Stream] = set()
         self._any_turn = 0
-        self.on_stream_end: StreamEnd | None = None
+        self.score: SloScore | None = None
+        """Told when a generation request's response ends (balancer/slo.py)."""
         # The client's API key is the balancer's to check, not the replicas' to see; with a
         # replica key, the replicas see that one instead of anything the client sent.
         replica_key = config.replica_api_key
@@ -519,7 +517,10 @@ class Relay:
                     started,
                     answer.error_event,
                 )
+            head_at = asyncio.get_running_loop().time()  # the head leaves with the first piece
             await self._pipe_bytes(upstream, response, stream, answer.first)
+            if self.score is not None and rr.ticket is not None and 200 <= upstream.status < 300:
+                self.score.response_ended(rr.ticket, head_at)
             return True
         except ConnectionResetError:
             # The client left (or was cut off as a slow reader): close upstream, free the slot.
@@ -728,9 +729,9 @@ class Relay:
         finally:
             if tokens:
                 rm.output_tokens.inc(tokens)
-                if self.on_stream_end is not None and rr.ticket is not None:
+                if self.score is not None and rr.ticket is not None:
                     ended_well = upstream.complete and not saw_error and not stream.client_gone
-                    self.on_stream_end(rr.ticket, ended_well)
+                    self.score.stream_ended(rr.ticket, ended_well)
         # Every write to the client may block on a full socket: keep it under the watchdog.
         stream.enter(Phase.WRITING, loop_time())
         await response.write_eof()

@@ -18,6 +18,11 @@ arrival from the slots' predicted free times and the queue ahead of it:
 The budget is the SLO, or the request's ``X-TTFT-Deadline`` header (seconds) when that is
 tighter; the header alone (no ``ttft_slo_s``) also works. Until the forecast has learned
 from a first completed stream the gate admits everything (it knows nothing yet).
+
+``SloScore`` closes the loop when a served request ends: it teaches the forecast, and
+scores the request against its budget (``met`` / ``missed`` for streams, on their first
+token event; ``response_met`` / ``response_missed`` for non-streaming responses, on the
+response head, which brings the client its first token with the whole answer).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from balancer.forecast import Forecast, retry_after
+from balancer.metrics import BalancerMetrics
 from balancer.ticket import Ticket
 from balancer.upstream import Registry
 
@@ -114,3 +120,46 @@ class SloGate:
             return Refusal("ttft_deadline" if by_header else "ttft_slo", expected, budget)
         ticket.latest_start = now + budget - prefill
         return None
+
+
+class SloScore:
+    """What a served request teaches the forecast, and its outcome against its TTFT budget.
+
+    A non-streaming client gets its first token with the whole answer (TGI's ``/generate``,
+    OpenAI's chat completion without ``stream``), so its time to first token is the time to
+    the response head: scored on that, it is the truth about what the client saw. It is
+    counted under outcomes of its own (``response_met`` / ``response_missed``) because the
+    gate forecasts the first token, not the whole generation: mixed into ``met`` /
+    ``missed`` a long non-streaming answer would read as the gate's miss (and fire the
+    shedding alert) where only streaming could have helped. For the same reason it teaches
+    the forecast nothing: its first token's time at the replica is unseen, and its head
+    time as a "TTFT" would grow the gate's margin by whole generations and refuse streams
+    for nothing.
+    """
+
+    def __init__(self, forecast: Forecast, metrics: BalancerMetrics) -> None:
+        self.forecast = forecast
+        self.metrics = metrics
+
+    def stream_ended(self, ticket: Ticket, complete: bool) -> None:
+        """A stream that relayed tokens ended (``complete``: normally, not cut or left)."""
+        self.forecast.observe(ticket, complete)
+        if ticket.budget_s is None or ticket.first_token_at is None:
+            return
+        ttft_s = ticket.first_token_at - ticket.arrived_at
+        self._count("met" if ttft_s <= ticket.budget_s else "missed", ticket)
+        if ticket.predicted_ttft is not None:
+            error = ttft_s - ticket.predicted_ttft
+            self.metrics.ttft_forecast_error.observe(error)
+            self.forecast.ttft_error(ticket, error)
+
+    def response_ended(self, ticket: Ticket, head_at: float) -> None:
+        """A non-streaming answer was relayed whole; its head left at ``head_at`` (the
+        loop's clock, which is ``time.monotonic()``'s)."""
+        if ticket.budget_s is None:
+            return
+        met = head_at - ticket.arrived_at <= ticket.budget_s
+        self._count("response_met" if met else "response_missed", ticket)
+
+    def _count(self, outcome: str, ticket: Ticket) -> None:
+        self.metrics.slo_requests.labels(outcome=outcome, prompt_class=ticket.prompt_class).inc()

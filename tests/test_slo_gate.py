@@ -256,3 +256,75 @@ async def test_fleet_status_shows_what_the_forecast_learned(simulator, balancer,
     assert 0.0005 < learned["decode_step_s"] < 0.1  # generous: a shared, busy machine
     table = format_table(status)
     assert "TTFT SLO 2 s" in table and "forecast: r0 prefill" in table
+
+
+async def test_non_streaming_answers_are_scored_on_their_response_head(
+    simulator, balancer, http
+) -> None:
+    """A non-streaming client gets its first token with the whole answer: scored on the
+    response head, under outcomes of its own, and nothing is taught to the forecast (its
+    first token's time at the replica is unseen)."""
+    url = await simulator(batch_size=2, speed=50.0)
+    server = await balancer([url], max_inflight_per_replica=2, ttft_slo_s=30.0)
+    gen = {"inputs": "hello", "parameters": {"max_new_tokens": 20}}
+    async with http.post(f"{server.url}/generate", json=gen) as resp:  # TGI's /generate
+        assert resp.status == 200 and (await resp.json())["generated_text"]
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    chat = await client.chat.completions.create(  # OpenAI's chat, no stream
+        model="tgi",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=20,
+        extra_headers={"X-TTFT-Deadline": "0.0001"},  # tighter than any answer can come
+    )
+    assert chat.choices[0].message.content
+    text = await metrics(http, server.url)
+
+    def outcome(name: str) -> float:
+        return metric_value(
+            text, "neuron_fleet_ttft_slo_requests_total", outcome=name, prompt_class="short"
+        )
+
+    assert (outcome("response_met"), outcome("response_missed")) == (1, 1)
+    assert (outcome("met"), outcome("missed")) == (0, 0)  # streams' first tokens only
+    assert metric_value(text, "neuron_fleet_ttft_forecast_error_seconds_count") == 0
+    assert not server.balancer.forecast.ready  # learned nothing from whole answers
+
+    # A stream next to them is still scored on its first token event, and teaches.
+    stream = await client.chat.completions.create(
+        model="tgi", messages=[{"role": "user", "content": "hello"}], max_tokens=5, stream=True
+    )
+    async for _ in stream:
+        pass
+    text = await metrics(http, server.url)
+    assert outcome("met") == 1 and server.balancer.forecast.ready
+
+
+def test_slo_score_counts_streams_and_whole_answers_apart() -> None:
+    from balancer.forecast import Forecast
+    from balancer.metrics import BalancerMetrics
+    from balancer.slo import SloScore
+    from balancer.ticket import Ticket
+    from balancer.upstream import Registry
+
+    metrics_ = BalancerMetrics(Registry(), lambda: 0)
+    forecast = Forecast()
+    score = SloScore(forecast, metrics_)
+
+    def count(outcome: str) -> float:
+        return metrics_.slo_requests.labels(outcome=outcome, prompt_class="short")._value.get()
+
+    # A stream: first token 0.5 s after arrival, forecast said 0.2 s, budget 1 s.
+    stream = Ticket(10, 5, arrived_at=100.0, budget_s=1.0, predicted_ttft=0.2)
+    forecast.started(stream, "r0", 100.1)
+    stream.first_token_at, stream.last_token_at, stream.generated = 100.5, 100.9, 5
+    score.stream_ended(stream, complete=True)
+    assert count("met") == 1 and forecast.ready
+    assert forecast.margin_s(stream) == pytest.approx(0.3)  # it was 0.3 s late
+    # Whole answers: the head 0.8 s / 1.5 s after arrival, budget 1 s.
+    for head_at in (100.8, 101.5):
+        score.response_ended(Ticket(10, 5, arrived_at=100.0, budget_s=1.0), head_at)
+    assert (count("response_met"), count("response_missed")) == (1, 1)
+    assert forecast.margin_s(stream) == pytest.approx(0.3)  # not taught by whole answers
+    # No budget: not scored.
+    score.response_ended(Ticket(10, 5, arrived_at=100.0), 105.0)
+    assert count("response_missed") == 1
