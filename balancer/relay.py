@@ -282,13 +282,13 @@ class Relay:
         except QueueFull:
             self.metrics.rejected.labels(reason="queue_full").inc()
             # The queue has room again once its first request takes a slot.
-            retry = self._slot_retry_after(ticket, behind_queue=False, fallback=1)
+            come_back = self._slot_retry_after(ticket, behind_queue=False, fallback=1)
             return json_error(
                 429,
                 f"Model is overloaded: {self.admission.queue_depth} requests are queued "
-                f"at the balancer (max_queue reached); retry in {retry['Retry-After']} s",
+                f"at the balancer (max_queue reached); retry in {come_back['Retry-After']} s",
                 "overloaded",
-                headers={**retry, "x-request-id": rr.request_id},
+                headers={**come_back, "x-request-id": rr.request_id},
             )
         except QueueTimeout as exc:
             reason = exc.reason
@@ -299,7 +299,7 @@ class Relay:
                 self.metrics.slo_requests.labels(
                     outcome="expired", prompt_class=ticket.prompt_class
                 ).inc()
-            retry = (
+            come_back = (
                 self._start_retry_after()
                 if exc.no_replica
                 else self._slot_retry_after(ticket, behind_queue=True, fallback=RETRY_AFTER_S)
@@ -307,9 +307,9 @@ class Relay:
             return json_error(
                 503,
                 f"Waited {exc.waited_s:.1f} s for a replica slot but {what}; "
-                f"retry in {retry['Retry-After']} s",
+                f"retry in {come_back['Retry-After']} s",
                 "unavailable" if exc.no_replica else "overloaded",
-                headers={**retry, "x-request-id": rr.request_id},
+                headers={**come_back, "x-request-id": rr.request_id},
             )
         finally:
             failures.settle(self.outliers, succeeded)  # no commit (refused, cancelled): now
