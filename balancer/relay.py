@@ -236,7 +236,9 @@ class Relay:
                 if replica is None:
                     return self._reject_no_replica(rr)
                 incarnation = replica.incarnation
-                can_retry = functools.partial(self._can_retry, attempt, replica, incarnation, tried)
+                can_retry = functools.partial(
+                    self._can_retry, attempt, replica, incarnation, tried, ticket
+                )
                 stream.work_done = 0
                 try:
                     request[STAGE] = "waiting_first_byte"
@@ -326,21 +328,28 @@ class Relay:
         self._any_turn += 1
         return candidates[self._any_turn % len(candidates)]
 
-    def _can_retry(self, attempt: int, replica: Replica, incarnation: int, tried: Tried) -> bool:
+    def _can_retry(
+        self, attempt: int, replica: Replica, incarnation: int, tried: Tried, ticket: Ticket
+    ) -> bool:
         """Whether the request, failing on ``replica`` now, may go on to another attempt.
 
         Not when the retries are used up, nor when no replica is left that could take it:
         then the attempt's own error is the answer now, rather than a wait of
         ``queue_timeout_s`` for a slot on a replica the request excludes. A replica that is
-        starting counts, ``replica`` itself included: it will be back as a new incarnation
-        (a supervised restart). Asked when the attempt fails, not before it: the fleet may
-        have changed meanwhile (a restart during a long wait for the first byte)."""
+        starting counts, ``replica`` itself included (a supervised restart comes back as a
+        new incarnation), but only if it is expected back before the request's queue time
+        runs out: a Neuron replica that loads for minutes does not make the client wait
+        ``queue_timeout_s`` for a 503. Asked when the attempt fails, not before it: the
+        fleet may have changed meanwhile (a restart during a long wait for the first byte)."""
         if attempt >= self.config.retries:
             return False
+        queue_left = self.config.queue_timeout_s - ticket.queued_s
+        now = time.monotonic()
         for r in self.registry.replicas:
             if r.state is ReplicaState.STARTING:
-                return True
-            if r.routable and not excluded(r, tried):
+                if _expected_back_within(r, queue_left, now):
+                    return True
+            elif r.routable and not excluded(r, tried):
                 if r is not replica or r.incarnation != incarnation:
                     return True
         return False
@@ -822,3 +831,12 @@ def _connection_tokens(values: Iterable[str]) -> list[str]:
 
 def _content_type(headers: CIMultiDict[str]) -> str:
     return headers.get("Content-Type", "").partition(";")[0].strip().lower()
+
+
+def _expected_back_within(replica: Replica, seconds: float, now: float) -> bool:
+    """Whether a starting replica should be ready within ``seconds``, judged by how long
+    its last start took (unknown, e.g. balance-only mode or a first start: yes)."""
+    took = replica.start_duration_s
+    if took is None:
+        return True
+    return took - (replica.uptime_s(now) or 0.0) <= seconds

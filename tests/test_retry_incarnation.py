@@ -12,7 +12,9 @@ import asyncio
 import json
 import sys
 import textwrap
+import time
 from pathlib import Path
+from unittest import mock
 
 import aiohttp
 import pytest
@@ -20,8 +22,11 @@ import pytest
 from balancer.admission import Admission
 from balancer.config import BalancerConfig
 from balancer.health import HealthChecker
+from balancer.metrics import BalancerMetrics
 from balancer.policy import LeastOutstanding
+from balancer.relay import Relay
 from balancer.server import BalancerServer
+from balancer.ticket import Ticket
 from balancer.upstream import Registry, Replica, ReplicaState, excluded
 from supervisor.fleet import Fleet, FleetSettings
 from supervisor.launchers import LaunchSpec
@@ -216,3 +221,35 @@ async def test_a_replica_that_failed_and_is_still_the_same_process_stays_exclude
         assert resp.status == 503
         assert (await resp.json())["error"] == "scripted 503"
     assert len(a.seen.requests) == 1 and len(b.seen.requests) == 1
+
+
+def test_a_restart_counts_as_a_retry_target_only_if_expected_back_in_the_queue_time() -> None:
+    """A starting replica is worth waiting for only if its last start took less than the
+    request's queue time left: a Neuron replica loading for minutes means the attempt's own
+    error now, not a 503 after ``queue_timeout_s``."""
+    a = _ready("a")
+    registry = Registry([a])
+    config = BalancerConfig(queue_timeout_s=30.0, retries=2)
+    relay = Relay(config, registry, mock.Mock(), BalancerMetrics(registry, lambda: 0))
+    failed_here = {a: a.incarnation}
+    ticket = Ticket()
+
+    # Same process, still READY (its death not seen yet): excluded, nothing else left.
+    assert not relay._can_retry(0, a, a.incarnation, failed_here, ticket)
+
+    # The supervisor restarts it: the last start took 5 s, it began 1 s ago.
+    a.healthy = False
+    registry.set_state(a, ReplicaState.STARTING)
+    a.start_duration_s, a.started_at = 5.0, time.monotonic() - 1.0
+    assert relay._can_retry(0, a, 0, failed_here, ticket)
+    # ... but not with 2 s of queue time left, nor with the retries used up.
+    ticket.queued_s = 28.0
+    assert not relay._can_retry(0, a, 0, failed_here, ticket)
+    ticket.queued_s = 0.0
+    assert not relay._can_retry(2, a, 0, failed_here, ticket)
+    # A model that loads for 10 minutes is not worth a 30 s wait.
+    a.start_duration_s = 600.0
+    assert not relay._can_retry(0, a, 0, failed_here, ticket)
+    # First start (duration unknown): counted, as a starting replica always was.
+    a.start_duration_s = None
+    assert relay._can_retry(0, a, 0, failed_here, ticket)
