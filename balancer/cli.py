@@ -15,6 +15,7 @@ from balancer.client_address import parse_networks
 from balancer.config import BalancerConfig, UpstreamSpec
 from balancer.logs import add_logging_arguments, configure_logging
 from balancer.policy import POLICIES
+from balancer.secrets_env import API_KEYS_VAR, secrets_from_env
 from balancer.server import BalancerServer
 
 log = logging.getLogger("neuron_fleet")
@@ -207,7 +208,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-public-without-api-keys",
         action="store_true",
-        help="start on a non-loopback --listen address although NEURON_FLEET_API_KEYS is "
+        help=f"start on a non-loopback --listen address although {API_KEYS_VAR} is "
         "unset (e.g. behind an authenticating proxy)",
     )
     parser.add_argument(
@@ -257,11 +258,7 @@ def config_from_args(args: argparse.Namespace) -> BalancerConfig:
         allow_public_without_api_keys=args.allow_public_without_api_keys,
         shutdown_delay_s=args.shutdown_delay,
         trusted_proxies=tuple(args.trusted_proxy),
-        admin_token=os.environ.get("NEURON_FLEET_ADMIN_TOKEN") or None,
-        api_keys=tuple(
-            k.strip() for k in os.environ.get("NEURON_FLEET_API_KEYS", "").split(",") if k.strip()
-        ),
-        replica_api_key=os.environ.get("NEURON_FLEET_REPLICA_API_KEY", "").strip() or None,
+        **secrets_from_env(os.environ),
     )
 
 
