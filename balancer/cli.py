@@ -73,6 +73,8 @@ def _trusted_proxy(value: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options; each default is ``BalancerConfig``'s (``d``), the one source of defaults
+    for ``balance`` and ``serve`` (tests/test_secrets_env.py checks that none drifts)."""
     d = BalancerConfig()
     parser.add_argument(
         "--listen",
@@ -146,7 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ttft-slo",
         type=_positive_seconds,
-        default=None,
+        default=d.ttft_slo_s,
         metavar="SECONDS",
         help="refuse at once (429 + Retry-After) requests predicted to get their first token "
         "later than this, and drop queued ones that can no longer make it (default: off)",
@@ -188,12 +190,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-input-tokens",
         type=int,
-        default=None,
+        default=d.max_input_tokens,
         help="refuse longer prompts with 422 (default: the replicas judge)",
     )
     parser.add_argument(
         "--tokenizer",
-        default=None,
+        default=d.tokenizer_path,
         metavar="DIR",
         help="local model folder to count prompt tokens with",
     )
@@ -215,7 +217,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--trusted-proxy",
         action="append",
         type=_trusted_proxy,
-        default=[],
+        default=list(d.trusted_proxies),
         metavar="CIDR",
         help="a front proxy (address or CIDR range, e.g. the VPC of an ALB) whose "
         "X-Forwarded-For names the client for per-client limits; repeatable (default: none, "
