@@ -330,7 +330,7 @@ async def test_group_kill_reaches_grandchildren(tmp_path: Path) -> None:
     grandchild = int(line.split()[1])
     assert pid_alive(grandchild)
     await proc.stop()
-    await until(lambda: not pid_alive(grandchild), seconds=5)
+    await until(lambda: not pid_alive(grandchild), seconds=15)
 
 
 async def test_restart_command_while_starting(tmp_path: Path) -> None:
