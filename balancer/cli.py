@@ -74,7 +74,7 @@ def _trusted_proxy(value: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options; each default is ``BalancerConfig``'s (``d``), the one source of defaults
-    for ``balance`` and ``serve`` (tests/test_secrets_env.py checks that none drifts)."""
+    for ``balance`` and ``serve`` (tests/test_cli.py checks that none drifts)."""
     d = BalancerConfig()
     parser.add_argument(
         "--listen",

@@ -1,5 +1,5 @@
-"""``serve`` and ``balance`` read the balancer's secret variables alike (balancer/secrets_env.py),
-and every ``balance`` option defaults to ``BalancerConfig``'s value."""
+"""``serve`` and ``balance`` read the balancer's secret variables alike
+(balancer/secrets_env.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from balancer import secrets_env
 from balancer.cli import add_arguments, config_from_args
-from balancer.config import BalancerConfig, UpstreamSpec
+from balancer.config import BalancerConfig
 from supervisor.config import ENV_VARS, load_config
 from supervisor.procutil import child_env
 
@@ -121,44 +121,3 @@ def test_every_secret_variable_is_a_serve_setting_and_kept_from_replicas(
         assert field_name in {f.name for f in dataclasses.fields(BalancerConfig)}
         monkeypatch.setenv(name, "s3cret")
     assert not set(secrets_env.SECRET_VARS) & set(child_env({}))
-
-
-# -- `balance` options default to BalancerConfig's values -----------------------------------
-
-
-def test_every_balance_option_defaults_to_the_balancer_config_default(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Only the required --upstream given: the resulting config is BalancerConfig() itself,
-    so no option's default can drift from the dataclass."""
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(["--upstream", "http://127.0.0.1:9"])
-    config = config_from_args(args)
-    assert config == dataclasses.replace(
-        BalancerConfig(), upstreams=(UpstreamSpec(url="http://127.0.0.1:9"),)
-    )
-    # and every option reaches the config: its value, given, changes the result
-    defaults = vars(args)
-    not_config = {"upstream", "drain_timeout", "log_level", "log_stream"}
-    for action in parser._actions:
-        if action.dest in ("help", *not_config):
-            continue
-        changed = argparse.Namespace(**{**defaults, action.dest: _other(action)})
-        assert config_from_args(changed) != config, action.option_strings
-
-
-def _other(action: argparse.Action) -> object:
-    """A valid value different from ``action``'s default."""
-    default = action.default
-    if action.choices:
-        return next(c for c in action.choices if c != default)
-    if isinstance(default, bool):
-        return not default
-    if isinstance(default, list):
-        return [*default, "10.0.0.0/8"]
-    if action.dest == "listen":
-        return ("127.0.0.2", 8081)
-    if default is None:
-        return "x" if action.type is None else action.type("3")
-    return default + 0.5 if isinstance(default, float) else default + 1
