@@ -15,6 +15,7 @@ from balancer.client_address import parse_networks
 from balancer.config import BalancerConfig, UpstreamSpec
 from balancer.logs import add_logging_arguments, configure_logging
 from balancer.policy import POLICIES
+from balancer.secrets_env import API_KEYS_VAR, secrets_from_env
 from balancer.server import BalancerServer
 
 log = logging.getLogger("neuron_fleet")
@@ -72,6 +73,8 @@ def _trusted_proxy(value: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options; each default is ``BalancerConfig``'s (``d``), the one source of defaults
+    for ``balance`` and ``serve`` (tests/test_cli.py checks that none drifts)."""
     d = BalancerConfig()
     parser.add_argument(
         "--listen",
@@ -145,7 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ttft-slo",
         type=_positive_seconds,
-        default=None,
+        default=d.ttft_slo_s,
         metavar="SECONDS",
         help="refuse at once (429 + Retry-After) requests predicted to get their first token "
         "later than this, and drop queued ones that can no longer make it (default: off)",
@@ -187,12 +190,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-input-tokens",
         type=int,
-        default=None,
+        default=d.max_input_tokens,
         help="refuse longer prompts with 422 (default: the replicas judge)",
     )
     parser.add_argument(
         "--tokenizer",
-        default=None,
+        default=d.tokenizer_path,
         metavar="DIR",
         help="local model folder to count prompt tokens with",
     )
@@ -207,14 +210,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-public-without-api-keys",
         action="store_true",
-        help="start on a non-loopback --listen address although NEURON_FLEET_API_KEYS is "
+        help=f"start on a non-loopback --listen address although {API_KEYS_VAR} is "
         "unset (e.g. behind an authenticating proxy)",
     )
     parser.add_argument(
         "--trusted-proxy",
         action="append",
         type=_trusted_proxy,
-        default=[],
+        default=list(d.trusted_proxies),
         metavar="CIDR",
         help="a front proxy (address or CIDR range, e.g. the VPC of an ALB) whose "
         "X-Forwarded-For names the client for per-client limits; repeatable (default: none, "
@@ -257,11 +260,7 @@ def config_from_args(args: argparse.Namespace) -> BalancerConfig:
         allow_public_without_api_keys=args.allow_public_without_api_keys,
         shutdown_delay_s=args.shutdown_delay,
         trusted_proxies=tuple(args.trusted_proxy),
-        admin_token=os.environ.get("NEURON_FLEET_ADMIN_TOKEN") or None,
-        api_keys=tuple(
-            k.strip() for k in os.environ.get("NEURON_FLEET_API_KEYS", "").split(",") if k.strip()
-        ),
-        replica_api_key=os.environ.get("NEURON_FLEET_REPLICA_API_KEY", "").strip() or None,
+        **secrets_from_env(os.environ),
     )
 
 

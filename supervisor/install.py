@@ -35,6 +35,9 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from balancer.secrets_env import ADMIN_TOKEN_VAR, API_KEYS_VAR
+from supervisor.layering import SECRET_KEYS
+
 UNIT_PATH = "/etc/systemd/system/neuron-fleet.service"
 CONFIG_PATH = "/etc/neuron-fleet/fleet.toml"
 ENV_PATH = "/etc/neuron-fleet/neuron-fleet.env"
@@ -45,13 +48,6 @@ SOURCE_DEPLOY_DIR = Path(__file__).resolve().parent.parent / "deploy"
 """deploy/ of a source checkout (absent from an installed wheel)."""
 PROTECTED_HOME = ("/home", "/root", "/run/user")
 """Hidden from the service by ProtectHome=yes."""
-SECRET_CONFIG_KEYS = (
-    ("model", "hf_token"),
-    ("balancer", "admin_token"),
-    ("balancer", "api_keys"),
-    ("balancer", "replica_api_key"),
-)
-ADMIN_TOKEN_VAR = "NEURON_FLEET_ADMIN_TOKEN"
 SECRET_WORDS = frozenset({"TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "KEYS", "CREDENTIALS"})
 
 UNIT_TEMPLATE = """\
@@ -412,11 +408,11 @@ def config_warnings(config: dict, exec_path: str) -> list[str]:
             f"the model under {STATE_DIR}/models (and update fleet.toml), or add "
             "ProtectHome=read-only with `systemctl edit neuron-fleet`"
         )
-    for section, key in SECRET_CONFIG_KEYS:
+    for section, key in sorted(SECRET_KEYS):
         if config.get(section, {}).get(key):
             warnings.append(
                 f"fleet.toml sets [{section}] {key}: a secret in a world-readable file; move it "
-                f"to {ENV_PATH} (HF_TOKEN, NEURON_FLEET_ADMIN_TOKEN, NEURON_FLEET_API_KEYS)"
+                f"to {ENV_PATH} (HF_TOKEN, {ADMIN_TOKEN_VAR}, {API_KEYS_VAR})"
             )
     return warnings
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from balancer.config import BalancerConfig
+from balancer.secrets_env import ADMIN_TOKEN_VAR, SECRET_VARS, parse_secret
 from supervisor.schema import (
     LAUNCHERS,
     CommandLauncherConfig,
@@ -57,17 +58,11 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "NEURON_FLEET_LAUNCHER": ("fleet", "launcher"),
     "NEURON_FLEET_DEVICES": ("fleet", "devices"),
     "NEURON_FLEET_LISTEN": ("balancer", "listen"),
-    "NEURON_FLEET_ADMIN_TOKEN": ("balancer", "admin_token"),
-    "NEURON_FLEET_API_KEYS": ("balancer", "api_keys"),
-    "NEURON_FLEET_REPLICA_API_KEY": ("balancer", "replica_api_key"),
+    # The balancer's secrets: names and parsing shared with `neuron-fleet balance`.
+    **{name: ("balancer", key) for name, key in SECRET_VARS.items()},
 }
 
-SECRET_KEYS = {
-    ("model", "hf_token"),
-    ("balancer", "admin_token"),
-    ("balancer", "api_keys"),
-    ("balancer", "replica_api_key"),
-}
+SECRET_KEYS = {("model", "hf_token")} | {("balancer", key) for key in SECRET_VARS.values()}
 
 _DERIVED = {"model": {"path", "neuron"}}
 _BALANCER_DERIVED = {"host", "port", "upstreams", "max_total_tokens"}
@@ -104,7 +99,8 @@ class _Value:
     value: Any
     source: str
     text: bool
-    """From an environment string (needs parsing) rather than a typed TOML value."""
+    """From an environment string (needs parsing) rather than a typed value (TOML, or a
+    secret already parsed by balancer/secrets_env.py)."""
 
 
 class Layers:
@@ -166,7 +162,7 @@ class Layers:
             if (section, key) in SECRET_KEYS and source != "command line":
                 self.warnings.append(
                     f"{source}: [{section}] {key} is a secret in a config file: prefer the "
-                    "environment or the env file (HF_TOKEN, NEURON_FLEET_ADMIN_TOKEN, ...)"
+                    f"environment or the env file (HF_TOKEN, {ADMIN_TOKEN_VAR}, ...)"
                 )
             self.set(section, key, value, source, text=False)
 
@@ -188,6 +184,12 @@ class Layers:
                     f"{source}: {name} contains '$', which neuron-fleet does not expand: "
                     "write the value itself"
                 )
+            if name in SECRET_VARS:
+                # Parsed as `balance` parses it; blank (e.g. only spaces) counts as unset.
+                secret = parse_secret(name, raw)
+                if secret:
+                    self.set(*target, secret, f"{source} {name}", text=False)
+                continue
             self.set(*target, raw, f"{source} {name}", text=True)
 
 

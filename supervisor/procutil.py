@@ -23,6 +23,8 @@ import signal
 import sys
 from collections.abc import Callable, Mapping
 
+from balancer.secrets_env import SECRET_VARS
+
 PR_SET_PDEATHSIG = 1
 PR_GET_DUMPABLE = 3
 PR_SET_DUMPABLE = 4
@@ -33,9 +35,8 @@ _SUPERVISOR_ONLY_ENV = (
     "LISTEN_FDS",
     "LISTEN_PID",
     # The balancer's own secrets: a replica never needs them (HF_TOKEN, which it may need,
-    # comes through the launch spec).
-    "NEURON_FLEET_ADMIN_TOKEN",
-    "NEURON_FLEET_API_KEYS",
+    # and the replica key, as API_KEY, come through the launch spec).
+    *SECRET_VARS,
 )
 
 _libc: ctypes.CDLL | None = None

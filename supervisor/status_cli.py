@@ -21,6 +21,7 @@ import urllib.request
 from typing import Any
 
 from balancer import token_file
+from balancer.secrets_env import ADMIN_TOKEN_VAR, parse_token
 
 ENV_FILE = "/etc/neuron-fleet/neuron-fleet.env"
 
@@ -61,7 +62,7 @@ def fetch_status(url: str, token: str | None, timeout: float = 5.0) -> dict[str,
 def find_token(url: str, env_file: str = ENV_FILE) -> str | None:
     """The admin token for ``url``: environment, then (loopback URLs only) the runtime file
     of a balancer on that port, then the service's env file if readable."""
-    token = os.environ.get("NEURON_FLEET_ADMIN_TOKEN")
+    token = parse_token(os.environ.get(ADMIN_TOKEN_VAR, ""))
     if token:
         return token
     parts = urllib.parse.urlsplit(url)
@@ -83,7 +84,7 @@ def _token_from_env_file(path: str) -> str | None:
     from supervisor.config import ConfigError, parse_env_file
 
     try:
-        return parse_env_file(path).get("NEURON_FLEET_ADMIN_TOKEN") or None
+        return parse_token(parse_env_file(path).get(ADMIN_TOKEN_VAR, ""))
     except (OSError, UnicodeDecodeError, ConfigError):
         return None
 

@@ -74,7 +74,7 @@ async def test_admission_caps_queues_and_hands_over_in_fifo_order():
     with pytest.raises(QueueFull):
         await adm.acquire(1)
     adm.release(first, 1)
-    done, _pending = await asyncio.wait(waiters, timeout=1, return_when=asyncio.FIRST_COMPLETED)
+    done, _pending = await asyncio.wait(waiters, timeout=5, return_when=asyncio.FIRST_COMPLETED)
     assert done == {waiters[0]}  # FIFO: the oldest waiter gets the slot
     adm.release(await waiters[0], 1)
     assert (await waiters[1]).inflight == 1
@@ -96,7 +96,7 @@ async def _grant_order(order: str, ageing: float, gap_s: float) -> list[str]:
     for _ in range(2):
         done, _ = await asyncio.wait(
             [t for t in (long, short) if t not in granted],
-            timeout=1,
+            timeout=5,
             return_when=asyncio.FIRST_COMPLETED,
         )
         (task,) = done
@@ -142,7 +142,7 @@ async def test_admission_wakes_waiters_when_a_replica_becomes_ready():
     await asyncio.sleep(0.01)
     assert not task.done()
     registry.set_state(rep, ReplicaState.READY)
-    assert await asyncio.wait_for(task, 1) is rep
+    assert await asyncio.wait_for(task, 5) is rep
 
 
 # ---------------------------------------------------------------- over loopback

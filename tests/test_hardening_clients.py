@@ -426,8 +426,10 @@ class _FullSocketResponse:
         self.transport, self.block = transport, block
         self.headers = {"Transfer-Encoding": "chunked"}
         self.written: list[bytes] = []
+        self.blocked = False
 
     async def _wait_abort(self) -> None:
+        self.blocked = True
         await self.transport.event.wait()
         raise ConnectionResetError("aborted by the watchdog")
 
@@ -497,7 +499,7 @@ async def test_every_client_write_is_under_the_slow_client_watchdog(block):
     await wait_until(lambda: transport.pieces, what="second event relayed")
     assert response.written == [first]  # with the head, through aiohttp's writer
     assert transport.pieces == [b"%x\r\n%b\r\n" % (len(SECOND), SECOND)]  # chunk-framed
-    await asyncio.sleep(0.05)  # now blocked in the final write
+    await wait_until(lambda: response.blocked, what="the final write blocked")
     assert not task.done() and stream.phase == Phase.WRITING
     relay.check_timeouts(loop.time() + config.client_timeout_s + 1)
     assert stream.expired == "slow_client" and transport.event.is_set()

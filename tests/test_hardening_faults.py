@@ -332,7 +332,7 @@ async def test_first_byte_timeout_cancels_the_request_on_the_slow_replica(
         async with http.post(f"{server.url}/generate_stream", json=gen) as resp:
             assert resp.status == 200
             assert (await resp.read()).count(b"\n\n") == 3
-    await wait_until(lambda: stuck.seen.cancelled_streams == 1, timeout=2, what="stuck cancelled")
+    await wait_until(lambda: stuck.seen.cancelled_streams == 1, what="stuck cancelled")
     assert stuck.seen.active_streams == 0
 
 

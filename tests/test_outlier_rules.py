@@ -13,6 +13,7 @@ import aiohttp
 from balancer.metrics import BalancerMetrics
 from balancer.outlier import OutlierDetector
 from balancer.upstream import Registry, Replica, ReplicaState
+from tests.conftest import wait_until
 from tests.test_fleet import make_fleet, started
 from tests.upstreams import Script
 
@@ -109,10 +110,10 @@ async def test_a_replica_whose_streams_stall_is_ejected(scripted, balancer, http
 
 async def _poison_with_the_retry_blocked(server, http, client_timeout: float | None) -> None:
     """r1's only slot is held by a long stream, so the poison prompt's retry waits."""
-    r0 = server.registry.get("r0")
+    r0, r1 = server.registry.get("r0"), server.registry.get("r1")
     r0.inflight += 1  # steer the long stream to r1
     filler = asyncio.ensure_future(http.post(f"{server.url}/generate_stream", json=LONG))
-    await asyncio.sleep(0.2)
+    await wait_until(lambda: r1.inflight == 1, what="the long stream on r1")
     r0.inflight -= 1
     timeout = aiohttp.ClientTimeout(total=client_timeout)
     try:
@@ -121,7 +122,7 @@ async def _poison_with_the_retry_blocked(server, http, client_timeout: float | N
     except TimeoutError:
         pass  # the client left while its retry waited
     (await filler).close()
-    await asyncio.sleep(0.2)
+    await wait_until(lambda: server.balancer.idle, what="both slots free again")
 
 
 async def test_a_poison_prompt_whose_retry_times_out_in_the_queue_blames_nobody(
@@ -163,7 +164,7 @@ async def test_a_retry_gets_its_queue_time_after_a_first_byte_timeout(scripted, 
     """The time spent on the replica that timed out is not queue time: the retry still
     waits up to queue_timeout_s for a slot."""
     _, hang = await scripted(Script(first_delay_s=30))  # r0: never answers in time
-    _, ok = await scripted(Script(tokens=60, token_delay_s=0.05))  # r1: ~3 s per stream
+    _, ok = await scripted(Script(tokens=50, token_delay_s=0.05))  # r1: >= 2.5 s per stream
     server = await balancer(
         [hang, ok],
         max_inflight_per_replica=1,
@@ -172,17 +173,18 @@ async def test_a_retry_gets_its_queue_time_after_a_first_byte_timeout(scripted, 
         retries=1,
         health_interval_s=60,
     )
-    r0 = server.registry.get("r0")
+    r0, r1 = server.registry.get("r0"), server.registry.get("r1")
     r0.inflight += 1  # steer the filler to r1
     filler = asyncio.ensure_future(
         http.post(server.url + "/generate_stream", json={**LONG, "parameters": {}})
     )
-    await asyncio.sleep(0.1)
+    await wait_until(lambda: r1.inflight == 1, what="the filler on r1")
     r0.inflight -= 1
     async with http.post(server.url + "/generate_stream", json=GOOD) as resp:
         body = await resp.text()
     (await filler).close()
-    # r0 timed out at 2 s; r1 freed its slot at ~3 s: within the retry's own 1.5 s wait
+    # r0 timed out at 2 s; r1 freed its slot at >= 2.5 s (later on a loaded machine): within
+    # the retry's own 1.5 s wait, whereas a deadline that counted the 2 s on r0 was over
     assert resp.status == 200, body
 
 

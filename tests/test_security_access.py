@@ -682,7 +682,9 @@ def test_status_token_sources_in_order(tmp_path: Path, monkeypatch: pytest.Monke
     token_file.write_token(18080, "from-runtime-file")
     assert find_token(url, str(env_file)) == "from-runtime-file"
     assert find_token("http://127.0.0.1:18081", str(env_file)) == "from-env-file"  # other port
-    monkeypatch.setenv("NEURON_FLEET_ADMIN_TOKEN", "from-environment")
+    monkeypatch.setenv("NEURON_FLEET_ADMIN_TOKEN", "   ")  # blank: unset, as for the service
+    assert find_token(url, str(env_file)) == "from-runtime-file"
+    monkeypatch.setenv("NEURON_FLEET_ADMIN_TOKEN", " from-environment ")
     assert find_token(url, str(env_file)) == "from-environment"
 
 

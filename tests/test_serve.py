@@ -255,7 +255,7 @@ def test_replicas_die_when_serve_is_sigkilled(
     finally:
         proc.kill()  # SIGKILL: no cleanup code runs in the service
         proc.communicate(timeout=5)
-    wait_for(lambda: not any(pid_alive(pid) for pid in pids), seconds=5, what="replicas gone")
+    wait_for(lambda: not any(pid_alive(pid) for pid in pids), seconds=15, what="replicas gone")
 
 
 def test_sigint_during_startup_stops_cleanly(tmp_path: Path) -> None:

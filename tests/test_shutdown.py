@@ -89,7 +89,8 @@ async def _half_sent(server, head: bytes, body: bytes):
     await writer.drain()
     connections = server._runner.server.connections
     await wait_until(lambda: len(connections) == 1, what="the connection accepted")
-    await asyncio.sleep(0.2)  # the handler starts and waits for the rest of the body
+    # the handler starts and waits for the rest of the body
+    await wait_until(lambda: server.balancer.handling == 1, what="the handler started")
     return reader, writer
 
 
@@ -140,13 +141,18 @@ async def _phase(http: aiohttp.ClientSession, server) -> tuple[str, bool]:
 async def test_begin_shutdown_waits_the_delay_before_refusing(simulator, balancer, http) -> None:
     server = await balancer([await simulator()])
     assert await _phase(http, server) == ("serving", False)
-    task = asyncio.create_task(server.begin_shutdown(delay_s=0.5))
-    await asyncio.sleep(0.1)
-    assert server.balancer.stopping and not server.balancer.draining
+    # A delay long enough for the checks below on a loaded machine; they must see it running.
+    delay_s = 3.0
+    started = time.monotonic()
+    task = asyncio.create_task(server.begin_shutdown(delay_s=delay_s))
+    await wait_until(lambda: server.balancer.stopping, what="the stop began")
+    assert not server.balancer.draining
     assert await _phase(http, server) == ("stopping", False)  # what an operator sees
     async with http.post(f"{server.url}/generate", json=GENERATE) as resp:
         assert resp.status == 200
+    assert time.monotonic() - started < delay_s, "the delay ended before we could check"
     await task
+    assert time.monotonic() - started > delay_s - 0.05  # the event loop's timers: ms ticks
     assert server.balancer.draining
     assert await _phase(http, server) == ("draining", True)
     async with http.post(f"{server.url}/generate", json=GENERATE) as resp:
@@ -177,12 +183,14 @@ async def test_a_replicas_refusal_gets_retry_after(scripted, balancer, http) -> 
 
 
 async def test_queue_full_and_timeout_carry_retry_after(scripted, balancer, http) -> None:
-    _, url = await scripted(Script(tokens=3, first_delay_s=1.0))
-    server = await balancer([url], max_inflight_per_replica=1, max_queue=1, queue_timeout_s=0.3)
+    # The queued request times out (1.5 s) well before the slot frees (3 s); the third request
+    # has the 1.5 s to find the queue full, even on a loaded machine.
+    _, url = await scripted(Script(tokens=3, first_delay_s=3.0))
+    server = await balancer([url], max_inflight_per_replica=1, max_queue=1, queue_timeout_s=1.5)
     busy = asyncio.create_task(http.post(f"{server.url}/generate", json=GENERATE))
-    await asyncio.sleep(0.1)
+    await wait_until(lambda: server.balancer.inflight == 1, what="the slot taken")
     queued = asyncio.create_task(http.post(f"{server.url}/generate", json=GENERATE))
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: server.balancer.admission.queue_depth == 1, what="one queued")
     async with http.post(f"{server.url}/generate", json=GENERATE) as full:
         assert full.status == 429 and full.headers["Retry-After"]
     timed_out = await queued
@@ -193,21 +201,28 @@ async def test_queue_full_and_timeout_carry_retry_after(scripted, balancer, http
 
 # -- neuron-fleet serve as a process ----------------------------------------------------------
 
+DELAY_S = 5
+"""--shutdown-delay of the process tests: long enough that SIGTERM -> /health 503 -> one chat
+completion fits inside it on a loaded 2-core machine (it was 2 s)."""
+
 
 def test_serve_sigterm_keeps_serving_for_the_delay_then_refuses(tmp_path: Path) -> None:
     listen, *replica_ports = free_ports(4)
     config = demo_config(tmp_path, replica_ports[0], drain_timeout_s=10)
-    proc = start_serve(config, listen, None, "--shutdown-delay", "2", "--log-stream", "stdout")
+    # The delay is long enough for the checks inside it on a loaded machine (CI: 2 cores).
+    proc = start_serve(
+        config, listen, None, "--shutdown-delay", str(DELAY_S), "--log-stream", "stdout"
+    )
     base = f"http://127.0.0.1:{listen}"
     try:
         wait_for(lambda: _status(base) == 200, seconds=20, what="ready")
         proc.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
-        wait_for(lambda: _status(base) == 503, seconds=2, what="/health 503 after SIGTERM")
+        wait_for(lambda: _status(base) == 503, seconds=DELAY_S, what="/health 503 after SIGTERM")
         code, text = post_json(f"{base}/v1/chat/completions", CHAT)
         assert code == 200 and text.rstrip().endswith("data:[DONE]")
-        assert time.monotonic() - signalled < 2, "the delay ended before we could check"
-        wait_for(lambda: _refused(base), seconds=6, what="refusals after the delay")
+        assert time.monotonic() - signalled < DELAY_S, "the delay ended before we could check"
+        wait_for(lambda: _refused(base), seconds=DELAY_S + 10, what="refusals after the delay")
         out, err = proc.communicate(timeout=20)
         assert proc.returncode == 0, err[-3000:]
         # Logs on stdout (a container's log), none on stderr but the replicas' own.
@@ -298,20 +313,20 @@ def _balance_in_front_of_a_replica(
 def test_balance_cli_shutdown_delay(tmp_path: Path) -> None:
     """`neuron-fleet balance` (no supervisor) runs the same two steps on SIGTERM."""
     replica, balancer, base = _balance_in_front_of_a_replica(
-        "--shutdown-delay", "2", "--log-stream", "stdout"
+        "--shutdown-delay", str(DELAY_S), "--log-stream", "stdout"
     )
     try:
         wait_for(lambda: _status(base) == 200, seconds=20, what="balancer ready")
         balancer.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
-        wait_for(lambda: _status(base) == 503, seconds=2, what="/health 503 after SIGTERM")
+        wait_for(lambda: _status(base) == 503, seconds=DELAY_S, what="/health 503 after SIGTERM")
         code, text = post_json(f"{base}/v1/chat/completions", CHAT)
         assert code == 200 and text.rstrip().endswith("data:[DONE]")
-        assert time.monotonic() - signalled < 2, "the delay ended before we could check"
+        assert time.monotonic() - signalled < DELAY_S, "the delay ended before we could check"
         # Nothing in flight: once the delay is over it refuses, drains at once and exits.
-        out, err = balancer.communicate(timeout=20)
+        out, err = balancer.communicate(timeout=DELAY_S + 20)
         assert balancer.returncode == 0, err[-3000:]
-        assert time.monotonic() - signalled >= 2, "exited before the shutdown delay"
+        assert time.monotonic() - signalled >= DELAY_S, "exited before the shutdown delay"
         # --log-stream stdout: as serve in a container, the log lines go to stdout
         assert "refusing new requests" in out and "INFO" in out
         assert "refusing new requests" not in err
