@@ -14,19 +14,7 @@ from balancer.cli import add_arguments, config_from_args
 from balancer.config import BalancerConfig
 from supervisor.config import ENV_VARS, load_config
 from supervisor.procutil import child_env
-
-SIMULATED = """
-[model]
-id = "sim"
-batch_size = 4
-max_input_tokens = 1000
-max_total_tokens = 2000
-
-[fleet]
-launcher = "simulated"
-devices = 12
-cores_per_replica = 8
-"""
+from tests.test_config import SIMULATED
 
 SECRET_FIELDS = ("admin_token", "api_keys", "replica_api_key")
 
