@@ -21,9 +21,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from balancer.admission import Admission
 from balancer.config import BalancerConfig
+from balancer.policy import LeastOutstanding
 from balancer.server import BalancerServer
-from balancer.upstream import Registry, Replica, ReplicaState
+from balancer.upstream import EVERY_INCARNATION, Registry, Replica, ReplicaState
 from supervisor.fleet import Fleet, FleetSettings
 from supervisor.launchers import LaunchSpec
 from tests.conftest import free_port, wait_until
@@ -129,3 +131,28 @@ async def test_a_query_of_death_kills_each_replica_once_not_its_restarts(
 async def _metrics(server: BalancerServer) -> str:
     async with aiohttp.ClientSession() as http, http.get(f"{server.url}/metrics") as r:
         return await r.text()
+
+
+async def test_a_retry_that_may_have_killed_a_replica_waits_for_another_not_its_restart() -> None:
+    """In the queue: the waiter excludes A through A's restart (``EVERY_INCARNATION``) and
+    takes B when B frees a slot."""
+    a, b = (
+        Replica(n, f"http://{n}", slot_cap=1, state=ReplicaState.READY, healthy=True)
+        for n in ("a", "b")
+    )
+    registry = Registry([a, b])
+    adm = Admission(registry, LeastOutstanding(), max_queue=8, queue_timeout_s=5)
+    assert await adm.acquire(1) is a
+    assert await adm.acquire(1) is b
+    retry = asyncio.ensure_future(adm.acquire(1, exclude={a: EVERY_INCARNATION}))
+    await asyncio.sleep(0)
+    adm.release(a, 1)
+    a.healthy = False
+    registry.set_state(a, ReplicaState.STARTING)
+    a.healthy = True
+    registry.set_state(a, ReplicaState.READY)  # a new incarnation, idle
+    await asyncio.sleep(0.05)
+    assert not retry.done()
+    adm.release(b, 1)
+    assert await asyncio.wait_for(retry, 1) is b
+    adm.release(b, 1)
