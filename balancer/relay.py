@@ -295,8 +295,13 @@ class Relay:
             raise AssertionError("unreachable: the last attempt never retries")
         except QueueFull:
             self.metrics.rejected.labels(reason="queue_full").inc()
-            # The queue has room again once its first request takes a slot.
-            come_back = self._slot_retry_after(ticket, behind_queue=False, fallback=1)
+            # The queue has room again once its first request takes a slot: on a free slot
+            # if a replica is ready, else once one is back from its start.
+            come_back = (
+                self._slot_retry_after(ticket, behind_queue=False, fallback=1)
+                if self.registry.routable()
+                else self._start_retry_after()
+            )
             return json_error(
                 429,
                 f"Model is overloaded: {self.admission.queue_depth} requests are queued "
