@@ -8,11 +8,11 @@ to whichever replica frees a slot first.
 Every request joins the queue at its place and admission then dispatches: whenever a slot
 could match a waiter (a request arrives, a slot frees, a replica comes back) free slots go
 to waiters in queue order, skipping a waiter that excluded that replica. So a retry waiting
-for "any replica but A" never keeps a new request off an idle A. A retry excludes a replica
-only in the incarnation it failed in (``balancer.upstream.excluded``): once A restarted, the
-retry may take it. A waiter that gives up
-(timeout, or its client left) is removed, and a slot granted to it at the same instant is
-given back.
+for "any replica but A" never keeps a new request off an idle A. A retry that found A busy
+or unreachable excludes it only in the incarnation it failed in
+(``balancer.upstream.excluded``): once A restarted, the retry may take it. A waiter that
+gives up (timeout, or its client left) is removed, and a slot granted to it at the same
+instant is given back.
 
 A request's ``Ticket`` is its place in line: a retry (its replica failed before anything
 reached the client) presents the same ticket, so it keeps its arrival order and its

@@ -4,7 +4,9 @@ A request's life, top to bottom (``Relay.forward``), one method per concern:
 
 1. **Choose a replica and retry** (``forward``, ``_choose``): take a slot (admission); the
    request's ``Ticket`` keeps its place in line and its queue deadline across retries. A
-   retry avoids the replicas the request failed on, each for the incarnation it failed in
+   retry avoids the replicas the request failed on: for good if the request may have
+   caused the failure (the process died under it, hung on it or answered with a failure),
+   else (never reached, busy) only in the incarnation it failed in
    (``balancer.upstream.excluded``): a replica that restarted since may take it.
 2. **Open** (``_open``): send the request and wait for the replica's answer: the status
    line and headers, and for event streams the first event. Connection refused or reset,
@@ -58,7 +60,14 @@ from balancer.metrics import BalancerMetrics
 from balancer.outlier import OutlierDetector, RequestFailures
 from balancer.slo import SloScore
 from balancer.sse import CLIENT, GENERATION, EventFramer, parse_error_event, separator_of
-from balancer.upstream import Registry, Replica, ReplicaState, Tried, excluded
+from balancer.upstream import (
+    EVERY_INCARNATION,
+    Registry,
+    Replica,
+    ReplicaState,
+    Tried,
+    excluded,
+)
 from balancer.upstream_http import ReplicaConnection, UpstreamError, UpstreamPool
 
 log = logging.getLogger("neuron_fleet.relay")
@@ -124,12 +133,15 @@ class RelayRequest:
 class _Retry(Exception):
     """This attempt failed before the commit; another replica may take the request."""
 
-    def __init__(self, reason: str, answered: bool = False) -> None:
+    def __init__(self, reason: str, answered: bool = False, harmless: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.answered = answered
         """The replica answered with a failure (status or error event): possibly the
         request's fault, so accounted once the request's outcome is known."""
+        self.harmless = harmless
+        """The request cannot have caused it (never reached the process, or busy): it may
+        go back to the replica once restarted (``EVERY_INCARNATION`` otherwise)."""
 
 
 @dataclass
@@ -261,7 +273,7 @@ class Relay:
                         self.outliers.passed(replica)
                     return response
                 except _Retry as retry:
-                    tried[replica] = incarnation
+                    tried[replica] = incarnation if retry.harmless else EVERY_INCARNATION
                     if retry.answered:
                         failures.add(replica, retry.reason)
                     if stream.upstream is not None:
@@ -283,8 +295,13 @@ class Relay:
             raise AssertionError("unreachable: the last attempt never retries")
         except QueueFull:
             self.metrics.rejected.labels(reason="queue_full").inc()
-            # The queue has room again once its first request takes a slot.
-            come_back = self._slot_retry_after(ticket, behind_queue=False, fallback=1)
+            # The queue has room again once its first request takes a slot: on a free slot
+            # if a replica is ready, else once one is back from its start.
+            come_back = (
+                self._slot_retry_after(ticket, behind_queue=False, fallback=1)
+                if self.registry.routable()
+                else self._start_retry_after()
+            )
             return json_error(
                 429,
                 f"Model is overloaded: {self.admission.queue_depth} requests are queued "
@@ -329,23 +346,33 @@ class Relay:
         return candidates[self._any_turn % len(candidates)]
 
     def _can_retry(
-        self, attempt: int, replica: Replica, incarnation: int, tried: Tried, ticket: Ticket
+        self,
+        attempt: int,
+        replica: Replica,
+        incarnation: int,
+        tried: Tried,
+        ticket: Ticket,
+        harmless: bool,
     ) -> bool:
-        """Whether the request, failing on ``replica`` now, may go on to another attempt.
+        """Whether the request, failing on ``replica`` now, may go on to another attempt
+        (``harmless``: the request cannot have caused this failure, see ``_Retry``).
 
         Not when the retries are used up, nor when no replica is left that could take it:
         then the attempt's own error is the answer now, rather than a wait of
         ``queue_timeout_s`` for a slot on a replica the request excludes. A replica that is
-        starting counts, ``replica`` itself included (a supervised restart comes back as a
-        new incarnation), but only if it is expected back before the request's queue time
-        runs out: a Neuron replica that loads for minutes does not make the client wait
-        ``queue_timeout_s`` for a 503. Asked when the attempt fails, not before it: the
-        fleet may have changed meanwhile (a restart during a long wait for the first byte)."""
+        starting counts, ``replica`` itself included after a harmless failure (a supervised
+        restart comes back as a new incarnation), but only if it is expected back before
+        the request's queue time runs out: a Neuron replica that loads for minutes does not
+        make the client wait ``queue_timeout_s`` for a 503. Asked when the attempt fails,
+        not before it: the fleet may have changed meanwhile (a restart during a long wait
+        for the first byte)."""
         if attempt >= self.config.retries:
             return False
         queue_left = self.config.queue_timeout_s - ticket.queued_s
         now = time.monotonic()
         for r in self.registry.replicas:
+            if (r is replica and not harmless) or tried.get(r) == EVERY_INCARNATION:
+                continue  # the request may have harmed it: never again, restarted or not
             if r.state is ReplicaState.STARTING:
                 if _expected_back_within(r, queue_left, now):
                     return True
@@ -425,10 +452,10 @@ class Relay:
         replica: Replica,
         headers: CIMultiDict[str],
         stream: _Stream,
-        can_retry: Callable[[], bool],
+        can_retry: Callable[[bool], bool],
     ) -> _Answer | None:
         """The replica's head (and first event): an ``_Answer`` to commit, ``_Retry`` (when
-        ``can_retry()``), or None when the last replica tried did not answer
+        ``can_retry(harmless)``), or None when the last replica tried did not answer
         (``stream.expired`` says why)."""
         cfg = self.config
         stream.upstream = None
@@ -447,22 +474,24 @@ class Relay:
                 )
                 status = upstream.status
                 self.metrics.upstream_responses.labels(replica=replica.name, code=str(status)).inc()
-                if (status == BUSY_STATUS or status in FAILED_STATUS) and can_retry():
+                busy = status == BUSY_STATUS
+                if (busy or status in FAILED_STATUS) and can_retry(busy):
                     # Busy (429) is not broken; a failure answer is judged with the request.
-                    raise _Retry(f"status_{status}", answered=status != BUSY_STATUS)
+                    raise _Retry(f"status_{status}", answered=not busy, harmless=busy)
                 is_sse = _content_type(upstream.headers) == SSE
                 first = await upstream.read_first(is_sse, FIRST_EVENT_LIMIT)
         except TimeoutError:
             stream.expired = timeout_kind
             self.outliers.failed(replica, timeout_kind)
-            if can_retry():
+            if can_retry(False):
                 raise _Retry(timeout_kind) from None
             return None
         except UpstreamError as exc:
             stream.expired = exc.kind
             self.outliers.failed(replica, exc.kind)
-            if can_retry():
-                raise _Retry(exc.kind) from None
+            unreached = exc.kind == "connect_error"  # the request never got there
+            if can_retry(unreached):
+                raise _Retry(exc.kind, harmless=unreached) from None
             return None
 
         answer = _Answer(upstream, is_sse, first)
@@ -475,10 +504,11 @@ class Relay:
                 answer.error_event = True
                 self.metrics.upstream_errors.labels(replica=replica.name, kind="error_event").inc()
                 kind = f"{event.verdict}_event"
-                if event.verdict != CLIENT and can_retry():
+                generation = event.verdict == GENERATION
+                if event.verdict != CLIENT and can_retry(not generation):
                     # Overloaded: busy, not broken. Generation: the replica failed this
                     # request (or the request fails everywhere: RequestFailures decides).
-                    raise _Retry(kind, answered=event.verdict == GENERATION)
+                    raise _Retry(kind, answered=generation, harmless=not generation)
                 if event.verdict == GENERATION:
                     answer.failure = kind
         return answer

@@ -10,8 +10,9 @@ One `Replica` object per upstream server is the single source of truth:
 
 A replica gets traffic only when it is ``routable``: lifecycle state READY *and* healthy.
 Each time it becomes routable again (a supervised restart, health checks re-admitting it) it
-starts a new ``incarnation``: a request that failed on it excludes it only for the
-incarnation it failed in (balancer/relay.py), so a retry may return to a restarted replica.
+starts a new ``incarnation``: a request that failed on it without reaching the process, or
+was told it was busy, excludes it only for the incarnation it failed in (balancer/relay.py),
+so a retry may return to a restarted replica; any other failure excludes it for good.
 """
 
 from __future__ import annotations
@@ -105,13 +106,23 @@ class Replica:
 
 
 Tried = Mapping[Replica, int]
-"""The replicas a request failed on, each with the incarnation it failed in."""
+"""The replicas a request failed on, each with the incarnation it failed in (or
+``EVERY_INCARNATION``)."""
+EVERY_INCARNATION = -1
+"""In ``Tried``: the request may have caused its failure there (the process died under it,
+hung on it or answered it with a failure), so it never goes back, restarted or not: a
+prompt that kills every process it reaches must not walk the restarts through its
+retries (each death counts towards the supervisor's crash loop)."""
 
 
 def excluded(replica: Replica, tried: Tried) -> bool:
     """Whether ``replica`` failed this request in its current incarnation (so not again);
-    one that restarted since is a fresh process and may take the request."""
-    return tried.get(replica) == replica.incarnation
+    one that restarted since is a fresh process and may take the request, unless the
+    request may have caused the failure (``EVERY_INCARNATION``)."""
+    failed_in = tried.get(replica)
+    return failed_in is not None and (
+        failed_in == replica.incarnation or failed_in == EVERY_INCARNATION
+    )
 
 
 class Registry:

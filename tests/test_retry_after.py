@@ -121,3 +121,31 @@ async def test_no_replica_ready_retry_after_follows_a_starting_replicas_last_sta
     replica.started_at = time.monotonic() - 60.0
     for r in await refusals():
         assert r.headers["Retry-After"] == "1"
+
+
+async def test_queue_full_while_no_replica_is_ready_retry_after_follows_the_restart(
+    scripted, balancer, http
+) -> None:
+    """Every replica down and the queue full of requests waiting for them: the 429 says
+    when a starting replica should be back, not "1 s" (found in review: the forecast has
+    no replica to predict from, so the 429 fell back to 1 s and told clients to hammer
+    a fleet that was restarting for half a minute)."""
+    _, url = await scripted(Script())
+    server = await balancer([url], max_queue=1, queue_timeout_s=30)
+    replica = server.registry.replicas[0]
+    replica.healthy = False
+    server.registry.set_state(replica, ReplicaState.STARTING)  # as the supervisor does
+    replica.start_duration_s = 30.0
+    replica.started_at = time.monotonic() - 2.0
+    waiting = asyncio.ensure_future(http.post(f"{server.url}/generate", json={"inputs": "x"}))
+    try:
+        await wait_until(lambda: server.balancer.admission.queue_depth == 1, what="queued")
+        async with http.post(f"{server.url}/generate", json={"inputs": "x"}) as full:
+            assert full.status == 429
+            assert 27 <= int(full.headers["Retry-After"]) <= 28, full.headers
+            assert 26_000 <= int(full.headers["retry-after-ms"]) <= 28_000
+            assert f"retry in {full.headers['Retry-After']} s" in (await full.json())["error"]
+    finally:
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+    await wait_until(lambda: server.balancer.admission.queue_depth == 0, what="left")

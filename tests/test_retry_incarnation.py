@@ -1,9 +1,11 @@
 """A retry avoids a replica only for the incarnation the request failed in.
 
-A replica that died under a request and was restarted by the supervisor (same ``Replica``,
-STARTING -> READY) is a fresh process: the retry may go back to it. Found as a defect: with
-overlapping deaths (A dies, the retry goes to B, B dies, A is back) every replica was
-excluded for the whole request and the client got 502 although A was ready.
+A replica that failed a request without the request being the cause (it was busy, or
+never reached) and was restarted by the supervisor since (same ``Replica``, STARTING ->
+READY) is a fresh process: the retry may go back to it. Found as a defect: with overlapping
+failures (A fails, the retry goes to B, B dies, A is back) every replica was excluded for
+the whole request and the client got 502 although A was ready. A replica whose process died
+under the request stays excluded through restarts (tests/test_query_of_death.py).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from balancer.policy import LeastOutstanding
 from balancer.relay import Relay
 from balancer.server import BalancerServer
 from balancer.ticket import Ticket
-from balancer.upstream import Registry, Replica, ReplicaState, excluded
+from balancer.upstream import EVERY_INCARNATION, Registry, Replica, ReplicaState, excluded
 from supervisor.fleet import Fleet, FleetSettings
 from supervisor.launchers import LaunchSpec
 from tests.conftest import free_port, wait_until
@@ -101,8 +103,9 @@ async def test_a_queued_retry_takes_a_replica_only_once_it_restarted() -> None:
 
 REPLICA = textwrap.dedent(
     """
-    # A replica for this test: its first process dies under the first generation request
-    # it gets; once restarted (the supervisor starts the same command again) it answers.
+    # A replica for this test. The first process to get a generation request answers it
+    # 429 (busy) and then dies (not of the request: it answered); the second dies under
+    # it. Once restarted (the supervisor starts the same command again) a replica answers.
     import json, os, sys, time
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from pathlib import Path
@@ -124,11 +127,20 @@ REPLICA = textwrap.dedent(
             if not restarted:
                 first_to_die = not any(folder.glob("died-*"))
                 (folder / f"died-{name}").touch()
-                if not first_to_die:
-                    # The second death waits until the test says the first replica's
-                    # death has been seen by the supervisor.
-                    while not (folder / "go").exists():
-                        time.sleep(0.01)
+                if first_to_die:
+                    busy = b'{"error":"busy","error_type":"overloaded"}'
+                    self.send_response(429)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(busy)))
+                    self.end_headers()
+                    self.wfile.write(busy)
+                    self.wfile.flush()
+                    time.sleep(0.05)
+                    os._exit(1)  # dies after answering: the request did not kill it
+                # The second death waits until the test says the first replica's death
+                # has been seen by the supervisor.
+                while not (folder / "go").exists():
+                    time.sleep(0.01)
                 os._exit(1)  # dies under the request: no answer, connection closed
             body = json.dumps({"generated_text": "ok", "replica": name, "pid": os.getpid()})
             self.send_response(200)
@@ -142,7 +154,7 @@ REPLICA = textwrap.dedent(
 )
 
 
-async def test_overlapping_deaths_the_retry_returns_to_the_restarted_replica(
+async def test_overlapping_failures_the_retry_returns_to_the_restarted_busy_replica(
     tmp_path: Path,
 ) -> None:
     script = tmp_path / "replica.py"
@@ -175,7 +187,7 @@ async def test_overlapping_deaths_the_retry_returns_to_the_restarted_replica(
             call = asyncio.ensure_future(
                 http.post(f"{server.url}/generate", json={"inputs": "hello"})
             )
-            # The first replica died under the request; the retry went to the other one.
+            # The first replica was busy (and then died); the retry went to the other one.
             await wait_until(
                 lambda: len(list(tmp_path.glob("died-*"))) == 2, what="both got the request"
             )
@@ -191,12 +203,12 @@ async def test_overlapping_deaths_the_retry_returns_to_the_restarted_replica(
                 text = await resp.text()
                 assert resp.status == 200, text
                 served = json.loads(text)
-        # Served by a restarted process (a new incarnation of a replica it had failed on).
+        # Served by a restarted process (a new incarnation of the replica that was busy).
         by_name = {r.name: r for r in replicas}
         winner = by_name[served["replica"]]
         assert served["pid"] != first_pids[winner.name]
         assert winner.incarnation > incarnations[winner.name]
-        # Two retries: after each death; no third attempt, no error answer.
+        # Two retries: after the 429 and after the death; no third attempt, no error.
         assert metric_sum(await _metrics(server), "neuron_fleet_retries_total") == 2
     finally:
         await server.begin_shutdown()
@@ -234,22 +246,26 @@ def test_a_restart_counts_as_a_retry_target_only_if_expected_back_in_the_queue_t
     failed_here = {a: a.incarnation}
     ticket = Ticket()
 
+    # Failures the request cannot have caused (busy, never reached) from here on.
     # Same process, still READY (its death not seen yet): excluded, nothing else left.
-    assert not relay._can_retry(0, a, a.incarnation, failed_here, ticket)
+    assert not relay._can_retry(0, a, a.incarnation, failed_here, ticket, True)
 
     # The supervisor restarts it: the last start took 5 s, it began 1 s ago.
     a.healthy = False
     registry.set_state(a, ReplicaState.STARTING)
     a.start_duration_s, a.started_at = 5.0, time.monotonic() - 1.0
-    assert relay._can_retry(0, a, 0, failed_here, ticket)
+    assert relay._can_retry(0, a, 0, failed_here, ticket, True)
     # ... but not with 2 s of queue time left, nor with the retries used up.
     ticket.queued_s = 28.0
-    assert not relay._can_retry(0, a, 0, failed_here, ticket)
+    assert not relay._can_retry(0, a, 0, failed_here, ticket, True)
     ticket.queued_s = 0.0
-    assert not relay._can_retry(2, a, 0, failed_here, ticket)
+    assert not relay._can_retry(2, a, 0, failed_here, ticket, True)
     # A model that loads for 10 minutes is not worth a 30 s wait.
     a.start_duration_s = 600.0
-    assert not relay._can_retry(0, a, 0, failed_here, ticket)
+    assert not relay._can_retry(0, a, 0, failed_here, ticket, True)
     # First start (duration unknown): counted, as a starting replica always was.
     a.start_duration_s = None
-    assert relay._can_retry(0, a, 0, failed_here, ticket)
+    assert relay._can_retry(0, a, 0, failed_here, ticket, True)
+    # The process died under the request (or answered it with a failure): not again.
+    assert not relay._can_retry(0, a, 0, failed_here, ticket, False)
+    assert not relay._can_retry(0, a, 0, {a: EVERY_INCARNATION}, ticket, True)
