@@ -37,6 +37,8 @@ log = logging.getLogger("neuron_fleet.admin")
 
 FLEET_KEY = web.AppKey("fleet", object)
 ACTIONS = ("drain", "undrain", "restart")
+QUARANTINE_SHOWN = 20
+"""Newest quarantined requests listed in the status (the metric has the count)."""
 
 
 def fleet_status(balancer: Balancer, fleet: FleetControl | None) -> dict[str, Any]:
@@ -74,6 +76,16 @@ def fleet_status(balancer: Balancer, fleet: FleetControl | None) -> dict[str, An
         "ttft_slo_s": balancer.config.ttft_slo_s,
         "draining": balancer.draining,
         "phase": balancer.phase,
+        "quarantined_requests": [
+            {
+                "digest": e.short,
+                "route": e.route,
+                "broke": e.replicas,
+                "expires_in_s": round(max(0.0, e.until - balancer.quarantine.clock()), 1),
+                "refused": e.refused,
+            }
+            for e in balancer.quarantine.entries()[-QUARANTINE_SHOWN:]
+        ],
         "supervised": fleet is not None,
     }
     if fleet is not None:

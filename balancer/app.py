@@ -27,6 +27,7 @@ from balancer.errors import expect_handler, json_error
 from balancer.forecast import Forecast
 from balancer.metrics import BalancerMetrics, route_label
 from balancer.policy import make_policy
+from balancer.quarantine import Quarantine
 from balancer.quotas import Quotas
 from balancer.relay import CLIENT_GONE, RETRY_AFTER_S, STAGE, Relay, RelayRequest
 from balancer.slo import DEADLINE_HEADER, BadDeadline, SloGate, SloScore, budget_s
@@ -91,8 +92,13 @@ class Balancer:
             forecast=self.forecast,
             long_share=config.queue_long_share,
         )
-        self.metrics = BalancerMetrics(registry, lambda: self.admission.queue_depth)
-        self.relay = Relay(config, registry, self.admission, self.metrics)
+        self.quarantine = Quarantine(config.quarantine_after, config.quarantine_ttl_s)
+        self.metrics = BalancerMetrics(
+            registry, lambda: self.admission.queue_depth, lambda: len(self.quarantine)
+        )
+        self.relay = Relay(
+            config, registry, self.admission, self.metrics, quarantine=self.quarantine
+        )
         self.relay.score = SloScore(self.forecast, self.metrics)
         self.slo = SloGate(self.forecast, self.admission, registry)
         self.quotas = Quotas(

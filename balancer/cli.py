@@ -53,6 +53,16 @@ def _positive_seconds(value: str) -> float:
     return seconds
 
 
+def _count(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value!r}")
+    return count
+
+
 def _share(value: str) -> float:
     try:
         share = float(value)
@@ -160,6 +170,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="attempts on another replica before the first byte (default %(default)s)",
     )
     parser.add_argument(
+        "--quarantine-after",
+        type=_count,
+        default=d.quarantine_after,
+        metavar="N",
+        help="refuse (422, for --quarantine-ttl) requests identical to one that broke N "
+        "replica processes while they served it (a query of death); 0 = off "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--quarantine-ttl",
+        type=_positive_seconds,
+        default=d.quarantine_ttl_s,
+        metavar="S",
+        help="how long such a request stays refused (default %(default)s)",
+    )
+    parser.add_argument(
         "--first-byte-timeout",
         type=float,
         default=d.first_byte_timeout_s,
@@ -251,6 +277,8 @@ def config_from_args(args: argparse.Namespace) -> BalancerConfig:
         queue_long_share=args.queue_long_share,
         ttft_slo_s=args.ttft_slo,
         retries=args.retries,
+        quarantine_after=args.quarantine_after,
+        quarantine_ttl_s=args.quarantine_ttl,
         first_byte_timeout_s=args.first_byte_timeout,
         response_timeout_s=args.response_timeout,
         idle_timeout_s=args.idle_timeout,

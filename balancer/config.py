@@ -84,6 +84,12 @@ class BalancerConfig:
     max_ejected_fraction: float = 0.34
     """Most replicas passive ejection may hold out at once, as a fraction of the fleet
     (Envoy's max_ejection_percent); at least one. 0.34: one of three."""
+    quarantine_after: int = 2
+    """Distinct replica processes a request may break (die or cut the response while
+    serving it) before identical requests (same route and body) are refused with 422 for
+    ``quarantine_ttl_s``, without reaching a replica (balancer/quarantine.py); 0: off."""
+    quarantine_ttl_s: float = 600.0
+    """How long a poison request stays quarantined; also how long a break is remembered."""
 
     max_input_tokens: int | None = None
     """Refuse longer prompts with 422 before they take a slot (None: let replicas judge)."""

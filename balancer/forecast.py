@@ -350,7 +350,9 @@ def retry_after(seconds: float) -> dict[str, str]:
     ``RETRY_AFTER_MAX_S``): ``Retry-After`` in whole seconds (RFC 9110), and to the
     millisecond in ``retry-after-ms``, which the OpenAI SDK prefers (openai 3.57.0,
     ``openai/_base_client.py`` ``_parse_retry_after_header``: retry-after-ms, then
-    retry-after)."""
+    retry-after). A forecast that is not a number (NaN) or negative asks for the least."""
+    if not seconds >= 0:  # NaN or negative: math.ceil(NaN) would raise
+        seconds = 0.0
     seconds = min(seconds, RETRY_AFTER_MAX_S)
     return {
         "Retry-After": str(ceil_seconds(seconds)),

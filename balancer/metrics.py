@@ -96,7 +96,12 @@ class ReplicaMetrics:
 
 
 class BalancerMetrics:
-    def __init__(self, registry: Registry, queue_depth: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        queue_depth: Callable[[], int],
+        quarantined: Callable[[], int] = lambda: 0,
+    ) -> None:
         self.prometheus = CollectorRegistry(auto_describe=True)
         r = self.prometheus
         p = PREFIX
@@ -197,13 +202,20 @@ class BalancerMetrics:
             ["replica", "outcome"],
             registry=r,
         )
+        self.quarantines = Counter(
+            f"{p}_quarantines",
+            "Requests put in quarantine after they broke quarantine_after replica processes "
+            "(a query of death); identical ones are then refused: "
+            'rejected_requests_total{reason="quarantined"}.',
+            registry=r,
+        )
         self.background_task_failures = Counter(
             f"{p}_background_task_failures",
             "Unexpected exceptions in the balancer's background tasks (restarted after each).",
             ["task"],
             registry=r,
         )
-        r.register(_StateCollector(registry, queue_depth))
+        r.register(_StateCollector(registry, queue_depth, quarantined))
         r.register(_LoopCollector(self.itl))
 
     def for_replica(self, replica: Replica) -> ReplicaMetrics:
@@ -220,9 +232,15 @@ class BalancerMetrics:
 class _StateCollector(Collector):
     """Gauges read from the registry at scrape time."""
 
-    def __init__(self, registry: Registry, queue_depth: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        queue_depth: Callable[[], int],
+        quarantined: Callable[[], int],
+    ) -> None:
         self._registry = registry
         self._queue_depth = queue_depth
+        self._quarantined = quarantined
 
     def collect(self) -> Iterator[Metric]:
         p = PREFIX
@@ -279,6 +297,11 @@ class _StateCollector(Collector):
             f"{p}_queue_depth",
             "Requests waiting at the balancer for a slot.",
             value=self._queue_depth(),
+        )
+        yield GaugeMetricFamily(
+            f"{p}_quarantined_requests",
+            "Requests quarantined now: refused on arrival until quarantine_ttl_s has passed.",
+            value=self._quarantined(),
         )
 
 

@@ -45,6 +45,7 @@ import asyncio
 import enum
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ from balancer.errors import json_error, stream_error_event
 from balancer.forecast import retry_after
 from balancer.metrics import BalancerMetrics
 from balancer.outlier import OutlierDetector, RequestFailures
+from balancer.quarantine import Entry, Quarantine, Verdict, request_digest
 from balancer.slo import SloScore
 from balancer.sse import CLIENT, GENERATION, EventFramer, parse_error_event, separator_of
 from balancer.upstream import (
@@ -106,6 +108,16 @@ RETRY_AFTER_S = 5
 503 carries ``Retry-After``: balancer/app.py adds it to those it did not write)."""
 FIRST_EVENT_LIMIT = 1 << 20
 """Most bytes read while looking for the first event before we give up looking."""
+BROKE_KINDS = frozenset({"disconnected", "payload_error"})
+"""``UpstreamError`` kinds that say the replica's side dropped the connection while serving
+the request (the process died, or cut the response): what a query of death does. Not
+``connect_error`` (never reached), ``connection_error`` (we closed it: a timeout or the
+client left), ``relay_error`` (our bug)."""
+QUARANTINED_STATUS = 422
+"""A 4xx, so that client SDKs do not resend a request that kills replicas: openai 3.57.0
+(``openai/_base_client.py`` ``_should_retry``) retries 408, 409, 429 and >= 500 only (twice
+by default, ``_constants.py`` ``DEFAULT_MAX_RETRIES``), and obeys ``x-should-retry: false``,
+which we send too. 422 is what TGI answers for a request it will not serve (validation)."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +140,14 @@ class RelayRequest:
     ``first_byte_timeout_s``; otherwise the whole answer within ``response_timeout_s``."""
     ticket: Ticket | None = None
     """Made by the app with what the forecast and the SLO gate need (balancer/ticket.py)."""
+
+
+class _Quarantined(Exception):
+    """The request has just been quarantined (or an identical one was): stop retrying."""
+
+    def __init__(self, entry: Entry) -> None:
+        super().__init__(entry.short)
+        self.entry = entry
 
 
 class _Retry(Exception):
@@ -173,8 +193,10 @@ class _Stream:
     __slots__ = (
         "client_gone",
         "deadline",
+        "digest",
         "expired",
         "phase",
+        "process",
         "request",
         "since",
         "upstream",
@@ -194,6 +216,10 @@ class _Stream:
         """The client's transport was found closing while relaying to it."""
         self.work_done = 0
         """Part of the request's work the replica has done (prefill, then one per token)."""
+        self.digest: str | None = None
+        """The request's quarantine digest, once computed (balancer/quarantine.py)."""
+        self.process: tuple[int | None, int] = (None, 0)
+        """The replica process of the current attempt: its pid and incarnation."""
 
     def enter(self, phase: Phase, now: float) -> None:
         self.phase, self.since = phase, now
@@ -207,6 +233,7 @@ class Relay:
         admission: Admission,
         metrics: BalancerMetrics,
         pool: UpstreamPool | None = None,
+        quarantine: Quarantine | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -215,6 +242,11 @@ class Relay:
         self.pool = pool if pool is not None else UpstreamPool(config.connect_timeout_s)
         self.outliers = OutlierDetector(
             registry, metrics, config.eject_after_failures, config.max_ejected_fraction
+        )
+        self.quarantine = (
+            quarantine
+            if quarantine is not None
+            else Quarantine(config.quarantine_after, config.quarantine_ttl_s)
         )
         self._streams: set[_Stream] = set()
         self._any_turn = 0
@@ -240,6 +272,10 @@ class Relay:
         tried: dict[Replica, int] = {}
         """Replicas this request failed on -> the incarnation it failed in."""
         stream = _Stream(request)
+        if self.quarantine.holding:
+            held = self.quarantine.held(self._digest(stream, rr))
+            if held is not None:
+                return self._refuse_quarantined(rr, held)
         self._streams.add(stream)
         try:
             for attempt in range(self.config.retries + 1):
@@ -248,6 +284,7 @@ class Relay:
                 if replica is None:
                     return self._reject_no_replica(rr)
                 incarnation = replica.incarnation
+                stream.process = (replica.pid, incarnation)
                 can_retry = functools.partial(
                     self._can_retry, attempt, replica, incarnation, tried, ticket
                 )
@@ -293,6 +330,8 @@ class Relay:
                     if rr.admit:
                         self.admission.release(replica, rr.work - stream.work_done, ticket)
             raise AssertionError("unreachable: the last attempt never retries")
+        except _Quarantined as exc:
+            return self._quarantined_now(rr, exc.entry)
         except QueueFull:
             self.metrics.rejected.labels(reason="queue_full").inc()
             # The queue has room again once its first request takes a slot: on a free slot
@@ -489,6 +528,7 @@ class Relay:
         except UpstreamError as exc:
             stream.expired = exc.kind
             self.outliers.failed(replica, exc.kind)
+            self._broke(rr, replica, stream, exc.kind, before_commit=True)
             unreached = exc.kind == "connect_error"  # the request never got there
             if can_retry(unreached):
                 raise _Retry(exc.kind, harmless=unreached) from None
@@ -571,7 +611,7 @@ class Relay:
             # error event for it, and ending it cleanly would pass a truncated body off as
             # complete, so reset the client's connection.
             reason = stream.expired or exc.kind
-            self._stream_failed(replica, reason)
+            self._stream_failed(rr, replica, stream, reason)
             log.warning("response %s from %s cut (%s)", rr.request_id, replica.name, reason)
             if request.transport is not None:
                 request.transport.abort()
@@ -741,7 +781,7 @@ class Relay:
                 # replica's fault, and nobody to send an error event to.
                 raise ConnectionResetError("client gone") from exc
             reason = stream.expired or (exc.kind if isinstance(exc, UpstreamError) else "timeout")
-            self._stream_failed(replica, reason)
+            self._stream_failed(rr, replica, stream, reason)
             partial = len(framer.flush())
             log.warning(
                 "stream %s from %s failed after %d tokens (%s; %d bytes of an unfinished "
@@ -777,12 +817,72 @@ class Relay:
         return clean
 
     # ---------------------------------------------------------------- 5. account
-    def _stream_failed(self, replica: Replica, reason: str) -> None:
+    def _stream_failed(
+        self, rr: RelayRequest, replica: Replica, stream: _Stream, reason: str
+    ) -> None:
         """A committed response failed. ``relay_error`` is the balancer's own bug (logged
         with its traceback by upstream_http): not held against the replica."""
         if reason != "relay_error":
             self.outliers.failed(replica, reason)
         self.metrics.stream_errors.labels(replica=replica.name, reason=reason).inc()
+        self._broke(rr, replica, stream, reason, before_commit=False)
+
+    def _broke(
+        self, rr: RelayRequest, replica: Replica, stream: _Stream, kind: str, before_commit: bool
+    ) -> None:
+        """Tell the quarantine when the request broke the replica's connection (a
+        ``BROKE_KINDS`` failure: its process died or cut the response under it). Before the
+        commit, raise ``_Quarantined`` if the request is quarantined now: not retried."""
+        if kind not in BROKE_KINDS or not self.quarantine.enabled:
+            return
+        pid, incarnation = stream.process
+        verdict, entry = self.quarantine.record(
+            self._digest(stream, rr), rr.route, replica.name, f"{replica.name}/{pid}/{incarnation}"
+        )
+        if verdict is Verdict.QUARANTINED:
+            self.metrics.quarantines.inc()
+        if before_commit and verdict is not Verdict.SUSPECT:
+            raise _Quarantined(entry)
+
+    def _digest(self, stream: _Stream, rr: RelayRequest) -> str:
+        if stream.digest is None:
+            request = stream.request
+            stream.digest = request_digest(request.method, request.path_qs, rr.body)
+        return stream.digest
+
+    def _refuse_quarantined(self, rr: RelayRequest, entry: Entry) -> web.Response:
+        """An identical request broke replicas: refused before any replica sees it."""
+        self.metrics.rejected.labels(reason="quarantined").inc()
+        left = max(1, math.ceil(entry.until - self.quarantine.clock()))
+        return json_error(
+            QUARANTINED_STATUS,
+            f"Request refused without being sent to a replica: an identical request "
+            f"(digest {entry.short}) made {len(entry.broke)} replica processes fail while "
+            f"serving it ({', '.join(entry.replicas)}), so it is quarantined for {left} more "
+            f"s. Do not resend it unchanged: change the prompt or parameters; the operator "
+            f"sees digest {entry.short} in the balancer's log and `neuron-fleet status`",
+            "quarantined",
+            headers={"x-should-retry": "false", "x-request-id": rr.request_id},
+        )
+
+    def _quarantined_now(self, rr: RelayRequest, entry: Entry) -> web.Response:
+        """This request broke its replica and is (now) quarantined: no further attempt."""
+        log.warning(
+            "request %s %s (digest %s) not retried: quarantined after breaking %s",
+            rr.request_id,
+            rr.route,
+            entry.short,
+            ", ".join(entry.replicas),
+        )
+        return json_error(
+            QUARANTINED_STATUS,
+            f"This request made {len(entry.broke)} replica processes fail while serving it "
+            f"({', '.join(entry.replicas)}); it was not retried, and identical requests are "
+            f"refused for {self.quarantine.ttl_s:g} s (digest {entry.short}). Do not resend "
+            f"it unchanged: change the prompt or parameters, or report it to the operator",
+            "quarantined",
+            headers={"x-should-retry": "false", "x-request-id": rr.request_id},
+        )
 
     # ---------------------------------------------------------------- watchdog
     def check_timeouts(self, now: float) -> None:

@@ -348,10 +348,17 @@ class UpstreamPool:
             conn.send(raw)
             try:
                 await conn.read_head()
-            except UpstreamError:
+            except UpstreamError as closed:
                 if not (conn.reused and not conn.got_bytes):
                     raise
-                conn = await self._connect(base_url, host, port, context)
+                try:
+                    conn = await self._connect(base_url, host, port, context)
+                except UpstreamError:
+                    # Nothing listens any more: the process closed the connection as it
+                    # died, perhaps of this very request. Say so, not "never reached": the
+                    # request may not go back to its restart (balancer/relay.py), and
+                    # counts towards its quarantine (balancer/quarantine.py).
+                    raise closed from None
                 conn.send(raw)
                 await conn.read_head()
         except BaseException:

@@ -237,6 +237,16 @@ def load_config(
     slo = balancer_raw.get("ttft_slo_s")
     if slo is not None and not 0 < slo < float("inf"):
         errors.append(f"[balancer] ttft_slo_s = {slo!r}: expected a positive number of seconds")
+    after = balancer_raw.get("quarantine_after", 0)
+    if after < 0:
+        errors.append(
+            f"[balancer] quarantine_after = {after!r}: expected a whole number >= 0 (0: off)"
+        )
+    ttl = balancer_raw.get("quarantine_ttl_s", 1.0)
+    if not 0 < ttl < float("inf"):
+        errors.append(
+            f"[balancer] quarantine_ttl_s = {ttl!r}: expected a positive number of seconds"
+        )
     share = balancer_raw.get("queue_long_share", 0.0)
     if not 0 <= share < 1:
         errors.append(f"[balancer] queue_long_share = {share!r}: expected 0 <= share < 1")

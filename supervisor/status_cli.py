@@ -157,6 +157,12 @@ def format_table(status: dict[str, Any], url: str = "") -> str:
     ]
     if learned:
         lines.append("forecast: " + "; ".join(learned))
+    for q in status.get("quarantined_requests") or ():
+        lines.append(
+            f"quarantined request {q.get('digest')} ({q.get('route')}): broke "
+            f"{', '.join(q.get('broke') or ())}; {q.get('refused', 0)} refused since, "
+            f"expires in {format_uptime(q.get('expires_in_s'))}"
+        )
     return "\n".join(lines)
 
 

@@ -506,3 +506,15 @@ def test_ttft_slo_and_the_long_prompt_floor_are_read_and_checked(tmp_path: Path)
         load(tmp_path, base + "ttft_slo_s = 0\nqueue_long_share = 1.5\n")
     errors = errors_of(excinfo)
     assert "[balancer] ttft_slo_s" in errors and "[balancer] queue_long_share" in errors
+
+
+def test_quarantine_settings_are_read_and_checked(tmp_path: Path) -> None:
+    base = SIMULATED + "\n[balancer]\n"
+    b = load(tmp_path, base).balancer
+    assert (b.quarantine_after, b.quarantine_ttl_s) == (2, 600.0)
+    b = load(tmp_path, base + "quarantine_after = 0\nquarantine_ttl_s = 60\n").balancer
+    assert (b.quarantine_after, b.quarantine_ttl_s) == (0, 60.0)
+    with pytest.raises(ConfigError) as excinfo:
+        load(tmp_path, base + "quarantine_after = -1\nquarantine_ttl_s = 0\n")
+    errors = errors_of(excinfo)
+    assert "[balancer] quarantine_after" in errors and "[balancer] quarantine_ttl_s" in errors

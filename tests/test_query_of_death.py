@@ -87,6 +87,7 @@ async def test_a_query_of_death_kills_each_replica_once_not_its_restarts(
         queue_timeout_s=20.0,
         response_timeout_s=20.0,
         retries=4,
+        quarantine_after=0,  # this is about retries alone: tests/test_quarantine.py
     )
     server = BalancerServer(config, registry, fleet)
     await server.start()

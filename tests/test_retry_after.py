@@ -14,6 +14,7 @@ import time
 import aiohttp
 import pytest
 
+from balancer.forecast import RETRY_AFTER_MAX_S, retry_after
 from balancer.upstream import ReplicaState
 from tests.conftest import wait_until
 from tests.upstreams import Script
@@ -24,6 +25,15 @@ TOKENS = 60
 DELAY_S = 0.05
 """Each stream takes about TOKENS x DELAY_S = 3 s: the forecast learns 0.05 s per step."""
 GEN = {"inputs": "hello", "parameters": {"max_new_tokens": TOKENS}}
+
+
+def test_retry_after_of_a_forecast_that_is_not_a_number_is_the_least_not_an_error() -> None:
+    """A forecast gone NaN (or negative) must not turn a refusal into a 500."""
+    for seconds in (float("nan"), float("-inf"), -3.0):
+        assert retry_after(seconds) == {"Retry-After": "1", "retry-after-ms": "1"}
+    top = str(int(RETRY_AFTER_MAX_S))
+    assert retry_after(float("inf"))["Retry-After"] == top
+    assert retry_after(2.5) == {"Retry-After": "3", "retry-after-ms": "2500"}
 
 
 async def _stream(http: aiohttp.ClientSession, base: str) -> aiohttp.ClientResponse:

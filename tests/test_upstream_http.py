@@ -337,3 +337,33 @@ async def test_a_first_event_cut_before_it_was_read_is_an_error_not_a_start() ->
     whole.connection_lost(None)
     await whole.read_head()
     assert await whole.read_first(True, 1 << 20) == EVENTS[0]  # a whole event is relayed
+
+
+async def test_a_keepalive_connection_closed_by_a_dying_replica_is_not_unreached(
+    raw_replica,
+) -> None:
+    """The replica closes a kept-alive connection under a request and nothing listens any
+    more (it died, perhaps of that request): ``disconnected``, not ``connect_error``, which
+    would pass for "never reached" and let the request go back to the restart uncounted
+    (balancer/relay.py ``_Retry.harmless``, balancer/quarantine.py)."""
+    from multidict import CIMultiDict
+
+    from balancer.upstream_http import UpstreamError, UpstreamPool
+
+    async def dies_on_the_second(reader, writer, n: int) -> bool:
+        if n == 0:
+            return await sse_answer(reader, writer, n)
+        await replica.stop()  # the process is gone: no new connection either
+        return False
+
+    replica, url = await raw_replica(dies_on_the_second)
+    pool = UpstreamPool(connect_timeout_s=2)
+    headers: CIMultiDict[str] = CIMultiDict()
+    conn = await pool.request(url, "POST", "/generate_stream", headers, b"{}")
+    await conn.read_first(True, 1 << 20)
+    await conn.wait()
+    conn.release()  # kept alive for the next request
+    with pytest.raises(UpstreamError) as failed:
+        await pool.request(url, "POST", "/generate_stream", headers, b"{}")
+    assert failed.value.kind == "disconnected"
+    pool.close()

@@ -1,0 +1,174 @@
+"""Quarantine of poison requests ("queries of death"): refuse a request that keeps killing
+the replica processes serving it.
+
+Why: on Neuron some prompts crash the replica process (runtime errors on some shapes). A
+retry never goes back to a process the request killed (balancer/upstream.py
+``EVERY_INCARNATION``), but the request still kills one process per replica, and a client
+that resends it (a user's "retry", or an SDK's own retries on 5xx) kills them all again;
+each restart takes minutes and five exits in ten minutes mark a replica FAILED. So, as
+Envoy and Google SRE advise for a query of death, the balancer remembers which requests
+broke a replica's connection while it was serving them (the process died or cut the
+response: not a timeout, not an answered failure, not a client leaving) and, once one has
+broken ``after`` distinct replica processes, refuses identical requests for ``ttl_s``
+before any replica sees them.
+
+Requests are known by a digest of method, path and body bytes (never the prompt itself:
+it may hold user data), computed only when a break is recorded or while something is
+quarantined, so the hot path pays nothing otherwise. Memory is bounded: at most
+``max_entries`` suspects and as many quarantined requests, oldest dropped first; a
+suspect's breaks are forgotten ``ttl_s`` after the last one.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+log = logging.getLogger("neuron_fleet.quarantine")
+
+MAX_ENTRIES = 4096
+"""Suspects (and, separately, quarantined requests) remembered at most."""
+DIGEST_SHOWN = 12
+"""Hex digits of the digest shown in logs, errors and status."""
+
+
+def request_digest(method: str, path_qs: str, body: bytes) -> str:
+    """What identifies a request: its method, path (with query) and exact body bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{method} {path_qs}\n".encode("utf-8", "surrogateescape"))
+    h.update(body)
+    return h.hexdigest()
+
+
+class Verdict(enum.Enum):
+    """What a recorded break did."""
+
+    SUSPECT = "suspect"
+    """Remembered; not (yet) enough distinct processes."""
+    QUARANTINED = "quarantined"
+    """This break put the request in quarantine (logged and counted once, here)."""
+    ALREADY = "already"
+    """The request was in quarantine already (an identical one was in flight)."""
+
+
+@dataclass
+class Entry:
+    """One request the replicas had trouble with (no prompt text: only its digest)."""
+
+    digest: str
+    route: str
+    until: float
+    """Clock time the entry is forgotten (the quarantine, or the suspicion, ends)."""
+    broke: dict[str, str] = field(default_factory=dict)
+    """Replica processes it broke (process key -> replica name), in order."""
+    refused: int = 0
+    """Identical requests refused while quarantined."""
+
+    @property
+    def short(self) -> str:
+        return self.digest[:DIGEST_SHOWN]
+
+    @property
+    def replicas(self) -> list[str]:
+        return list(dict.fromkeys(self.broke.values()))
+
+
+class Quarantine:
+    """Suspects and quarantined requests, by digest. ``after`` = 0 disables it."""
+
+    def __init__(
+        self,
+        after: int,
+        ttl_s: float,
+        max_entries: int = MAX_ENTRIES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.after = after
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self.clock = clock
+        self._suspects: OrderedDict[str, Entry] = OrderedDict()
+        self._held: OrderedDict[str, Entry] = OrderedDict()
+        """Quarantined, oldest first (a fixed TTL: also soonest to expire first)."""
+        self.quarantined_total = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.after > 0
+
+    @property
+    def holding(self) -> bool:
+        """Something is (or was until lately) quarantined: only then is a request's digest
+        worth computing on arrival. One attribute test on the hot path."""
+        return bool(self._held)
+
+    def held(self, digest: str) -> Entry | None:
+        """The quarantine entry for ``digest`` if it is quarantined now (counts a refusal)."""
+        self._expire(self.clock())
+        entry = self._held.get(digest)
+        if entry is not None:
+            entry.refused += 1
+        return entry
+
+    def record(self, digest: str, route: str, replica: str, process: str) -> tuple[Verdict, Entry]:
+        """The request ``digest`` broke ``replica``'s connection while ``process`` (a key
+        unique to one process of it) was serving it."""
+        now = self.clock()
+        self._expire(now)
+        if not self.enabled:
+            return Verdict.SUSPECT, Entry(digest, route, now)
+        held = self._held.get(digest)
+        if held is not None:
+            held.broke.setdefault(process, replica)
+            return Verdict.ALREADY, held
+        entry = self._suspects.pop(digest, None)
+        if entry is None:
+            entry = Entry(digest, route, now + self.ttl_s)
+        entry.broke.setdefault(process, replica)
+        entry.until = now + self.ttl_s
+        if len(entry.broke) < self.after:
+            self._suspects[digest] = entry  # most recent last
+            _trim(self._suspects, self.max_entries)
+            return Verdict.SUSPECT, entry
+        self._held[digest] = entry
+        _trim(self._held, self.max_entries)
+        self.quarantined_total += 1
+        log.warning(
+            "quarantined request %s (%s) for %g s: it broke %d replica processes while they "
+            "served it (%s); identical requests are refused with 422 until then",
+            entry.short,
+            route,
+            self.ttl_s,
+            len(entry.broke),
+            ", ".join(entry.replicas),
+        )
+        return Verdict.QUARANTINED, entry
+
+    def entries(self) -> list[Entry]:
+        """Quarantined now, oldest first."""
+        self._expire(self.clock())
+        return list(self._held.values())
+
+    def __len__(self) -> int:
+        self._expire(self.clock())
+        return len(self._held)
+
+    def _expire(self, now: float) -> None:
+        for table in (self._held, self._suspects):
+            while table:
+                digest, entry = next(iter(table.items()))
+                if entry.until > now:
+                    break
+                del table[digest]
+                if table is self._held:
+                    log.info("request %s is out of quarantine", entry.short)
+
+
+def _trim(table: OrderedDict[str, Entry], limit: int) -> None:
+    while len(table) > limit:
+        table.popitem(last=False)

@@ -1,0 +1,323 @@
+"""A request that kills the replica processes serving it is quarantined (balancer/quarantine.py).
+
+End to end with real supervised replica processes (a small script, as in
+tests/test_query_of_death.py): a prompt that kills the process it reaches is tried on at most
+``quarantine_after`` processes, then answered 422 ``quarantined`` at once; an identical resend
+is refused before any replica sees it; other prompts are still served; it is admitted again
+once the quarantine expires. A death mid-stream counts; a replica that is merely slow (a
+timeout) does not. Unit tests cover the bookkeeping: distinct processes, expiry, bounded size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from balancer.config import BalancerConfig
+from balancer.quarantine import Quarantine, Verdict, request_digest
+from balancer.server import BalancerServer
+from balancer.upstream import Registry, Replica
+from supervisor.fleet import Fleet, FleetSettings
+from supervisor.launchers import LaunchSpec
+from supervisor.status_cli import format_table
+from tests.conftest import free_port, wait_until
+from tests.test_hardening_faults import LIFECYCLE
+from tests.test_hardening_input import metric_sum
+
+pytestmark = pytest.mark.timeout(60)
+
+ADMIN_TOKEN = "quarantine-test-admin"
+
+REPLICA = textwrap.dedent(
+    """
+    # A TGI-like replica: "poison" in the body kills the process before it answers,
+    # "poison-stream" after the first token event, "slow" is never answered in time;
+    # anything else gets an answer. Every POST leaves a file behind, every death another.
+    import os, sys, time, uuid
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from pathlib import Path
+
+    port, name, folder = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            (folder / f"seen-{name}-{uuid.uuid4().hex}").touch()
+            if b"poison-stream" in body:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                event = b'data:{"token":{"id":1,"text":"a","logprob":0,"special":false}}\\n\\n'
+                self.wfile.write(b"%x\\r\\n%b\\r\\n" % (len(event), event))
+                self.wfile.flush()
+                time.sleep(0.05)
+                (folder / f"died-{name}-{os.getpid()}").touch()
+                os._exit(1)
+            if b"poison" in body:
+                (folder / f"died-{name}-{os.getpid()}").touch()
+                os._exit(1)  # dies under the request: no answer, connection closed
+            if b"slow" in body:
+                time.sleep(30)
+            answer = b'{"generated_text":"ok"}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+    ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+    """
+)
+
+
+@dataclass
+class Setup:
+    server: BalancerServer
+    replicas: list[Replica]
+    folder: Path
+
+    def count(self, prefix: str) -> int:
+        return sum(1 for _ in self.folder.glob(f"{prefix}-*"))
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+
+@pytest.fixture
+async def fleet3(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
+    """Three supervised replicas of REPLICA behind a balancer; ``request.param``: config."""
+    script = tmp_path / "replica.py"
+    script.write_text(REPLICA)
+    replicas, specs = [], {}
+    for name in ("a", "b", "c"):
+        port = free_port()
+        replicas.append(Replica(name=name, url=f"http://127.0.0.1:{port}", port=port, slot_cap=4))
+        specs[name] = LaunchSpec(argv=(sys.executable, str(script), str(port), name, str(tmp_path)))
+    registry = Registry(replicas)
+    fleet = Fleet(registry, specs, FleetSettings(min_ready=3, lifecycle=LIFECYCLE))
+    settings = dict(
+        host="127.0.0.1",
+        port=0,
+        health_interval_s=0.1,
+        health_timeout_s=0.5,
+        queue_timeout_s=20.0,
+        response_timeout_s=20.0,
+        retries=2,
+        eject_after_failures=100,  # this is about the quarantine, not passive ejection
+        admin_token=ADMIN_TOKEN,
+    )
+    settings.update(getattr(request, "param", {}))
+    server = BalancerServer(BalancerConfig(**settings), registry, fleet)  # type: ignore[arg-type]
+    await server.start()
+    await fleet.start()
+    try:
+        async with asyncio.timeout(20):
+            assert await fleet.wait_ready()
+        yield Setup(server, replicas, tmp_path)
+    finally:
+        await server.begin_shutdown()
+        await fleet.stop(grace=1)
+        await server.stop()
+
+
+async def _metrics(url: str) -> str:
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as r:
+        return await r.text()
+
+
+async def _post(url: str, path: str, doc: dict[str, object]) -> tuple[int, str, dict[str, str]]:
+    async with aiohttp.ClientSession() as http, http.post(f"{url}{path}", json=doc) as r:
+        return r.status, await r.text(), dict(r.headers)
+
+
+async def test_a_query_of_death_kills_quarantine_after_processes_then_is_refused(
+    fleet3: Setup,
+) -> None:
+    poison = {"inputs": "poison", "parameters": {"max_new_tokens": 5}}
+
+    status, text, headers = await _post(fleet3.url, "/generate", poison)
+    # Two processes died (quarantine_after = 2), not three (retries = 2 allowed a third).
+    assert fleet3.count("died") == 2
+    assert status == 422, text
+    doc = json.loads(text)
+    assert doc["error_type"] == "quarantined"
+    assert "not retried" in doc["error"] and "poison" not in doc["error"]
+    assert headers["x-should-retry"] == "false"
+    seen = fleet3.count("seen")
+    assert seen == 2
+
+    # The resend (a user's retry, an SDK's retry) never reaches a replica.
+    status, text, _ = await _post(fleet3.url, "/generate", poison)
+    assert status == 422, text
+    assert json.loads(text)["error_type"] == "quarantined"
+    assert "without being sent to a replica" in json.loads(text)["error"]
+    assert fleet3.count("seen") == seen and fleet3.count("died") == 2
+
+    # Other prompts are served (by the replica that survived, or a restarted one).
+    status, text, _ = await _post(fleet3.url, "/generate", {"inputs": "hello"})
+    assert status == 200, text
+    seen += 1
+
+    metrics = await _metrics(fleet3.url)
+    assert metric_sum(metrics, "neuron_fleet_quarantines_total") == 1
+    assert metric_sum(metrics, "neuron_fleet_quarantined_requests") == 1
+    assert metric_sum(metrics, "neuron_fleet_rejected_requests_total", reason="quarantined") == 1
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{fleet3.url}/fleet/status", headers=admin) as r,
+    ):
+        fleet_status = await r.json()
+    [entry] = fleet_status["quarantined_requests"]
+    assert entry["route"] == "/generate" and entry["refused"] == 1
+    assert len(entry["broke"]) == 2 and 0 < entry["expires_in_s"] <= 600
+    assert "poison" not in json.dumps(fleet_status)
+    assert f"quarantined request {entry['digest']}" in format_table(fleet_status)
+
+    # Once the quarantine expires the request is admitted again (and kills again).
+    quarantine = fleet3.server.balancer.quarantine
+    quarantine.clock = lambda: time.monotonic() + 601
+    await wait_until(
+        lambda: (
+            sum(r.restarts for r in fleet3.replicas) == 2
+            and all(r.routable for r in fleet3.replicas)
+        ),
+        what="the two replicas that died are back",
+    )
+    status, text, _ = await _post(fleet3.url, "/generate", poison)
+    assert fleet3.count("seen") == seen + 2 and fleet3.count("died") == 4
+    assert status == 422 and len(quarantine) == 1
+
+
+@pytest.mark.parametrize("fleet3", [{"quarantine_after": 0}], indirect=True)
+async def test_quarantine_after_zero_turns_it_off(fleet3: Setup) -> None:
+    status, _, _ = await _post(fleet3.url, "/generate", {"inputs": "poison"})
+    assert status == 502 and fleet3.count("died") == 3  # every replica, as before
+    assert len(fleet3.server.balancer.quarantine) == 0
+
+
+async def test_a_death_mid_stream_counts(fleet3: Setup) -> None:
+    poison = {"inputs": "poison-stream", "parameters": {"max_new_tokens": 5}}
+    for deaths in (1, 2):
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{fleet3.url}/generate_stream", json=poison) as r,
+        ):
+            assert r.status == 200  # committed with the first token: no retry
+            body = await r.text()
+        assert '"error_type":"incomplete_generation_stream"' in body
+        assert fleet3.count("died") == deaths
+    seen = fleet3.count("seen")
+    assert seen == 2 and len(fleet3.server.balancer.quarantine) == 1
+
+    status, text, _ = await _post(fleet3.url, "/generate_stream", poison)
+    assert status == 422 and json.loads(text)["error_type"] == "quarantined"
+    assert fleet3.count("seen") == seen
+
+
+@pytest.mark.parametrize("fleet3", [{"response_timeout_s": 0.3}], indirect=True)
+async def test_a_slow_replica_timing_out_does_not_count(fleet3: Setup) -> None:
+    slow = {"inputs": "slow"}
+    for sent in (3, 6):
+        status, text, _ = await _post(fleet3.url, "/generate", slow)
+        assert status == 504, text
+        assert fleet3.count("seen") == sent  # the resend reached the replicas again
+    assert len(fleet3.server.balancer.quarantine) == 0
+    assert fleet3.count("died") == 0
+
+
+async def test_a_client_leaving_mid_stream_does_not_count(fleet3: Setup) -> None:
+    """The balancer closes the replica's connection when the client leaves: not a break."""
+    slow = {"inputs": "slow", "stream": True}
+    for _ in range(2):
+        async with aiohttp.ClientSession() as http:
+            call = asyncio.ensure_future(http.post(f"{fleet3.url}/generate", json=slow))
+            before = fleet3.count("seen")
+            await wait_until(lambda b=before: fleet3.count("seen") > b, what="request arrived")
+            call.cancel()
+        await wait_until(lambda: fleet3.server.balancer.relay.active == 0, what="relay idle")
+    assert len(fleet3.server.balancer.quarantine) == 0
+    assert fleet3.server.balancer.quarantine._suspects == {}
+
+
+# --------------------------------------------------------------------------- bookkeeping
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_distinct_processes_count_not_repeated_breaks_of_one() -> None:
+    q = Quarantine(after=2, ttl_s=60)
+    assert q.record("d", "/generate", "a", "a/10/1")[0] is Verdict.SUSPECT
+    assert q.record("d", "/generate", "a", "a/10/1")[0] is Verdict.SUSPECT  # same process
+    assert not q.holding
+    verdict, entry = q.record("d", "/generate", "a", "a/11/2")  # a's restart: another one
+    assert verdict is Verdict.QUARANTINED and entry.replicas == ["a"]
+    assert q.holding and q.held("d") is entry and entry.refused == 1
+    assert q.record("d", "/generate", "b", "b/12/1")[0] is Verdict.ALREADY
+    assert q.quarantined_total == 1 and q.held("other") is None
+
+
+def test_entries_expire_after_the_ttl() -> None:
+    clock = Clock()
+    q = Quarantine(after=2, ttl_s=60, clock=clock)
+    q.record("old", "/generate", "a", "a/1/1")
+    clock.now += 61  # a break long ago is forgotten: this one is a first again
+    assert q.record("old", "/generate", "b", "b/2/1")[0] is Verdict.SUSPECT
+    assert q.record("old", "/generate", "c", "c/3/1")[0] is Verdict.QUARANTINED
+    clock.now += 59
+    assert q.held("old") is not None and len(q) == 1
+    clock.now += 1
+    assert q.held("old") is None and len(q) == 0 and not q.holding
+
+
+def test_memory_is_bounded_oldest_first() -> None:
+    q = Quarantine(after=1, ttl_s=60, max_entries=3)
+    for i in range(5):
+        q.record(f"d{i}", "/generate", "a", f"a/{i}/1")
+    assert [e.digest for e in q.entries()] == ["d2", "d3", "d4"]
+    q2 = Quarantine(after=2, ttl_s=60, max_entries=3)
+    for i in range(5):
+        q2.record(f"d{i}", "/generate", "a", "a/1/1")
+    assert list(q2._suspects) == ["d2", "d3", "d4"]
+
+
+def test_off_when_after_is_zero() -> None:
+    q = Quarantine(after=0, ttl_s=60)
+    for process in ("a/1/1", "b/2/1", "c/3/1"):
+        assert q.record("d", "/generate", "a", process)[0] is Verdict.SUSPECT
+    assert not q.holding and len(q) == 0
+
+
+def test_the_digest_covers_route_and_body_bytes() -> None:
+    base = request_digest("POST", "/generate", b'{"inputs":"x"}')
+    assert base == request_digest("POST", "/generate", b'{"inputs":"x"}')
+    assert base != request_digest("POST", "/generate_stream", b'{"inputs":"x"}')
+    assert base != request_digest("POST", "/generate", b'{"inputs":"y"}')
+    assert "x" not in base
