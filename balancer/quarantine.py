@@ -12,6 +12,12 @@ response: not a timeout, not an answered failure, not a client leaving) and, onc
 broken ``after`` distinct replica processes, refuses identical requests for ``ttl_s``
 before any replica sees them.
 
+A death breaks every request its process was serving, so a popular request (a benchmark's,
+a canary's) is a suspect after any crash. What sets a query of death apart is that it never
+completes: an identical request that ends well clears the suspicion (and lifts a
+quarantine), so unrelated crashes do not add up against a request that is served between
+them.
+
 Requests are known by a digest of method, path and body bytes (never the prompt itself:
 it may hold user data), computed only when a break is recorded or while something is
 quarantined, so the hot path pays nothing otherwise. Memory is bounded: at most
@@ -102,6 +108,11 @@ class Quarantine:
         return self.after > 0
 
     @property
+    def suspecting(self) -> bool:
+        """A break is remembered: a request that ends well is worth a digest (``passed``)."""
+        return bool(self._suspects) or bool(self._held)
+
+    @property
     def holding(self) -> bool:
         """Something is (or was until lately) quarantined: only then is a request's digest
         worth computing on arrival. One attribute test on the hot path."""
@@ -148,6 +159,18 @@ class Quarantine:
             ", ".join(entry.replicas),
         )
         return Verdict.QUARANTINED, entry
+
+    def passed(self, digest: str) -> None:
+        """A request ``digest`` ended well: it is no query of death, whatever broke before."""
+        self._suspects.pop(digest, None)
+        entry = self._held.pop(digest, None)
+        if entry is not None:
+            log.warning(
+                "request %s (%s) released from quarantine: an identical request (sent before "
+                "it began) was served in full, so the breaks were not its doing",
+                entry.short,
+                entry.route,
+            )
 
     def entries(self) -> list[Entry]:
         """Quarantined now, oldest first."""

@@ -308,6 +308,8 @@ class Relay:
                         # Only a response that ended well clears the replica's failure
                         # count: one that fails every stream after its head must add up.
                         self.outliers.passed(replica)
+                        if self.quarantine.suspecting:
+                            self.quarantine.passed(self._digest(stream, rr))
                     return response
                 except _Retry as retry:
                     tried[replica] = incarnation if retry.harmless else EVERY_INCARNATION

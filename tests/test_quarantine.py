@@ -73,6 +73,13 @@ REPLICA = textwrap.dedent(
                 time.sleep(0.05)
                 (folder / f"died-{name}-{os.getpid()}").touch()
                 os._exit(1)
+            if b"flaky" in body:
+                try:  # dies once per "kill" file the test leaves: an unrelated crash
+                    (folder / "kill").unlink()
+                    (folder / f"died-{name}-{os.getpid()}").touch()
+                    os._exit(1)
+                except FileNotFoundError:
+                    pass
             if b"poison" in body:
                 (folder / f"died-{name}-{os.getpid()}").touch()
                 os._exit(1)  # dies under the request: no answer, connection closed
@@ -261,6 +268,30 @@ async def test_a_client_leaving_mid_stream_does_not_count(fleet3: Setup) -> None
     assert fleet3.server.balancer.quarantine._suspects == {}
 
 
+@pytest.mark.parametrize("fleet3", [{"retries": 0}], indirect=True)
+async def test_unrelated_crashes_do_not_add_up_against_a_request_served_between_them(
+    fleet3: Setup,
+) -> None:
+    """A popular request (a benchmark's, a canary's) is in flight whenever a replica
+    crashes; served in full between two crashes, it is no query of death."""
+    flaky = {"inputs": "flaky"}
+    for crash in (1, 2):
+        await wait_until(
+            lambda c=crash: (
+                sum(r.restarts for r in fleet3.replicas) == c - 1
+                and all(r.routable for r in fleet3.replicas)
+            ),
+            what="every replica up",
+        )
+        (fleet3.folder / "kill").touch()
+        status, text, _ = await _post(fleet3.url, "/generate", flaky)
+        assert status == 502, text  # broke under it: retries = 0
+        assert fleet3.count("died") == crash
+        status, text, _ = await _post(fleet3.url, "/generate", flaky)
+        assert status == 200, text  # served: the suspicion is cleared
+    assert len(fleet3.server.balancer.quarantine) == 0
+
+
 # --------------------------------------------------------------------------- bookkeeping
 
 
@@ -306,6 +337,18 @@ def test_memory_is_bounded_oldest_first() -> None:
     for i in range(5):
         q2.record(f"d{i}", "/generate", "a", "a/1/1")
     assert list(q2._suspects) == ["d2", "d3", "d4"]
+
+
+def test_a_request_served_in_full_clears_its_suspicion_and_quarantine() -> None:
+    q = Quarantine(after=2, ttl_s=60)
+    q.record("d", "/generate", "a", "a/1/1")
+    assert q.suspecting and not q.holding
+    q.passed("d")
+    assert not q.suspecting
+    assert q.record("d", "/generate", "b", "b/2/1")[0] is Verdict.SUSPECT  # a first again
+    assert q.record("d", "/generate", "c", "c/3/1")[0] is Verdict.QUARANTINED
+    q.passed("d")  # one sent before the quarantine began, served in full
+    assert q.held("d") is None and not q.suspecting
 
 
 def test_off_when_after_is_zero() -> None:
