@@ -7,7 +7,10 @@ A request's life, top to bottom (``Relay.forward``), one method per concern:
    retry avoids the replicas the request failed on: for good if the request may have
    caused the failure (the process died under it, hung on it or answered with a failure),
    else (never reached, busy) only in the incarnation it failed in
-   (``balancer.upstream.excluded``): a replica that restarted since may take it.
+   (``balancer.upstream.excluded``): a replica that restarted since may take it. A request
+   that broke ``quarantine_after`` replica processes (they died or cut the response under
+   it) stops here with a 422, and identical ones are refused on arrival
+   (``balancer.quarantine``).
 2. **Open** (``_open``): send the request and wait for the replica's answer: the status
    line and headers, and for event streams the first event. Connection refused or reset,
    a 424/429/5xx answer, or TGI's HTTP-200 stream whose first event is an error
@@ -878,8 +881,9 @@ class Relay:
         )
         return json_error(
             QUARANTINED_STATUS,
-            f"This request made {len(entry.broke)} replica processes fail while serving it "
-            f"({', '.join(entry.replicas)}); it was not retried, and identical requests are "
+            f"This request made replica processes fail while serving it: {len(entry.broke)} "
+            f"with identical requests ({', '.join(entry.replicas)}); it was not retried "
+            f"further, and identical requests are "
             f"refused for {self.quarantine.ttl_s:g} s (digest {entry.short}). Do not resend "
             f"it unchanged: change the prompt or parameters, or report it to the operator",
             "quarantined",

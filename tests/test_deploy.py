@@ -271,6 +271,7 @@ def test_every_alert_has_a_firing_and_a_silent_unit_test() -> None:
         "NeuronFleetUpstreamErrorRatioHigh",
         "NeuronFleetMidStreamFailures",
         "NeuronFleetTtftSloShedding",
+        "NeuronFleetQueryOfDeath",
     }
     assert names == expected
     fires, silent = set(), set()
