@@ -17,6 +17,7 @@ from aiohttp import web
 
 from balancer.access import admin_denied
 from balancer.errors import expect_handler, json_error
+from balancer.quarantine import Quarantine
 from balancer.upstream import ReplicaState
 
 if TYPE_CHECKING:
@@ -76,21 +77,33 @@ def fleet_status(balancer: Balancer, fleet: FleetControl | None) -> dict[str, An
         "ttft_slo_s": balancer.config.ttft_slo_s,
         "draining": balancer.draining,
         "phase": balancer.phase,
-        "quarantined_requests": [
-            {
-                "digest": e.short,
-                "route": e.route,
-                "broke": e.replicas,
-                "expires_in_s": round(max(0.0, e.until - balancer.quarantine.clock()), 1),
-                "refused": e.refused,
-            }
-            for e in balancer.quarantine.entries()[-QUARANTINE_SHOWN:]
-        ],
+        "quarantine": quarantine_status(balancer.quarantine),
         "supervised": fleet is not None,
     }
     if fleet is not None:
         status.update(fleet.status())
     return status
+
+
+def quarantine_status(quarantine: Quarantine) -> dict[str, Any]:
+    """The quarantine's settings, how many requests it holds, and the newest of them."""
+    entries = quarantine.entries()
+    now = quarantine.clock()
+    return {
+        "after": quarantine.after,
+        "ttl_s": quarantine.ttl_s,
+        "count": len(entries),
+        "requests": [
+            {
+                "digest": e.short,
+                "route": e.route,
+                "broke": e.replicas,
+                "expires_in_s": round(max(0.0, e.until - now), 1),
+                "refused": e.refused,
+            }
+            for e in entries[-QUARANTINE_SHOWN:]
+        ],
+    }
 
 
 def add_admin_routes(app: web.Application, balancer: Balancer) -> None:

@@ -157,7 +157,13 @@ def format_table(status: dict[str, Any], url: str = "") -> str:
     ]
     if learned:
         lines.append("forecast: " + "; ".join(learned))
-    for q in status.get("quarantined_requests") or ():
+    quarantine = status.get("quarantine") or {}
+    if quarantine.get("count"):
+        lines.append(
+            f"{quarantine['count']} requests quarantined (they broke replica processes; "
+            f"refused with 422 until they expire)"
+        )
+    for q in quarantine.get("requests") or ():
         lines.append(
             f"quarantined request {q.get('digest')} ({q.get('route')}): broke "
             f"{', '.join(q.get('broke') or ())}; {q.get('refused', 0)} refused since, "

@@ -196,7 +196,8 @@ async def test_a_query_of_death_kills_quarantine_after_processes_then_is_refused
         http.get(f"{fleet3.url}/fleet/status", headers=admin) as r,
     ):
         fleet_status = await r.json()
-    [entry] = fleet_status["quarantined_requests"]
+    assert fleet_status["quarantine"]["count"] == 1
+    [entry] = fleet_status["quarantine"]["requests"]
     assert entry["route"] == "/generate" and entry["refused"] == 1
     assert len(entry["broke"]) == 2 and 0 < entry["expires_in_s"] <= 600
     assert "poison" not in json.dumps(fleet_status)
