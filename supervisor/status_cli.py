@@ -160,7 +160,7 @@ def format_table(status: dict[str, Any], url: str = "") -> str:
     quarantine = status.get("quarantine") or {}
     if quarantine.get("count"):
         lines.append(
-            f"{quarantine['count']} requests quarantined (they broke replica processes; "
+            f"quarantined requests: {quarantine['count']} (they broke replica processes; "
             f"refused with 422 until they expire)"
         )
     for q in quarantine.get("requests") or ():
