@@ -19,8 +19,9 @@ quarantine), so unrelated crashes do not add up against a request that is served
 them.
 
 Requests are known by a digest of method, path and body bytes (never the prompt itself:
-it may hold user data), computed only when a break is recorded or while something is
-quarantined, so the hot path pays nothing otherwise. Memory is bounded: at most
+it may hold user data), computed only when a break is recorded, on arrival while something
+is quarantined, and for a response served in full while a break is remembered (``ttl_s``
+after the last one), so the hot path pays nothing otherwise. Memory is bounded: at most
 ``max_entries`` suspects and as many quarantined requests, oldest dropped first; a
 suspect's breaks are forgotten ``ttl_s`` after the last one.
 """
@@ -109,7 +110,12 @@ class Quarantine:
 
     @property
     def suspecting(self) -> bool:
-        """A break is remembered: a request that ends well is worth a digest (``passed``)."""
+        """A break is remembered: a request that ends well is worth a digest (``passed``).
+        Expires first (a peek at the oldest entry): else one break long ago would cost every
+        response served in full a digest of its body until the next break."""
+        if not (self._suspects or self._held):
+            return False
+        self._expire(self.clock())
         return bool(self._suspects) or bool(self._held)
 
     @property

@@ -365,3 +365,14 @@ def test_the_digest_covers_route_and_body_bytes() -> None:
     assert base != request_digest("POST", "/generate_stream", b'{"inputs":"x"}')
     assert base != request_digest("POST", "/generate", b'{"inputs":"y"}')
     assert "x" not in base
+
+
+def test_a_suspicion_is_forgotten_after_the_ttl_so_served_requests_stop_paying_a_digest() -> None:
+    """``suspecting`` gates a digest of every response served in full (relay.forward): one
+    break must not make every request pay for a digest of its body for ever."""
+    clock = Clock()
+    q = Quarantine(after=2, ttl_s=60, clock=clock)
+    q.record("d", "/generate", "a", "a/1/1")
+    assert q.suspecting
+    clock.now += 61
+    assert not q.suspecting and q._suspects == {}
