@@ -836,11 +836,14 @@ class Relay:
         self, rr: RelayRequest, replica: Replica, stream: _Stream, kind: str, before_commit: bool
     ) -> None:
         """Tell the quarantine when the request broke the replica's connection (a
-        ``BROKE_KINDS`` failure: its process died or cut the response under it). Before the
-        commit, raise ``_Quarantined`` if the request is quarantined now: not retried."""
+        ``BROKE_KINDS`` failure: its process died or cut the response under it), unless the
+        supervisor was stopping that process on purpose (``Replica.stopping_pid``). Before
+        the commit, raise ``_Quarantined`` if the request is quarantined now: not retried."""
         if kind not in BROKE_KINDS or not self.quarantine.enabled:
             return
         pid, incarnation = stream.process
+        if pid is not None and pid == replica.stopping_pid:
+            return  # the supervisor stopped it (stop, restart, unhealthy): not a crash
         verdict, entry = self.quarantine.record(
             self._digest(stream, rr), rr.route, replica.name, f"{replica.name}/{pid}/{incarnation}"
         )

@@ -69,6 +69,9 @@ class Replica:
 
     # Process facts, filled in by the supervisor (None in balance-only mode).
     pid: int | None = None
+    stopping_pid: int | None = None
+    """The process the supervisor is stopping on purpose (stop, restart, unhealthy): the
+    connections it breaks are not the requests' doing (balancer/quarantine.py)."""
     port: int | None = None
     restarts: int = 0
     started_at: float | None = None

@@ -486,6 +486,7 @@ class ReplicaProcess:
             return
         grace = self.settings.stop_grace_s if self._stop_grace is None else self._stop_grace
         stopper: asyncio.Task[None] | None = None
+        self._stopping_on_purpose(proc)
         if proc.returncode is None and grace > 0:
             if self.spec.stop_argv:
                 stopper = asyncio.create_task(self._run_stop_command(grace))
@@ -507,6 +508,13 @@ class ReplicaProcess:
                     await stopper
             except TimeoutError:
                 log.warning("%s: the stop command did not finish", self.name)
+
+    def _stopping_on_purpose(self, proc: asyncio.subprocess.Process) -> None:
+        """Mark a live process as stopped by us before signalling it, so the balancer does
+        not hold the requests it was serving responsible (a crash is not marked: it has
+        exited before we get here)."""
+        if proc.returncode is None:
+            self.replica.stopping_pid = proc.pid
 
     async def _run_cleanup_command(self) -> None:
         """Remove what a crashed earlier run left (``docker rm -f``); failures are expected."""
@@ -545,6 +553,7 @@ class ReplicaProcess:
         proc = self._proc
         if proc is None:
             return
+        self._stopping_on_purpose(proc)
         signal_group(proc.pid, signal.SIGKILL)
         if not await self._wait_exit(5.0):
             log.error(

@@ -293,6 +293,28 @@ async def test_unrelated_crashes_do_not_add_up_against_a_request_served_between_
     assert len(fleet3.server.balancer.quarantine) == 0
 
 
+async def test_replicas_the_supervisor_stops_on_purpose_do_not_count(fleet3: Setup) -> None:
+    """A stop past the drain timeout (or a second Ctrl-C, an unhealthy-restart) ends the
+    processes under a popular request in flight on each: not the request's doing, so it
+    is not quarantined and its clients are not told never to resend it."""
+    popular = {"inputs": "slow"}
+    async with aiohttp.ClientSession() as http:
+
+        async def call() -> int:
+            async with http.post(f"{fleet3.url}/generate", json=popular) as r:
+                await r.read()
+                return r.status
+
+        calls = [asyncio.ensure_future(call()) for _ in range(3)]
+        await wait_until(lambda: fleet3.count("seen") == 3, what="one on each replica")
+        assert all(r.inflight == 1 for r in fleet3.replicas)
+        await fleet3.server.fleet.stop(grace=1)  # type: ignore[union-attr]
+        statuses = await asyncio.gather(*calls)
+    assert 422 not in statuses, statuses
+    quarantine = fleet3.server.balancer.quarantine
+    assert len(quarantine) == 0 and quarantine._suspects == {}
+
+
 # --------------------------------------------------------------------------- bookkeeping
 
 
