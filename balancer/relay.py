@@ -293,6 +293,12 @@ class Relay:
                 )
                 stream.work_done = 0
                 try:
+                    if attempt and self.quarantine.holding:
+                        # An identical request in flight may have been quarantined while
+                        # this retry waited for a slot: it must not reach another process.
+                        held = self.quarantine.held(self._digest(stream, rr))
+                        if held is not None:
+                            raise _Quarantined(held)
                     request[STAGE] = "waiting_first_byte"
                     answer = await self._open(request, rr, replica, headers, stream, can_retry)
                     if answer is None:  # timed out or unreachable on the last attempt

@@ -80,6 +80,8 @@ REPLICA = textwrap.dedent(
                     os._exit(1)
                 except FileNotFoundError:
                     pass
+            if b"poison-late" in body:  # dies too, later on b and c than on a
+                time.sleep(0.3 if name == "a" else 1.0)
             if b"poison" in body:
                 (folder / f"died-{name}-{os.getpid()}").touch()
                 os._exit(1)  # dies under the request: no answer, connection closed
@@ -291,6 +293,29 @@ async def test_unrelated_crashes_do_not_add_up_against_a_request_served_between_
         status, text, _ = await _post(fleet3.url, "/generate", flaky)
         assert status == 200, text  # served: the suspicion is cleared
     assert len(fleet3.server.balancer.quarantine) == 0
+
+
+async def test_a_retry_waiting_for_a_slot_is_refused_once_an_identical_one_is_quarantined(
+    fleet3: Setup,
+) -> None:
+    """Two identical queries of death in flight (a client's resend while the first still
+    runs): the first kills its replica and waits for a slot to retry; meanwhile the other
+    kills its replica and quarantines the request. The waiting retry must not go on to
+    a third process (a restart, minutes on Neuron): it is refused like a resend."""
+    await fleet3.server.fleet.drain("c", force=True)  # type: ignore[union-attr]
+    for r in fleet3.replicas:
+        r.slot_cap = 1
+    poison = {"inputs": "poison-late"}
+    async with aiohttp.ClientSession() as http:
+
+        async def call() -> tuple[int, str]:
+            async with http.post(f"{fleet3.url}/generate", json=poison) as r:
+                return r.status, await r.text()
+
+        results = await asyncio.gather(call(), call())  # one on a, one on b
+    assert [status for status, _ in results] == [422, 422], results
+    assert all(json.loads(text)["error_type"] == "quarantined" for _, text in results)
+    assert fleet3.count("died") == 2 and fleet3.count("seen") == 2
 
 
 async def test_replicas_the_supervisor_stops_on_purpose_do_not_count(fleet3: Setup) -> None:
