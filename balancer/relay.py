@@ -850,8 +850,14 @@ class Relay:
         pid, incarnation = stream.process
         if pid is not None and pid == replica.stopping_pid:
             return  # the supervisor stopped it (stop, restart, unhealthy): not a crash
+        # One process: its pid when the supervisor knows it (a drain and undrain, or a health
+        # flap, starts a new incarnation of the same process); else (balance-only mode) the
+        # incarnation is the best guess at a restart.
+        process = (
+            f"{replica.name}/pid {pid}" if pid is not None else f"{replica.name}/{incarnation}"
+        )
         verdict, entry = self.quarantine.record(
-            self._digest(stream, rr), rr.route, replica.name, f"{replica.name}/{pid}/{incarnation}"
+            self._digest(stream, rr), rr.route, replica.name, process
         )
         if verdict is Verdict.QUARANTINED:
             self.metrics.quarantines.inc()

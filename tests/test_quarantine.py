@@ -80,6 +80,9 @@ REPLICA = textwrap.dedent(
                     os._exit(1)
                 except FileNotFoundError:
                     pass
+            if b"cut" in body:  # closes the connection unanswered, and lives on
+                self.close_connection = True
+                return
             if b"poison-late" in body:  # dies too, later on b and c than on a
                 time.sleep(0.3 if name == "a" else 1.0)
             if b"poison" in body:
@@ -316,6 +319,23 @@ async def test_a_retry_waiting_for_a_slot_is_refused_once_an_identical_one_is_qu
     assert [status for status, _ in results] == [422, 422], results
     assert all(json.loads(text)["error_type"] == "quarantined" for _, text in results)
     assert fleet3.count("died") == 2 and fleet3.count("seen") == 2
+
+
+@pytest.mark.parametrize("fleet3", [{"retries": 0}], indirect=True)
+async def test_one_process_back_in_rotation_is_still_one_process(fleet3: Setup) -> None:
+    """A live process that cut a request twice, with a drain and undrain (or a health flap:
+    a new incarnation) between, is one process, not two: not a quarantine."""
+    fleet = fleet3.server.fleet
+    for name in ("b", "c"):
+        await fleet.drain(name, force=True)  # type: ignore[union-attr]
+    a = fleet3.replicas[0]
+    for cut in (1, 2):
+        status, text, _ = await _post(fleet3.url, "/generate", {"inputs": "cut"})
+        assert status == 502, text
+        await fleet.drain("a", force=True)  # type: ignore[union-attr]
+        await fleet.undrain("a")  # type: ignore[union-attr]
+        assert a.routable and a.incarnation == cut + 1
+    assert fleet3.count("died") == 0 and len(fleet3.server.balancer.quarantine) == 0
 
 
 async def test_replicas_the_supervisor_stops_on_purpose_do_not_count(fleet3: Setup) -> None:
