@@ -115,7 +115,8 @@ BROKE_KINDS = frozenset({"disconnected", "payload_error"})
 """``UpstreamError`` kinds that say the replica's side dropped the connection while serving
 the request (the process died, or cut the response): what a query of death does. Not
 ``connect_error`` (never reached), ``connection_error`` (we closed it: a timeout or the
-client left), ``relay_error`` (our bug)."""
+client left), ``bad_response`` (a malformed answer: a misconfigured replica answers every
+request so), ``relay_error`` (our bug)."""
 QUARANTINED_STATUS = 422
 """A 4xx, so that client SDKs do not resend a request that kills replicas: openai 3.57.0
 (``openai/_base_client.py`` ``_should_retry``) retries 408, 409, 429 and >= 500 only (twice

@@ -148,7 +148,10 @@ class ReplicaConnection(asyncio.Protocol):
             self._fail("relay_error", f"balancer error while relaying: {exc.__context__!r}")
             self.abort()
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-            self._fail("payload_error", f"malformed or upgraded response: {exc!r}")
+            # Not "payload_error" (the replica cut the response): a replica that answers
+            # garbage (a misconfigured URL) is not a process dying under the request, and
+            # must not get requests quarantined (balancer/relay.py BROKE_KINDS).
+            self._fail("bad_response", f"malformed or upgraded response: {exc!r}")
             self.abort()
 
     def eof_received(self) -> bool | None:

@@ -183,10 +183,10 @@ async def test_a_malformed_replica_answer_is_a_502_in_tgi_shape(
     async with http.post(f"{server.url}/generate", json={"inputs": "x"}) as resp:
         assert resp.status == 502
         doc = await resp.json()
-    assert doc["error_type"] == "unavailable" and "payload_error" in doc["error"]
+    assert doc["error_type"] == "unavailable" and "bad_response" in doc["error"]
     async with http.get(f"{server.url}/metrics") as resp:
         text = await resp.text()
-    assert metric_value(text, "neuron_fleet_upstream_errors_total", kind="payload_error") == 1
+    assert metric_value(text, "neuron_fleet_upstream_errors_total", kind="bad_response") == 1
 
 
 async def test_a_client_that_stops_reading_pauses_the_replica_connection(
@@ -367,3 +367,23 @@ async def test_a_keepalive_connection_closed_by_a_dying_replica_is_not_unreached
         await pool.request(url, "POST", "/generate_stream", headers, b"{}")
     assert failed.value.kind == "disconnected"
     pool.close()
+
+
+async def test_replicas_answering_garbage_do_not_quarantine_the_request(
+    raw_replica, balancer, http
+) -> None:
+    """A malformed answer (a misconfigured URL: a TLS or HTTP/2-only port, another service)
+    is the replica's failure, not a process dying or cutting the response under the
+    request: a request tried on two such replicas gets a 502, not a 422 "quarantined" that
+    tells its client never to resend it (balancer/quarantine.py)."""
+
+    async def garbage(reader, writer, n: int) -> bool:
+        writer.write(b"HTTP/1.1 2OO NOT A STATUS\r\n\r\n")
+        return False
+
+    urls = [(await raw_replica(garbage))[1] for _ in range(2)]
+    server = await balancer(urls, retries=1, quarantine_after=2, eject_after_failures=100)
+    for _ in range(2):
+        async with http.post(f"{server.url}/generate", json={"inputs": "x"}) as resp:
+            assert resp.status == 502, await resp.text()
+    assert len(server.balancer.quarantine) == 0
