@@ -150,8 +150,8 @@ def format_table(status: dict[str, Any], url: str = "") -> str:
     for name, reason in (status.get("failed") or {}).items():
         lines.append(f"{name} failed: {reason}")
     learned = [
-        f"{r.get('name')} prefill {f['prefill_s_per_1k_tokens']:.3f} s/1k tokens, "
-        f"step {f['decode_step_s'] * 1000:.1f} ms"
+        f"{r.get('name')} prefill {f['prefill_base_s'] * 1000:.0f} ms + "
+        f"{f['prefill_s_per_1k_tokens']:.3f} s/1k tokens, step {f['decode_step_s'] * 1000:.1f} ms"
         for r in replicas
         if (f := r.get("forecast"))
     ]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from supervisor import cli
-from supervisor.status_cli import normalize_url
+from supervisor.status_cli import format_table, normalize_url
 
 REPO = Path(__file__).resolve().parent.parent
 STATUS = {
@@ -80,3 +80,18 @@ def test_status_json_into_head_ends_quietly(status_server: int) -> None:
     assert proc.wait(timeout=30) == 1
     assert first.strip() == b"{"
     assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+def test_the_forecast_line_shows_the_fixed_prefill_cost_and_the_per_token_one() -> None:
+    """Prompts of one length teach only the fixed part (the slope stays 0): the line must
+    not read "prefill 0.000 s" when every prefill took 80 ms."""
+
+    forecast = {
+        "prefill_base_s": 0.08,
+        "prefill_s_per_1k_tokens": 0.0,
+        "decode_step_s": 0.0295,
+        "streams_seen": 12,
+    }
+    status = {"replicas": [{"name": "replica-0", "state": "ready", "forecast": forecast}]}
+    line = next(x for x in format_table(status).splitlines() if x.startswith("forecast:"))
+    assert line == "forecast: replica-0 prefill 80 ms + 0.000 s/1k tokens, step 29.5 ms"
