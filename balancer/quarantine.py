@@ -8,9 +8,9 @@ that resends it (a user's "retry", or an SDK's own retries on 5xx) kills them al
 each restart takes minutes and five exits in ten minutes mark a replica FAILED. So, as
 Envoy and Google SRE advise for a query of death, the balancer remembers which requests
 broke a replica's connection while it was serving them (the process died or cut the
-response: not a timeout, not an answered failure, not a client leaving) and, once one has
-broken ``after`` distinct replica processes, refuses identical requests for ``ttl_s``
-before any replica sees them.
+response: not a timeout, not a client leaving, not an answered failure unless its process
+then exits: see below) and, once one has broken ``after`` distinct replica processes,
+refuses identical requests for ``ttl_s`` before any replica sees them.
 
 A death breaks every request its process was serving, so a popular request (a benchmark's,
 a canary's) is a suspect after any crash. What sets a query of death apart is that it never
