@@ -8,9 +8,9 @@ that resends it (a user's "retry", or an SDK's own retries on 5xx) kills them al
 each restart takes minutes and five exits in ten minutes mark a replica FAILED. So, as
 Envoy and Google SRE advise for a query of death, the balancer remembers which requests
 broke a replica's connection while it was serving them (the process died or cut the
-response: not a timeout, not an answered failure, not a client leaving) and, once one has
-broken ``after`` distinct replica processes, refuses identical requests for ``ttl_s``
-before any replica sees them.
+response: not a timeout, not a client leaving, not an answered failure unless its process
+then exits: see below) and, once one has broken ``after`` distinct replica processes,
+refuses identical requests for ``ttl_s`` before any replica sees them.
 
 A death breaks every request its process was serving, so a popular request (a benchmark's,
 a canary's) is a suspect after any crash. What sets a query of death apart is that it never
@@ -24,6 +24,20 @@ is quarantined, and for a response served in full while a break is remembered (`
 after the last one), so the hot path pays nothing otherwise. Memory is bounded: at most
 ``max_entries`` suspects and as many quarantined requests, oldest dropped first; a
 suspect's breaks are forgotten ``ttl_s`` after the last one.
+
+Behind real TGI a query of death is mostly *answered* before the process goes: when a shard
+dies under a batch, the router answers every request of the batch with a generation error
+(TGI v3.3.7 ``backends/v3/src/backend.rs`` ``prefill``/``decode``: ``Err(err) =>
+send_errors(err, entries)``, each an ``InferError::GenerationError``: 424 ``error_type:
+generation``, or an error event when streaming; ``router/src/server.rs`` ``impl
+From<InferError>``), and only then does the launcher see ``Shard {rank} crashed`` and shut
+the whole server down (``launcher/src/main.rs`` ``main``, on ``ShardStatus::Failed``). So a
+generation failure is remembered as a *pending* break of its process (``pending``) and
+becomes a break if that process is seen to exit, not stopped on purpose, within
+``PENDING_WINDOW_S`` (``process_exited``). The request in flight is not stopped by this (its
+retries happen before the exit is seen); what it stops is the resends that take the fleet
+down. Only a process the supervisor knows by pid can be confirmed: in balance-only mode (no
+pid) nothing is recorded as pending, and a generation failure never counts.
 """
 
 from __future__ import annotations
@@ -32,7 +46,7 @@ import enum
 import hashlib
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -40,6 +54,11 @@ log = logging.getLogger("neuron_fleet.quarantine")
 
 MAX_ENTRIES = 4096
 """Suspects (and, separately, quarantined requests) remembered at most."""
+PENDING_WINDOW_S = 30.0
+"""Seconds after a generation failure within which its process must be seen to exit for the
+failure to count as a break (TGI's launcher shuts down within seconds of a shard crash)."""
+MAX_PENDING = 1024
+"""Pending breaks remembered at most (a crash answers a whole batch: a few hundred)."""
 DIGEST_SHOWN = 12
 """Hex digits of the digest shown in logs, errors and status."""
 
@@ -85,6 +104,19 @@ class Entry:
         return list(dict.fromkeys(self.broke.values()))
 
 
+@dataclass
+class PendingBreak:
+    """A generation failure answered by a process that may be about to exit (see above)."""
+
+    digest: str
+    route: str
+    replica: str
+    pid: int
+    process: str
+    """The process key ``record`` gets (as the relay's ``_broke`` builds it)."""
+    at: float
+
+
 class Quarantine:
     """Suspects and quarantined requests, by digest. ``after`` = 0 disables it."""
 
@@ -103,6 +135,7 @@ class Quarantine:
         self._held: OrderedDict[str, Entry] = OrderedDict()
         """Quarantined, oldest first (a fixed TTL: also soonest to expire first)."""
         self.quarantined_total = 0
+        self._pending: deque[PendingBreak] = deque(maxlen=MAX_PENDING)
 
     @property
     def enabled(self) -> bool:
@@ -113,10 +146,10 @@ class Quarantine:
         """A break is remembered: a request that ends well is worth a digest (``passed``).
         Expires first (a peek at the oldest entry): else one break long ago would cost every
         response served in full a digest of its body until the next break."""
-        if not (self._suspects or self._held):
+        if not (self._suspects or self._held or self._pending):
             return False
         self._expire(self.clock())
-        return bool(self._suspects) or bool(self._held)
+        return bool(self._suspects or self._held or self._pending)
 
     @property
     def holding(self) -> bool:
@@ -166,9 +199,43 @@ class Quarantine:
         )
         return Verdict.QUARANTINED, entry
 
+    def pending(self, digest: str, route: str, replica: str, pid: int, process: str) -> None:
+        """Process ``pid`` of ``replica`` answered the request ``digest`` with a generation
+        failure: a break if that process exits within ``PENDING_WINDOW_S``."""
+        if self.enabled:
+            now = self.clock()
+            self._expire(now)
+            self._pending.append(PendingBreak(digest, route, replica, pid, process, now))
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    def process_exited(
+        self, replica: str, pid: int, on_purpose: bool
+    ) -> list[tuple[Verdict, Entry]]:
+        """Process ``pid`` of ``replica`` exited: its pending breaks become breaks (what
+        ``record`` made of each), unless it was stopped on purpose (then they are dropped)."""
+        if not self._pending:
+            return []
+        self._expire(self.clock())
+        mine, others = [], deque[PendingBreak](maxlen=MAX_PENDING)
+        for p in self._pending:
+            (mine if p.replica == replica and p.pid == pid else others).append(p)
+        if not mine:
+            return []
+        self._pending = others
+        if on_purpose:
+            return []
+        return [self.record(p.digest, p.route, p.replica, p.process) for p in mine]
+
     def passed(self, digest: str) -> None:
         """A request ``digest`` ended well: it is no query of death, whatever broke before."""
         self._suspects.pop(digest, None)
+        if self._pending:
+            self._pending = deque(
+                (p for p in self._pending if p.digest != digest), maxlen=self._pending.maxlen
+            )
         entry = self._held.pop(digest, None)
         if entry is not None:
             log.warning(
@@ -188,6 +255,9 @@ class Quarantine:
         return len(self._held)
 
     def _expire(self, now: float) -> None:
+        pending = self._pending
+        while pending and pending[0].at + PENDING_WINDOW_S <= now:
+            pending.popleft()
         for table in (self._held, self._suspects):
             while table:
                 digest, entry = next(iter(table.items()))

@@ -78,6 +78,10 @@ from balancer.upstream_http import ReplicaConnection, UpstreamError, UpstreamPoo
 log = logging.getLogger("neuron_fleet.relay")
 
 BUSY_STATUS = 429
+GENERATION_STATUS = 424
+"""TGI's answer to a request whose generation failed (``InferError::GenerationError``:
+v3.3.7 ``router/src/server.rs`` ``impl From<InferError>``): also what every request of a
+batch gets when a shard dies under it, just before the server exits."""
 FAILED_STATUS = frozenset({424, 500, 502, 503, 504})
 """Answers that say the replica could not serve this request (TGI: 424 generation error)."""
 HOP_BY_HOP = frozenset(
@@ -253,6 +257,7 @@ class Relay:
             else Quarantine(config.quarantine_after, config.quarantine_ttl_s)
         )
         self._streams: set[_Stream] = set()
+        registry.on_process_exit(self._process_exited)
         self._any_turn = 0
         self.score: SloScore | None = None
         """Told when a generation request's response ends (balancer/slo.py)."""
@@ -524,6 +529,8 @@ class Relay:
                     replica.url, request.method, request.path_qs, headers, rr.body
                 )
                 status = upstream.status
+                if status == GENERATION_STATUS:
+                    self._failed_generation(rr, replica, stream)
                 self.metrics.upstream_responses.labels(replica=replica.name, code=str(status)).inc()
                 busy = status == BUSY_STATUS
                 if (busy or status in FAILED_STATUS) and can_retry(busy):
@@ -557,6 +564,8 @@ class Relay:
                 self.metrics.upstream_errors.labels(replica=replica.name, kind="error_event").inc()
                 kind = f"{event.verdict}_event"
                 generation = event.verdict == GENERATION
+                if generation:
+                    self._failed_generation(rr, replica, stream)
                 if event.verdict != CLIENT and can_retry(not generation):
                     # Overloaded: busy, not broken. Generation: the replica failed this
                     # request (or the request fails everywhere: RequestFailures decides).
@@ -749,6 +758,11 @@ class Relay:
             if errors and not saw_error:
                 saw_error = True
                 self.metrics.upstream_errors.labels(replica=replica.name, kind="error_event").inc()
+                # A failure path: worth parsing (the first error event of the stream only).
+                at = events_bytes.rfind(sep, 0, events_bytes.find(b'{"error"'))
+                event = parse_error_event(events_bytes[at + len(sep) if at >= 0 else 0 :])
+                if event is not None and event.verdict == GENERATION:
+                    self._failed_generation(rr, replica, stream)
             if events > 0:
                 # Remaining work on the replica: the prefill is done at the first
                 # token, then one token per event (never below what we added).
@@ -826,7 +840,7 @@ class Relay:
         # Every write to the client may block on a full socket: keep it under the watchdog.
         stream.enter(Phase.WRITING, loop_time())
         await response.write_eof()
-        return clean
+        return clean and not saw_error  # an error event (mid-stream) is no good end
 
     # ---------------------------------------------------------------- 5. account
     def _stream_failed(
@@ -851,19 +865,38 @@ class Relay:
         pid, incarnation = stream.process
         if pid is not None and pid == replica.stopping_pid:
             return  # the supervisor stopped it (stop, restart, unhealthy): not a crash
-        # One process: its pid when the supervisor knows it (a drain and undrain, or a health
-        # flap, starts a new incarnation of the same process); else (balance-only mode) the
-        # incarnation is the best guess at a restart.
-        process = (
-            f"{replica.name}/pid {pid}" if pid is not None else f"{replica.name}/{incarnation}"
-        )
         verdict, entry = self.quarantine.record(
-            self._digest(stream, rr), rr.route, replica.name, process
+            self._digest(stream, rr), rr.route, replica.name, process_key(replica, pid, incarnation)
         )
         if verdict is Verdict.QUARANTINED:
             self.metrics.quarantines.inc()
         if before_commit and verdict is not Verdict.SUSPECT:
             raise _Quarantined(entry)
+
+    def _failed_generation(self, rr: RelayRequest, replica: Replica, stream: _Stream) -> None:
+        """The replica answered the request with a generation failure: a break if its process
+        is seen to exit soon (``_process_exited``). Without a pid (balance-only mode) no exit
+        is ever seen: nothing is recorded."""
+        pid, incarnation = stream.process
+        if pid is None or not self.quarantine.enabled:
+            return
+        self.quarantine.pending(
+            self._digest(stream, rr),
+            rr.route,
+            replica.name,
+            pid,
+            process_key(replica, pid, incarnation),
+        )
+
+    def _process_exited(self, replica: Replica, pid: int) -> None:
+        """The supervisor saw ``pid`` exit (Registry.process_exited): the generation failures
+        it answered just before are breaks, unless the supervisor stopped it on purpose."""
+        if not self.quarantine.has_pending:
+            return
+        on_purpose = pid == replica.stopping_pid
+        for verdict, _ in self.quarantine.process_exited(replica.name, pid, on_purpose):
+            if verdict is Verdict.QUARANTINED:
+                self.metrics.quarantines.inc()
 
     def _digest(self, stream: _Stream, rr: RelayRequest) -> str:
         if stream.digest is None:
@@ -992,3 +1025,10 @@ def _expected_back_within(replica: Replica, seconds: float, now: float) -> bool:
     if took is None:
         return True
     return took - (replica.uptime_s(now) or 0.0) <= seconds
+
+
+def process_key(replica: Replica, pid: int | None, incarnation: int) -> str:
+    """One replica process, for the quarantine: its pid when the supervisor knows it (a
+    drain and undrain, or a health flap, starts a new incarnation of the same process); else
+    (balance-only mode) the incarnation is the best guess at a restart."""
+    return f"{replica.name}/pid {pid}" if pid is not None else f"{replica.name}/{incarnation}"

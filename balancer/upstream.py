@@ -134,12 +134,23 @@ class Registry:
     def __init__(self, replicas: Iterable[Replica] = ()) -> None:
         self._replicas: dict[str, Replica] = {}
         self._listeners: list[Callable[[], None]] = []
+        self._exit_listeners: list[Callable[[Replica, int], None]] = []
         for replica in replicas:
             self.add(replica)
 
     def subscribe(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` whenever a replica may have become routable (or not)."""
         self._listeners.append(listener)
+
+    def on_process_exit(self, listener: Callable[[Replica, int], None]) -> None:
+        """Call ``listener(replica, pid)`` when the supervisor sees a replica process exit."""
+        self._exit_listeners.append(listener)
+
+    def process_exited(self, replica: Replica, pid: int) -> None:
+        """The supervisor saw process ``pid`` of ``replica`` exit (``replica.stopping_pid``
+        says whether it was stopped on purpose). Never called in balance-only mode."""
+        for listener in self._exit_listeners:
+            listener(replica, pid)
 
     def notify(self) -> None:
         """Tell listeners (admission) that states changed: call after moving a state.

@@ -579,6 +579,10 @@ class ReplicaProcess:
         r.pid = None
         r.started_at = None
         self._proc = None
+        if proc.returncode is not None:
+            # Pending breaks of this process become breaks, unless it was stopped on
+            # purpose (balancer/quarantine.py): after pid and stopping_pid are final.
+            self.registry.process_exited(r, proc.pid)
         self._signal_changed()
 
     def _count_failure(self) -> bool:

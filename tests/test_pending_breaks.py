@@ -1,0 +1,290 @@
+"""Behind real TGI a query of death is answered before its process goes: a shard dying under
+a batch makes the router answer every request of it with a generation error (424
+``error_type: generation``, or an error event when streaming), then the launcher shuts the
+server down. Such an answered failure counts as a break once its process is seen to exit,
+not stopped on purpose, within ``PENDING_WINDOW_S`` (balancer/quarantine.py).
+
+End to end with real supervised replica processes that answer like TGI and then exit; unit
+tests cover the window, other processes and the bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from balancer.config import BalancerConfig
+from balancer.quarantine import MAX_PENDING, PENDING_WINDOW_S, Quarantine, Verdict
+from balancer.server import BalancerServer
+from balancer.upstream import Registry, Replica
+from supervisor.fleet import Fleet, FleetSettings
+from supervisor.launchers import LaunchSpec
+from tests.conftest import free_port, wait_until
+from tests.test_hardening_faults import LIFECYCLE
+from tests.test_hardening_input import metric_sum
+
+pytestmark = pytest.mark.timeout(60)
+
+REPLICA = textwrap.dedent(
+    """
+    # Answers like TGI when a shard dies under the batch: "crash" gets a generation error
+    # (424 JSON, or an error event when streaming; "crash-first" as the first event,
+    # "crash" after a token), then the process exits. "fail" gets the same error from a
+    # replica that lives on. Every POST leaves a file behind, every exit another.
+    import json, os, sys, time, uuid
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from pathlib import Path
+
+    port, name, folder = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+    ERROR = {"error": "Request failed during generation: Server error: shard died",
+             "error_type": "generation"}
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def chunk(self, data):
+            self.wfile.write(b"%x\\r\\n%b\\r\\n" % (len(data), data))
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            (folder / f"seen-{name}-{uuid.uuid4().hex}").touch()
+            if b"crash" not in body and b"fail" not in body:
+                answer = b'{"generated_text":"ok"}'
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+                return
+            if self.path == "/generate_stream":
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                if b"crash-first" not in body:
+                    self.chunk(b'data:{"token":{"id":1,"text":"a","logprob":0,"special":false}}\\n\\n')
+                self.chunk(b"data:" + json.dumps(ERROR).encode() + b"\\n\\n")
+                self.wfile.write(b"0\\r\\n\\r\\n")
+            else:
+                answer = json.dumps(ERROR).encode()
+                self.send_response(424)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+            self.wfile.flush()
+            if b"crash" in body:
+                time.sleep(0.05)  # the answer is out: now the launcher shuts the server down
+                (folder / f"exited-{name}-{os.getpid()}").touch()
+                os._exit(1)
+
+    ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+    """
+)
+
+
+@dataclass
+class Setup:
+    server: BalancerServer
+    fleet: Fleet
+    replicas: list[Replica]
+    folder: Path
+
+    def count(self, prefix: str) -> int:
+        return sum(1 for _ in self.folder.glob(f"{prefix}-*"))
+
+    @property
+    def quarantine(self) -> Quarantine:
+        return self.server.balancer.quarantine
+
+    async def post(self, path: str, doc: dict[str, object]) -> tuple[int, str]:
+        url = self.server.url + path
+        async with aiohttp.ClientSession() as http, http.post(url, json=doc) as r:
+            return r.status, await r.text()
+
+
+@pytest.fixture
+async def fleet3(tmp_path: Path) -> AsyncIterator[Setup]:
+    """Three supervised replicas of REPLICA behind a balancer (one retry: two attempts)."""
+    script = tmp_path / "replica.py"
+    script.write_text(REPLICA)
+    replicas, specs = [], {}
+    for name in ("a", "b", "c"):
+        port = free_port()
+        replicas.append(Replica(name=name, url=f"http://127.0.0.1:{port}", port=port, slot_cap=4))
+        specs[name] = LaunchSpec(argv=(sys.executable, str(script), str(port), name, str(tmp_path)))
+    registry = Registry(replicas)
+    fleet = Fleet(registry, specs, FleetSettings(min_ready=3, lifecycle=LIFECYCLE))
+    config = BalancerConfig(
+        host="127.0.0.1",
+        port=0,
+        health_interval_s=0.1,
+        health_timeout_s=0.5,
+        queue_timeout_s=20.0,
+        response_timeout_s=20.0,
+        retries=1,
+        eject_after_failures=100,  # this is about the quarantine, not passive ejection
+    )
+    server = BalancerServer(config, registry, fleet)
+    await server.start()
+    await fleet.start()
+    try:
+        async with asyncio.timeout(20):
+            assert await fleet.wait_ready()
+        yield Setup(server, fleet, replicas, tmp_path)
+    finally:
+        await server.begin_shutdown()
+        await fleet.stop(grace=1)
+        await server.stop()
+
+
+async def test_generation_errors_from_processes_that_then_exit_quarantine_the_resend(
+    fleet3: Setup,
+) -> None:
+    crash = {"inputs": "crash", "parameters": {"max_new_tokens": 5}}
+    status, text = await fleet3.post("/generate", crash)
+    # The request in flight is not stopped: both attempts were answered before either
+    # process was seen to exit, and the client gets TGI's answer.
+    assert status == 424, text
+    assert json.loads(text)["error_type"] == "generation"
+    assert fleet3.count("seen") == 2
+    await wait_until(lambda: len(fleet3.quarantine) == 1, what="both exits seen")
+    assert fleet3.count("exited") == 2
+
+    status, text = await fleet3.post("/generate", crash)
+    assert status == 422, text
+    assert json.loads(text)["error_type"] == "quarantined"
+    assert fleet3.count("seen") == 2  # no replica saw the resend
+    metrics = await _metrics(fleet3)
+    assert metric_sum(metrics, "neuron_fleet_quarantines_total") == 1
+
+    status, text = await fleet3.post("/generate", {"inputs": "hello"})
+    assert status == 200, text
+
+
+async def _metrics(fleet3: Setup) -> str:
+    async with aiohttp.ClientSession() as http, http.get(f"{fleet3.server.url}/metrics") as r:
+        return await r.text()
+
+
+@pytest.mark.parametrize("prompt", ["crash", "crash-first"])
+async def test_streamed_generation_error_events_count_once_the_process_exits(
+    fleet3: Setup, prompt: str
+) -> None:
+    """``crash``: the error event follows a token (committed: one process per request);
+    ``crash-first``: it is the first event (retried on a second process)."""
+    doc = {"inputs": prompt, "parameters": {"max_new_tokens": 5}}
+    status, text = await fleet3.post("/generate_stream", doc)
+    assert status == 200 and '"error_type":"generation"' in text.replace(" ", ""), text
+    if prompt == "crash":
+        await wait_until(lambda: fleet3.quarantine._suspects != {}, what="the first exit seen")
+        assert len(fleet3.quarantine) == 0
+        status, text = await fleet3.post("/generate_stream", doc)
+        assert status == 200, text
+    assert fleet3.count("seen") == 2
+    await wait_until(lambda: len(fleet3.quarantine) == 1, what="both exits seen")
+
+    status, text = await fleet3.post("/generate_stream", doc)
+    assert status == 422 and json.loads(text)["error_type"] == "quarantined", text
+    assert fleet3.count("seen") == 2 and fleet3.count("exited") == 2
+
+
+async def test_a_generation_error_from_a_process_that_lives_on_never_counts(
+    fleet3: Setup,
+) -> None:
+    """Like a request TGI fails on a healthy replica: however often it is sent."""
+    for path in ("/generate", "/generate_stream", "/generate"):
+        status, text = await fleet3.post(path, {"inputs": "fail"})
+        assert status in (200, 424), text
+    assert fleet3.quarantine.has_pending
+    # An unrelated crash of another process confirms nothing of these.
+    victim = fleet3.replicas[0]
+    fleet3.server.balancer.registry.process_exited(victim, 1)
+    assert len(fleet3.quarantine) == 0 and fleet3.quarantine._suspects == {}
+    status, text = await fleet3.post("/generate", {"inputs": "fail"})
+    assert status == 424, text
+    assert fleet3.count("exited") == 0
+
+
+async def test_processes_stopped_on_purpose_after_a_generation_error_do_not_count(
+    fleet3: Setup,
+) -> None:
+    for _ in range(2):  # two processes each time: every replica answered it at least once
+        status, text = await fleet3.post("/generate", {"inputs": "fail"})
+        assert status == 424, text
+    pids = {r.pid for r in fleet3.replicas}
+    await fleet3.fleet.stop(grace=1)
+    assert all(r.stopping_pid in pids for r in fleet3.replicas)
+    assert len(fleet3.quarantine) == 0 and fleet3.quarantine._suspects == {}
+    assert not fleet3.quarantine.has_pending
+
+
+# --------------------------------------------------------------------------- bookkeeping
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_pending_breaks_count_only_for_their_process_within_the_window() -> None:
+    clock = Clock()
+    q = Quarantine(after=2, ttl_s=60, clock=clock)
+    q.pending("d", "/generate", "a", 10, "a/pid 10")
+    q.pending("d", "/generate", "b", 20, "b/pid 20")
+    assert q.process_exited("a", 11, on_purpose=False) == []  # another process of a
+    assert q.process_exited("c", 10, on_purpose=False) == []  # another replica
+    [(verdict, _)] = q.process_exited("a", 10, on_purpose=False)
+    assert verdict is Verdict.SUSPECT
+    assert q.process_exited("a", 10, on_purpose=False) == []  # confirmed once
+    clock.now += PENDING_WINDOW_S  # b exits too late: not this request's doing
+    assert q.process_exited("b", 20, on_purpose=False) == []
+    assert not q.has_pending and len(q) == 0
+
+
+def test_a_pending_break_confirmed_on_a_second_process_quarantines() -> None:
+    q = Quarantine(after=2, ttl_s=60, clock=Clock())
+    q.pending("d", "/generate", "a", 10, "a/pid 10")
+    q.pending("d", "/generate", "b", 20, "b/pid 20")
+    q.process_exited("a", 10, on_purpose=False)
+    [(verdict, entry)] = q.process_exited("b", 20, on_purpose=False)
+    assert verdict is Verdict.QUARANTINED and entry.replicas == ["a", "b"]
+
+
+def test_stopped_on_purpose_or_served_in_full_drops_pending_breaks() -> None:
+    q = Quarantine(after=1, ttl_s=60, clock=Clock())
+    q.pending("d", "/generate", "a", 10, "a/pid 10")
+    assert q.process_exited("a", 10, on_purpose=True) == [] and not q.has_pending
+    q.pending("d", "/generate", "a", 11, "a/pid 11")
+    assert q.suspecting  # a response served in full is worth a digest now
+    q.passed("d")
+    assert not q.has_pending and q.process_exited("a", 11, on_purpose=False) == []
+
+
+def test_pending_breaks_are_bounded_and_off_with_the_quarantine() -> None:
+    q = Quarantine(after=2, ttl_s=60, clock=Clock())
+    for i in range(MAX_PENDING + 10):
+        q.pending(f"d{i}", "/generate", "a", 10, "a/pid 10")
+    assert len(q._pending) == MAX_PENDING and q._pending[0].digest == "d10"
+    off = Quarantine(after=0, ttl_s=60)
+    off.pending("d", "/generate", "a", 10, "a/pid 10")
+    assert not off.has_pending
