@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator
@@ -22,15 +21,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from balancer.config import BalancerConfig
 from balancer.quarantine import Quarantine, Verdict, request_digest
 from balancer.server import BalancerServer
-from balancer.upstream import Registry, Replica
-from supervisor.fleet import Fleet, FleetSettings
-from supervisor.launchers import LaunchSpec
+from balancer.upstream import Replica
 from supervisor.status_cli import format_table
-from tests.conftest import free_port, wait_until
-from tests.test_hardening_faults import LIFECYCLE
+from tests.conftest import wait_until
+from tests.script_fleet import script_fleet
 from tests.test_hardening_input import metric_sum
 
 pytestmark = pytest.mark.timeout(60)
@@ -119,38 +115,14 @@ class Setup:
 @pytest.fixture
 async def fleet3(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
     """Three supervised replicas of REPLICA behind a balancer; ``request.param``: config."""
-    script = tmp_path / "replica.py"
-    script.write_text(REPLICA)
-    replicas, specs = [], {}
-    for name in ("a", "b", "c"):
-        port = free_port()
-        replicas.append(Replica(name=name, url=f"http://127.0.0.1:{port}", port=port, slot_cap=4))
-        specs[name] = LaunchSpec(argv=(sys.executable, str(script), str(port), name, str(tmp_path)))
-    registry = Registry(replicas)
-    fleet = Fleet(registry, specs, FleetSettings(min_ready=3, lifecycle=LIFECYCLE))
-    settings = dict(
-        host="127.0.0.1",
-        port=0,
-        health_interval_s=0.1,
-        health_timeout_s=0.5,
-        queue_timeout_s=20.0,
-        response_timeout_s=20.0,
-        retries=2,
-        eject_after_failures=100,  # this is about the quarantine, not passive ejection
-        admin_token=ADMIN_TOKEN,
-    )
-    settings.update(getattr(request, "param", {}))
-    server = BalancerServer(BalancerConfig(**settings), registry, fleet)  # type: ignore[arg-type]
-    await server.start()
-    await fleet.start()
-    try:
-        async with asyncio.timeout(20):
-            assert await fleet.wait_ready()
-        yield Setup(server, replicas, tmp_path)
-    finally:
-        await server.begin_shutdown()
-        await fleet.stop(grace=1)
-        await server.stop()
+    settings: dict[str, object] = {
+        "retries": 2,
+        "eject_after_failures": 100,  # this is about the quarantine, not passive ejection
+        "admin_token": ADMIN_TOKEN,
+        **getattr(request, "param", {}),
+    }
+    async with script_fleet(tmp_path, REPLICA, ("a", "b", "c"), slot_cap=4, **settings) as f:
+        yield Setup(f.server, f.replicas, tmp_path)
 
 
 async def _metrics(url: str) -> str:

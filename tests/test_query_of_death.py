@@ -14,7 +14,6 @@ after which the replica stays down).
 from __future__ import annotations
 
 import asyncio
-import sys
 import textwrap
 from pathlib import Path
 
@@ -22,14 +21,11 @@ import aiohttp
 import pytest
 
 from balancer.admission import Admission
-from balancer.config import BalancerConfig
 from balancer.policy import LeastOutstanding
 from balancer.server import BalancerServer
 from balancer.upstream import EVERY_INCARNATION, Registry, Replica, ReplicaState
-from supervisor.fleet import Fleet, FleetSettings
-from supervisor.launchers import LaunchSpec
-from tests.conftest import free_port, wait_until
-from tests.test_hardening_faults import LIFECYCLE
+from tests.conftest import wait_until
+from tests.script_fleet import script_fleet
 from tests.test_hardening_input import metric_sum
 
 pytestmark = pytest.mark.timeout(60)
@@ -70,44 +66,29 @@ POISONED = textwrap.dedent(
 async def test_a_query_of_death_kills_each_replica_once_not_its_restarts(
     tmp_path: Path,
 ) -> None:
-    script = tmp_path / "replica.py"
-    script.write_text(POISONED)
-    replicas, specs = [], {}
-    for name in ("a", "b"):
-        port = free_port()
-        replicas.append(Replica(name=name, url=f"http://127.0.0.1:{port}", port=port, slot_cap=2))
-        specs[name] = LaunchSpec(argv=(sys.executable, str(script), str(port), name, str(tmp_path)))
-    registry = Registry(replicas)
-    fleet = Fleet(registry, specs, FleetSettings(min_ready=2, lifecycle=LIFECYCLE))
-    config = BalancerConfig(
-        host="127.0.0.1",
-        port=0,
-        health_interval_s=0.1,
-        health_timeout_s=0.5,
-        queue_timeout_s=20.0,
-        response_timeout_s=20.0,
-        retries=4,
-        quarantine_after=0,  # this is about retries alone: tests/test_quarantine.py
-    )
-    server = BalancerServer(config, registry, fleet)
-    await server.start()
-    await fleet.start()
-
     def deaths() -> list[str]:
         return sorted(p.name.rsplit("-", 1)[0] for p in tmp_path.glob("died-*"))
 
-    try:
-        async with asyncio.timeout(20):
-            assert await fleet.wait_ready()
+    async with script_fleet(
+        tmp_path,
+        POISONED,
+        ("a", "b"),
+        slot_cap=2,
+        retries=4,
+        quarantine_after=0,  # this is about retries alone: tests/test_quarantine.py
+    ) as setup:
+        replicas = setup.replicas
         async with aiohttp.ClientSession() as http:
             call = asyncio.ensure_future(
-                http.post(f"{server.url}/generate", json={"inputs": "poison"})
+                http.post(f"{setup.url}/generate", json={"inputs": "poison"})
             )
             await wait_until(lambda: len(deaths()) == 2, what="both replicas got the request")
             # The first replica's death has been seen: it is restarting (a fast start,
             # well within the request's queue time), or already back.
             await wait_until(
-                lambda: any(r.restarts or r.state is not ReplicaState.READY for r in replicas),
+                lambda: any(
+                    r.restarts or r.state is not ReplicaState.READY for r in setup.replicas
+                ),
                 what="the supervisor saw the first death",
             )
             (tmp_path / "go").touch()  # the second replica dies too
@@ -121,12 +102,8 @@ async def test_a_query_of_death_kills_each_replica_once_not_its_restarts(
             )
             await asyncio.sleep(0.3)
         assert deaths() == ["died-a", "died-b"]
-        metrics = await _metrics(server)
+        metrics = await _metrics(setup.server)
         assert metric_sum(metrics, "neuron_fleet_retries_total") == 1
-    finally:
-        await server.begin_shutdown()
-        await fleet.stop(grace=1)
-        await server.stop()
 
 
 async def _metrics(server: BalancerServer) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -30,10 +29,8 @@ from balancer.relay import Relay
 from balancer.server import BalancerServer
 from balancer.ticket import Ticket
 from balancer.upstream import EVERY_INCARNATION, Registry, Replica, ReplicaState, excluded
-from supervisor.fleet import Fleet, FleetSettings
-from supervisor.launchers import LaunchSpec
-from tests.conftest import free_port, wait_until
-from tests.test_hardening_faults import LIFECYCLE
+from tests.conftest import wait_until
+from tests.script_fleet import script_fleet
 from tests.test_hardening_input import metric_sum
 from tests.upstreams import Script
 
@@ -157,35 +154,13 @@ REPLICA = textwrap.dedent(
 async def test_overlapping_failures_the_retry_returns_to_the_restarted_busy_replica(
     tmp_path: Path,
 ) -> None:
-    script = tmp_path / "replica.py"
-    script.write_text(REPLICA)
-    replicas, specs = [], {}
-    for name in ("a", "b"):
-        port = free_port()
-        replicas.append(Replica(name=name, url=f"http://127.0.0.1:{port}", port=port, slot_cap=2))
-        specs[name] = LaunchSpec(argv=(sys.executable, str(script), str(port), name, str(tmp_path)))
-    registry = Registry(replicas)
-    fleet = Fleet(registry, specs, FleetSettings(min_ready=2, lifecycle=LIFECYCLE))
-    config = BalancerConfig(
-        host="127.0.0.1",
-        port=0,
-        health_interval_s=0.1,
-        health_timeout_s=0.5,
-        queue_timeout_s=20.0,
-        response_timeout_s=20.0,
-        retries=2,
-    )
-    server = BalancerServer(config, registry, fleet)
-    await server.start()
-    await fleet.start()
-    try:
-        async with asyncio.timeout(20):
-            assert await fleet.wait_ready()
+    async with script_fleet(tmp_path, REPLICA, ("a", "b"), slot_cap=2, retries=2) as setup:
+        replicas = setup.replicas
         first_pids = {r.name: r.pid for r in replicas}
         incarnations = {r.name: r.incarnation for r in replicas}
         async with aiohttp.ClientSession() as http:
             call = asyncio.ensure_future(
-                http.post(f"{server.url}/generate", json={"inputs": "hello"})
+                http.post(f"{setup.url}/generate", json={"inputs": "hello"})
             )
             # The first replica was busy (and then died); the retry went to the other one.
             await wait_until(
@@ -209,11 +184,7 @@ async def test_overlapping_failures_the_retry_returns_to_the_restarted_busy_repl
         assert served["pid"] != first_pids[winner.name]
         assert winner.incarnation > incarnations[winner.name]
         # Two retries: after the 429 and after the death; no third attempt, no error.
-        assert metric_sum(await _metrics(server), "neuron_fleet_retries_total") == 2
-    finally:
-        await server.begin_shutdown()
-        await fleet.stop(grace=1)
-        await server.stop()
+        assert metric_sum(await _metrics(setup.server), "neuron_fleet_retries_total") == 2
 
 
 async def _metrics(server: BalancerServer) -> str:

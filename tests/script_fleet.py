@@ -1,0 +1,82 @@
+"""Supervised replica processes running a small test script, behind a real balancer.
+
+Tests of crashes, restarts and the quarantine need real processes that the real supervisor
+(`supervisor.fleet.Fleet`) starts, watches and restarts: each replica runs ``script`` as
+``python script PORT NAME FOLDER`` (the folder is where the script leaves marks the test
+counts, e.g. one file per death).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from balancer.config import BalancerConfig
+from balancer.server import BalancerServer
+from balancer.upstream import Registry, Replica
+from supervisor.fleet import Fleet, FleetSettings
+from supervisor.launchers import LaunchSpec
+from tests.conftest import free_port
+from tests.test_hardening_faults import LIFECYCLE
+
+BALANCER_DEFAULTS: dict[str, object] = {
+    "host": "127.0.0.1",
+    "port": 0,
+    "health_interval_s": 0.1,
+    "health_timeout_s": 0.5,
+    "queue_timeout_s": 20.0,
+    "response_timeout_s": 20.0,
+}
+"""Fast health checks; queue and response limits far above what a test waits."""
+
+
+@dataclass
+class ScriptFleet:
+    server: BalancerServer
+    fleet: Fleet
+    registry: Registry
+    replicas: list[Replica]
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+
+@contextlib.asynccontextmanager
+async def script_fleet(
+    folder: Path,
+    script: str,
+    names: tuple[str, ...],
+    slot_cap: int,
+    **balancer: object,
+) -> AsyncIterator[ScriptFleet]:
+    """Start one replica per name running ``script`` and a balancer in front (settings:
+    BALANCER_DEFAULTS updated with ``balancer``); yield once every replica is ready; stop
+    both on the way out."""
+    path = folder / "replica.py"
+    path.write_text(script)
+    replicas, specs = [], {}
+    for name in names:
+        port = free_port()
+        replicas.append(
+            Replica(name=name, url=f"http://127.0.0.1:{port}", port=port, slot_cap=slot_cap)
+        )
+        specs[name] = LaunchSpec(argv=(sys.executable, str(path), str(port), name, str(folder)))
+    registry = Registry(replicas)
+    fleet = Fleet(registry, specs, FleetSettings(min_ready=len(names), lifecycle=LIFECYCLE))
+    config = BalancerConfig(**{**BALANCER_DEFAULTS, **balancer})  # type: ignore[arg-type]
+    server = BalancerServer(config, registry, fleet)
+    await server.start()
+    await fleet.start()
+    try:
+        async with asyncio.timeout(20):
+            assert await fleet.wait_ready()
+        yield ScriptFleet(server, fleet, registry, replicas)
+    finally:
+        await server.begin_shutdown()
+        await fleet.stop(grace=1)
+        await server.stop()
