@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+import textwrap
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,3 +81,34 @@ async def script_fleet(
         await server.begin_shutdown()
         await fleet.stop(grace=1)
         await server.stop()
+
+
+SCRIPT_PRELUDE = textwrap.dedent(
+    """
+    import json, os, sys, time, uuid
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from pathlib import Path
+
+    port, name, folder = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+
+
+    class Replica(BaseHTTPRequestHandler):
+        # Healthy on every GET (the supervisor's readiness and the balancer's health
+        # checks); quiet. A script's Handler adds do_POST.
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    """
+)
+
+
+def replica_script(body: str) -> str:
+    """A replica script for ``script_fleet``: the prelude (imports, ``port``, ``name``,
+    ``folder``, a ``Replica`` handler base), ``body`` (which defines ``Handler``), serve."""
+    serve = 'ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()\n'
+    return SCRIPT_PRELUDE + textwrap.dedent(body) + "\n" + serve

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import textwrap
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,34 +25,21 @@ from balancer.server import BalancerServer
 from balancer.upstream import Replica
 from supervisor.status_cli import format_table
 from tests.conftest import wait_until
-from tests.script_fleet import script_fleet
+from tests.script_fleet import replica_script, script_fleet
 from tests.test_hardening_input import metric_sum
 
 pytestmark = pytest.mark.timeout(60)
 
 ADMIN_TOKEN = "quarantine-test-admin"
 
-REPLICA = textwrap.dedent(
+REPLICA = replica_script(
     """
     # A TGI-like replica: "poison" in the body kills the process before it answers,
     # "poison-stream" after the first token event, "slow" is never answered in time;
     # anything else gets an answer. Every POST leaves a file behind, every death another.
-    import os, sys, time, uuid
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    from pathlib import Path
 
-    port, name, folder = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
-
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(Replica):
         protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
 
         def do_POST(self):
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -93,7 +79,6 @@ REPLICA = textwrap.dedent(
             self.end_headers()
             self.wfile.write(answer)
 
-    ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
     """
 )
 

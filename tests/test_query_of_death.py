@@ -14,7 +14,6 @@ after which the replica stays down).
 from __future__ import annotations
 
 import asyncio
-import textwrap
 from pathlib import Path
 
 import aiohttp
@@ -25,31 +24,18 @@ from balancer.policy import LeastOutstanding
 from balancer.server import BalancerServer
 from balancer.upstream import EVERY_INCARNATION, Registry, Replica, ReplicaState
 from tests.conftest import wait_until
-from tests.script_fleet import script_fleet
+from tests.script_fleet import replica_script, script_fleet
 from tests.test_hardening_input import metric_sum
 
 pytestmark = pytest.mark.timeout(60)
 
-POISONED = textwrap.dedent(
+POISONED = replica_script(
     """
     # Every process of this replica dies under the first generation request it gets. The
     # second replica's process waits for the test's "go" before it dies, so that the
     # supervisor has seen the first death and is restarting that replica by then.
-    import os, sys, time
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    from pathlib import Path
 
-    port, name, folder = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
+    class Handler(Replica):
         def do_POST(self):
             self.rfile.read(int(self.headers.get("Content-Length", 0)))
             (folder / f"died-{name}-{os.getpid()}").touch()
@@ -58,7 +44,6 @@ POISONED = textwrap.dedent(
                     time.sleep(0.01)
             os._exit(1)  # dies under the request: no answer, connection closed
 
-    ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
     """
 )
 

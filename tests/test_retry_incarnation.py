@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import textwrap
 import time
 from pathlib import Path
 from unittest import mock
@@ -30,7 +29,7 @@ from balancer.server import BalancerServer
 from balancer.ticket import Ticket
 from balancer.upstream import EVERY_INCARNATION, Registry, Replica, ReplicaState, excluded
 from tests.conftest import wait_until
-from tests.script_fleet import script_fleet
+from tests.script_fleet import replica_script, script_fleet
 from tests.test_hardening_input import metric_sum
 from tests.upstreams import Script
 
@@ -98,27 +97,15 @@ async def test_a_queued_retry_takes_a_replica_only_once_it_restarted() -> None:
 
 # --------------------------------------------------------------------------- end to end
 
-REPLICA = textwrap.dedent(
+REPLICA = replica_script(
     """
     # A replica for this test. The first process to get a generation request answers it
     # 429 (busy) and then dies (not of the request: it answered); the second dies under
     # it. Once restarted (the supervisor starts the same command again) a replica answers.
-    import json, os, sys, time
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    from pathlib import Path
 
-    port, name, folder = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
     restarted = (folder / f"died-{name}").exists()
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
+    class Handler(Replica):
         def do_POST(self):
             self.rfile.read(int(self.headers.get("Content-Length", 0)))
             if not restarted:
@@ -146,7 +133,6 @@ REPLICA = textwrap.dedent(
             self.end_headers()
             self.wfile.write(body.encode())
 
-    ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
     """
 )
 
