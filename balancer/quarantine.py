@@ -34,10 +34,12 @@ From<InferError>``), and only then does the launcher see ``Shard {rank} crashed`
 the whole server down (``launcher/src/main.rs`` ``main``, on ``ShardStatus::Failed``). So a
 generation failure is remembered as a *pending* break of its process (``pending``) and
 becomes a break if that process is seen to exit, not stopped on purpose, within
-``PENDING_WINDOW_S`` (``process_exited``). The request in flight is not stopped by this (its
-retries happen before the exit is seen); what it stops is the resends that take the fleet
-down. Only a process the supervisor knows by pid can be confirmed: in balance-only mode (no
-pid) nothing is recorded as pending, and a generation failure never counts.
+``PENDING_WINDOW_S`` (``process_exited``); exits are remembered as long, so a failure read
+after its process was seen to exit (a slow client held the event back) counts at once.
+The request in flight is not stopped by this (its retries happen before the exit is seen);
+what it stops is the resends that take the fleet down. Only a process the supervisor knows
+by pid can be confirmed: in balance-only mode (no pid) nothing is recorded as pending, and a
+generation failure never counts.
 """
 
 from __future__ import annotations
