@@ -4,12 +4,15 @@ stream whose first event is a client's error still clears the replica's failure 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from balancer.quarantine import PENDING_WINDOW_S, Quarantine, Verdict
 from balancer.upstream import Replica, ReplicaState
 from tests.conftest import wait_until
-from tests.test_pending_breaks import Clock, Setup, fleet3  # noqa: F401 (a fixture)
+from tests.test_hardening_input import metric_sum
+from tests.test_pending_breaks import Clock, Setup, _metrics, fleet3  # noqa: F401 (a fixture)
 from tests.upstreams import Script
 
 pytestmark = pytest.mark.timeout(60)
@@ -36,6 +39,23 @@ async def test_a_listener_failing_on_an_exit_does_not_stop_the_supervisor(
         timeout=20,
         what="both crashed replicas restarted",
     )
+
+
+async def test_generation_errors_read_after_their_processes_were_seen_to_exit_count(
+    fleet3: Setup,  # noqa: F811
+) -> None:
+    """Through the relay: the supervisor's reap told first, the answers read after."""
+    registry = fleet3.server.balancer.registry
+    for replica in fleet3.replicas:
+        assert replica.pid is not None
+        registry.process_exited(replica, replica.pid)  # not stopped on purpose
+    status, text = await fleet3.post("/generate", {"inputs": "fail"})
+    assert status == 424, text  # both attempts answered: the request in flight gets TGI's answer
+    assert len(fleet3.quarantine) == 1
+    status, text = await fleet3.post("/generate", {"inputs": "fail"})
+    assert status == 422 and json.loads(text)["error_type"] == "quarantined", text
+    metrics = await _metrics(fleet3)
+    assert metric_sum(metrics, "neuron_fleet_quarantines_total") == 1
 
 
 def test_an_answer_read_after_its_process_was_seen_to_exit_still_counts() -> None:
