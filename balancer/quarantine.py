@@ -34,10 +34,12 @@ From<InferError>``), and only then does the launcher see ``Shard {rank} crashed`
 the whole server down (``launcher/src/main.rs`` ``main``, on ``ShardStatus::Failed``). So a
 generation failure is remembered as a *pending* break of its process (``pending``) and
 becomes a break if that process is seen to exit, not stopped on purpose, within
-``PENDING_WINDOW_S`` (``process_exited``). The request in flight is not stopped by this (its
-retries happen before the exit is seen); what it stops is the resends that take the fleet
-down. Only a process the supervisor knows by pid can be confirmed: in balance-only mode (no
-pid) nothing is recorded as pending, and a generation failure never counts.
+``PENDING_WINDOW_S`` (``process_exited``); exits are remembered as long, so a failure read
+after its process was seen to exit (a slow client held the event back) counts at once.
+The request in flight is not stopped by this (its retries happen before the exit is seen);
+what it stops is the resends that take the fleet down. Only a process the supervisor knows
+by pid can be confirmed: in balance-only mode (no pid) nothing is recorded as pending, and a
+generation failure never counts.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ PENDING_WINDOW_S = 30.0
 failure to count as a break (TGI's launcher shuts down within seconds of a shard crash)."""
 MAX_PENDING = 1024
 """Pending breaks remembered at most (a crash answers a whole batch: a few hundred)."""
+MAX_EXITED = 64
+"""Process exits remembered (for ``PENDING_WINDOW_S``) at most: a generation failure read
+after its process was seen to exit (a slow client held the event back) still counts."""
 DIGEST_SHOWN = 12
 """Hex digits of the digest shown in logs, errors and status."""
 
@@ -136,6 +141,8 @@ class Quarantine:
         """Quarantined, oldest first (a fixed TTL: also soonest to expire first)."""
         self.quarantined_total = 0
         self._pending: deque[PendingBreak] = deque(maxlen=MAX_PENDING)
+        self._exited: deque[tuple[str, int, bool, float]] = deque(maxlen=MAX_EXITED)
+        """Recent exits: (replica, pid, on purpose, when), oldest first."""
 
     @property
     def enabled(self) -> bool:
@@ -199,13 +206,21 @@ class Quarantine:
         )
         return Verdict.QUARANTINED, entry
 
-    def pending(self, digest: str, route: str, replica: str, pid: int, process: str) -> None:
+    def pending(
+        self, digest: str, route: str, replica: str, pid: int, process: str
+    ) -> tuple[Verdict, Entry] | None:
         """Process ``pid`` of ``replica`` answered the request ``digest`` with a generation
-        failure: a break if that process exits within ``PENDING_WINDOW_S``."""
-        if self.enabled:
-            now = self.clock()
-            self._expire(now)
-            self._pending.append(PendingBreak(digest, route, replica, pid, process, now))
+        failure: a break if that process exits within ``PENDING_WINDOW_S``. If it was seen
+        to exit already (the answer was read late), what ``record`` made of it at once."""
+        if not self.enabled:
+            return None
+        now = self.clock()
+        self._expire(now)
+        for name, exited_pid, on_purpose, at in self._exited:
+            if name == replica and exited_pid == pid and at + PENDING_WINDOW_S > now:
+                return None if on_purpose else self.record(digest, route, replica, process)
+        self._pending.append(PendingBreak(digest, route, replica, pid, process, now))
+        return None
 
     @property
     def has_pending(self) -> bool:
@@ -216,9 +231,13 @@ class Quarantine:
     ) -> list[tuple[Verdict, Entry]]:
         """Process ``pid`` of ``replica`` exited: its pending breaks become breaks (what
         ``record`` made of each), unless it was stopped on purpose (then they are dropped)."""
+        if not self.enabled:
+            return []
+        now = self.clock()
+        self._exited.append((replica, pid, on_purpose, now))
         if not self._pending:
             return []
-        self._expire(self.clock())
+        self._expire(now)
         mine, others = [], deque[PendingBreak](maxlen=MAX_PENDING)
         for p in self._pending:
             (mine if p.replica == replica and p.pid == pid else others).append(p)

@@ -737,6 +737,9 @@ class Relay:
         last_token = 0.0
         tokens = 0
         clean = True
+        # An error event after the first is no good end. The first event's error was judged
+        # in _open (answer.failure): a client's (validation) error is a replica that works.
+        error_mid_stream = False
         # The stream's progress, read by the forecast (balancer/forecast.py). The loop's
         # clock has time.monotonic()'s epoch: uvloop 0.23.0 loop.pyx Loop.time() is libuv's
         # uv_now() (CLOCK_MONOTONIC) in whole milliseconds, after uv_update_time().
@@ -744,7 +747,7 @@ class Relay:
 
         def count(events_bytes: bytes) -> None:
             """Count the token events among whole events (never a partial one)."""
-            nonlocal last_token, tokens, saw_error
+            nonlocal last_token, tokens, saw_error, error_mid_stream
             now = loop_time()
             events = events_bytes.count(sep)
             # Not tokens: [DONE], the usage-only chunk, error events, keep-alive comments.
@@ -756,7 +759,7 @@ class Relay:
                 events -= 1
             events -= events_bytes.count(sep + b":")
             if errors and not saw_error:
-                saw_error = True
+                saw_error = error_mid_stream = True
                 self.metrics.upstream_errors.labels(replica=replica.name, kind="error_event").inc()
                 # A failure path: worth parsing (the first error event of the stream only).
                 at = events_bytes.rfind(sep, 0, events_bytes.find(b'{"error"'))
@@ -840,7 +843,7 @@ class Relay:
         # Every write to the client may block on a full socket: keep it under the watchdog.
         stream.enter(Phase.WRITING, loop_time())
         await response.write_eof()
-        return clean and not saw_error  # an error event (mid-stream) is no good end
+        return clean and not error_mid_stream
 
     # ---------------------------------------------------------------- 5. account
     def _stream_failed(
@@ -880,19 +883,19 @@ class Relay:
         pid, incarnation = stream.process
         if pid is None or not self.quarantine.enabled:
             return
-        self.quarantine.pending(
+        confirmed = self.quarantine.pending(
             self._digest(stream, rr),
             rr.route,
             replica.name,
             pid,
             process_key(replica, pid, incarnation),
         )
+        if confirmed is not None and confirmed[0] is Verdict.QUARANTINED:
+            self.metrics.quarantines.inc()
 
     def _process_exited(self, replica: Replica, pid: int) -> None:
         """The supervisor saw ``pid`` exit (Registry.process_exited): the generation failures
         it answered just before are breaks, unless the supervisor stopped it on purpose."""
-        if not self.quarantine.has_pending:
-            return
         on_purpose = pid == replica.stopping_pid
         for verdict, _ in self.quarantine.process_exited(replica.name, pid, on_purpose):
             if verdict is Verdict.QUARANTINED:

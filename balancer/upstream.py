@@ -18,10 +18,13 @@ so a retry may return to a restarted replica; any other failure excludes it for 
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+log = logging.getLogger("neuron_fleet.upstream")
 
 
 class ReplicaState(enum.StrEnum):
@@ -148,9 +151,14 @@ class Registry:
 
     def process_exited(self, replica: Replica, pid: int) -> None:
         """The supervisor saw process ``pid`` of ``replica`` exit (``replica.stopping_pid``
-        says whether it was stopped on purpose). Never called in balance-only mode."""
+        says whether it was stopped on purpose). Never called in balance-only mode. Called
+        from the supervisor's reap: a listener's failure is logged, never raised, so the
+        supervisor still finishes reaping and restarting the replica."""
         for listener in self._exit_listeners:
-            listener(replica, pid)
+            try:
+                listener(replica, pid)
+            except Exception:
+                log.exception("a listener failed on the exit of %s pid %d", replica.name, pid)
 
     def notify(self) -> None:
         """Tell listeners (admission) that states changed: call after moving a state.
