@@ -10,10 +10,7 @@ tests cover the window, other processes and the bound.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
-import textwrap
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,42 +18,28 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from balancer.config import BalancerConfig
 from balancer.quarantine import MAX_PENDING, PENDING_WINDOW_S, Quarantine, Verdict
 from balancer.server import BalancerServer
-from balancer.upstream import Registry, Replica
-from supervisor.fleet import Fleet, FleetSettings
-from supervisor.launchers import LaunchSpec
-from tests.conftest import free_port, wait_until
-from tests.test_hardening_faults import LIFECYCLE
+from balancer.upstream import Replica
+from supervisor.fleet import Fleet
+from tests.conftest import wait_until
+from tests.script_fleet import replica_script, script_fleet
 from tests.test_hardening_input import metric_sum
 
 pytestmark = pytest.mark.timeout(60)
 
-REPLICA = textwrap.dedent(
+REPLICA = replica_script(
     """
     # Answers like TGI when a shard dies under the batch: "crash" gets a generation error
     # (424 JSON, or an error event when streaming; "crash-first" as the first event,
     # "crash" after a token), then the process exits. "fail" gets the same error from a
     # replica that lives on. Every POST leaves a file behind, every exit another.
-    import json, os, sys, time, uuid
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    from pathlib import Path
 
-    port, name, folder = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
     ERROR = {"error": "Request failed during generation: Server error: shard died",
              "error_type": "generation"}
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(Replica):
         protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
 
         def chunk(self, data):
             self.wfile.write(b"%x\\r\\n%b\\r\\n" % (len(data), data))
@@ -94,7 +77,6 @@ REPLICA = textwrap.dedent(
                 (folder / f"exited-{name}-{os.getpid()}").touch()
                 os._exit(1)
 
-    ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
     """
 )
 
@@ -122,36 +104,15 @@ class Setup:
 @pytest.fixture
 async def fleet3(tmp_path: Path) -> AsyncIterator[Setup]:
     """Three supervised replicas of REPLICA behind a balancer (one retry: two attempts)."""
-    script = tmp_path / "replica.py"
-    script.write_text(REPLICA)
-    replicas, specs = [], {}
-    for name in ("a", "b", "c"):
-        port = free_port()
-        replicas.append(Replica(name=name, url=f"http://127.0.0.1:{port}", port=port, slot_cap=4))
-        specs[name] = LaunchSpec(argv=(sys.executable, str(script), str(port), name, str(tmp_path)))
-    registry = Registry(replicas)
-    fleet = Fleet(registry, specs, FleetSettings(min_ready=3, lifecycle=LIFECYCLE))
-    config = BalancerConfig(
-        host="127.0.0.1",
-        port=0,
-        health_interval_s=0.1,
-        health_timeout_s=0.5,
-        queue_timeout_s=20.0,
-        response_timeout_s=20.0,
+    async with script_fleet(
+        tmp_path,
+        REPLICA,
+        ("a", "b", "c"),
+        slot_cap=4,
         retries=1,
         eject_after_failures=100,  # this is about the quarantine, not passive ejection
-    )
-    server = BalancerServer(config, registry, fleet)
-    await server.start()
-    await fleet.start()
-    try:
-        async with asyncio.timeout(20):
-            assert await fleet.wait_ready()
-        yield Setup(server, fleet, replicas, tmp_path)
-    finally:
-        await server.begin_shutdown()
-        await fleet.stop(grace=1)
-        await server.stop()
+    ) as f:
+        yield Setup(f.server, f.fleet, f.replicas, tmp_path)
 
 
 async def test_generation_errors_from_processes_that_then_exit_quarantine_the_resend(
