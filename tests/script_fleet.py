@@ -16,7 +16,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
+
 from balancer.config import BalancerConfig
+from balancer.quarantine import Quarantine
 from balancer.server import BalancerServer
 from balancer.upstream import Registry, Replica
 from supervisor.fleet import Fleet, FleetSettings
@@ -41,10 +44,24 @@ class ScriptFleet:
     fleet: Fleet
     registry: Registry
     replicas: list[Replica]
+    folder: Path
+    """Where the replica scripts leave their marks."""
 
     @property
     def url(self) -> str:
         return self.server.url
+
+    @property
+    def quarantine(self) -> Quarantine:
+        return self.server.balancer.quarantine
+
+    def count(self, prefix: str) -> int:
+        """Marks named ``PREFIX-...`` left by the scripts (one per POST seen, per death)."""
+        return sum(1 for _ in self.folder.glob(f"{prefix}-*"))
+
+    async def post(self, path: str, doc: dict[str, object]) -> tuple[int, str]:
+        async with aiohttp.ClientSession() as http, http.post(self.url + path, json=doc) as r:
+            return r.status, await r.text()
 
 
 @contextlib.asynccontextmanager
@@ -76,7 +93,7 @@ async def script_fleet(
     try:
         async with asyncio.timeout(20):
             assert await fleet.wait_ready()
-        yield ScriptFleet(server, fleet, registry, replicas)
+        yield ScriptFleet(server, fleet, registry, replicas, folder)
     finally:
         await server.begin_shutdown()
         await fleet.stop(grace=1)
@@ -102,6 +119,13 @@ SCRIPT_PRELUDE = textwrap.dedent(
             self.send_response(200)
             self.send_header("Content-Length", "0")
             self.end_headers()
+
+        def send_json(self, status, body):
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
 
     """
 )

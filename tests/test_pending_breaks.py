@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from balancer.quarantine import MAX_PENDING, PENDING_WINDOW_S, Quarantine, Verdict
-from balancer.server import BalancerServer
-from balancer.upstream import Replica
-from supervisor.fleet import Fleet
 from tests.conftest import wait_until
-from tests.script_fleet import replica_script, script_fleet
+from tests.script_fleet import ScriptFleet, replica_script, script_fleet
 from tests.test_hardening_input import metric_sum
 
 pytestmark = pytest.mark.timeout(60)
@@ -49,11 +45,7 @@ REPLICA = replica_script(
             (folder / f"seen-{name}-{uuid.uuid4().hex}").touch()
             if b"crash" not in body and b"fail" not in body:
                 answer = b'{"generated_text":"ok"}'
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
+                self.send_json(200, answer)
                 return
             if self.path == "/generate_stream":
                 self.send_response(200)
@@ -66,11 +58,7 @@ REPLICA = replica_script(
                 self.wfile.write(b"0\\r\\n\\r\\n")
             else:
                 answer = json.dumps(ERROR).encode()
-                self.send_response(424)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
+                self.send_json(424, answer)
             self.wfile.flush()
             if b"crash" in body:
                 time.sleep(0.05)  # the answer is out: now the launcher shuts the server down
@@ -81,28 +69,8 @@ REPLICA = replica_script(
 )
 
 
-@dataclass
-class Setup:
-    server: BalancerServer
-    fleet: Fleet
-    replicas: list[Replica]
-    folder: Path
-
-    def count(self, prefix: str) -> int:
-        return sum(1 for _ in self.folder.glob(f"{prefix}-*"))
-
-    @property
-    def quarantine(self) -> Quarantine:
-        return self.server.balancer.quarantine
-
-    async def post(self, path: str, doc: dict[str, object]) -> tuple[int, str]:
-        url = self.server.url + path
-        async with aiohttp.ClientSession() as http, http.post(url, json=doc) as r:
-            return r.status, await r.text()
-
-
 @pytest.fixture
-async def fleet3(tmp_path: Path) -> AsyncIterator[Setup]:
+async def fleet3(tmp_path: Path) -> AsyncIterator[ScriptFleet]:
     """Three supervised replicas of REPLICA behind a balancer (one retry: two attempts)."""
     async with script_fleet(
         tmp_path,
@@ -112,11 +80,11 @@ async def fleet3(tmp_path: Path) -> AsyncIterator[Setup]:
         retries=1,
         eject_after_failures=100,  # this is about the quarantine, not passive ejection
     ) as f:
-        yield Setup(f.server, f.fleet, f.replicas, tmp_path)
+        yield f
 
 
 async def test_generation_errors_from_processes_that_then_exit_quarantine_the_resend(
-    fleet3: Setup,
+    fleet3: ScriptFleet,
 ) -> None:
     crash = {"inputs": "crash", "parameters": {"max_new_tokens": 5}}
     status, text = await fleet3.post("/generate", crash)
@@ -139,14 +107,14 @@ async def test_generation_errors_from_processes_that_then_exit_quarantine_the_re
     assert status == 200, text
 
 
-async def _metrics(fleet3: Setup) -> str:
+async def _metrics(fleet3: ScriptFleet) -> str:
     async with aiohttp.ClientSession() as http, http.get(f"{fleet3.server.url}/metrics") as r:
         return await r.text()
 
 
 @pytest.mark.parametrize("prompt", ["crash", "crash-first"])
 async def test_streamed_generation_error_events_count_once_the_process_exits(
-    fleet3: Setup, prompt: str
+    fleet3: ScriptFleet, prompt: str
 ) -> None:
     """``crash``: the error event follows a token (committed: one process per request);
     ``crash-first``: it is the first event (retried on a second process)."""
@@ -167,7 +135,7 @@ async def test_streamed_generation_error_events_count_once_the_process_exits(
 
 
 async def test_a_generation_error_from_a_process_that_lives_on_never_counts(
-    fleet3: Setup,
+    fleet3: ScriptFleet,
 ) -> None:
     """Like a request TGI fails on a healthy replica: however often it is sent."""
     for path in ("/generate", "/generate_stream", "/generate"):
@@ -184,7 +152,7 @@ async def test_a_generation_error_from_a_process_that_lives_on_never_counts(
 
 
 async def test_processes_stopped_on_purpose_after_a_generation_error_do_not_count(
-    fleet3: Setup,
+    fleet3: ScriptFleet,
 ) -> None:
     for _ in range(2):  # two processes each time: every replica answered it at least once
         status, text = await fleet3.post("/generate", {"inputs": "fail"})

@@ -11,15 +11,16 @@ import pytest
 from balancer.quarantine import PENDING_WINDOW_S, Quarantine, Verdict
 from balancer.upstream import Replica, ReplicaState
 from tests.conftest import wait_until
+from tests.script_fleet import ScriptFleet
 from tests.test_hardening_input import metric_sum
-from tests.test_pending_breaks import Clock, Setup, _metrics, fleet3  # noqa: F401 (a fixture)
+from tests.test_pending_breaks import Clock, _metrics, fleet3  # noqa: F401 (a fixture)
 from tests.upstreams import Script
 
 pytestmark = pytest.mark.timeout(60)
 
 
 async def test_a_listener_failing_on_an_exit_does_not_stop_the_supervisor(
-    fleet3: Setup,  # noqa: F811
+    fleet3: ScriptFleet,  # noqa: F811
 ) -> None:
     def broken(replica: Replica, pid: int) -> None:
         raise RuntimeError("a listener's bug")
@@ -42,7 +43,7 @@ async def test_a_listener_failing_on_an_exit_does_not_stop_the_supervisor(
 
 
 async def test_generation_errors_read_after_their_processes_were_seen_to_exit_count(
-    fleet3: Setup,  # noqa: F811
+    fleet3: ScriptFleet,  # noqa: F811
 ) -> None:
     """Through the relay: the supervisor's reap told first, the answers read after."""
     registry = fleet3.server.balancer.registry

@@ -14,18 +14,15 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from balancer.quarantine import Quarantine, Verdict, request_digest
-from balancer.server import BalancerServer
-from balancer.upstream import Replica
 from supervisor.status_cli import format_table
 from tests.conftest import wait_until
-from tests.script_fleet import replica_script, script_fleet
+from tests.script_fleet import ScriptFleet, replica_script, script_fleet
 from tests.test_hardening_input import metric_sum
 
 pytestmark = pytest.mark.timeout(60)
@@ -73,32 +70,14 @@ REPLICA = replica_script(
             if b"slow" in body:
                 time.sleep(30)
             answer = b'{"generated_text":"ok"}'
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(answer)))
-            self.end_headers()
-            self.wfile.write(answer)
+            self.send_json(200, answer)
 
     """
 )
 
 
-@dataclass
-class Setup:
-    server: BalancerServer
-    replicas: list[Replica]
-    folder: Path
-
-    def count(self, prefix: str) -> int:
-        return sum(1 for _ in self.folder.glob(f"{prefix}-*"))
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-
 @pytest.fixture
-async def fleet3(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
+async def fleet3(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[ScriptFleet]:
     """Three supervised replicas of REPLICA behind a balancer; ``request.param``: config."""
     settings: dict[str, object] = {
         "retries": 2,
@@ -107,7 +86,7 @@ async def fleet3(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterato
         **getattr(request, "param", {}),
     }
     async with script_fleet(tmp_path, REPLICA, ("a", "b", "c"), slot_cap=4, **settings) as f:
-        yield Setup(f.server, f.replicas, tmp_path)
+        yield f
 
 
 async def _metrics(url: str) -> str:
@@ -121,7 +100,7 @@ async def _post(url: str, path: str, doc: dict[str, object]) -> tuple[int, str, 
 
 
 async def test_a_query_of_death_kills_quarantine_after_processes_then_is_refused(
-    fleet3: Setup,
+    fleet3: ScriptFleet,
 ) -> None:
     poison = {"inputs": "poison", "parameters": {"max_new_tokens": 5}}
 
@@ -181,13 +160,13 @@ async def test_a_query_of_death_kills_quarantine_after_processes_then_is_refused
 
 
 @pytest.mark.parametrize("fleet3", [{"quarantine_after": 0}], indirect=True)
-async def test_quarantine_after_zero_turns_it_off(fleet3: Setup) -> None:
+async def test_quarantine_after_zero_turns_it_off(fleet3: ScriptFleet) -> None:
     status, _, _ = await _post(fleet3.url, "/generate", {"inputs": "poison"})
     assert status == 502 and fleet3.count("died") == 3  # every replica, as before
     assert len(fleet3.server.balancer.quarantine) == 0
 
 
-async def test_a_death_mid_stream_counts(fleet3: Setup) -> None:
+async def test_a_death_mid_stream_counts(fleet3: ScriptFleet) -> None:
     poison = {"inputs": "poison-stream", "parameters": {"max_new_tokens": 5}}
     for deaths in (1, 2):
         async with (
@@ -207,7 +186,7 @@ async def test_a_death_mid_stream_counts(fleet3: Setup) -> None:
 
 
 @pytest.mark.parametrize("fleet3", [{"response_timeout_s": 0.3}], indirect=True)
-async def test_a_slow_replica_timing_out_does_not_count(fleet3: Setup) -> None:
+async def test_a_slow_replica_timing_out_does_not_count(fleet3: ScriptFleet) -> None:
     slow = {"inputs": "slow"}
     for sent in (3, 6):
         status, text, _ = await _post(fleet3.url, "/generate", slow)
@@ -217,7 +196,7 @@ async def test_a_slow_replica_timing_out_does_not_count(fleet3: Setup) -> None:
     assert fleet3.count("died") == 0
 
 
-async def test_a_client_leaving_mid_stream_does_not_count(fleet3: Setup) -> None:
+async def test_a_client_leaving_mid_stream_does_not_count(fleet3: ScriptFleet) -> None:
     """The balancer closes the replica's connection when the client leaves: not a break."""
     slow = {"inputs": "slow", "stream": True}
     for _ in range(2):
@@ -233,7 +212,7 @@ async def test_a_client_leaving_mid_stream_does_not_count(fleet3: Setup) -> None
 
 @pytest.mark.parametrize("fleet3", [{"retries": 0}], indirect=True)
 async def test_unrelated_crashes_do_not_add_up_against_a_request_served_between_them(
-    fleet3: Setup,
+    fleet3: ScriptFleet,
 ) -> None:
     """A popular request (a benchmark's, a canary's) is in flight whenever a replica
     crashes; served in full between two crashes, it is no query of death."""
@@ -256,7 +235,7 @@ async def test_unrelated_crashes_do_not_add_up_against_a_request_served_between_
 
 
 async def test_a_retry_waiting_for_a_slot_is_refused_once_an_identical_one_is_quarantined(
-    fleet3: Setup,
+    fleet3: ScriptFleet,
 ) -> None:
     """Two identical queries of death in flight (a client's resend while the first still
     runs): the first kills its replica and waits for a slot to retry; meanwhile the other
@@ -279,7 +258,7 @@ async def test_a_retry_waiting_for_a_slot_is_refused_once_an_identical_one_is_qu
 
 
 @pytest.mark.parametrize("fleet3", [{"retries": 0}], indirect=True)
-async def test_one_process_back_in_rotation_is_still_one_process(fleet3: Setup) -> None:
+async def test_one_process_back_in_rotation_is_still_one_process(fleet3: ScriptFleet) -> None:
     """A live process that cut a request twice, with a drain and undrain (or a health flap:
     a new incarnation) between, is one process, not two: not a quarantine."""
     fleet = fleet3.server.fleet
@@ -295,7 +274,7 @@ async def test_one_process_back_in_rotation_is_still_one_process(fleet3: Setup) 
     assert fleet3.count("died") == 0 and len(fleet3.server.balancer.quarantine) == 0
 
 
-async def test_replicas_the_supervisor_stops_on_purpose_do_not_count(fleet3: Setup) -> None:
+async def test_replicas_the_supervisor_stops_on_purpose_do_not_count(fleet3: ScriptFleet) -> None:
     """A stop past the drain timeout (or a second Ctrl-C, an unhealthy-restart) ends the
     processes under a popular request in flight on each: not the request's doing, so it
     is not quarantined and its clients are not told never to resend it."""

@@ -113,11 +113,7 @@ REPLICA = replica_script(
                 (folder / f"died-{name}").touch()
                 if first_to_die:
                     busy = b'{"error":"busy","error_type":"overloaded"}'
-                    self.send_response(429)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(busy)))
-                    self.end_headers()
-                    self.wfile.write(busy)
+                    self.send_json(429, busy)
                     self.wfile.flush()
                     time.sleep(0.05)
                     os._exit(1)  # dies after answering: the request did not kill it
@@ -127,11 +123,7 @@ REPLICA = replica_script(
                     time.sleep(0.01)
                 os._exit(1)  # dies under the request: no answer, connection closed
             body = json.dumps({"generated_text": "ok", "replica": name, "pid": os.getpid()})
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body.encode())
+            self.send_json(200, body.encode())
 
     """
 )
