@@ -94,7 +94,7 @@ class Balancer:
         )
         self.quarantine = Quarantine(config.quarantine_after, config.quarantine_ttl_s)
         self.metrics = BalancerMetrics(
-            registry, lambda: self.admission.queue_depth, lambda: len(self.quarantine)
+            registry, lambda: self.admission.queue_depth, self.quarantine
         )
         self.relay = Relay(
             config, registry, self.admission, self.metrics, quarantine=self.quarantine

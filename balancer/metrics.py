@@ -24,6 +24,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from balancer.quarantine import Quarantine
 from balancer.upstream import Registry, Replica, ReplicaState
 
 PREFIX = "neuron_fleet"
@@ -100,7 +101,7 @@ class BalancerMetrics:
         self,
         registry: Registry,
         queue_depth: Callable[[], int],
-        quarantined: Callable[[], int] = lambda: 0,
+        quarantine: Quarantine | None = None,
     ) -> None:
         self.prometheus = CollectorRegistry(auto_describe=True)
         r = self.prometheus
@@ -202,20 +203,13 @@ class BalancerMetrics:
             ["replica", "outcome"],
             registry=r,
         )
-        self.quarantines = Counter(
-            f"{p}_quarantines",
-            "Requests put in quarantine after they broke quarantine_after replica processes "
-            "(a query of death); identical ones are then refused: "
-            'rejected_requests_total{reason="quarantined"}.',
-            registry=r,
-        )
         self.background_task_failures = Counter(
             f"{p}_background_task_failures",
             "Unexpected exceptions in the balancer's background tasks (restarted after each).",
             ["task"],
             registry=r,
         )
-        r.register(_StateCollector(registry, queue_depth, quarantined))
+        r.register(_StateCollector(registry, queue_depth, quarantine))
         r.register(_LoopCollector(self.itl))
 
     def for_replica(self, replica: Replica) -> ReplicaMetrics:
@@ -230,17 +224,17 @@ class BalancerMetrics:
 
 
 class _StateCollector(Collector):
-    """Gauges read from the registry at scrape time."""
+    """Gauges (and the quarantine's count) read at scrape time."""
 
     def __init__(
         self,
         registry: Registry,
         queue_depth: Callable[[], int],
-        quarantined: Callable[[], int],
+        quarantine: Quarantine | None,
     ) -> None:
         self._registry = registry
         self._queue_depth = queue_depth
-        self._quarantined = quarantined
+        self._quarantine = quarantine
 
     def collect(self) -> Iterator[Metric]:
         p = PREFIX
@@ -298,10 +292,18 @@ class _StateCollector(Collector):
             "Requests waiting at the balancer for a slot.",
             value=self._queue_depth(),
         )
+        quarantine = self._quarantine
         yield GaugeMetricFamily(
             f"{p}_quarantined_requests",
             "Requests quarantined now: refused on arrival until quarantine_ttl_s has passed.",
-            value=self._quarantined(),
+            value=len(quarantine) if quarantine is not None else 0,
+        )
+        yield CounterMetricFamily(
+            f"{p}_quarantines",
+            "Requests put in quarantine after they broke quarantine_after replica processes "
+            "(a query of death); identical ones are then refused: "
+            'rejected_requests_total{reason="quarantined"}.',
+            value=quarantine.quarantined_total if quarantine is not None else 0,
         )
 
 

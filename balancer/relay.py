@@ -467,11 +467,9 @@ class Relay:
         (its last start's duration, from its process start), else ``RETRY_AFTER_S``."""
         now = time.monotonic()
         due = [
-            r.start_duration_s - (now - r.started_at)
+            left
             for r in self.registry.replicas
-            if r.state is ReplicaState.STARTING
-            and r.started_at is not None
-            and r.start_duration_s is not None
+            if r.state is ReplicaState.STARTING and (left := r.start_left_s(now)) is not None
         ]
         if due:
             return retry_after(max(1.0, min(due)))
@@ -871,8 +869,6 @@ class Relay:
         verdict, entry = self.quarantine.record(
             self._digest(stream, rr), rr.route, replica.name, process_key(replica, pid, incarnation)
         )
-        if verdict is Verdict.QUARANTINED:
-            self.metrics.quarantines.inc()
         if before_commit and verdict is not Verdict.SUSPECT:
             raise _Quarantined(entry)
 
@@ -883,23 +879,18 @@ class Relay:
         pid, incarnation = stream.process
         if pid is None or not self.quarantine.enabled:
             return
-        confirmed = self.quarantine.pending(
+        self.quarantine.pending(
             self._digest(stream, rr),
             rr.route,
             replica.name,
             pid,
             process_key(replica, pid, incarnation),
         )
-        if confirmed is not None and confirmed[0] is Verdict.QUARANTINED:
-            self.metrics.quarantines.inc()
 
     def _process_exited(self, replica: Replica, pid: int) -> None:
         """The supervisor saw ``pid`` exit (Registry.process_exited): the generation failures
         it answered just before are breaks, unless the supervisor stopped it on purpose."""
-        on_purpose = pid == replica.stopping_pid
-        for verdict, _ in self.quarantine.process_exited(replica.name, pid, on_purpose):
-            if verdict is Verdict.QUARANTINED:
-                self.metrics.quarantines.inc()
+        self.quarantine.process_exited(replica.name, pid, pid == replica.stopping_pid)
 
     def _digest(self, stream: _Stream, rr: RelayRequest) -> str:
         if stream.digest is None:
@@ -911,15 +902,13 @@ class Relay:
         """An identical request broke replicas: refused before any replica sees it."""
         self.metrics.rejected.labels(reason="quarantined").inc()
         left = max(1, math.ceil(entry.until - self.quarantine.clock()))
-        return json_error(
-            QUARANTINED_STATUS,
+        return _quarantine_error(
+            rr,
             f"Request refused without being sent to a replica: an identical request "
             f"(digest {entry.short}) made {len(entry.broke)} replica processes fail while "
             f"serving it ({', '.join(entry.replicas)}), so it is quarantined for {left} more "
             f"s. Do not resend it unchanged: change the prompt or parameters; the operator "
             f"sees digest {entry.short} in the balancer's log and `neuron-fleet status`",
-            "quarantined",
-            headers={"x-should-retry": "false", "x-request-id": rr.request_id},
         )
 
     def _quarantined_now(self, rr: RelayRequest, entry: Entry) -> web.Response:
@@ -931,15 +920,13 @@ class Relay:
             entry.short,
             ", ".join(entry.replicas),
         )
-        return json_error(
-            QUARANTINED_STATUS,
+        return _quarantine_error(
+            rr,
             f"This request made replica processes fail while serving it: {len(entry.broke)} "
             f"with identical requests ({', '.join(entry.replicas)}); it was not retried "
-            f"further, and identical requests are "
-            f"refused for {self.quarantine.ttl_s:g} s (digest {entry.short}). Do not resend "
-            f"it unchanged: change the prompt or parameters, or report it to the operator",
-            "quarantined",
-            headers={"x-should-retry": "false", "x-request-id": rr.request_id},
+            f"further, and identical requests are refused for {self.quarantine.ttl_s:g} s "
+            f"(digest {entry.short}). Do not resend it unchanged: change the prompt or "
+            f"parameters, or report it to the operator",
         )
 
     # ---------------------------------------------------------------- watchdog
@@ -1022,12 +1009,10 @@ def _content_type(headers: CIMultiDict[str]) -> str:
 
 
 def _expected_back_within(replica: Replica, seconds: float, now: float) -> bool:
-    """Whether a starting replica should be ready within ``seconds``, judged by how long
-    its last start took (unknown, e.g. balance-only mode or a first start: yes)."""
-    took = replica.start_duration_s
-    if took is None:
-        return True
-    return took - (replica.uptime_s(now) or 0.0) <= seconds
+    """Whether a starting replica should be ready within ``seconds`` (unknown, e.g. a first
+    start: yes)."""
+    left = replica.start_left_s(now)
+    return left is None or left <= seconds
 
 
 def process_key(replica: Replica, pid: int | None, incarnation: int) -> str:
@@ -1035,3 +1020,13 @@ def process_key(replica: Replica, pid: int | None, incarnation: int) -> str:
     drain and undrain, or a health flap, starts a new incarnation of the same process); else
     (balance-only mode) the incarnation is the best guess at a restart."""
     return f"{replica.name}/pid {pid}" if pid is not None else f"{replica.name}/{incarnation}"
+
+
+def _quarantine_error(rr: RelayRequest, message: str) -> web.Response:
+    """TGI's error shape, with the status and header that keep SDKs from resending it."""
+    return json_error(
+        QUARANTINED_STATUS,
+        message,
+        "quarantined",
+        headers={"x-should-retry": "false", "x-request-id": rr.request_id},
+    )

@@ -110,6 +110,16 @@ class Replica:
             return None
         return (time.monotonic() if now is None else now) - self.started_at
 
+    def start_left_s(self, now: float) -> float | None:
+        """Seconds until a starting replica should be ready, judged by how long its last
+        start took (negative: overdue; all of it while no process runs yet, e.g. in restart
+        backoff); None when unknown (a first start, balance-only)."""
+        if self.start_duration_s is None:
+            return None
+        if self.started_at is None:
+            return self.start_duration_s
+        return self.start_duration_s - (now - self.started_at)
+
 
 Tried = Mapping[Replica, int]
 """The replicas a request failed on, each with the incarnation it failed in (or

@@ -212,6 +212,11 @@ def test_a_restart_counts_as_a_retry_target_only_if_expected_back_in_the_queue_t
     # A model that loads for 10 minutes is not worth a 30 s wait.
     a.start_duration_s = 600.0
     assert not relay._can_retry(0, a, 0, failed_here, ticket, True)
+    # Nor a 40 s start whose process is not even running yet (restart backoff): all ahead.
+    a.start_duration_s, a.started_at = 40.0, None
+    assert not relay._can_retry(0, a, 0, failed_here, ticket, True)
+    a.started_at = time.monotonic() - 20.0  # running, 20 s of 40 s left: fits in 30 s
+    assert relay._can_retry(0, a, 0, failed_here, ticket, True)
     # First start (duration unknown): counted, as a starting replica always was.
     a.start_duration_s = None
     assert relay._can_retry(0, a, 0, failed_here, ticket, True)
