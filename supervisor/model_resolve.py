@@ -89,8 +89,9 @@ def resolve_model(
             )
         if info is None and hardware and not errors:
             warnings.append(
-                f"{path} has no neuron_config.json: TGI will compile it at every start (slow); "
-                "run `neuron-fleet export` once"
+                f"{path} has no neuron_config.json: "
+                f"{'vLLM' if fleet.engine == 'vllm' else 'TGI'} will compile it at every start "
+                "(slow); run `neuron-fleet export` once"
             )
 
     # cores per replica: [fleet] > HF_NUM_CORES > compiled tp_degree
@@ -116,10 +117,16 @@ def resolve_model(
             max_total_tokens=model.max_total_tokens,
             max_input_tokens=model.max_input_tokens,
             auto_cast_type=model.auto_cast_type,
+            engine=fleet.engine,
         )
     batch = model.batch_size or (info.batch_size if info else None)
     total = model.max_total_tokens or (info.sequence_length if info else None)
-    max_input = model.max_input_tokens or (info.default_max_input_tokens if info else None)
+    if fleet.engine == "vllm":
+        # vLLM admits any prompt shorter than --max-model-len (vllm 0.11.0,
+        # entrypoints/openai/serving_engine.py ``_validate_input``): no TGI-style halving.
+        max_input = model.max_input_tokens or (total - 1 if total and total > 1 else None)
+    else:
+        max_input = model.max_input_tokens or (info.default_max_input_tokens if info else None)
     dtype = model.auto_cast_type or (info.dtype if info else None)
     prefill = model.max_batch_prefill_tokens
     if prefill is None and batch and max_input:
