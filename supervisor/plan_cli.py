@@ -13,7 +13,14 @@ import os
 import sys
 from typing import Any
 
-from supervisor.config import ENGINES, LAUNCHERS, ConfigError, FleetConfig, load_config, uses_metrics_port
+from supervisor.config import (
+    ENGINES,
+    LAUNCHERS,
+    ConfigError,
+    FleetConfig,
+    load_config,
+    uses_metrics_port,
+)
 from supervisor.launchers import launch_spec
 from supervisor.neuron import NeuronLsError, format_devices, read_neuron_ls_file
 
