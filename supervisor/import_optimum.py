@@ -226,11 +226,16 @@ def _core_groups(command: ServeCommand, tp: int | None, notes: Notes) -> list[st
 
 
 def import_serve(
-    command_line: str, sm_env: Mapping[str, str] | None = None, *, sources: str = ""
+    command_line: str,
+    sm_env: Mapping[str, str] | None = None,
+    *,
+    sources: str = "",
+    env_source: str = "the env file",
 ) -> ImportResult:
     """The fleet.toml of an ``optimum-cli neuron serve`` deployment; raises ImportProblem."""
     notes = Notes()
     command = parse_serve(command_line, sm_env)
+    secret_notes(sm_env or {}, env_source, notes)
     vllm, carried = _vllm_values(command.vllm_args, notes)
     n = command.data_parallel_size
     tp = command.tensor_parallel_size
@@ -327,7 +332,11 @@ def import_serve(
             w.key(key, model[key], comment)
     w.table("fleet")
     w.key("engine", "vllm", "vLLM with optimum-neuron's plugin, as optimum-cli runs it")
-    how = "optimum-neuron's vLLM image" if command.from_image else "python -m vllm...api_server"
+    how = (
+        "container of optimum-neuron's vLLM image"
+        if command.from_image
+        else "python -m vllm.entrypoints.openai.api_server"
+    )
     w.key("launcher", launcher, f"one {how} per replica")
     w.key("replicas", n, "--data-parallel-size")
     if tp:
@@ -337,10 +346,31 @@ def import_serve(
     w.key("host", "127.0.0.1", "replicas on loopback, as optimum-cli's servers")
     w.key("base_port", base_port, "--port + 1, as optimum-cli's servers")
     w.key("metrics_base_port", metrics_base, "unused by vLLM; kept clear of the ports above")
-    if carried and not command.from_image:
+    if not command.from_image:
         w.table("launcher.native")
-        w.key("extra_args", carried, "vLLM arguments carried over from the command")
-    elif carried:
+        w.commented_key(
+            "python", "/opt/aws_neuronx_venv_pytorch_2_7/bin/python", "the one optimum-cli runs on"
+        )
+        if carried:
+            w.key("extra_args", carried, "vLLM arguments carried over from the command")
+        notes.add(
+            "[launcher.native] python: set it to the Python optimum-cli runs on (the #! line "
+            "of `which optimum-cli`) unless that is the python3 on PATH"
+        )
+    else:
+        w.table("launcher.docker")
+        w.commented_key("data_dir", "/host/folder", "the host folder the image saw at /data")
+        if local:
+            notes.add(
+                f"SM_ON_MODEL {command.model} is a path inside the container: set "
+                "[launcher.docker] data_dir (and data_mount, default /data) to the host folder "
+                "mounted there"
+            )
+        notes.add(
+            f"the image listened on {VLLM_IMAGE_PORT} inside its container: set [balancer] "
+            "listen to the host port clients used (docker run -p HOST_PORT:8080)"
+        )
+    if carried and command.from_image:
         notes.add(
             "the image takes vLLM arguments only through SM_ON_*: add them to "
             "[launcher.docker] extra_args as -e SM_ON_NAME=value"
@@ -355,6 +385,16 @@ def import_serve(
         listen=listen,
         replaces="OPTIMUM SERVER",
     )
+
+
+def secret_notes(env: Mapping[str, str], source: str, notes: Notes) -> None:
+    """Secrets beside the SM_ON_* variables: named, never copied."""
+    for name in sorted(env):
+        if not name.startswith(SM_ON_PREFIX) and is_secret(name):
+            notes.add(
+                f"{name} is set in {source}: not copied into fleet.toml; keep it in the "
+                f"service's env file {SERVICE_ENV_FILE} (mode 0600)"
+            )
 
 
 def _int(text: str | None, flag: str, notes: Notes) -> int | None:

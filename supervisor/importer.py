@@ -135,7 +135,7 @@ def _import_optimum(command_line: str, env_file: str | None) -> ImportResult:
     sources = "an optimum-cli neuron serve command" + (
         f" and the SM_ON_* variables of {os.path.basename(env_file)}" if env_file else ""
     )
-    return import_serve(command_line, sm_env, sources=sources)
+    return import_serve(command_line, sm_env, sources=sources, env_source=str(env_file))
 
 
 def run(args: argparse.Namespace) -> int:
