@@ -92,10 +92,13 @@ def port_in_use(host: str, port: int) -> bool:
     return port_problem(host, port) == "is already in use"
 
 
-def uses_metrics_port(launcher: str, template: str = "") -> bool:
-    """A host port for the replica's own Prometheus listener: TGI on the host binds one
-    (two on the same port panic); docker keeps it inside the container's namespace."""
-    return launcher == "native" or (launcher == "command" and "{metrics_port}" in template)
+def uses_metrics_port(launcher: str, template: str = "", engine: str = "tgi") -> bool:
+    """Replicas that open a second port of their own: TGI's native --prometheus-port
+    (two on the same port panic); docker keeps it inside the container's namespace. vLLM
+    serves /metrics on its API port (vllm 0.11.0, entrypoints/openai/api_server.py)."""
+    if launcher == "native":
+        return engine == "tgi"
+    return launcher == "command" and "{metrics_port}" in template
 
 
 def check_ports(
@@ -106,7 +109,7 @@ def check_ports(
     check_host: bool,
 ) -> list[str]:
     errors = []
-    metrics = uses_metrics_port(fleet.launcher, launcher.command.template)
+    metrics = uses_metrics_port(fleet.launcher, launcher.command.template, fleet.engine)
     wanted: list[tuple[str, int, str]] = [
         (listen[0], listen[1], "the balancer ([balancer] listen)")
     ]

@@ -143,7 +143,9 @@ def format_plan(config: FleetConfig) -> str:
     ]
     header = ("REPLICA", "CORES", "DEVICES", "PORT", "METRICS", "COMMAND")
     rows = [header]
-    metrics = uses_metrics_port(config.fleet.launcher, config.launcher.command.template)
+    metrics = uses_metrics_port(
+        config.fleet.launcher, config.launcher.command.template, config.fleet.engine
+    )
     for replica in config.plan.replicas:
         spec = launch_spec(replica, config)
         rows.append(

@@ -357,6 +357,7 @@ def test_plan_shows_the_vllm_commands(tmp_path: Path, capsys: pytest.CaptureFixt
     table = capsys.readouterr().out
     assert "launcher:  native (engine vllm)" in table
     row = next(line for line in table.splitlines() if line.startswith("replica-1"))
+    assert row.split()[3:5] == ["8082", "-"]  # vLLM serves /metrics on its API port
     assert "NEURON_RT_VISIBLE_CORES=8-15 VLLM_WORKER_MULTIPROC_METHOD=spawn" in row
     assert "python3 -m vllm.entrypoints.openai.api_server --host 127.0.0.1 --port 8082" in row
     assert "--tensor-parallel-size 8 --max-num-seqs 8 --max-model-len 16512" in row
