@@ -289,10 +289,6 @@ def import_serve(
             "allow_public_without_api_keys = true)"
         )
     base_port = command.port + 1  # _allocate_internal_ports: user port + 1 + rank
-    metrics_base = 9081
-    taken = {command.port, *range(base_port, base_port + n)}
-    while any(p in taken for p in range(metrics_base, metrics_base + n)):
-        metrics_base += 1000
     groups = _core_groups(command, tp, notes)
     launcher = "docker" if command.from_image else "native"
     if n > 1:
@@ -345,7 +341,6 @@ def import_serve(
         w.key("core_groups", groups, "NEURON_RT_VISIBLE_CORES split per rank, as optimum-cli")
     w.key("host", "127.0.0.1", "replicas on loopback, as optimum-cli's servers")
     w.key("base_port", base_port, "--port + 1, as optimum-cli's servers")
-    w.key("metrics_base_port", metrics_base, "unused by vLLM; kept clear of the ports above")
     if not command.from_image:
         w.table("launcher.native")
         w.commented_key(
