@@ -75,6 +75,22 @@ def resolve_model(
                 "first, or fix MODEL_ID"
             )
 
+    if (
+        fleet.engine == "vllm"
+        and hardware
+        and read_model
+        and model.id
+        and path is None
+        and not _looks_like_path(model.id)
+    ):
+        # optimum-neuron's vLLM loader exports a Hub model that is not a Neuron export, from
+        # the Hub cache, in every server it starts (0.4.5, optimum/neuron/vllm/model_loader.py).
+        warnings.append(
+            f"[model] id {model.id!r} is a Hub id: every vLLM replica exports it (or fetches a "
+            "cached export) from the Hub at each start and restart; export it once instead: "
+            f'[model] source = "{model.id}", id = a local folder, then `neuron-fleet export`'
+        )
+
     info = None
     if path is not None and read_model:
         try:

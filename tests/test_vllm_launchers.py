@@ -289,3 +289,17 @@ def test_fake_vllm_python_refuses_unknown_flags(tmp_path: Path) -> None:
         timeout=30,
     )
     assert done.returncode != 0 and "unrecognized arguments: --nope" in done.stderr
+
+
+def test_a_hub_id_under_vllm_is_told_to_export_once(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.toml"
+    path.write_text(
+        '[model]\nid = "unsloth/Llama-3.2-1B-Instruct"\n'
+        '[fleet]\nlauncher = "native"\nengine = "vllm"\ncores_per_replica = 2\n'
+    )
+    config = load_config(str(path), env={}, inventory=INF2_48, check_host=False)
+    assert any("is a Hub id: every vLLM replica exports it" in w for w in config.warnings)
+    tgi = path.read_text().replace('engine = "vllm"', 'engine = "tgi"')
+    path.write_text(tgi)
+    config = load_config(str(path), env={}, inventory=INF2_48, check_host=False)
+    assert not any("Hub id" in w for w in config.warnings)
