@@ -26,7 +26,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from supervisor.config import DEFAULT_IMAGE, ConfigError, FleetSettings, parse_env_file
+from supervisor.config import (
+    DEFAULT_IMAGE,
+    DEFAULT_VLLM_IMAGE,
+    ConfigError,
+    FleetSettings,
+    parse_env_file,
+)
 from supervisor.import_common import (
     HF_TOKEN_NAMES,
     SERVICE_ENV_FILE,
@@ -39,6 +45,7 @@ from supervisor.import_common import (
 from supervisor.import_nginx import NginxInfo, analyse_nginx, balancer_values, nginx_notes
 from supervisor.import_toml import TomlWriter
 from supervisor.neuron import DEFAULT_CORES_PER_DEVICE, format_core_range, format_devices
+from supervisor.vllm import VLLM_IMAGE_PORT
 
 TGI_DEFAULT_PORT = 80
 """PORT inside the TGI image when the compose file does not set it."""
@@ -54,6 +61,7 @@ MODEL_ENV = {
     "MAX_BATCH_PREFILL_TOKENS": "max_batch_prefill_tokens",
     "HF_AUTO_CAST_TYPE": "auto_cast_type",
     "MAX_CONCURRENT_REQUESTS": "max_concurrent_requests",
+    "SERVED_MODEL_NAME": "served_model_name",  # SM_ON_SERVED_MODEL_NAME (vLLM image)
 }
 INT_MODEL_KEYS = frozenset(
     {
@@ -72,9 +80,22 @@ MODEL_COMMENTS = {
     "auto_cast_type": "HF_AUTO_CAST_TYPE",
     "max_concurrent_requests": "MAX_CONCURRENT_REQUESTS per replica (queued + running)",
     "revision": "REVISION",
+    "served_model_name": "SM_ON_SERVED_MODEL_NAME: what clients send as model",
 }
 # Set per replica by neuron-fleet's docker launcher.
 LAUNCHER_ENV = frozenset({"PORT", "PROMETHEUS_PORT", "HF_NUM_CORES"})
+# optimum-neuron's vLLM image reads SM_ON_NAME=value as `optimum-cli neuron serve --name value`
+# (0.4.5, docker/vllm/Dockerfile, entrypoint.sh), as its own compose benchmarks use it
+# (benchmark/vllm/data-parallel/*/docker-compose*.yaml): each is read as TGI's equivalent.
+SM_ON_AS_TGI = {
+    "SM_ON_MODEL": "MODEL_ID",
+    "SM_ON_BATCH_SIZE": "MAX_BATCH_SIZE",
+    "SM_ON_SEQUENCE_LENGTH": "MAX_TOTAL_TOKENS",
+    "SM_ON_TENSOR_PARALLEL_SIZE": "HF_NUM_CORES",
+    "SM_ON_DTYPE": "HF_AUTO_CAST_TYPE",
+    "SM_ON_PORT": "PORT",
+    "SM_ON_SERVED_MODEL_NAME": "SERVED_MODEL_NAME",
+}
 # Service keys with a docker run flag of the same meaning: carried into extra_args.
 DOCKER_FLAGS = {"shm_size": "--shm-size", "ipc": "--ipc", "user": "--user"}
 SERVICE_NOTES = {
@@ -127,6 +148,8 @@ class ReplicaService:
     mounts: list[Mount]
     flags: list[str] = field(default_factory=list)
     """``docker run`` flags from keys like shm_size, ipc, cap_add."""
+    engine: str = "tgi"
+    """``vllm`` for a service configured by the vLLM image's SM_ON_* variables."""
     from_variables: set[str] = field(default_factory=set)
     """Environment keys whose value was a ``${VAR}`` reference (not written in the file)."""
     port: PortMapping | None = None
@@ -422,7 +445,13 @@ def _kind(name: str, svc: Mapping[str, Any]) -> str:
     env = svc.get("environment") or {}
     env_names = list(env) if isinstance(env, dict) else [str(e).split("=")[0] for e in env or []]
     devices = " ".join(str(d) for d in svc.get("devices") or [])
-    if "text-generation-inference" in image or "MODEL_ID" in env_names or "/dev/neuron" in devices:
+    if (
+        "text-generation-inference" in image
+        or "vllm-inference-neuronx" in image
+        or "MODEL_ID" in env_names
+        or "SM_ON_MODEL" in env_names
+        or "/dev/neuron" in devices
+    ):
         return "replica"
     return "other"
 
@@ -553,6 +582,9 @@ def _replica(
 ) -> ReplicaService:
     own: list[str] = []
     env = _environment(svc, base, environ, own, name)
+    engine = "vllm" if any(key.startswith("SM_ON_") for key in env) else "tgi"
+    if engine == "vllm":
+        env = {SM_ON_AS_TGI.get(key, key): value for key, value in env.items()}
     replica = ReplicaService(
         name=name,
         image=str(svc["image"]) if svc.get("image") else None,
@@ -561,10 +593,12 @@ def _replica(
         ports=parse_ports(svc.get("ports")),
         mounts=parse_mounts(svc.get("volumes"), base),
         flags=_flag_args(svc),
+        engine=engine,
     )
     notes.extend(own)
-    container_port = env.get("PORT", str(TGI_DEFAULT_PORT))
-    target = int(container_port) if container_port.isdigit() else TGI_DEFAULT_PORT
+    default_port = VLLM_IMAGE_PORT if engine == "vllm" else TGI_DEFAULT_PORT
+    container_port = env.get("PORT", str(default_port))
+    target = int(container_port) if container_port.isdigit() else default_port
     matching = [p for p in replica.ports if p.target == target and p.published]
     if matching:
         replica.port = matching[0]
@@ -693,6 +727,20 @@ def _build(
         replicas = sorted(replicas, key=lambda r: r.port.published)  # type: ignore[union-attr,return-value]
     if nginx is not None:
         _check_upstream(replicas, nginx, compose_name, notes)
+    engines = sorted({r.engine for r in replicas})
+    engine = "vllm" if "vllm" in engines else "tgi"
+    if len(engines) > 1:
+        notes.add(
+            "some replicas are TGI, some vLLM (SM_ON_* variables): every replica runs the same "
+            'engine in neuron-fleet; using engine = "vllm"'
+        )
+    if engine == "vllm":
+        notes.add(
+            'SM_ON_* variables of optimum-neuron\'s vLLM image: engine = "vllm"; SM_ON_MODEL, '
+            "SM_ON_BATCH_SIZE, SM_ON_SEQUENCE_LENGTH, SM_ON_TENSOR_PARALLEL_SIZE, SM_ON_DTYPE "
+            "-> [model] and cores_per_replica; SM_ON_PORT is set by neuron-fleet (the "
+            "container's 8080); other SM_ON_* are carried as they were"
+        )
     model = _model_values(replicas, notes)
     cores_per_replica, groups = _core_layout(replicas, per_device, notes)
     default_groups = (
@@ -713,6 +761,7 @@ def _build(
         sources or compose_name,
         model=model,
         container_model_id=container_model_id,
+        engine=engine,
         n_replicas=len(replicas),
         services=[r.name for r in replicas],
         cores_per_replica=cores_per_replica,
@@ -886,7 +935,7 @@ def _docker_settings(
     """(image, the data mount, extra_args); maps [model] id to the host folder."""
     first = replicas[0]
     images = sorted({r.image for r in replicas if r.image})
-    image = first.image or DEFAULT_IMAGE
+    image = first.image or (DEFAULT_VLLM_IMAGE if first.engine == "vllm" else DEFAULT_IMAGE)
     if len(images) > 1:
         notes.add(f"the replicas use different images ({', '.join(images)}): using {image}")
     model_id = str(model.get("id", ""))
@@ -976,6 +1025,7 @@ def _render(
     *,
     model: dict[str, Any],
     container_model_id: str,
+    engine: str,
     n_replicas: int,
     services: list[str],
     cores_per_replica: int | None,
@@ -1004,6 +1054,7 @@ def _render(
         w.key("id", model_id, comment)
     w.commented_key("source", "org/model", "the Hub id compiled into id (neuron-fleet export)")
     for key in (
+        "served_model_name",
         "revision",
         "batch_size",
         "max_input_tokens",
@@ -1015,6 +1066,8 @@ def _render(
         if key in model:
             w.key(key, model[key], MODEL_COMMENTS[key])
     w.table("fleet")
+    if engine != "tgi":
+        w.key("engine", engine, "the services ran optimum-neuron's vLLM image (SM_ON_*)")
     w.key("launcher", "docker", "one `docker run` per replica, as compose did")
     w.key("replicas", n_replicas, "from " + ", ".join(services))
     if cores_per_replica:

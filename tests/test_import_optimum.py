@@ -197,3 +197,67 @@ def test_toml_writer_round_trips_awkward_values() -> None:
     assert document["model"]["extra_args"] == ["--x", "y z", awkward]
     assert document["model"]["long"] == ["--" + "x" * 40] * 4
     assert "source" not in document["model"]
+
+
+VLLM_COMPOSE = """
+services:
+{services}
+  loadbalancer:
+    image: nginx:alpine
+    ports:
+      - "8080:80"
+    depends_on: [{names}]
+"""
+VLLM_SERVICE = """
+  vllm-{k}:
+    image: optimum-neuron-vllm:latest
+    ports:
+      - "{port}:{port}"
+    environment:
+      - SM_ON_PORT={port}
+      - SM_ON_MODEL=${{MODEL_ID}}
+      - SM_ON_TENSOR_PARALLEL_SIZE=8
+      - SM_ON_BATCH_SIZE=${{MAX_BATCH_SIZE}}
+      - SM_ON_SEQUENCE_LENGTH=${{MAX_TOTAL_TOKENS}}
+      - SM_ON_MAX_NUM_BATCHED_TOKENS=8192
+      - HF_TOKEN=${{HF_TOKEN}}
+    devices:
+{devices}
+"""
+
+
+def test_compose_of_vllm_image_services_becomes_a_vllm_fleet(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The shape of optimum-neuron's own data-parallel benchmark (benchmark/vllm/
+    data-parallel/llama3.1-8b/docker-compose-dp3.yaml): SM_ON_* per service, nginx in front."""
+    services = "".join(
+        VLLM_SERVICE.format(
+            k=k + 1,
+            port=8081 + k,
+            devices="\n".join(f'      - "/dev/neuron{d}"' for d in range(4 * k, 4 * k + 4)),
+        )
+        for k in range(3)
+    )
+    compose = tmp_path / "docker-compose.yaml"
+    compose.write_text(VLLM_COMPOSE.format(services=services, names="vllm-1, vllm-2, vllm-3"))
+    (tmp_path / ".env").write_text(
+        "MODEL_ID='meta-llama/Meta-Llama-3.1-8B-Instruct'\nMAX_BATCH_SIZE=32\n"
+        f"MAX_TOTAL_TOKENS=4096\nHF_TOKEN={TOKEN}\n"
+    )
+    output = tmp_path / "fleet.toml"
+    code, out, err = run_import(capsys, "--compose", str(compose), "-o", str(output))
+    assert code == 0, err
+    assert TOKEN not in output.read_text() + out + err
+    config = load_config(str(output), env={}, inventory=INF2_48, check_host=False)
+    assert (config.fleet.engine, config.fleet.launcher) == ("vllm", "docker")
+    assert (config.model.batch_size, config.model.max_total_tokens) == (32, 4096)
+    assert config.model.id == "meta-llama/Meta-Llama-3.1-8B-Instruct"
+    assert [r.port for r in config.plan.replicas] == [8081, 8082, 8083]
+    assert config.launcher.docker.image == "optimum-neuron-vllm:latest"
+    argv = launch_spec(config.plan.replicas[2], config).argv
+    assert "127.0.0.1:8083:8080" in argv  # the image's port, not the compose's SM_ON_PORT
+    assert not any(a.startswith("SM_ON_PORT") for a in argv)
+    assert "SM_ON_MAX_NUM_BATCHED_TOKENS=8192" in argv  # carried as it was
+    assert "SM_ON_BATCH_SIZE=32" in argv and "SM_ON_TENSOR_PARALLEL_SIZE=8" in argv
+    assert "vllm-3           replica-2  16-23" in out
