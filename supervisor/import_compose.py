@@ -13,6 +13,10 @@ MODEL_ID and the batch limits) maps onto one fleet.toml:
     their environment + .env   -> [model] (after ``${VAR}`` substitution, as compose does)
     the nginx service + conf   -> [balancer] listen (its published port)
 
+Services of optimum-neuron's vLLM image, configured by SM_ON_* variables (its own
+data-parallel benchmarks are written so), become an ``engine = "vllm"`` fleet: each SM_ON_*
+variable is read as its TGI equivalent (SM_ON_AS_TGI).
+
 What has no equivalent, or behaves differently, is printed -- never silently dropped.
 Secret values (HF_TOKEN and anything named like a token, key or password) are never
 written to fleet.toml and never printed: only their names are, with where to put them.
