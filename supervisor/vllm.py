@@ -11,6 +11,7 @@ The flags are the ones ``optimum-cli neuron serve`` builds for every server it s
     [model] batch_size        -> --max-num-seqs
     [model] max_total_tokens  -> --max-model-len
     [model] auto_cast_type    -> --dtype (bf16 -> bfloat16)
+    [model] revision          -> --revision (a Hub id's; optimum-cli passes none)
 
 Every replica loads the same local export (``neuron-fleet export`` once): with one there,
 HF_HUB_OFFLINE=1 keeps a start or restart off the Hub.
@@ -50,6 +51,7 @@ def _values(config: FleetConfig) -> dict[str, str]:
         "batch_size": model.batch_size,
         "sequence_length": model.max_total_tokens,
         "dtype": vllm_dtype(model.auto_cast_type),
+        "revision": model.revision,
     }
     return {key: str(value) for key, value in values.items() if value is not None}
 
@@ -60,6 +62,7 @@ _FLAGS = {
     "batch_size": "--max-num-seqs",
     "sequence_length": "--max-model-len",
     "dtype": "--dtype",
+    "revision": "--revision",  # vllm 0.11.0, engine/arg_utils.py; for a Hub id only
 }
 
 

@@ -155,7 +155,7 @@ def test_model_keys_become_vllm_flags(tmp_path: Path) -> None:
     path = tmp_path / "fleet.toml"
     path.write_text(
         f'[model]\nid = "{model}"\nserved_model_name = "llama"\nbatch_size = 4\n'
-        'max_total_tokens = 4096\nauto_cast_type = "fp16"\n'
+        'max_total_tokens = 4096\nauto_cast_type = "fp16"\nrevision = "abc123"\n'
         '[fleet]\nlauncher = "native"\nengine = "vllm"\ncores_per_replica = 2\nreplicas = 2\n'
     )
     config = load_config(str(path), env={}, inventory=INF2_48, check_host=False)
@@ -165,6 +165,7 @@ def test_model_keys_become_vllm_flags(tmp_path: Path) -> None:
     assert flag(argv, "--tensor-parallel-size") == "2"
     assert flag(argv, "--dtype") == "float16"
     assert flag(argv, "--served-model-name") == "llama"
+    assert flag(argv, "--revision") == "abc123"
     assert launch_spec(config.plan.replicas[1], config).env["NEURON_RT_VISIBLE_CORES"] == "2-3"
     # vLLM admits prompts up to max-model-len - 1 (serving_engine.py _validate_input).
     assert config.model.max_input_tokens == 4095
