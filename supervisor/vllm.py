@@ -94,7 +94,8 @@ def vllm_image_env(config: FleetConfig, model_id: str) -> dict[str, str]:
 def hub_offline_env(config: FleetConfig) -> dict[str, str]:
     """HF_HUB_OFFLINE=1 when every replica loads a local export that carries its weights:
     nothing to fetch, so a start or a restart never waits on (or fails with) the Hub
-    (huggingface_hub 0.36.2, constants.py ``HF_HUB_OFFLINE``; transformers and vLLM read it).
+    (huggingface_hub 0.36.2, constants.py ``HF_HUB_OFFLINE``: read by huggingface_hub itself,
+    through which transformers, vLLM and optimum-neuron reach the Hub).
     An export without weights fetches its checkpoint at load time: left online."""
     info = config.model.neuron
     return {"HF_HUB_OFFLINE": "1"} if info is not None and info.has_weights else {}
