@@ -27,6 +27,7 @@ class BalancerConfig:
     port: int = 8080
     upstreams: tuple[UpstreamSpec, ...] = ()
 
+    engine: str = "tgi"
     policy: str = "least-outstanding"
     """``least-outstanding`` | ``round-robin`` | ``least-work``."""
     max_inflight_per_replica: int = 8

@@ -23,7 +23,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("supervisor.plan_cli", "print the NeuronCore plan without starting anything"),
     "status": ("supervisor.status_cli", "print the fleet status from a running service"),
     "export": ("supervisor.export_cli", "compile the model with optimum-neuron"),
-    "import": ("supervisor.importer", "write a fleet.toml from docker-compose + nginx + .env"),
+    "import": (
+        "supervisor.importer",
+        "write a fleet.toml from docker-compose + nginx + .env, or an optimum-cli neuron serve",
+    ),
     "install-service": ("supervisor.install", "install the systemd unit, config and env file"),
 }
 

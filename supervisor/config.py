@@ -53,6 +53,8 @@ from supervisor.plan import Plan, plan_replicas
 from supervisor.schema import (
     COMMAND_PLACEHOLDERS,
     DEFAULT_IMAGE,
+    DEFAULT_VLLM_IMAGE,
+    ENGINES,
     LAUNCHERS,
     POLICIES,
     REDACTED,
@@ -67,6 +69,7 @@ from supervisor.schema import (
     SimulatedLauncherConfig,
     check_command_template,
     check_fleet_values,
+    docker_image,
     is_public,
     launcher_whole_devices,
     not_one_of,
@@ -78,6 +81,8 @@ from supervisor.schema import (
 __all__ = [
     "COMMAND_PLACEHOLDERS",
     "DEFAULT_IMAGE",
+    "DEFAULT_VLLM_IMAGE",
+    "ENGINES",
     "ENV_VARS",
     "LAUNCHERS",
     "POLICIES",
@@ -189,8 +194,9 @@ def load_config(
     raw = {section: typed_section(layers, section, errors) for section in SECTIONS}
     try:
         fleet = FleetSettings(**raw["fleet"])
+        docker = DockerLauncherConfig(**raw["launcher.docker"])
         launcher = LauncherConfig(
-            docker=DockerLauncherConfig(**raw["launcher.docker"]),
+            docker=dataclasses.replace(docker, image=docker_image(fleet, docker)),
             native=NativeLauncherConfig(**raw["launcher.native"]),
             command=CommandLauncherConfig(**raw["launcher.command"]),
             simulated=SimulatedLauncherConfig(**raw["launcher.simulated"]),
@@ -272,7 +278,7 @@ def load_config(
     if errors:
         raise ConfigError(errors)
     assert plan is not None
-    balancer = _balancer(balancer_raw, listen, model, plan)
+    balancer = _balancer(balancer_raw, listen, model, plan, fleet.engine)
     return FleetConfig(
         model=model,
         fleet=fleet,
@@ -285,9 +291,10 @@ def load_config(
 
 
 def _balancer(
-    raw: dict[str, Any], listen: tuple[str, int], model: ModelConfig, plan: Plan
+    raw: dict[str, Any], listen: tuple[str, int], model: ModelConfig, plan: Plan, engine: str
 ) -> BalancerConfig:
     values = dict(raw)
+    values["engine"] = engine  # the error shapes the balancer answers in: [fleet] engine
     values.setdefault(
         "max_inflight_per_replica", model.batch_size or BalancerConfig.max_inflight_per_replica
     )

@@ -24,6 +24,7 @@ from supervisor.runtime_versions import (
     image_versions,
     mismatch,
     native_versions,
+    python_versions,
 )
 from supervisor.schema import FleetSettings, LauncherConfig, ModelConfig
 
@@ -31,18 +32,31 @@ from supervisor.schema import FleetSettings, LauncherConfig, ModelConfig
 def check_launcher_host(fleet: FleetSettings, launcher: LauncherConfig) -> list[str]:
     """The chosen launcher's binary is on PATH and its folders exist."""
     errors = []
+    vllm_native = fleet.launcher == "native" and fleet.engine == "vllm"
     binary = {"docker": launcher.docker.binary, "native": launcher.native.binary}.get(
         fleet.launcher
     )
+    if vllm_native:
+        binary = launcher.native.python
     if binary and shutil.which(binary) is None:
-        hint = (
-            "install docker, or set [launcher.docker] binary"
-            if fleet.launcher == "docker"
-            else "install TGI's Neuron backend, set [launcher.native] binary, "
-            'or use launcher = "docker"'
-        )
+        if fleet.launcher == "docker":
+            hint = "install docker, or set [launcher.docker] binary"
+        elif vllm_native:
+            hint = (
+                "set [launcher.native] python to the Python where optimum-neuron[vllm] is "
+                'installed, or use launcher = "docker"'
+            )
+        else:
+            hint = (
+                "install TGI's Neuron backend, set [launcher.native] binary, "
+                'or use launcher = "docker"'
+            )
         errors.append(f"{binary!r} is not on PATH (launcher = {fleet.launcher!r}): {hint}")
-    if fleet.launcher == "native" and not os.path.isdir(launcher.native.shard_uds_dir):
+    if (
+        fleet.launcher == "native"
+        and not vllm_native
+        and not os.path.isdir(launcher.native.shard_uds_dir)
+    ):
         errors.append(
             f"[launcher.native] shard_uds_dir {launcher.native.shard_uds_dir!r} is not a directory"
         )
@@ -78,10 +92,13 @@ def port_in_use(host: str, port: int) -> bool:
     return port_problem(host, port) == "is already in use"
 
 
-def uses_metrics_port(launcher: str, template: str = "") -> bool:
-    """A host port for the replica's own Prometheus listener: TGI on the host binds one
-    (two on the same port panic); docker keeps it inside the container's namespace."""
-    return launcher == "native" or (launcher == "command" and "{metrics_port}" in template)
+def uses_metrics_port(launcher: str, template: str = "", engine: str = "tgi") -> bool:
+    """Replicas that open a second port of their own: TGI's native --prometheus-port
+    (two on the same port panic); docker keeps it inside the container's namespace. vLLM
+    serves /metrics on its API port (vllm 0.11.0, entrypoints/openai/api_server.py)."""
+    if launcher == "native":
+        return engine == "tgi"
+    return launcher == "command" and "{metrics_port}" in template
 
 
 def check_ports(
@@ -92,7 +109,7 @@ def check_ports(
     check_host: bool,
 ) -> list[str]:
     errors = []
-    metrics = uses_metrics_port(fleet.launcher, launcher.command.template)
+    metrics = uses_metrics_port(fleet.launcher, launcher.command.template, fleet.engine)
     wanted: list[tuple[str, int, str]] = [
         (listen[0], listen[1], "the balancer ([balancer] listen)")
     ]
@@ -164,6 +181,8 @@ def check_export_versions(
     try:
         if fleet.launcher == "docker":
             runtime = image_versions(launcher.docker.binary, launcher.docker.image)
+        elif fleet.launcher == "native" and fleet.engine == "vllm":
+            runtime = python_versions(launcher.native.python)
         elif fleet.launcher == "native":
             runtime = native_versions()
         else:

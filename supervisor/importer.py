@@ -1,1449 +1,61 @@
-"""``neuron-fleet import``: write a fleet.toml from a docker compose + nginx + .env deployment.
+"""``neuron-fleet import``: write a fleet.toml from the deployment neuron-fleet replaces.
 
-The usual recipe (one TGI Neuron container per replica, each given whole ``/dev/neuronN``
-devices and its own published port, an nginx container balancing them, a ``.env`` holding
-MODEL_ID and the batch limits) maps onto one fleet.toml:
+Two sources, one module each; this one is the command:
 
-    compose replica services   -> [fleet] replicas, cores_per_replica (HF_NUM_CORES, or the
-                                  devices: device N holds cores N*C .. N*C+C-1), base_port
-                                  (the published ports), core_groups when they are not the
-                                  default layout; [launcher.docker] image, data_dir (the
-                                  ``$PWD:/data`` bind mount), extra ``-e`` / ``-v`` / flags
-    their environment + .env   -> [model] (after ``${VAR}`` substitution, as compose does)
-    the nginx service + conf   -> [balancer] listen (its published port)
+- ``--compose``: docker compose + nginx + .env, one TGI Neuron container per replica
+  (import_compose.py, import_nginx.py);
+- ``--optimum-serve``: an ``optimum-cli neuron serve ... [--data-parallel-size N]`` command
+  line, with the SM_ON_* variables of optimum-neuron's vLLM image from ``--env-file``
+  (import_optimum.py).
 
 What has no equivalent, or behaves differently, is printed -- never silently dropped.
 Secret values (HF_TOKEN and anything named like a token, key or password) are never
 written to fleet.toml and never printed: only their names are, with where to put them.
+The TOML is written by tomli-w (import_toml.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any
 
-from supervisor.config import (
-    DEFAULT_IMAGE,
-    ConfigError,
-    FleetConfig,
-    FleetSettings,
-    load_config,
-    parse_env_file,
+from supervisor.config import ConfigError, FleetConfig, load_config, parse_env_file
+
+# The parts, under the names the tests and other modules have always imported from here.
+from supervisor.import_common import (
+    DEFAULT_OUTPUT,
+    SERVICE_ENV_FILE,
+    ImportProblem,
+    ImportResult,
 )
-from supervisor.neuron import DEFAULT_CORES_PER_DEVICE, format_core_range, format_devices
-
-SERVICE_ENV_FILE = "/etc/neuron-fleet/neuron-fleet.env"
-"""Where the installed service reads secrets from (``neuron-fleet install-service``)."""
-DEFAULT_OUTPUT = "fleet.toml"
-TGI_DEFAULT_PORT = 80
-"""PORT inside the TGI image when the compose file does not set it."""
-
-# TGI environment variable -> [model] key (MAX_INPUT_LENGTH is TGI's older name).
-MODEL_ENV = {
-    "MODEL_ID": "id",
-    "REVISION": "revision",
-    "MAX_BATCH_SIZE": "batch_size",
-    "MAX_INPUT_TOKENS": "max_input_tokens",
-    "MAX_INPUT_LENGTH": "max_input_tokens",
-    "MAX_TOTAL_TOKENS": "max_total_tokens",
-    "MAX_BATCH_PREFILL_TOKENS": "max_batch_prefill_tokens",
-    "HF_AUTO_CAST_TYPE": "auto_cast_type",
-    "MAX_CONCURRENT_REQUESTS": "max_concurrent_requests",
-}
-INT_MODEL_KEYS = frozenset(
-    {
-        "batch_size",
-        "max_input_tokens",
-        "max_total_tokens",
-        "max_batch_prefill_tokens",
-        "max_concurrent_requests",
-    }
+from supervisor.import_compose import (
+    PortMapping,
+    _Interpolator,
+    import_deployment,
+    parse_ports,
 )
-MODEL_COMMENTS = {
-    "batch_size": "MAX_BATCH_SIZE: static batch slots per replica",
-    "max_input_tokens": "MAX_INPUT_TOKENS",
-    "max_total_tokens": "MAX_TOTAL_TOKENS: prompt + generation",
-    "max_batch_prefill_tokens": "MAX_BATCH_PREFILL_TOKENS",
-    "auto_cast_type": "HF_AUTO_CAST_TYPE",
-    "max_concurrent_requests": "MAX_CONCURRENT_REQUESTS per replica (queued + running)",
-    "revision": "REVISION",
-}
-HF_TOKEN_NAMES = frozenset({"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN"})
-SECRET_WORDS = frozenset(
-    {"TOKEN", "SECRET", "PASSWORD", "PASSWD", "APIKEY", "KEY", "CREDENTIAL", "CREDENTIALS"}
-)
-"""An environment variable with one of these words (``_``-separated) holds a secret."""
-# Set per replica by neuron-fleet's docker launcher.
-LAUNCHER_ENV = frozenset({"PORT", "PROMETHEUS_PORT", "HF_NUM_CORES"})
-# Service keys with a docker run flag of the same meaning: carried into extra_args.
-DOCKER_FLAGS = {"shm_size": "--shm-size", "ipc": "--ipc", "user": "--user"}
-SERVICE_NOTES = {
-    "depends_on": "the balancer starts first and answers 503 (no ready replica) until "
-    "[fleet] min_ready replicas pass /health; requests wait in its queue meanwhile",
-    "restart": "the supervisor restarts a replica that exits, with backoff "
-    "(restart_backoff_initial_s .. restart_backoff_max_s), and marks it failed after "
-    "crash_loop_max_exits exits within crash_loop_window_s",
-    "container_name": "containers are named neuron-fleet-replica-N",
-    "healthcheck": "the supervisor and the balancer check /health themselves "
-    "([balancer] health_*, [fleet] startup_timeout_s and unhealthy_restart_after_s)",
-    "command": "the docker launcher runs the image's own entry point with TGI's environment; "
-    'for another command use launcher = "command" with [launcher.command] template',
-    "entrypoint": "the docker launcher runs the image's own entry point; "
-    'for another command use launcher = "command" with [launcher.command] template',
-}
-
-
-class ImportProblem(Exception):
-    """The inputs cannot be turned into a fleet.toml at all (every reason listed)."""
-
-    def __init__(self, errors: list[str]):
-        self.errors = errors
-        super().__init__("; ".join(errors))
-
-
-# -- small data types ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PortMapping:
-    host_ip: str | None
-    published: int | None
-    target: int
-
-
-@dataclass(frozen=True)
-class Mount:
-    source: str
-    target: str
-    mode: str = ""
-    bind: bool = True
-    """False for a named volume."""
-
-    def docker_arg(self) -> str:
-        return ":".join(p for p in (self.source, self.target, self.mode) if p)
-
-
-@dataclass
-class ReplicaService:
-    """One TGI service of the compose file."""
-
-    name: str
-    image: str | None
-    env: dict[str, str]
-    device_indices: list[int]
-    ports: list[PortMapping]
-    mounts: list[Mount]
-    flags: list[str] = field(default_factory=list)
-    """``docker run`` flags from keys like shm_size, ipc, cap_add."""
-    from_variables: set[str] = field(default_factory=set)
-    """Environment keys whose value was a ``${VAR}`` reference (not written in the file)."""
-    port: PortMapping | None = None
-
-
-@dataclass
-class NginxInfo:
-    """What the nginx configuration did, as far as the importer understands it."""
-
-    path: str
-    upstream: str | None = None
-    servers: list[tuple[str, int, list[str]]] = field(default_factory=list)
-    method: str = "round-robin"
-    keepalive: bool = False
-    http_version: str = "1.0"
-    buffering: list[str] = field(default_factory=list)
-    listen_ports: list[int] = field(default_factory=list)
-    tls: bool = False
-    read_timeout: str | None = None
-    client_max_body_size: str | None = None
-    unhandled: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass
-class ImportResult:
-    toml: str
-    notes: list[str]
-    services: list[str]
-    """Compose service names, in replica order (replica-0 first)."""
-    listen: str
-
-
-# -- ${VAR} substitution, as docker compose does it --------------------------------------
-
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-class _Interpolator:
-    """Compose's ``$VAR`` / ``${VAR}`` / ``${VAR:-default}`` ... substitution.
-
-    Values come from the env file, then ``PWD`` = the compose file's folder (where the
-    blog ran ``docker compose``), then the environment given.
-    """
-
-    def __init__(self, env_file: Mapping[str, str], pwd: str, environ: Mapping[str, str]):
-        self.env_file = env_file
-        self.pwd = pwd
-        self.environ = environ
-        self.used: set[str] = set()
-        self.from_environ: set[str] = set()
-        self.missing: set[str] = set()
-        self.pwd_used = False
-        self.errors: list[str] = []
-
-    def lookup(self, name: str) -> str | None:
-        self.used.add(name)
-        if name in self.env_file:
-            return self.env_file[name]
-        if name == "PWD":
-            self.pwd_used = True
-            return self.pwd
-        if name in self.environ:
-            self.from_environ.add(name)
-            return self.environ[name]
-        return None
-
-    def __call__(self, text: str) -> str:
-        out: list[str] = []
-        i = 0
-        while i < len(text):
-            ch = text[i]
-            if ch != "$":
-                out.append(ch)
-                i += 1
-                continue
-            nxt = text[i + 1 : i + 2]
-            if nxt == "$":
-                out.append("$")
-                i += 2
-            elif nxt == "{":
-                end = _closing_brace(text, i + 2)
-                if end < 0:
-                    out.append(text[i:])
-                    break
-                out.append(self._braced(text[i + 2 : end]))
-                i = end + 1
-            else:
-                match = _NAME.match(text, i + 1)
-                if not match:
-                    out.append("$")
-                    i += 1
-                    continue
-                value = self.lookup(match.group())
-                if value is None:
-                    self.missing.add(match.group())
-                out.append(value or "")
-                i = match.end()
-        return "".join(out)
-
-    def _braced(self, body: str) -> str:
-        match = _NAME.match(body)
-        if not match:
-            self.errors.append(f"invalid interpolation ${{{body}}}")
-            return ""
-        name, rest = match.group(), body[match.end() :]
-        value = self.lookup(name)
-        if not rest:
-            if value is None:
-                self.missing.add(name)
-            return value or ""
-        for op in (":-", "-", ":?", "?", ":+", "+"):
-            if rest.startswith(op):
-                arg = rest[len(op) :]
-                unset_or_empty = not value if op.startswith(":") else value is None
-                if op.endswith("-"):
-                    return self(arg) if unset_or_empty else str(value)
-                if op.endswith("?"):
-                    if unset_or_empty:
-                        self.errors.append(f"${{{name}}} is required: {arg or 'not set'}")
-                        return ""
-                    return str(value)
-                return "" if unset_or_empty else self(arg)
-        self.errors.append(f"invalid interpolation ${{{body}}}")
-        return ""
-
-    def walk(self, node: Any) -> Any:
-        if isinstance(node, str):
-            return self(node)
-        if isinstance(node, list):
-            return [self.walk(v) for v in node]
-        if isinstance(node, dict):
-            return {k: self.walk(v) for k, v in node.items()}
-        return node
-
-
-def _closing_brace(text: str, start: int) -> int:
-    depth = 1
-    for i in range(start, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-    return -1
-
-
-# -- compose fields -----------------------------------------------------------------------
-
-
-def _is_secret(name: str) -> bool:
-    return name in HF_TOKEN_NAMES or bool(SECRET_WORDS & set(name.upper().split("_")))
-
-
-def _environment(
-    svc: Mapping[str, Any], base: str, environ: Mapping[str, str], notes: list[str], name: str
-) -> dict[str, str]:
-    """A service's environment: its env_file(s), then ``environment`` (list or mapping)."""
-    env: dict[str, str] = {}
-    files = svc.get("env_file") or []
-    for entry in files if isinstance(files, list) else [files]:
-        path = entry.get("path") if isinstance(entry, dict) else entry
-        if not isinstance(path, str):
-            continue
-        full = os.path.join(base, os.path.expanduser(path))
-        try:
-            env.update(parse_env_file(full))
-        except ConfigError as exc:
-            notes.append(f"{name}: env_file {path} not read: {'; '.join(exc.errors)}")
-    raw = svc.get("environment") or {}
-    items: list[tuple[str, Any]] = []
-    if isinstance(raw, dict):
-        items = list(raw.items())
-    elif isinstance(raw, list):
-        for item in raw:
-            key, sep, value = str(item).partition("=")
-            items.append((key.strip(), value if sep else None))
-    for key, value in items:
-        if value is None:  # "KEY" alone: compose passes the shell's value through
-            if key in environ:
-                env[key] = environ[key]
-            continue
-        if isinstance(value, bool):
-            value = "true" if value else "false"
-        env[key] = str(value)
-    return env
-
-
-def _variable_keys(svc: Mapping[str, Any]) -> set[str]:
-    """Environment keys whose value (before substitution) refers to a variable."""
-    raw = svc.get("environment") or {}
-    if isinstance(raw, dict):
-        return {k for k, v in raw.items() if "$" in str(v)}
-    keys = set()
-    for item in raw if isinstance(raw, list) else []:
-        key, sep, value = str(item).partition("=")
-        if not sep or "$" in value:
-            keys.add(key.strip())
-    return keys
-
-
-def _neuron_devices(svc: Mapping[str, Any], name: str, notes: list[str]) -> list[int]:
-    indices = []
-    for entry in svc.get("devices") or []:
-        host = str(entry.get("source", "") if isinstance(entry, dict) else entry).split(":")[0]
-        match = re.fullmatch(r"/dev/neuron(\d+)", host.strip())
-        if match:
-            indices.append(int(match.group(1)))
-        else:
-            notes.append(
-                f"{name}: device {host!r} is not a Neuron device: not carried over (add "
-                f'"--device={host}" to [launcher.docker] extra_args if the replicas need it)'
-            )
-    return sorted(set(indices))
-
-
-def _port_range(text: str) -> list[int]:
-    lo, sep, hi = text.partition("-")
-    first = int(lo)
-    return list(range(first, int(hi) + 1)) if sep else [first]
-
-
-def parse_ports(entries: Any) -> list[PortMapping]:
-    """Compose ``ports`` (short ``[IP:][HOST:]CONTAINER[/proto]`` or long syntax), TCP only.
-
-    Raises ImportProblem for an entry it cannot read.
-    """
-    out: list[PortMapping] = []
-    for entry in entries or []:
-        try:
-            out += _parse_port(entry)
-        except (ValueError, KeyError, TypeError):
-            raise ImportProblem([f"ports entry {entry!r} is not understood"]) from None
-    return out
-
-
-def _parse_port(entry: Any) -> list[PortMapping]:
-    if isinstance(entry, dict):
-        if str(entry.get("protocol", "tcp")).lower() != "tcp":
-            return []
-        targets = _port_range(str(entry["target"]))
-        published = entry.get("published")
-        hosts = _port_range(str(published)) if published not in (None, "") else []
-        host_ip = entry.get("host_ip") or None
-    else:
-        text, _, proto = str(entry).strip().partition("/")
-        if proto and proto.lower() != "tcp":
-            return []
-        host_ip = None
-        if text.startswith("["):  # [::1]:8080:80
-            end = text.index("]")
-            host_ip, text = text[1:end], text[end + 2 :]
-        parts = text.split(":")
-        if len(parts) == 3:
-            host_ip, host_part, target_part = parts
-        elif len(parts) == 2:
-            host_part, target_part = parts
-        else:
-            host_part, target_part = "", parts[0]
-        targets = _port_range(target_part)
-        hosts = _port_range(host_part) if host_part else []
-        host_ip = host_ip or None
-    if hosts and len(hosts) == len(targets):
-        return [PortMapping(host_ip, h, t) for h, t in zip(hosts, targets, strict=True)]
-    if len(hosts) == 1:
-        return [PortMapping(host_ip, hosts[0], t) for t in targets]
-    return [PortMapping(host_ip, None, t) for t in targets]
-
-
-def parse_mounts(entries: Any, base: str) -> list[Mount]:
-    """Compose ``volumes`` of a service; relative host paths are taken from ``base``."""
-    out = []
-    for entry in entries or []:
-        if isinstance(entry, dict):
-            source = str(entry.get("source") or "")
-            target = str(entry.get("target") or "")
-            mode = "ro" if entry.get("read_only") else ""
-            bind = entry.get("type", "bind" if source.startswith((".", "/", "~")) else "volume")
-            bind = bind == "bind"
-        else:
-            parts = str(entry).split(":")
-            if len(parts) == 1:
-                out.append(Mount("", parts[0], "", bind=False))  # anonymous volume
-                continue
-            source, target = parts[0], parts[1]
-            mode = ":".join(parts[2:])
-            bind = source.startswith((".", "/", "~")) or source == ""
-        if bind and source:
-            source = os.path.normpath(os.path.join(base, os.path.expanduser(source)))
-        out.append(Mount(source, target, mode, bind=bind))
-    return out
-
-
-# -- nginx.conf -----------------------------------------------------------------------------
-
-
-@dataclass
-class _Directive:
-    name: str
-    args: list[str]
-    block: list[_Directive] | None
-    line: int
-    file: str = ""
-
-
-def parse_nginx(path: str) -> tuple[list[_Directive], list[str]]:
-    """(directives with included files inlined, notes on includes that could not be read).
-
-    Parsed by crossplane (NGINX Inc.'s parser, which lexes as nginx does: quotes, ``${var}``,
-    comments; crossplane 0.5.8, parser.py). Context and argument checks are off: a conf.d
-    snippet (``upstream`` at the top) is as welcome as a whole nginx.conf. Raises ValueError
-    for a syntax error in ``path`` itself.
-    """
-    import crossplane  # only the importer needs it
-
-    with open(path, encoding="utf-8"):
-        pass  # a missing or unreadable file is the caller's OSError, not a note
-    payload = crossplane.parse(
-        path, check_ctx=False, check_args=False, onerror=lambda exc: type(exc).__name__
-    )
-    notes = []
-    for error in payload["errors"]:
-        where = f"{os.path.basename(error['file'])}:{error['line']}"
-        if error.get("callback") in _IO_ERRORS:
-            # e.g. /etc/nginx/mime.types: a path inside the nginx container, not on this host
-            notes.append(f"{where}: an include was not read ({error['error']})")
-        elif error["file"] == path:
-            raise ValueError(f"{where}: {error['error']}")
-        else:
-            notes.append(f"{where}: not read: {error['error']}")
-    configs = payload["config"]
-
-    def build(statements: list[dict[str, Any]], file: str) -> list[_Directive]:
-        out: list[_Directive] = []
-        for stmt in statements:
-            if "includes" in stmt:  # inline the included files where the include stood
-                for index in stmt["includes"]:
-                    out += build(configs[index]["parsed"], configs[index]["file"])
-                continue
-            block = build(stmt["block"], file) if "block" in stmt else None
-            out.append(_Directive(stmt["directive"], stmt["args"], block, stmt["line"], file))
-        return out
-
-    return build(configs[0]["parsed"], path), notes
-
-
-_IO_ERRORS = frozenset({"FileNotFoundError", "PermissionError", "IsADirectoryError", "OSError"})
-
-
-def _walk(directives: list[_Directive]) -> Iterator[tuple[_Directive, tuple[str, ...]]]:
-    """Every directive with the names of the blocks around it."""
-
-    def inner(items: list[_Directive], ctx: tuple[str, ...]) -> Iterator[Any]:
-        for d in items:
-            yield d, ctx
-            if d.block is not None:
-                yield from inner(d.block, (*ctx, d.name))
-
-    yield from inner(directives, ())
-
-
-def _listen_port(args: list[str]) -> tuple[int | None, bool]:
-    """``listen`` arguments -> (port, tls)."""
-    if not args:
-        return None, False
-    address = args[0]
-    tls = "ssl" in args[1:] or "quic" in args[1:]
-    if address.startswith("unix:"):
-        return None, tls
-    port = address.rsplit(":", 1)[-1] if not address.endswith("]") else "80"
-    return (int(port) if port.isdigit() else 80), tls
-
-
-_KNOWN_NGINX = frozenset(
-    {
-        "events",
-        "http",
-        "upstream",
-        "server",
-        "location",
-        "listen",
-        "proxy_pass",
-        "proxy_buffering",
-        "proxy_http_version",
-        "proxy_read_timeout",
-        "client_max_body_size",
-        "least_conn",
-        "keepalive",
-        "worker_processes",
-        "worker_connections",
-        "user",
-        "pid",
-        "error_log",
-        "access_log",
-        "server_name",
-        "include",
-        "default_type",
-        "sendfile",
-        "keepalive_timeout",
-    }
-)
-_BALANCING = {
-    "least_conn": "least_conn",
-    "ip_hash": "ip_hash",
-    "hash": "hash",
-    "random": "random",
-    "least_time": "least_time",
-}
-
-
-def analyse_nginx(path: str) -> NginxInfo:
-    """Read ``path`` and describe its upstream, listen port and proxy settings."""
-    tree, include_notes = parse_nginx(path)
-    info = NginxInfo(path=path, notes=include_notes)
-    upstreams: dict[str, _Directive] = {}
-    proxied: list[str] = []
-    unhandled: set[str] = set()
-    for d, ctx in _walk(tree):
-        if d.name == "upstream" and d.block is not None and d.args:
-            upstreams[d.args[0]] = d
-        elif d.name == "proxy_pass" and d.args:
-            proxied.append(re.sub(r"^https?://", "", d.args[0]).split("/")[0])
-        elif d.name == "listen" and "server" in ctx:
-            port, tls = _listen_port(d.args)
-            if port is not None:
-                info.listen_ports.append(port)
-            info.tls = info.tls or tls
-        elif d.name == "proxy_buffering" and d.args:
-            info.buffering.append(d.args[0].lower())
-        elif d.name == "proxy_http_version" and d.args:
-            info.http_version = d.args[0]
-        elif d.name == "proxy_read_timeout" and d.args:
-            info.read_timeout = d.args[0]
-        elif d.name == "client_max_body_size" and d.args:
-            info.client_max_body_size = d.args[0]
-        elif "upstream" in ctx:
-            if d.name in _BALANCING:
-                info.method = _BALANCING[d.name]
-            elif d.name == "keepalive":
-                info.keepalive = True
-            elif d.name != "server":
-                unhandled.add(d.name)
-        elif d.name not in _KNOWN_NGINX:
-            unhandled.add(d.name)
-    chosen = next((name for name in proxied if name in upstreams), None)
-    if chosen is None and upstreams:
-        chosen = next(iter(upstreams))
-    if chosen is not None:
-        info.upstream = chosen
-        for d in upstreams[chosen].block or []:
-            if d.name == "server" and d.args:
-                host, _, port = d.args[0].rpartition(":")
-                if not host or not port.isdigit():
-                    host, port = d.args[0], "80"
-                info.servers.append((host, int(port), d.args[1:]))
-    elif proxied:
-        info.notes.append(
-            f"{os.path.basename(path)}: proxy_pass goes to {proxied[0]} directly, not to an "
-            "upstream block"
-        )
-    info.unhandled = sorted(unhandled)
-    return info
-
-
-# -- the import ---------------------------------------------------------------------------
-
-
-def _load_yaml(path: str) -> Any:
-    try:
-        import yaml
-    except ImportError:  # pragma: no cover - PyYAML comes with transformers
-        raise ImportProblem(
-            ["PyYAML is needed to read compose files: pip install pyyaml"]
-        ) from None
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return yaml.safe_load(handle)
-    except OSError as exc:
-        raise ImportProblem([f"cannot read {path}: {exc.strerror or exc}"]) from None
-    except yaml.YAMLError as exc:
-        # Only the position: the offending line could hold a secret.
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or "syntax error"
-        raise ImportProblem([f"{path} is not valid YAML: {problem}{where}"]) from None
-
-
-def _kind(name: str, svc: Mapping[str, Any]) -> str:
-    image = str(svc.get("image") or "").lower()
-    volumes = " ".join(str(v) for v in svc.get("volumes") or [])
-    if "nginx" in image or "nginx.conf" in volumes or "/etc/nginx" in volumes:
-        return "nginx"
-    if any(word in image for word in ("haproxy", "traefik", "envoy", "caddy")):
-        return "balancer"
-    env = svc.get("environment") or {}
-    env_names = list(env) if isinstance(env, dict) else [str(e).split("=")[0] for e in env or []]
-    devices = " ".join(str(d) for d in svc.get("devices") or [])
-    if "text-generation-inference" in image or "MODEL_ID" in env_names or "/dev/neuron" in devices:
-        return "replica"
-    return "other"
-
-
-def _group(nodes: list[str]) -> str:
-    return nodes[0] if len(nodes) == 1 else ", ".join(nodes[:-1]) + " and " + nodes[-1]
-
-
-class _Notes:
-    """Notes in first-seen order; the same text for several services is said once."""
-
-    def __init__(self) -> None:
-        self._items: dict[str, list[str]] = {}
-
-    def add(self, text: str, service: str | None = None) -> None:
-        owners = self._items.setdefault(text, [])
-        if service and service not in owners:
-            owners.append(service)
-
-    def extend(self, texts: list[str]) -> None:
-        for text in texts:
-            self.add(text)
-
-    def render(self) -> list[str]:
-        return [
-            f"{_group(owners)}: {text}" if owners else text for text, owners in self._items.items()
-        ]
-
-
-def import_deployment(
-    compose_path: str,
-    nginx_path: str | None = None,
-    env_file: str | None = None,
-    *,
-    environ: Mapping[str, str] | None = None,
-    cores_per_device: int = DEFAULT_CORES_PER_DEVICE,
-    sources: str | None = None,
-) -> ImportResult:
-    """Turn the deployment into fleet.toml text plus notes; raises ImportProblem."""
-    environ = os.environ if environ is None else environ
-    base = os.path.dirname(os.path.abspath(compose_path))
-    notes = _Notes()
-    env_values: dict[str, str] = {}
-    if env_file is not None:
-        try:
-            env_values = parse_env_file(env_file)
-        except ConfigError as exc:
-            raise ImportProblem(exc.errors) from None
-    document = _load_yaml(compose_path)
-    if not isinstance(document, dict) or not isinstance(document.get("services"), dict):
-        raise ImportProblem([f"{compose_path} has no services: mapping"])
-
-    interpolate = _Interpolator(env_values, base, environ)
-    referenced = {
-        name: _variable_keys(svc)
-        for name, svc in document["services"].items()
-        if isinstance(svc, dict)
-    }
-    services: dict[str, Any] = interpolate.walk(document["services"])
-    if interpolate.errors:
-        raise ImportProblem([f"{compose_path}: {e}" for e in interpolate.errors])
-    for key in document:
-        if key in ("networks", "volumes", "secrets", "configs"):
-            notes.add(
-                f"top-level {key}: not carried over (docker run per replica, no compose project)"
-            )
-
-    replicas: list[ReplicaService] = []
-    balancers: list[tuple[str, dict[str, Any], str]] = []
-    for name, svc in services.items():
-        if not isinstance(svc, dict):
-            raise ImportProblem([f"{compose_path}: service {name!r} is not a mapping"])
-        kind = _kind(name, svc)
-        if kind == "replica":
-            replica = _replica(name, svc, base, environ, notes)
-            replica.from_variables = referenced.get(name, set())
-            replicas.append(replica)
-        elif kind in ("nginx", "balancer"):
-            balancers.append((name, svc, kind))
-        else:
-            notes.add("not a TGI replica or a load balancer: not carried over", name)
-    if not replicas:
-        raise ImportProblem(
-            [
-                f"{compose_path}: no TGI replica service found (one with a text-generation-"
-                "inference image, MODEL_ID in its environment or /dev/neuron devices)"
-            ]
-        )
-
-    for name in sorted(interpolate.missing):
-        notes.add(
-            f"${{{name}}} is not set (neither in the env file nor in the environment): "
-            "docker compose would have used an empty string"
-        )
-    for name in sorted(interpolate.from_environ):
-        notes.add(f"${{{name}}} was taken from this shell's environment (not in the env file)")
-    for name in sorted(env_values):
-        if name in HF_TOKEN_NAMES or _is_secret(name):
-            notes.add(
-                f"{name} is set in {env_file}: not copied into fleet.toml; keep it in the "
-                f"service's env file {SERVICE_ENV_FILE} (mode 0600)"
-            )
-
-    # -- the balancer ----------------------------------------------------------------
-    nginx: NginxInfo | None = None
-    lb_name, lb_svc = (balancers[0][0], balancers[0][1]) if balancers else (None, {})
-    for name, _svc, kind in balancers[1:]:
-        notes.add(f"a second load balancer ({kind}): ignored, {lb_name} is used", name)
-    if lb_name and balancers[0][2] == "balancer":
-        notes.add(
-            "this load balancer's own configuration is not read; neuron-fleet's [balancer] "
-            "replaces it",
-            lb_name,
-        )
-    if nginx_path is None and lb_name:
-        for mount in parse_mounts(lb_svc.get("volumes"), base):
-            if mount.bind and mount.target.endswith("nginx.conf") and os.path.isfile(mount.source):
-                nginx_path = mount.source
-                notes.add(f"read {mount.source} (mounted into the nginx container)", lb_name)
-    if nginx_path is not None:
-        try:
-            nginx = analyse_nginx(nginx_path)
-        except OSError as exc:
-            raise ImportProblem([f"cannot read {nginx_path}: {exc.strerror or exc}"]) from None
-        except ValueError as exc:
-            raise ImportProblem([f"{nginx_path} is not valid nginx syntax: {exc}"]) from None
-
-    listen = _listen(lb_name, lb_svc, nginx, notes)
-    if lb_name:
-        for key in lb_svc:
-            if key == "deploy":
-                notes.add(f"{_deploy_text(lb_svc[key])}; neuron-fleet runs on this host", lb_name)
-            elif key == "depends_on":
-                notes.add(f"depends_on: {SERVICE_NOTES['depends_on']}", lb_name)
-            elif key not in ("image", "ports", "volumes"):
-                notes.add(f"{key}: not carried over", lb_name)
-        image = lb_svc.get("image") or "load balancer"
-        notes.add(
-            f"the {image} container is gone: neuron-fleet's balancer runs in the service process",
-            lb_name,
-        )
-    else:
-        notes.add(
-            "no load balancer service found: [balancer] listen = "
-            f'"{listen}" (the default); change it if clients expect another address'
-        )
-
-    return _build(compose_path, replicas, nginx, listen, notes, cores_per_device, base, sources)
-
-
-def _replica(
-    name: str, svc: dict[str, Any], base: str, environ: Mapping[str, str], notes: _Notes
-) -> ReplicaService:
-    own: list[str] = []
-    env = _environment(svc, base, environ, own, name)
-    replica = ReplicaService(
-        name=name,
-        image=str(svc["image"]) if svc.get("image") else None,
-        env=env,
-        device_indices=_neuron_devices(svc, name, own),
-        ports=parse_ports(svc.get("ports")),
-        mounts=parse_mounts(svc.get("volumes"), base),
-        flags=_flag_args(svc),
-    )
-    notes.extend(own)
-    container_port = env.get("PORT", str(TGI_DEFAULT_PORT))
-    target = int(container_port) if container_port.isdigit() else TGI_DEFAULT_PORT
-    matching = [p for p in replica.ports if p.target == target and p.published]
-    if matching:
-        replica.port = matching[0]
-    elif len(replica.ports) == 1 and replica.ports[0].published:
-        replica.port = replica.ports[0]
-        notes.add(
-            f"publishes {replica.port.published}->{replica.port.target} but TGI listens on "
-            f"{target} (PORT): the published port is used as the replica's port",
-            name,
-        )
-    for key, value in svc.items():
-        if key in _CARRIED_KEYS or key.startswith("x-"):
-            continue
-        if key in ("tty", "stdin_open"):
-            if value:
-                notes.add(
-                    f"{key} (docker run -ti): dropped: replicas run without a terminal and "
-                    "their output goes to the service's log, prefixed [replica-N]",
-                    name,
-                )
-        elif key == "deploy":
-            notes.add(
-                f"{_deploy_text(value)}; neuron-fleet pins each replica to its own NeuronCores",
-                name,
-            )
-        elif key in SERVICE_NOTES:
-            notes.add(f"{key}: {SERVICE_NOTES[key]}", name)
-        else:
-            notes.add(
-                f"{key}: not carried over (add the matching `docker run` flags to "
-                "[launcher.docker] extra_args if the replicas need it)",
-                name,
-            )
-    return replica
-
-
-def _deploy_text(deploy: Any) -> str:
-    parts = sorted(deploy) if isinstance(deploy, dict) else []
-    placement = deploy.get("placement") if isinstance(deploy, dict) else None
-    constraints = placement.get("constraints") if isinstance(placement, dict) else None
-    shown = ", ".join(f"deploy.{p}" for p in parts) or "deploy"
-    if constraints:
-        shown += f" (constraints: {', '.join(map(str, constraints))})"
-    return f"{shown} is for docker swarm (`docker compose up` ignores placement): not carried over"
-
-
-_CARRIED_KEYS = frozenset(
-    {"image", "ports", "volumes", "environment", "env_file", "devices", "cap_add", "privileged"}
-    | set(DOCKER_FLAGS)
-)
-
-
-def _flag_args(svc: Mapping[str, Any]) -> list[str]:
-    """``docker run`` flags for the service keys that have one."""
-    args: list[str] = []
-    for key, flag in DOCKER_FLAGS.items():
-        if svc.get(key) not in (None, ""):
-            args += [flag, str(svc[key])]
-    for cap in svc.get("cap_add") or []:
-        args += ["--cap-add", str(cap)]
-    if svc.get("privileged") is True:
-        args.append("--privileged")
-    return args
-
-
-def _listen(
-    lb_name: str | None, lb_svc: Mapping[str, Any], nginx: NginxInfo | None, notes: _Notes
-) -> str:
-    port, host = 8080, "127.0.0.1"
-    if lb_name:
-        ports = parse_ports(lb_svc.get("ports"))
-        wanted = set(nginx.listen_ports) if nginx else set()
-        chosen = next((p for p in ports if p.target in wanted and p.published), None)
-        if chosen is None:
-            chosen = next((p for p in ports if p.published), None)
-            if chosen and wanted:
-                notes.add(
-                    f"publishes {chosen.published}->{chosen.target} but nginx listens on "
-                    f"{', '.join(map(str, sorted(wanted)))}",
-                    lb_name,
-                )
-        if chosen is not None and chosen.published is not None:
-            port = chosen.published
-            host = chosen.host_ip or "0.0.0.0"
-            if chosen.host_ip is None:
-                notes.add(
-                    f'listen = "0.0.0.0:{port}": the compose file published {port} on every '
-                    f'interface, and so does neuron-fleet; use "127.0.0.1:{port}" if only '
-                    "local clients (a benchmark on localhost) need it; on 0.0.0.0 `serve` "
-                    "refuses to start without NEURON_FLEET_API_KEYS (or [balancer] "
-                    "allow_public_without_api_keys = true)",
-                    lb_name,
-                )
-        else:
-            notes.add(f'publishes no port: [balancer] listen = "{host}:{port}"', lb_name)
-    elif nginx and nginx.listen_ports:
-        port = nginx.listen_ports[0]
-    if nginx is not None:
-        _nginx_notes(nginx, notes)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _nginx_notes(nginx: NginxInfo, notes: _Notes) -> None:
-    conf = os.path.basename(nginx.path)
-    if nginx.method == "round-robin":
-        notes.add(
-            f"{conf}: nginx balanced round-robin, blind to load and to each replica's static "
-            'batch slots; neuron-fleet uses policy = "least-outstanding" with a slot cap per '
-            "replica ([balancer] max_inflight_per_replica, default: [model] batch_size) and a "
-            "FIFO queue at the balancer (max_queue, queue_timeout_s): a request goes to a "
-            "replica only when one of its batch slots is free"
-        )
-    elif nginx.method == "least_conn":
-        notes.add(
-            f'{conf}: least_conn -> policy = "least-outstanding", plus what nginx lacked: a '
-            "slot cap per replica (max_inflight_per_replica = batch size) and a FIFO queue at "
-            "the balancer"
-        )
-    else:
-        notes.add(
-            f"{conf}: {nginx.method} balancing has no equivalent (no session affinity): "
-            'neuron-fleet uses policy = "least-outstanding" with slot caps and a queue'
-        )
-    if not nginx.buffering:
-        notes.add(
-            f"{conf}: nginx buffered upstream responses (proxy_buffering on, its default) "
-            "unless the replica sent `X-Accel-Buffering: no`, as TGI does on its streaming "
-            "routes; neuron-fleet never buffers: each event is relayed as it arrives"
-        )
-    elif "on" in nginx.buffering:
-        notes.add(f"{conf}: proxy_buffering on: neuron-fleet never buffers (nothing to carry)")
-    if nginx.http_version != "1.1" or not nginx.keepalive:
-        notes.add(
-            f"{conf}: nginx spoke HTTP/{nginx.http_version} to the replicas"
-            + ("" if nginx.keepalive else ", a new connection per request (no upstream keepalive)")
-            + "; neuron-fleet keeps HTTP/1.1 connections to the replicas open"
-        )
-    if nginx.read_timeout is None:
-        notes.add(
-            f"{conf}: nginx gave up on a replica silent for 60 s (proxy_read_timeout default); "
-            "neuron-fleet waits up to [balancer] first_byte_timeout_s = 300 for the first byte "
-            "(a 16k-token prefill behind a full batch is slow) and idle_timeout_s = 120 "
-            "between two chunks"
-        )
-    else:
-        notes.add(
-            f"{conf}: proxy_read_timeout {nginx.read_timeout} not carried over: see [balancer] "
-            "first_byte_timeout_s and idle_timeout_s"
-        )
-    if nginx.tls:
-        notes.add(
-            f"{conf}: nginx terminated TLS; neuron-fleet serves plain HTTP: keep a TLS proxy "
-            "in front of it (with proxy_buffering off) if clients need HTTPS"
-        )
-    for host, port, params in nginx.servers:
-        for param in params:
-            key = param.split("=")[0]
-            if key in ("max_fails", "fail_timeout"):
-                notes.add(
-                    f"{conf}: server {host}:{port} {param}: see [balancer] health_fall, "
-                    "eject_after_failures and health_interval_s"
-                )
-            elif key == "max_conns":
-                notes.add(
-                    f"{conf}: server {host}:{port} {param} -> [balancer] "
-                    "max_inflight_per_replica (when every server has the same value); requests "
-                    "beyond it wait in the balancer's queue instead of failing"
-                )
-            else:
-                notes.add(f"{conf}: server {host}:{port} {param}: not carried over")
-    if nginx.unhandled:
-        notes.add(f"{conf}: not carried over: {', '.join(nginx.unhandled)}")
-    notes.extend(nginx.notes)
-
-
-def _data_mount(replica: ReplicaService, model_id: str) -> Mount | None:
-    """The bind mount that holds the model (else the one at /data, TGI's cache folder)."""
-    binds = [m for m in replica.mounts if m.bind and m.source]
-    for mount in sorted(binds, key=lambda m: -len(m.target)):
-        prefix = mount.target.rstrip("/") + "/"
-        if model_id.startswith(prefix) or model_id == mount.target:
-            return mount
-    return next((m for m in binds if m.target.rstrip("/") == "/data"), None)
-
-
-def _body_size(text: str) -> int | None:
-    match = re.fullmatch(r"(\d+)([kKmMgG]?)", text.strip())
-    if not match:
-        return None
-    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[match.group(2).lower()]
-    return int(match.group(1)) * scale
-
-
-def _build(
-    compose_path: str,
-    replicas: list[ReplicaService],
-    nginx: NginxInfo | None,
-    listen: str,
-    notes: _Notes,
-    per_device: int,
-    base: str,
-    sources: str | None,
-) -> ImportResult:
-    compose_name = os.path.basename(compose_path)
-    # Replica order: by published port (replica k listens on base_port + k).
-    if all(r.port is not None and r.port.published for r in replicas):
-        replicas = sorted(replicas, key=lambda r: r.port.published)  # type: ignore[union-attr,return-value]
-    if nginx is not None:
-        _check_upstream(replicas, nginx, compose_name, notes)
-    model = _model_values(replicas, notes)
-    cores_per_replica, groups = _core_layout(replicas, per_device, notes)
-    default_groups = (
-        [format_core_range(range(k * c, (k + 1) * c)) for k in range(len(replicas))]
-        if (c := cores_per_replica)
-        else []
-    )
-    base_port, metrics_base = _port_layout(replicas, listen, notes)
-    container_model_id = str(model.get("id", ""))
-    image, data_mount, extra_args = _docker_settings(replicas, model, compose_name, base, notes)
-    if model.get("id"):
-        notes.add(
-            "[model] source is not set: set it to the Hub model you compiled into [model] id "
-            "(the blog: meta-llama/Meta-Llama-3.1-8B-Instruct), so `neuron-fleet export` can "
-            "compile it again inside the same image (same optimum-cli) for a new shape"
-        )
-    toml = _render(
-        sources or compose_name,
-        model=model,
-        container_model_id=container_model_id,
-        n_replicas=len(replicas),
-        services=[r.name for r in replicas],
-        cores_per_replica=cores_per_replica,
-        core_groups=groups if groups != default_groups else [],
-        default_groups=groups if groups == default_groups else [],
-        per_device=per_device,
-        base_port=base_port,
-        metrics_base=metrics_base,
-        image=image,
-        data_mount=data_mount,
-        extra_args=extra_args,
-        listen=listen,
-        balancer=_balancer_values(nginx),
-        nginx_method=nginx.method if nginx else None,
-        nginx_name=os.path.basename(nginx.path) if nginx else "nginx",
-    )
-    return ImportResult(
-        toml=toml, notes=notes.render(), services=[r.name for r in replicas], listen=listen
-    )
-
-
-def _check_upstream(
-    replicas: list[ReplicaService], nginx: NginxInfo, compose_name: str, notes: _Notes
-) -> None:
-    """nginx's upstream servers against the compose replicas."""
-    if not nginx.servers:
-        return
-    in_upstream = {host for host, _, _ in nginx.servers}
-    for r in replicas:
-        if r.name not in in_upstream:
-            notes.add(
-                f"not in nginx's upstream {nginx.upstream}: nginx never sent it traffic; "
-                "neuron-fleet will",
-                r.name,
-            )
-    names = {r.name for r in replicas}
-    for host, port, _ in nginx.servers:
-        if host not in names:
-            notes.add(
-                f"upstream server {host}:{port} is not a replica of {compose_name}: "
-                "neuron-fleet balances only the replicas it starts (`neuron-fleet balance "
-                "--upstream URL` balances servers run elsewhere)"
-            )
-
-
-def _model_values(replicas: list[ReplicaService], notes: _Notes) -> dict[str, Any]:
-    """[model] from the replicas' TGI environment: one value for all of them."""
-    first = replicas[0]
-    model: dict[str, Any] = {}
-    for env_name, key in MODEL_ENV.items():
-        values = {r.name: r.env[env_name] for r in replicas if env_name in r.env}
-        if not values or key in model:
-            continue
-        chosen = values.get(first.name, next(iter(values.values())))
-        distinct = sorted(set(values.values()))
-        if len(distinct) > 1:
-            notes.add(
-                f"{env_name} differs between replicas ({', '.join(distinct)}): every replica "
-                f"gets the same settings in neuron-fleet; using {chosen}"
-            )
-        elif len(values) < len(replicas):
-            notes.add(f"{env_name} is set for some replicas only: using {chosen} for all")
-        if key in INT_MODEL_KEYS:
-            try:
-                model[key] = int(chosen)
-            except ValueError:
-                notes.add(f"{env_name} = {chosen!r} is not a number: left out of fleet.toml")
-        elif chosen:
-            model[key] = chosen
-    return model
-
-
-def _core_layout(
-    replicas: list[ReplicaService], per_device: int, notes: _Notes
-) -> tuple[int | None, list[str]]:
-    """(cores per replica, each replica's core range from its devices, or [] if unusable).
-
-    Cores per replica: HF_NUM_CORES, else what the devices hold (device N: cores N*C ..).
-    """
-    first = replicas[0]
-    device_cores = {
-        r.name: [c for d in r.device_indices for c in range(d * per_device, (d + 1) * per_device)]
-        for r in replicas
-    }
-    cores_per_replica: int | None = None
-    num_cores = sorted({r.env["HF_NUM_CORES"] for r in replicas if "HF_NUM_CORES" in r.env})
-    if num_cores:
-        if len(num_cores) > 1:
-            notes.add(f"HF_NUM_CORES differs between replicas ({', '.join(num_cores)})")
-        chosen = first.env.get("HF_NUM_CORES", num_cores[0])
-        if chosen.isdigit():
-            cores_per_replica = int(chosen)
-        else:
-            notes.add(f"HF_NUM_CORES = {chosen!r} is not a number: left out")
-    sizes = sorted({len(c) for c in device_cores.values() if c})
-    if cores_per_replica is None and len(sizes) == 1:
-        cores_per_replica = sizes[0]
-    elif cores_per_replica is not None and sizes and sizes != [cores_per_replica]:
-        notes.add(
-            f"HF_NUM_CORES = {cores_per_replica} but the replicas were given devices holding "
-            f"{'/'.join(map(str, sizes))} NeuronCores: neuron-fleet gives each replica the "
-            f"devices of its {cores_per_replica} cores"
-        )
-    if cores_per_replica and cores_per_replica % per_device:
-        notes.add(
-            f"{cores_per_replica} cores per replica is not a whole number of {per_device}-core "
-            'devices: the docker launcher needs whole devices (launcher = "native" does not)'
-        )
-    groups: list[str] = []
-    for r in replicas:
-        cores = device_cores[r.name]
-        if not cores:
-            notes.add("no /dev/neuron devices: the planner chooses its NeuronCores", r.name)
-            return cores_per_replica, []
-        if cores != list(range(cores[0], cores[-1] + 1)):
-            shown = format_devices([f"/dev/neuron{d}" for d in r.device_indices])
-            notes.add(
-                f"devices {shown} are not contiguous (a replica's NeuronCores must be one "
-                "range): the planner chooses the NeuronCores",
-                r.name,
-            )
-            return cores_per_replica, []
-        if len(cores) != cores_per_replica:
-            return cores_per_replica, []
-        groups.append(format_core_range(cores))
-    return cores_per_replica, groups
-
-
-def _port_layout(replicas: list[ReplicaService], listen: str, notes: _Notes) -> tuple[int, int]:
-    """(base_port, metrics_base_port) from the replicas' published ports."""
-    ports = [r.port.published for r in replicas if r.port is not None and r.port.published]
-    base_port = FleetSettings.base_port
-    if len(ports) == len(replicas):
-        base_port = ports[0]
-        if ports != list(range(base_port, base_port + len(ports))):
-            planned = ", ".join(str(base_port + k) for k in range(len(ports)))
-            notes.add(
-                f"the replicas' ports {', '.join(map(str, ports))} are not contiguous: replica "
-                f"k listens on base_port + k ({planned})"
-            )
-    else:
-        notes.add(
-            f"not every replica publishes its port: base_port = {base_port} (replica k on "
-            "base_port + k)"
-        )
-    if any(r.port is None or r.port.host_ip not in ("127.0.0.1", "::1") for r in replicas):
-        notes.add(
-            "the replicas' ports were published on every interface, around nginx; "
-            'neuron-fleet binds them to [fleet] host = "127.0.0.1": clients go through the '
-            "balancer"
-        )
-    for r in replicas:
-        if "PORT" in r.env:
-            notes.add("PORT: set per replica by neuron-fleet (base_port + k)", r.name)
-        if "PROMETHEUS_PORT" in r.env:
-            notes.add("PROMETHEUS_PORT: set per replica (metrics_base_port + k)", r.name)
-    taken = {*range(base_port, base_port + len(replicas)), int(listen.rsplit(":", 1)[1])}
-    metrics_base = FleetSettings.metrics_base_port
-    while any(p in taken for p in range(metrics_base, metrics_base + len(replicas))):
-        metrics_base += 1000
-    return base_port, metrics_base
-
-
-def _docker_settings(
-    replicas: list[ReplicaService],
-    model: dict[str, Any],
-    compose_name: str,
-    base: str,
-    notes: _Notes,
-) -> tuple[str, Mount | None, list[str]]:
-    """(image, the data mount, extra_args); maps [model] id to the host folder."""
-    first = replicas[0]
-    images = sorted({r.image for r in replicas if r.image})
-    image = first.image or DEFAULT_IMAGE
-    if len(images) > 1:
-        notes.add(f"the replicas use different images ({', '.join(images)}): using {image}")
-    model_id = str(model.get("id", ""))
-    data_mount = _data_mount(first, model_id)
-    for r in replicas[1:]:
-        if _data_mount(r, model_id) != data_mount:
-            notes.add(f"mounts another data folder than {first.name}: using {first.name}'s", r.name)
-    if data_mount and model_id.startswith(data_mount.target.rstrip("/") + "/"):
-        relative = model_id[len(data_mount.target.rstrip("/")) + 1 :]
-        model["id"] = os.path.join(data_mount.source, relative)
-    elif model_id.startswith("/"):
-        notes.add(
-            f"MODEL_ID {model_id} is a path that no volume provides: set [model] id to the "
-            "host folder of the exported model"
-        )
-    host_model = str(model.get("id", ""))
-    if host_model.startswith(("/home/", "/root/")):
-        notes.add(
-            f"the model ({host_model}) is under /home or /root, which the systemd unit hides "
-            "(ProtectHome=yes in deploy/neuron-fleet.service): move the export under "
-            "/var/lib/neuron-fleet/models and update [model] id and data_dir, or add "
-            "ProtectHome=read-only in a drop-in"
-        )
-    if data_mount and data_mount.source == base:
-        notes.add(
-            f"$PWD is taken as the compose file's folder ({base}), where `docker compose` "
-            "was run; change [launcher.docker] data_dir if it was run elsewhere"
-        )
-
-    extra_args: list[str] = []
-    carried: list[str] = []
-    for mount in first.mounts:
-        if mount == data_mount:
-            continue
-        if not mount.source:
-            notes.add(f"anonymous volume {mount.target}: not carried over", first.name)
-            continue
-        extra_args += ["-v", mount.docker_arg()]
-        carried.append(f"-v {mount.docker_arg()}")
-        if not mount.bind:
-            notes.add(
-                f"named volume {mount.source}: docker compose prefixed it with the project "
-                f"name; `docker run -v {mount.source}:...` uses a volume named {mount.source}"
-            )
-    for key in sorted({k for r in replicas for k in r.env}):
-        if key in MODEL_ENV or key in LAUNCHER_ENV:
-            continue
-        if key in HF_TOKEN_NAMES:
-            hard_coded = any(key in r.env and key not in r.from_variables for r in replicas)
-            how = "hard-coded" if hard_coded else "taken from a variable"
-            notes.add(
-                f"{key} is {how} in {compose_name}: not copied into fleet.toml; put "
-                f"{key}=<your token> in the service's env file {SERVICE_ENV_FILE} (mode 0600, "
-                "or pass --env-file)"
-                + (" and remove it from the compose file" if hard_coded else "")
-                + "; neuron-fleet hands it to docker by name only, never on a command line"
-            )
-            continue
-        if _is_secret(key):
-            extra_args += ["-e", key]
-            carried.append(f"-e {key}")
-            notes.add(
-                f"{key} looks like a secret: not copied; passed to the replicas by name "
-                f"(extra_args -e {key}): put {key}=... in {SERVICE_ENV_FILE}"
-            )
-            continue
-        if len({r.env.get(key) for r in replicas}) > 1:
-            notes.add(
-                f"{key} differs between replicas (or is missing on some): using {first.name}'s"
-            )
-        if key in first.env:
-            extra_args += ["-e", f"{key}={first.env[key]}"]
-            carried.append(f"-e {key}")
-    if first.flags:
-        extra_args += first.flags
-        carried.append(" ".join(first.flags))
-    if carried:
-        notes.add("carried into [launcher.docker] extra_args: " + ", ".join(carried))
-    return image, data_mount, extra_args
-
-
-def _balancer_values(nginx: NginxInfo | None) -> dict[str, Any]:
-    """[balancer] keys nginx set explicitly and that have an equivalent."""
-    values: dict[str, Any] = {}
-    if nginx is None:
-        return values
-    size = _body_size(nginx.client_max_body_size) if nginx.client_max_body_size else None
-    if size:
-        values["max_body_bytes"] = size
-    caps = {
-        p.split("=", 1)[1]
-        for _, _, params in nginx.servers
-        for p in params
-        if p.startswith("max_conns=")
-    }
-    if len(caps) == 1 and (cap := caps.pop()).isdigit() and int(cap) > 0:
-        values["max_inflight_per_replica"] = int(cap)
-    return values
-
-
-# -- writing TOML ---------------------------------------------------------------------------
-
-
-def toml_string(value: str) -> str:
-    """A TOML basic string."""
-    out = ['"']
-    for ch in value:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
-
-
-def _value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return str(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_value(v) for v in value) + "]"
-    return toml_string(str(value))
-
-
-def _line(key: str, value: Any, comment: str = "") -> str:
-    text = f"{key} = {_value(value)}"
-    return f"{text:<32} # {comment}" if comment else text
-
-
-def _render(
-    source: str,
-    *,
-    model: dict[str, Any],
-    container_model_id: str,
-    n_replicas: int,
-    services: list[str],
-    cores_per_replica: int | None,
-    core_groups: list[str],
-    default_groups: list[str],
-    per_device: int,
-    base_port: int,
-    metrics_base: int,
-    image: str,
-    data_mount: Mount | None,
-    extra_args: list[str],
-    listen: str,
-    balancer: dict[str, Any],
-    nginx_method: str | None,
-    nginx_name: str,
-) -> str:
-    lines = [
-        f"# Written by `neuron-fleet import` from {source}.",
-        "# Review it, then:",
-        "#   neuron-fleet plan  --config fleet.toml    # cores, devices, ports, commands",
-        "#   neuron-fleet serve --config fleet.toml    # replicas + balancer, one process",
-        "# Secrets (HF_TOKEN) are not in this file: put them in the environment or in",
-        f"# {SERVICE_ENV_FILE} (mode 0600). docs/configuration.md lists every key.",
-        "",
-        "[model]",
-    ]
-    model_id = model.get("id")
-    if model_id:
-        comment = (
-            f"MODEL_ID {container_model_id} in the containers"
-            if container_model_id and container_model_id != model_id
-            else "MODEL_ID"
-        )
-        lines.append(_line("id", model_id, comment))
-    lines.append(
-        '# source = "org/model"          # the Hub id compiled into id (neuron-fleet export)'
-    )
-    for key in (
-        "revision",
-        "batch_size",
-        "max_input_tokens",
-        "max_total_tokens",
-        "max_batch_prefill_tokens",
-        "auto_cast_type",
-        "max_concurrent_requests",
-    ):
-        if key in model:
-            lines.append(_line(key, model[key], MODEL_COMMENTS[key]))
-    lines += [
-        "",
-        "[fleet]",
-        _line("launcher", "docker", "one `docker run` per replica, as compose did"),
-        _line("replicas", n_replicas, "from " + ", ".join(services)),
-    ]
-    if cores_per_replica:
-        lines.append(
-            _line("cores_per_replica", cores_per_replica, "HF_NUM_CORES (tensor parallel)")
-        )
-    if core_groups:
-        lines.append(_line("core_groups", core_groups, "the compose file's devices"))
-    elif default_groups:
-        lines.append(
-            f"# core_groups = {_value(default_groups)}  # = the compose file's devices (default)"
-        )
-    if per_device != DEFAULT_CORES_PER_DEVICE:
-        lines.append(_line("cores_per_device", per_device, "NeuronCores per /dev/neuronN"))
-    lines += [
-        _line("host", "127.0.0.1", "replicas on loopback; clients use the balancer"),
-        _line("base_port", base_port, "replica k listens on base_port + k"),
-        _line("metrics_base_port", metrics_base, "replica k's Prometheus port"),
-        "",
-        "[launcher.docker]",
-        _line("image", image),
-    ]
-    if data_mount is not None:
-        lines.append(
-            _line(
-                "data_dir", data_mount.source, f"the compose file's volume at {data_mount.target}"
-            )
-        )
-        lines.append(_line("data_mount", data_mount.target))
-    if extra_args:
-        lines.append(_line("extra_args", extra_args, "carried over from the compose file"))
-    lines += [
-        "",
-        "[balancer]",
-        _line("listen", listen, "the load balancer's published port"),
-        _line("policy", "least-outstanding", f"nginx was {nginx_method}" if nginx_method else ""),
-        "# max_inflight_per_replica = batch_size by default: one request per static batch slot",
-    ]
-    for key, value in balancer.items():
-        lines.append(_line(key, value, f"from {nginx_name}"))
-    return "\n".join(lines) + "\n"
+from supervisor.import_nginx import analyse_nginx, parse_nginx
+from supervisor.import_optimum import import_serve, parse_serve
+from supervisor.import_toml import toml_string
+from supervisor.neuron import DEFAULT_CORES_PER_DEVICE, format_devices
+
+__all__ = [
+    "DEFAULT_OUTPUT",
+    "SERVICE_ENV_FILE",
+    "ImportProblem",
+    "ImportResult",
+    "PortMapping",
+    "_Interpolator",
+    "analyse_nginx",
+    "import_deployment",
+    "import_serve",
+    "parse_nginx",
+    "parse_ports",
+    "parse_serve",
+    "toml_string",
+]
 
 
 # -- the command ----------------------------------------------------------------------------
@@ -1451,7 +63,15 @@ def _render(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("--compose", required=True, metavar="FILE", help="the docker-compose.yaml to convert")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--compose", metavar="FILE", help="the docker-compose.yaml to convert")
+    source.add_argument(
+        "--optimum-serve",
+        metavar="COMMAND",
+        help='an optimum-cli neuron serve command line, quoted as one argument (e.g. "optimum-cli '
+        'neuron serve --model /models/llama --data-parallel-size 3"); SM_ON_* variables of '
+        "optimum-neuron's vLLM image come from --env-file",
+    )
     add(
         "--nginx",
         metavar="FILE",
@@ -1460,7 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--env-file",
         metavar="FILE",
-        help="values for ${VAR} in the compose file (default: .env beside it, as compose does)",
+        help="values for ${VAR} in the compose file (default: .env beside it, as compose does); "
+        "with --optimum-serve: the image's SM_ON_* variables",
     )
     add(
         "--output",
@@ -1491,8 +112,8 @@ def check(toml_text: str) -> tuple[FleetConfig | None, list[str]]:
             return None, list(exc.errors)
 
 
-def _summary(config: FleetConfig, services: list[str]) -> list[str]:
-    rows = [("COMPOSE SERVICE", "REPLICA", "CORES", "DEVICES", "PORT")]
+def _summary(config: FleetConfig, services: list[str], replaces: str) -> list[str]:
+    rows = [(replaces, "REPLICA", "CORES", "DEVICES", "PORT")]
     for name, replica in zip(services, config.plan.replicas, strict=False):
         rows.append(
             (name, replica.name, replica.cores, format_devices(replica.devices), str(replica.port))
@@ -1504,10 +125,23 @@ def _summary(config: FleetConfig, services: list[str]) -> list[str]:
     ]
 
 
+def _import_optimum(command_line: str, env_file: str | None) -> ImportResult:
+    sm_env: dict[str, str] = {}
+    if env_file is not None:
+        try:
+            sm_env = parse_env_file(env_file)
+        except ConfigError as exc:
+            raise ImportProblem(exc.errors) from None
+    sources = "an optimum-cli neuron serve command" + (
+        f" and the SM_ON_* variables of {os.path.basename(env_file)}" if env_file else ""
+    )
+    return import_serve(command_line, sm_env, sources=sources, env_source=str(env_file))
+
+
 def run(args: argparse.Namespace) -> int:
     err = sys.stderr
     env_file = args.env_file
-    if env_file is None:
+    if env_file is None and args.compose:
         beside = os.path.join(os.path.dirname(os.path.abspath(args.compose)), ".env")
         if os.path.isfile(beside):
             env_file = beside
@@ -1518,19 +152,25 @@ def run(args: argparse.Namespace) -> int:
     if args.cores_per_device < 1:
         print("neuron-fleet import: --cores-per-device must be at least 1", file=err)
         return 2
-    inputs = [os.path.basename(args.compose)]
-    if args.nginx:
-        inputs.append(os.path.basename(args.nginx))
-    if env_file:
-        inputs.append(os.path.basename(env_file))
+    if args.optimum_serve is not None and args.nginx:
+        print("neuron-fleet import: --nginx goes with --compose, not --optimum-serve", file=err)
+        return 2
     try:
-        result = import_deployment(
-            args.compose,
-            args.nginx,
-            env_file,
-            cores_per_device=args.cores_per_device,
-            sources=", ".join(inputs),
-        )
+        if args.optimum_serve is not None:
+            result = _import_optimum(args.optimum_serve, env_file)
+        else:
+            inputs = [os.path.basename(args.compose)]
+            if args.nginx:
+                inputs.append(os.path.basename(args.nginx))
+            if env_file:
+                inputs.append(os.path.basename(env_file))
+            result = import_deployment(
+                args.compose,
+                args.nginx,
+                env_file,
+                cores_per_device=args.cores_per_device,
+                sources=", ".join(inputs),
+            )
     except ImportProblem as exc:
         for problem in exc.errors:
             print(f"neuron-fleet import: {problem}", file=err)
@@ -1543,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         with open(args.output, "w", encoding="utf-8") as handle:
             handle.write(result.toml)
         print(f"wrote {args.output}", file=out)
-    if env_file and env_file != args.env_file:
+    if args.compose and env_file and env_file != args.env_file:
         print(f"read {env_file} for ${{VAR}} values, as docker compose does", file=out)
     if config is not None:
         print(
@@ -1553,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
             "per replica):",
             file=out,
         )
-        for line in _summary(config, result.services):
+        for line in _summary(config, result.services, result.replaces):
             print(line, file=out)
     if result.notes:
         print("\nNot carried over, or done differently (review before serving):", file=out)

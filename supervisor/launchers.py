@@ -14,6 +14,14 @@ One function per way of running TGI; each returns a LaunchSpec and starts nothin
 - native: text-generation-launcher on the host, pinned with NEURON_RT_VISIBLE_CORES, with
   its own Prometheus port and shard socket (two launchers sharing either one panic).
 - simulated: ``python -m supervisor.simulator`` (no Neuron hardware).
+
+With ``[fleet] engine = "vllm"`` (vllm.py builds the arguments):
+
+- native: the per-replica command of ``optimum-cli neuron serve --data-parallel-size N``,
+  ``python -m vllm.entrypoints.openai.api_server`` with NEURON_RT_VISIBLE_CORES and
+  VLLM_WORKER_MULTIPROC_METHOD=spawn, on the local export.
+- docker: optimum-neuron's vLLM image, configured through its entry point's SM_ON_*
+  variables, API on the container's port 8080.
 - command: any command from a template with {port} {cores} {devices} {model}
   {metrics_port} {name} {host}.
 """
@@ -34,6 +42,13 @@ from supervisor.schema import (
     DockerLauncherConfig,
     check_command_template,
     stop_grace_seconds,
+)
+from supervisor.vllm import (
+    VLLM_API_SERVER,
+    VLLM_IMAGE_PORT,
+    hub_offline_env,
+    vllm_image_env,
+    vllm_server_args,
 )
 
 
@@ -176,19 +191,24 @@ def docker_spec(plan: ReplicaPlan, config: FleetConfig) -> LaunchSpec:
     # Its --prometheus-port listener is built but never served (server.rs drops the
     # exporter future returned by PrometheusBuilder::build()), and inside its own network
     # namespace a container cannot collide with another on it.
-    argv += ["-p", f"{plan.host}:{plan.port}:{plan.port}"]
+    vllm = config.fleet.engine == "vllm"
+    inside_port = VLLM_IMAGE_PORT if vllm else plan.port
+    argv += ["-p", f"{plan.host}:{plan.port}:{inside_port}"]
     argv += [f"--device={device}" for device in plan.devices]
     cache = hub_cache_host(docker, _host_model_folder(config))
     if cache:
         volumes = [*volumes, f"{cache}:{HUB_CACHE_MOUNT}"]
     for volume in volumes:
         argv += ["-v", volume]
-    env_pairs = {"PORT": str(plan.port), "MODEL_ID": model_id, **tgi_env(config)}
+    if vllm:
+        env_pairs = {**vllm_image_env(config, model_id), **hub_offline_env(config)}
+    else:
+        env_pairs = {"PORT": str(plan.port), "MODEL_ID": model_id, **tgi_env(config)}
     if cache:
         env_pairs["HF_HUB_CACHE"] = HUB_CACHE_MOUNT
     for key, value in env_pairs.items():
         argv += ["-e", f"{key}={value}"]
-    secrets = _secret_env(config)
+    secrets = _vllm_secret_env(config) if vllm else _secret_env(config)
     for key in secrets:
         argv += ["-e", key]  # name only: docker reads the value from its own environment
     argv += [*docker.extra_args, docker.image]
@@ -203,6 +223,8 @@ def docker_spec(plan: ReplicaPlan, config: FleetConfig) -> LaunchSpec:
 
 
 def native_spec(plan: ReplicaPlan, config: FleetConfig) -> LaunchSpec:
+    if config.fleet.engine == "vllm":
+        return native_vllm_spec(plan, config)
     native = config.launcher.native
     uds = os.path.join(native.shard_uds_dir, f"neuron-fleet-{plan.name}-server")
     argv = (
@@ -222,6 +244,46 @@ def native_spec(plan: ReplicaPlan, config: FleetConfig) -> LaunchSpec:
     env = {"NEURON_RT_VISIBLE_CORES": plan.cores, **tgi_env(config)}
     return LaunchSpec(
         argv=argv, env={**env, **_secret_env(config)}, stop_argv=None, display=_display(argv, env)
+    )
+
+
+def _vllm_secret_env(config: FleetConfig) -> dict[str, str]:
+    """HF_TOKEN, and the replica key as VLLM_API_KEY: vLLM's server demands it on /v1 when
+    ``--api-key`` is not given (vllm 0.11.0, entrypoints/openai/api_server.py: ``args.api_key
+    or [envs.VLLM_API_KEY]``); never ``--api-key``, which ``ps`` would show."""
+    env = {"HF_TOKEN": config.model.hf_token} if config.model.hf_token else {}
+    key = config.balancer.replica_api_key
+    return {**env, **({"VLLM_API_KEY": key} if key else {})}
+
+
+def native_vllm_spec(plan: ReplicaPlan, config: FleetConfig) -> LaunchSpec:
+    """One replica as optimum-neuron's data-parallel serve starts each of its servers:
+    ``sys.executable -m vllm.entrypoints.openai.api_server --port P --host 127.0.0.1`` +
+    the serve flags, with NEURON_RT_VISIBLE_CORES = the replica's range and
+    VLLM_WORKER_MULTIPROC_METHOD=spawn (optimum-neuron main,
+    optimum/neuron/vllm/server_manager.py ``VLLMServerManager.start``)."""
+    native = config.launcher.native
+    argv = (
+        native.python,
+        "-m",
+        VLLM_API_SERVER,
+        "--host",
+        plan.host,
+        "--port",
+        str(plan.port),
+        *vllm_server_args(config, _native_model_id(config)),
+        *native.extra_args,
+    )
+    env = {
+        "NEURON_RT_VISIBLE_CORES": plan.cores,
+        "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+        **hub_offline_env(config),
+    }
+    return LaunchSpec(
+        argv=argv,
+        env={**env, **_vllm_secret_env(config)},
+        stop_argv=None,
+        display=_display(argv, env),
     )
 
 
@@ -251,6 +313,11 @@ def simulated_spec(plan: ReplicaPlan, config: FleetConfig) -> LaunchSpec:
     for flag, value in options.items():
         if value is not None:
             argv += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    if config.fleet.engine != "tgi":
+        # TODO(i19-wire): `simulate-replica --engine vllm` (vLLM 0.11's wire format) comes
+        # with the simulator work of issue 19 on the i19-wire branch; until that merges the
+        # simulator refuses this flag and a simulated vLLM fleet does not start.
+        argv += ["--engine", config.fleet.engine]
     final = (*argv, *sim.extra_args)
     env = {"NEURON_RT_VISIBLE_CORES": plan.cores}
     return LaunchSpec(

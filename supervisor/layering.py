@@ -56,6 +56,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "NEURON_FLEET_REPLICAS": ("fleet", "replicas"),
     "NEURON_FLEET_CORES_PER_REPLICA": ("fleet", "cores_per_replica"),
     "NEURON_FLEET_LAUNCHER": ("fleet", "launcher"),
+    "NEURON_FLEET_ENGINE": ("fleet", "engine"),
     "NEURON_FLEET_DEVICES": ("fleet", "devices"),
     "NEURON_FLEET_LISTEN": ("balancer", "listen"),
     # The balancer's secrets: names and parsing shared with `neuron-fleet balance`.
@@ -65,7 +66,8 @@ ENV_VARS: dict[str, tuple[str, str]] = {
 SECRET_KEYS = {("model", "hf_token")} | {("balancer", key) for key in SECRET_VARS.values()}
 
 _DERIVED = {"model": {"path", "neuron"}}
-_BALANCER_DERIVED = {"host", "port", "upstreams", "max_total_tokens"}
+_BALANCER_DERIVED = {"host", "port", "upstreams", "max_total_tokens", "engine"}
+"""``engine`` comes from [fleet] engine: one setting for the replicas and the balancer."""
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,

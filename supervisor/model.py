@@ -160,17 +160,27 @@ def check_model(
     max_total_tokens: int | None,
     max_input_tokens: int | None,
     auto_cast_type: str | None,
+    engine: str = "tgi",
 ) -> list[str]:
-    """The refusals of TGI's Neuron entry point, as messages that say what to change.
+    """The refusals of the engine's own start-up checks, as messages that say what to change.
 
-    Stricter on one point: a tp degree *below* the cores per replica would start, but the
-    extra cores would sit idle (and be reserved), so it is refused too.
+    TGI (its Neuron entry point): batch and total tokens up to the compiled ones. Stricter
+    on one point: a tp degree *below* the cores per replica would start, but the extra
+    cores would sit idle (and be reserved), so it is refused too.
+
+    vLLM: ``optimum-cli neuron serve`` refuses a batch size, sequence length or tensor
+    parallel size that differs from the export's, in either direction (optimum-neuron
+    0.4.5, optimum/commands/neuron/serve.py ``run``: "is inconsistent with the one used to
+    export the neuron model"); the per-replica command we run skips that CLI, so the same
+    rule is applied here.
     """
     where = (
         f"{info.path}/{info.source}"
         if info.source == NEURON_CONFIG
         else f"{info.path} {info.source}"
     )
+    vllm = engine == "vllm"
+    names = _VLLM_NAMES if vllm else _TGI_NAMES
     errors = []
     if (
         info.tp_degree is not None
@@ -182,29 +192,61 @@ def check_model(
             f"but each replica gets {cores_per_replica}: set [fleet] cores_per_replica = "
             f"{info.tp_degree}, or re-export with --num-cores {cores_per_replica}"
         )
-    if info.batch_size is not None and batch_size is not None and batch_size > info.batch_size:
-        errors.append(
-            f"MAX_BATCH_SIZE / [model] batch_size = {batch_size} exceeds the compiled batch "
-            f"size {info.batch_size} ({where}): lower it to {info.batch_size} or re-export"
-        )
+    compiled_batch = info.batch_size
+    if compiled_batch is not None and batch_size is not None:
+        if batch_size > compiled_batch or (vllm and batch_size != compiled_batch):
+            errors.append(
+                f"{names['batch_size']} = {batch_size} "
+                f"{'differs from' if vllm else 'exceeds'} the compiled batch size "
+                f"{compiled_batch} ({where}): "
+                f"{'set it to' if vllm else 'lower it to'} {compiled_batch} or re-export"
+            )
     seq = info.sequence_length
-    if seq is not None and max_total_tokens is not None and max_total_tokens > seq:
-        errors.append(
-            f"MAX_TOTAL_TOKENS / [model] max_total_tokens = {max_total_tokens} exceeds the "
-            f"compiled sequence length {seq} ({where}): lower it to {seq} or re-export"
-        )
+    if seq is not None and max_total_tokens is not None:
+        if max_total_tokens > seq or (vllm and max_total_tokens != seq):
+            errors.append(
+                f"{names['max_total_tokens']} = {max_total_tokens} "
+                f"{'differs from' if vllm else 'exceeds'} the compiled sequence length {seq} "
+                f"({where}): {'set it to' if vllm else 'lower it to'} {seq} or re-export"
+            )
     if seq is not None and max_input_tokens is not None and max_input_tokens >= seq:
+        default = seq - 1 if vllm else seq // 2
         errors.append(
-            f"MAX_INPUT_TOKENS / [model] max_input_tokens = {max_input_tokens} must be below "
-            f"the compiled sequence length {seq} ({where}): the default is {seq // 2}"
+            f"{names['max_input_tokens']} = {max_input_tokens} must be below "
+            f"the compiled sequence length {seq} ({where}): the default is {default}"
         )
     want = normalize_dtype(auto_cast_type)
     if want and info.dtype and want != info.dtype:
         errors.append(
-            f"HF_AUTO_CAST_TYPE / [model] auto_cast_type = {auto_cast_type!r} differs from the "
+            f"{names['auto_cast_type']} = {auto_cast_type!r} differs from the "
             f"compiled type {info.dtype!r} ({where}): remove it or set it to {info.dtype!r}"
         )
     return errors
+
+
+_TGI_NAMES = {
+    "batch_size": "MAX_BATCH_SIZE / [model] batch_size",
+    "max_total_tokens": "MAX_TOTAL_TOKENS / [model] max_total_tokens",
+    "max_input_tokens": "MAX_INPUT_TOKENS / [model] max_input_tokens",
+    "auto_cast_type": "HF_AUTO_CAST_TYPE / [model] auto_cast_type",
+}
+_VLLM_NAMES = {
+    "batch_size": "[model] batch_size (vLLM --max-num-seqs)",
+    "max_total_tokens": "[model] max_total_tokens (vLLM --max-model-len)",
+    "max_input_tokens": "[model] max_input_tokens",
+    "auto_cast_type": "[model] auto_cast_type (vLLM --dtype)",
+}
+
+VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+"""Our dtype names -> vLLM's ``--dtype`` choices (vllm 0.11.0, config/model.py
+``ModelDType``); optimum-neuron passes ``str(torch_dtype).split(".")[-1]``, the same
+names (0.4.5, optimum/commands/neuron/serve.py)."""
+
+
+def vllm_dtype(value: str | None) -> str | None:
+    """``bf16`` -> ``bfloat16``; an unknown name is passed through for vLLM to judge."""
+    normal = normalize_dtype(value)
+    return VLLM_DTYPES.get(normal, normal) if normal else None
 
 
 def export_differences(

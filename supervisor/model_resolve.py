@@ -75,6 +75,22 @@ def resolve_model(
                 "first, or fix MODEL_ID"
             )
 
+    if (
+        fleet.engine == "vllm"
+        and hardware
+        and read_model
+        and model.id
+        and path is None
+        and not _looks_like_path(model.id)
+    ):
+        # optimum-neuron's vLLM loader exports a Hub model that is not a Neuron export, from
+        # the Hub cache, in every server it starts (0.4.5, optimum/neuron/vllm/model_loader.py).
+        warnings.append(
+            f"[model] id {model.id!r} is a Hub id: every vLLM replica exports it (or fetches a "
+            "cached export) from the Hub at each start and restart; export it once instead: "
+            f'[model] source = "{model.id}", id = a local folder, then `neuron-fleet export`'
+        )
+
     info = None
     if path is not None and read_model:
         try:
@@ -89,8 +105,9 @@ def resolve_model(
             )
         if info is None and hardware and not errors:
             warnings.append(
-                f"{path} has no neuron_config.json: TGI will compile it at every start (slow); "
-                "run `neuron-fleet export` once"
+                f"{path} has no neuron_config.json: "
+                f"{'vLLM' if fleet.engine == 'vllm' else 'TGI'} will compile it at every start "
+                "(slow); run `neuron-fleet export` once"
             )
 
     # cores per replica: [fleet] > HF_NUM_CORES > compiled tp_degree
@@ -116,10 +133,16 @@ def resolve_model(
             max_total_tokens=model.max_total_tokens,
             max_input_tokens=model.max_input_tokens,
             auto_cast_type=model.auto_cast_type,
+            engine=fleet.engine,
         )
     batch = model.batch_size or (info.batch_size if info else None)
     total = model.max_total_tokens or (info.sequence_length if info else None)
-    max_input = model.max_input_tokens or (info.default_max_input_tokens if info else None)
+    if fleet.engine == "vllm":
+        # vLLM admits any prompt shorter than --max-model-len (vllm 0.11.0,
+        # entrypoints/openai/serving_engine.py ``_validate_input``): no TGI-style halving.
+        max_input = model.max_input_tokens or (total - 1 if total and total > 1 else None)
+    else:
+        max_input = model.max_input_tokens or (info.default_max_input_tokens if info else None)
     dtype = model.auto_cast_type or (info.dtype if info else None)
     prefill = model.max_batch_prefill_tokens
     if prefill is None and batch and max_input:

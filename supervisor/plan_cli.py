@@ -13,7 +13,14 @@ import os
 import sys
 from typing import Any
 
-from supervisor.config import LAUNCHERS, ConfigError, FleetConfig, load_config, uses_metrics_port
+from supervisor.config import (
+    ENGINES,
+    LAUNCHERS,
+    ConfigError,
+    FleetConfig,
+    load_config,
+    uses_metrics_port,
+)
 from supervisor.launchers import launch_spec
 from supervisor.neuron import NeuronLsError, format_devices, read_neuron_ls_file
 
@@ -32,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cores-per-replica", type=int, metavar="C", help="NeuronCores per replica"
     )
     parser.add_argument("--launcher", choices=LAUNCHERS, help="override [fleet] launcher")
+    parser.add_argument("--engine", choices=ENGINES, help="override [fleet] engine")
     parser.add_argument(
         "--neuron-ls",
         metavar="FILE",
@@ -52,6 +60,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
             "replicas": getattr(args, "replicas", None),
             "cores_per_replica": getattr(args, "cores_per_replica", None),
             "launcher": getattr(args, "launcher", None),
+            "engine": getattr(args, "engine", None),
         }
     }
 
@@ -100,6 +109,7 @@ def plan_document(config: FleetConfig) -> dict[str, Any]:
         )
     return {
         "launcher": config.fleet.launcher,
+        "engine": config.fleet.engine,
         "inventory": config.plan.inventory,
         "replicas": replicas,
         "balancer": {"listen": f"{config.balancer.host}:{config.balancer.port}"},
@@ -126,14 +136,16 @@ def format_plan(config: FleetConfig) -> str:
         f"limits:    batch {_known(model.batch_size)}, max_input_tokens "
         f"{_known(model.max_input_tokens)}, max_total_tokens {_known(model.max_total_tokens)}, "
         f"max_concurrent_requests {model.max_concurrent_requests}",
-        f"launcher:  {config.fleet.launcher}",
+        f"launcher:  {config.fleet.launcher} (engine {config.fleet.engine})",
         f"balancer:  {config.balancer.host}:{config.balancer.port} ({config.balancer.policy}, "
         f"{config.balancer.max_inflight_per_replica} in flight per replica)",
         "",
     ]
     header = ("REPLICA", "CORES", "DEVICES", "PORT", "METRICS", "COMMAND")
     rows = [header]
-    metrics = uses_metrics_port(config.fleet.launcher, config.launcher.command.template)
+    metrics = uses_metrics_port(
+        config.fleet.launcher, config.launcher.command.template, config.fleet.engine
+    )
     for replica in config.plan.replicas:
         spec = launch_spec(replica, config)
         rows.append(

@@ -102,6 +102,14 @@ def native_versions(
     return _parse(_run([python, "-c", VERSIONS_CODE], runner), python)
 
 
+def python_versions(python: str, *, runner: Runner = subprocess.run) -> RuntimeVersions:
+    """What ``python`` imports: vLLM's Python for the native launcher with engine vllm."""
+    found = shutil.which(python)
+    if found is None:
+        raise VersionQueryError(f"{python!r} is not on PATH")
+    return _parse(_run([found, "-c", VERSIONS_CODE], runner), found)
+
+
 def mismatch(info: NeuronModelInfo, runtime: RuntimeVersions) -> str | None:
     """Why the replicas would refuse this export (None: they load it)."""
     differs = []

@@ -22,11 +22,19 @@ from supervisor.model import NeuronModelInfo
 from supervisor.neuron import DEFAULT_CORES_PER_DEVICE
 
 LAUNCHERS = ("docker", "native", "simulated", "command")
+ENGINES = ("tgi", "vllm")
+"""What the replicas run: TGI's Neuron server, or vLLM with optimum-neuron's plugin."""
 WHOLE_DEVICE_LAUNCHERS = frozenset({"docker"})
 """Launchers that hand a replica whole /dev/neuronN devices rather than a core range."""
 POLICIES = ("least-outstanding", "round-robin", "least-work")
 COMMAND_PLACEHOLDERS = ("port", "cores", "devices", "model", "metrics_port", "name", "host")
 DEFAULT_IMAGE = "ghcr.io/huggingface/text-generation-inference:latest-neuron"
+DEFAULT_VLLM_IMAGE = (
+    "763104351884.dkr.ecr.us-west-2.amazonaws.com/huggingface-vllm-inference-neuronx:"
+    "0.11.0-optimum0.4.4-neuronx-py310-sdk2.26.1-ubuntu22.04"
+)
+"""optimum-neuron's vLLM image (optimum-neuron main, docs/source/containers.mdx: vLLM 0.11.0,
+optimum-neuron 0.4.4, Neuron SDK 2.26.1); other regions: the same tag under their account."""
 SIMULATED_MODEL_ID = "neuron-fleet/simulated"
 REDACTED = "***"
 
@@ -69,6 +77,10 @@ class ModelConfig:
     """HF_AUTO_CAST_TYPE (bf16, fp16, fp32); default: the compiled type."""
     max_concurrent_requests: int = 128
     """MAX_CONCURRENT_REQUESTS per replica (queued + running; beyond it TGI answers 429)."""
+    served_model_name: str | None = None
+    """vLLM ``--served-model-name``: the name clients send as ``model`` (vLLM answers 404 to
+    any other); default: ``id`` as written, as ``optimum-cli neuron serve`` does with
+    ``--model``. TGI ignores it."""
     tokenizer: str | None = None
     """Folder the balancer counts prompt tokens with; default: the model folder if it has one."""
     source: str | None = None
@@ -93,6 +105,9 @@ class FleetSettings:
     core_groups: tuple[str, ...] = ()
     """Explicit ranges ("0-7", "8-15"); empty: contiguous C-aligned groups from core 0."""
     launcher: str = "docker"
+    engine: str = "tgi"
+    """``tgi``: TGI's Neuron server; ``vllm``: vLLM with optimum-neuron's plugin (the command
+    and image of ``optimum-cli neuron serve``)."""
     host: str = "127.0.0.1"
     base_port: int = 8081
     metrics_base_port: int = 9081
@@ -123,7 +138,8 @@ class FleetSettings:
 @dataclass(frozen=True)
 class DockerLauncherConfig:
     binary: str = "docker"
-    image: str = DEFAULT_IMAGE
+    image: str = ""
+    """Empty: the engine's image (DEFAULT_IMAGE for tgi, DEFAULT_VLLM_IMAGE for vllm)."""
     data_dir: str | None = None
     """Host folder mounted at /data (the compose file's ``$PWD:/data``); default: the
     parent of a local model folder."""
@@ -139,8 +155,13 @@ class DockerLauncherConfig:
 @dataclass(frozen=True)
 class NativeLauncherConfig:
     binary: str = "text-generation-launcher"
+    """TGI's launcher (engine tgi)."""
     shard_uds_dir: str = "/tmp"
+    python: str = "python3"
+    """The Python that runs vLLM (engine vllm): the one optimum-neuron[vllm] is installed in,
+    e.g. ``/opt/aws_neuronx_venv_pytorch_2_7/bin/python`` on the Hugging Face Neuron AMI."""
     extra_args: tuple[str, ...] = ()
+    """More arguments for the engine's server (TGI's launcher, or vLLM's api_server)."""
 
 
 @dataclass(frozen=True)
@@ -221,6 +242,8 @@ def check_fleet_values(fleet: FleetSettings, launcher: LauncherConfig) -> list[s
     errors = []
     if fleet.launcher not in LAUNCHERS:
         errors.append(not_one_of("[fleet] launcher", fleet.launcher, LAUNCHERS))
+    if fleet.engine not in ENGINES:
+        errors.append(not_one_of("[fleet] engine", fleet.engine, ENGINES))
     positive = {
         "replicas": fleet.replicas,
         "cores_per_replica": fleet.cores_per_replica,
@@ -258,9 +281,14 @@ def check_fleet_values(fleet: FleetSettings, launcher: LauncherConfig) -> list[s
                 f"[fleet] host = {fleet.host!r}: docker publishes ports on an IP address, "
                 'not a name: use "127.0.0.1"'
             )
-    if fleet.launcher == "docker" and not launcher.docker.image:
-        errors.append("[launcher.docker] image is empty: set it (e.g. " + DEFAULT_IMAGE + ")")
     return errors
+
+
+def docker_image(fleet: FleetSettings, docker: DockerLauncherConfig) -> str:
+    """The image the docker launcher runs: the one configured, else the engine's."""
+    if docker.image:
+        return docker.image
+    return DEFAULT_VLLM_IMAGE if fleet.engine == "vllm" else DEFAULT_IMAGE
 
 
 def check_command_template(template: str) -> list[str]:

@@ -347,6 +347,30 @@ def test_plan_command_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert document["replicas"][0]["env"]["NEURON_RT_VISIBLE_CORES"] == "0-7"
 
 
+def test_plan_shows_the_vllm_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "fleet.toml"
+    path.write_text(PLAN_TOML)
+    neuron_ls = str(FIXTURES / "inf2.48xlarge.json")
+    args = ["plan", "--config", str(path), "--neuron-ls", neuron_ls, "--no-host-checks"]
+
+    assert cli.main([*args, "--engine", "vllm"]) == 0
+    table = capsys.readouterr().out
+    assert "launcher:  native (engine vllm)" in table
+    row = next(line for line in table.splitlines() if line.startswith("replica-1"))
+    assert row.split()[3:5] == ["8082", "-"]  # vLLM serves /metrics on its API port
+    assert "NEURON_RT_VISIBLE_CORES=8-15 VLLM_WORKER_MULTIPROC_METHOD=spawn" in row
+    assert "python3 -m vllm.entrypoints.openai.api_server --host 127.0.0.1 --port 8082" in row
+    assert "--tensor-parallel-size 8 --max-num-seqs 8 --max-model-len 16512" in row
+
+    assert cli.main([*args, "--engine", "vllm", "--launcher", "docker", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["engine"] == "vllm"
+    argv = document["replicas"][2]["argv"]
+    assert argv[-1].split("/")[-1].startswith("huggingface-vllm-inference-neuronx:0.11.0-")
+    assert "127.0.0.1:8083:8080" in argv and "SM_ON_MAX_NUM_SEQS=8" not in argv
+    assert "SM_ON_BATCH_SIZE=8" in argv and "SM_ON_SEQUENCE_LENGTH=16512" in argv
+
+
 def test_plan_command_invalid_exits_2_with_every_problem(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1,0 +1,402 @@
+"""``optimum-cli neuron serve ... [--data-parallel-size N]`` for ``neuron-fleet import``: the
+same model, replicas, cores and ports as a fleet.toml with ``engine = "vllm"``.
+
+What optimum-neuron does with that command line (optimum-neuron main and 0.4.5,
+optimum/commands/neuron/serve.py; optimum/neuron/vllm/server_manager.py):
+
+    --model M, --served_model_name  -> [model] id, served_model_name
+    --batch_size, --sequence_length -> [model] batch_size, max_total_tokens (vLLM
+                                       --max-num-seqs, --max-model-len)
+    --tensor_parallel_size          -> [fleet] cores_per_replica
+    --data-parallel-size N          -> [fleet] replicas = N, on consecutive core ranges of
+                                       NEURON_RT_VISIBLE_CORES (from core 0 when unset)
+    --port P                        -> [balancer] listen = 0.0.0.0:P (its proxy, or the one
+                                       server, listens on every interface); the servers on
+                                       127.0.0.1:P+1 .. P+N -> base_port = P + 1
+    any other argument              -> vLLM's (``_unknown_args``): --max-num-seqs,
+                                       --max-model-len, --dtype, --revision are read, the
+                                       rest is carried into [launcher.native] extra_args
+
+optimum-neuron's vLLM image runs the same command from SM_ON_* variables: each
+``SM_ON_NAME=value`` becomes ``--name value`` (lower-cased) after ``--port 8080``, before
+the container's own arguments (docker/vllm/Dockerfile, entrypoint.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from supervisor.import_common import (
+    SERVICE_ENV_FILE,
+    ImportProblem,
+    ImportResult,
+    Notes,
+    is_secret,
+    written_header,
+)
+from supervisor.import_toml import TomlWriter
+from supervisor.model import normalize_dtype
+from supervisor.neuron import format_core_range, parse_core_range
+from supervisor.vllm import SM_ON_PREFIX, VLLM_IMAGE_PORT
+
+OPTIMUM_DEFAULT_PORT = 8080
+"""``optimum-cli neuron serve --port`` default (serve.py)."""
+PUBLIC_HOST = "0.0.0.0"
+"""RoundRobinProxy's ``listen_host`` default (reverse_proxy.py); vLLM's server binds every
+interface when --host is not given (vllm 0.11.0, entrypoints/openai/cli_args.py)."""
+
+
+@dataclass
+class ServeCommand:
+    """An ``optimum-cli neuron serve`` invocation, as optimum-neuron parses it."""
+
+    model: str
+    served_model_name: str | None = None
+    task: str = "generate"
+    tensor_parallel_size: int | None = None
+    batch_size: int | None = None
+    sequence_length: int | None = None
+    port: int = OPTIMUM_DEFAULT_PORT
+    data_parallel_size: int = 1
+    allow_non_cached_model: bool = False
+    vllm_args: list[str] = field(default_factory=list)
+    """What optimum-cli passes on to vLLM untouched (its ``_unknown_args``)."""
+    visible_cores: str | None = None
+    """NEURON_RT_VISIBLE_CORES=... written before the command, if any."""
+    from_image: bool = False
+    """Configured by SM_ON_* variables (optimum-neuron's vLLM image) rather than a shell."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    """optimum-cli neuron serve's own arguments (serve.py ``ServeCommand.parse_args``)."""
+    parser = argparse.ArgumentParser(prog="optimum-cli neuron serve", add_help=False)
+    add = parser.add_argument
+    add("-m", "--model")
+    add("--served_model_name", "--served-model-name", dest="served_model_name")
+    add("--task", default="generate")
+    add("--tensor_parallel_size", "--tensor-parallel-size", dest="tensor_parallel_size", type=int)
+    add("--batch_size", "--batch-size", dest="batch_size", type=int)
+    add("--sequence_length", "--sequence-length", dest="sequence_length", type=int)
+    add("--port", type=int, default=OPTIMUM_DEFAULT_PORT)
+    add("--data-parallel-size", dest="data_parallel_size", type=int, default=1)
+    add("--allow_non_cached_model", "--allow-non-cached-model", action="store_true")
+    return parser
+
+
+def sm_on_arguments(env: Mapping[str, str]) -> list[str]:
+    """The arguments the image's entry point builds from SM_ON_* (in ``env``'s order)."""
+    args: list[str] = []
+    for key, value in env.items():
+        if key.startswith(SM_ON_PREFIX):
+            args.append("--" + key[len(SM_ON_PREFIX) :].lower())
+            if value:
+                args.append(value)
+    return args
+
+
+def parse_serve(command_line: str, sm_env: Mapping[str, str] | None = None) -> ServeCommand:
+    """``command_line`` (``optimum-cli neuron serve ...``, maybe after VAR=value words) and the
+    image's SM_ON_* variables -> ServeCommand; raises ImportProblem."""
+    try:
+        words = shlex.split(command_line)
+    except ValueError as exc:
+        problem = f"the serve command line cannot be split like a shell's: {exc}"
+        raise ImportProblem([problem]) from None
+    assignments: dict[str, str] = {}
+    while words and "=" in words[0] and not words[0].startswith("-"):
+        name, _, value = words.pop(0).partition("=")
+        assignments[name] = value
+    if words[:3] == ["optimum-cli", "neuron", "serve"]:
+        words = words[3:]
+    elif words and not words[0].startswith("-"):
+        raise ImportProblem(
+            [
+                f"not an `optimum-cli neuron serve` command line: it starts with {words[0]!r} "
+                '(give e.g. "optimum-cli neuron serve --model /models/llama '
+                '--data-parallel-size 3")'
+            ]
+        )
+    image_args = sm_on_arguments(sm_env or {})
+    from_image = bool(image_args)
+    if from_image:
+        # entrypoint.sh: ARGS=(--port 8080) + SM_ON_* arguments, then the container's own.
+        words = ["--port", str(VLLM_IMAGE_PORT), *image_args, *words]
+    known, unknown = _parser().parse_known_args(words)
+    if not known.model:
+        raise ImportProblem(
+            ["no --model in the serve command (nor SM_ON_MODEL): the model to serve is needed"]
+        )
+    problems = []
+    for name in ("data_parallel_size", "tensor_parallel_size", "batch_size", "sequence_length"):
+        value = getattr(known, name)
+        if value is not None and value < 1:
+            problems.append(f"--{name.replace('_', '-')} = {value}: must be at least 1")
+    if problems:
+        raise ImportProblem(problems)
+    return ServeCommand(
+        model=known.model,
+        served_model_name=known.served_model_name,
+        task=known.task,
+        tensor_parallel_size=known.tensor_parallel_size,
+        batch_size=known.batch_size,
+        sequence_length=known.sequence_length,
+        port=known.port,
+        data_parallel_size=known.data_parallel_size,
+        allow_non_cached_model=known.allow_non_cached_model,
+        vllm_args=unknown,
+        visible_cores=assignments.get("NEURON_RT_VISIBLE_CORES"),
+        from_image=from_image,
+    )
+
+
+# vLLM arguments with a fleet.toml key (vllm 0.11.0, engine/arg_utils.py): flag -> key.
+_VLLM_KEYS = {
+    "--max-num-seqs": "batch_size",
+    "--max-model-len": "max_total_tokens",
+    "--dtype": "auto_cast_type",
+    "--revision": "revision",
+    "--host": "host",
+}
+
+
+def _vllm_values(args: list[str], notes: Notes) -> tuple[dict[str, str], list[str]]:
+    """(values of the vLLM flags neuron-fleet sets itself, the arguments to carry over)."""
+    values: dict[str, str] = {}
+    carried: list[str] = []
+    i = 0
+    while i < len(args):
+        word = args[i]
+        name, eq, inline = word.partition("=")
+        flag = name.replace("_", "-") if name.startswith("--") else name
+        has_value = bool(eq) or (i + 1 < len(args) and not args[i + 1].startswith("-"))
+        value = inline if eq else (args[i + 1] if has_value else "")
+        step = 1 if eq or not has_value else 2
+        if flag in _VLLM_KEYS and has_value:
+            values[_VLLM_KEYS[flag]] = value
+        elif is_secret(flag.lstrip("-").replace("-", "_")):
+            notes.add(
+                f"{flag} is a secret: not copied; clients' keys go in NEURON_FLEET_API_KEYS "
+                f"({SERVICE_ENV_FILE}), and the replicas get a key of their own per run "
+                "([fleet] replica_auth)"
+            )
+        else:
+            carried += args[i : i + step]
+        i += step
+    return values, carried
+
+
+def _core_groups(command: ServeCommand, tp: int | None, notes: Notes) -> list[str]:
+    """The ranges VLLMServerManager gives the ranks when NEURON_RT_VISIBLE_CORES is set."""
+    if command.visible_cores is None or tp is None:
+        return []
+    try:
+        cores = list(parse_core_range(command.visible_cores))
+    except ValueError:
+        try:
+            cores = [int(c) for c in command.visible_cores.split(",")]
+        except ValueError:
+            notes.add(
+                f"NEURON_RT_VISIBLE_CORES={command.visible_cores} cannot be read: "
+                "set [fleet] core_groups yourself"
+            )
+            return []
+    n = command.data_parallel_size
+    groups = [cores[k * tp : (k + 1) * tp] for k in range(n)]
+    if any(len(g) < tp for g in groups):
+        notes.add(
+            f"NEURON_RT_VISIBLE_CORES={command.visible_cores} holds fewer than {n} x {tp} cores "
+            "(optimum-cli refuses it too): the default layout is written"
+        )
+        return []
+    contiguous = all(g == list(range(g[0], g[0] + tp)) for g in groups)
+    if not contiguous:
+        notes.add(
+            f"NEURON_RT_VISIBLE_CORES={command.visible_cores} gives a rank cores that are not "
+            "one range: neuron-fleet's groups are ranges; the default layout is written"
+        )
+        return []
+    ranges = [format_core_range(g) for g in groups]
+    default = [format_core_range(range(k * tp, (k + 1) * tp)) for k in range(n)]
+    return [] if ranges == default else ranges
+
+
+def import_serve(
+    command_line: str,
+    sm_env: Mapping[str, str] | None = None,
+    *,
+    sources: str = "",
+    env_source: str = "the env file",
+) -> ImportResult:
+    """The fleet.toml of an ``optimum-cli neuron serve`` deployment; raises ImportProblem."""
+    notes = Notes()
+    command = parse_serve(command_line, sm_env)
+    secret_notes(sm_env or {}, env_source, notes)
+    vllm, carried = _vllm_values(command.vllm_args, notes)
+    n = command.data_parallel_size
+    tp = command.tensor_parallel_size
+
+    model: dict[str, Any] = {"id": command.model}
+    if command.served_model_name and command.served_model_name != command.model:
+        model["served_model_name"] = command.served_model_name
+    if vllm.get("revision"):
+        model["revision"] = vllm["revision"]
+    # optimum-cli's own flags decide what it checks; vLLM's, appended after, decide what
+    # vLLM runs with: both must equal the export's, so either is the value.
+    batch = command.batch_size or _int(vllm.get("batch_size"), "--max-num-seqs", notes)
+    total = command.sequence_length or _int(vllm.get("max_total_tokens"), "--max-model-len", notes)
+    if batch:
+        model["batch_size"] = batch
+    if total:
+        model["max_total_tokens"] = total
+    if vllm.get("auto_cast_type"):
+        model["auto_cast_type"] = normalize_dtype(vllm["auto_cast_type"])
+
+    local = os.path.isabs(command.model) or command.model.startswith(".")
+    if not local:
+        notes.add(
+            f"--model {command.model} is a Hub id: optimum-cli exports it (or fetches a cached "
+            "export) at every start, once per server; with neuron-fleet export it once: set "
+            f'[model] source = "{command.model}" and id to a local folder, then run '
+            "`neuron-fleet export`; every replica, and every restart, loads that folder"
+        )
+    if command.allow_non_cached_model:
+        notes.add(
+            "--allow_non_cached_model: compiles a model the Hub cache lacks at every start; "
+            "`neuron-fleet export` compiles it once instead (not carried over)"
+        )
+    if command.task != "generate":
+        notes.add(
+            f"--task {command.task}: neuron-fleet starts vLLM with --task generate and balances "
+            "generation routes; serve embedding models with optimum-cli"
+        )
+    if tp is None:
+        notes.add(
+            "--tensor_parallel_size not given: [fleet] cores_per_replica is read from the "
+            "export's neuron_config.json (tp_degree) when the fleet loads"
+        )
+    host = PUBLIC_HOST if n > 1 else vllm.get("host", PUBLIC_HOST)
+    listen = f"[{host}]:{command.port}" if ":" in host else f"{host}:{command.port}"
+    if host == PUBLIC_HOST:
+        notes.add(
+            f'listen = "{listen}": optimum-cli served on every interface, and so does '
+            f'neuron-fleet; use "127.0.0.1:{command.port}" if only local clients need it; '
+            "on 0.0.0.0 `serve` refuses to start without NEURON_FLEET_API_KEYS (or [balancer] "
+            "allow_public_without_api_keys = true)"
+        )
+    base_port = command.port + 1  # _allocate_internal_ports: user port + 1 + rank
+    groups = _core_groups(command, tp, notes)
+    launcher = "docker" if command.from_image else "native"
+    if n > 1:
+        notes.add(
+            f"--data-parallel-size {n}: optimum-cli stops every server when one exits and "
+            "restarts none; neuron-fleet restarts the one that exited (with backoff) while the "
+            "others keep serving"
+        )
+        notes.add(
+            "optimum-cli's proxy sent requests round-robin with no slot cap, queue, timeout "
+            'or retry; neuron-fleet uses policy = "least-outstanding" with one request per '
+            "batch slot ([balancer] max_inflight_per_replica = batch_size), a queue, and "
+            "retries on another replica before the first token"
+        )
+    if carried:
+        notes.add("carried into [launcher.native] extra_args: " + shlex.join(carried))
+    if command.from_image:
+        notes.add(
+            'configured by SM_ON_* variables: launcher = "docker" runs optimum-neuron\'s '
+            "vLLM image the same way, one container per replica on its own devices"
+        )
+
+    w = TomlWriter(written_header(sources or "an optimum-cli neuron serve command"))
+    w.table("model")
+    w.key("id", model["id"], "--model (SM_ON_MODEL)" if command.from_image else "--model")
+    if not local:
+        w.commented_key("source", command.model, "then id = a local folder: neuron-fleet export")
+    comments = {
+        "served_model_name": "--served_model_name: what clients send as model",
+        "revision": "--revision",
+        "batch_size": "--batch_size = vLLM --max-num-seqs",
+        "max_total_tokens": "--sequence_length = vLLM --max-model-len",
+        "auto_cast_type": "--dtype",
+    }
+    for key, comment in comments.items():
+        if key in model:
+            w.key(key, model[key], comment)
+    w.table("fleet")
+    w.key("engine", "vllm", "vLLM with optimum-neuron's plugin, as optimum-cli runs it")
+    how = (
+        "container of optimum-neuron's vLLM image"
+        if command.from_image
+        else "python -m vllm.entrypoints.openai.api_server"
+    )
+    w.key("launcher", launcher, f"one {how} per replica")
+    w.key("replicas", n, "--data-parallel-size")
+    if tp:
+        w.key("cores_per_replica", tp, "--tensor_parallel_size")
+    if groups:
+        w.key("core_groups", groups, "NEURON_RT_VISIBLE_CORES split per rank, as optimum-cli")
+    w.key("host", "127.0.0.1", "replicas on loopback, as optimum-cli's servers")
+    w.key("base_port", base_port, "--port + 1, as optimum-cli's servers")
+    if not command.from_image:
+        w.table("launcher.native")
+        w.commented_key(
+            "python", "/opt/aws_neuronx_venv_pytorch_2_7/bin/python", "the one optimum-cli runs on"
+        )
+        if carried:
+            w.key("extra_args", carried, "vLLM arguments carried over from the command")
+        notes.add(
+            "[launcher.native] python: set it to the Python optimum-cli runs on (the #! line "
+            "of `which optimum-cli`) unless that is the python3 on PATH"
+        )
+    else:
+        w.table("launcher.docker")
+        w.commented_key("data_dir", "/host/folder", "the host folder the image saw at /data")
+        if local:
+            notes.add(
+                f"SM_ON_MODEL {command.model} is a path inside the container: set "
+                "[launcher.docker] data_dir (and data_mount, default /data) to the host folder "
+                "mounted there"
+            )
+        notes.add(
+            f"the image listened on {VLLM_IMAGE_PORT} inside its container: set [balancer] "
+            "listen to the host port clients used (docker run -p HOST_PORT:8080)"
+        )
+    if carried and command.from_image:
+        notes.add(
+            "the image takes vLLM arguments only through SM_ON_*: add them to "
+            "[launcher.docker] extra_args as -e SM_ON_NAME=value"
+        )
+    w.table("balancer")
+    w.key("listen", listen, "--port: where clients connect")
+    w.key("policy", "least-outstanding", "optimum-cli's proxy was round-robin")
+    return ImportResult(
+        toml=w.text(),
+        notes=notes.render(),
+        services=[f"rank {k}" for k in range(n)],
+        listen=listen,
+        replaces="OPTIMUM SERVER",
+    )
+
+
+def secret_notes(env: Mapping[str, str], source: str, notes: Notes) -> None:
+    """Secrets beside the SM_ON_* variables: named, never copied."""
+    for name in sorted(env):
+        if not name.startswith(SM_ON_PREFIX) and is_secret(name):
+            notes.add(
+                f"{name} is set in {source}: not copied into fleet.toml; keep it in the "
+                f"service's env file {SERVICE_ENV_FILE} (mode 0600)"
+            )
+
+
+def _int(text: str | None, flag: str, notes: Notes) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        notes.add(f"{flag} {text!r} is not a number: left out of fleet.toml")
+        return None
