@@ -43,7 +43,7 @@ for dir in __OVERLAID__; do
     -o "lowerdir=$dir,upperdir=$scratch/upper$name,workdir=$scratch/work$name" "$dir"
 done
 mkdir -p /usr/local/bin
-cp "$standins"/* /usr/local/bin/
+cp -a "$standins"/. /usr/local/bin/
 rc=0
 env -i PATH=__PATH__ HOME=/root LANG=C.UTF-8 bash "$script" >/var/log/script.out 2>&1 || rc=$?
 echo "$rc" >/var/log/script.rc
