@@ -110,7 +110,11 @@ def main(site: str, argv: list[str]) -> int:
         print(f"stand-in optimum-cli: only `export neuron`, not {argv[:2]}", file=sys.stderr)
         return 2
     args = export_parser(Path(site)).parse_args(argv[2:])  # exits 2 as the real one does
-    os.makedirs(os.path.join(args.output, "checkpoint"), exist_ok=True)
+    os.makedirs(args.output, exist_ok=True)
+    if os.path.isdir(args.model):
+        # optimum-neuron saves the sharded weights only for an export from a local folder
+        # (0.3.0 and 0.4.5, models/inference/backend/pretrained_model.py, _save_pretrained).
+        os.makedirs(os.path.join(args.output, "checkpoint"), exist_ok=True)
     tp = args.num_cores if getattr(args, "num_cores", None) else args.tensor_parallel_size
     config = {
         "batch_size": args.batch_size,
