@@ -50,6 +50,17 @@ def install_wheel(version: str, folder: Path) -> Path:
     return site
 
 
+def sites_or_skip(folder: Path) -> dict[str, Path]:
+    """engine -> its pinned wheel installed in ``folder``; skips the test when PyPI cannot be
+    reached (the checks need the real wheels, about 0.5 MB each)."""
+    import pytest
+
+    try:
+        return {engine: install_wheel(version, folder) for engine, version in PINS.items()}
+    except OSError as exc:
+        pytest.skip(f"cannot fetch the pinned optimum-neuron wheels from PyPI: {exc}")
+
+
 def _literal(path: Path, name: str) -> object:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     for node in tree.body:

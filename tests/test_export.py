@@ -17,7 +17,6 @@ from supervisor.export_cli import EXPORT_MARKER, docker_export_argv, job_from_co
 from tests import optimum_wheels
 from tests.conftest import IMAGE, TGI_33
 from tests.helpers_tokenizer import build_tiny_tokenizer
-from tests.optimum_wheels import install_wheel
 
 TESTS = Path(__file__).resolve().parent
 FAKEBIN = TESTS / "fakebin"
@@ -113,12 +112,8 @@ def test_a_local_source_folder_is_mounted_not_fetched(tmp_path: Path, fake_docke
 
 @pytest.fixture(scope="session")
 def optimum_sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """engine -> the pinned optimum-neuron wheel installed --no-deps (about 0.5 MB each)."""
-    folder = tmp_path_factory.mktemp("optimum-wheels")
-    try:
-        return {engine: install_wheel(v, folder) for engine, v in optimum_wheels.PINS.items()}
-    except OSError as exc:  # offline: the checks below need the real wheels
-        pytest.skip(f"cannot fetch the pinned optimum-neuron wheels from PyPI: {exc}")
+    """engine -> the pinned optimum-neuron wheel installed --no-deps."""
+    return optimum_wheels.sites_or_skip(tmp_path_factory.mktemp("optimum-wheels"))
 
 
 def test_pins_agree_with_pyproject_and_export_cli() -> None:
