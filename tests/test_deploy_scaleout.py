@@ -300,6 +300,9 @@ def test_user_data_is_valid_bash_with_a_loadable_fleet_toml(tmp_path: Path) -> N
     by_port = {rule["FromPort"]: rule for rule in ingress}
     assert "SourceSecurityGroupId" in by_port[config.balancer.port]  # the ALB's
     assert metrics_port != config.balancer.port and "CidrIp" in by_port[metrics_port]
+    scrape = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())["scrape_configs"]
+    (hosts,) = [job for job in scrape if job["job_name"] == "neuron-fleet-ec2"]
+    assert hosts["ec2_sd_configs"][0]["port"] == metrics_port
     assert props["Listener"]["Properties"]["Port"] == 80
     tg = props["TargetGroup"]["Properties"]
     attributes = {a["Key"]: a["Value"] for a in tg["TargetGroupAttributes"]}
