@@ -466,8 +466,7 @@ def test_example_config_reproduces_the_blog_deployment() -> None:
     assert config.fleet.launcher == "docker"
     # The blog's image, pinned to the tag TGI's docs name (tests/test_deploy_scaleout.py).
     assert (
-        config.launcher.docker.image
-        == "ghcr.io/huggingface/text-generation-inference:3.3.5-neuron"
+        config.launcher.docker.image == "ghcr.io/huggingface/text-generation-inference:3.3.5-neuron"
     )
     assert (
         config.model.batch_size,
