@@ -254,3 +254,29 @@ def test_plan_warns_about_an_export_without_weights(
     (folder / "checkpoint").mkdir()
     assert cli.main(args) == 0
     assert "holds no weights" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("engine", sorted(optimum_wheels.PINS))
+def test_each_engine_extra_installs_beside_neuron_fleet(
+    engine: str, optimum_sites: dict[str, Path]
+) -> None:
+    """The pinned wheel's own requirements (its METADATA) meet neuron-fleet's: the
+    transformers it requires is inside our range, and vllm is the one the extra names.
+    (`pip install --dry-run '.[tgi-neuron]'` / `'.[vllm-neuron]'` resolve too, docs/scale-out.md;
+    too slow for every CI run.)"""
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((TESTS.parent / "pyproject.toml").read_text())["project"]
+    ours = {Requirement(r).name: Requirement(r).specifier for r in project["dependencies"]}
+    (info,) = optimum_sites[engine].glob("optimum_neuron-*.dist-info")
+    needs = [
+        Requirement(line.removeprefix("Requires-Dist: "))
+        for line in (info / "METADATA").read_text().splitlines()
+        if line.startswith("Requires-Dist: ")
+    ]
+    (transformers,) = [r for r in needs if r.name == "transformers" and not r.marker]
+    lowest = min(s.version for s in transformers.specifier)
+    assert lowest in ours["transformers"], (str(transformers), str(ours["transformers"]))
+    if engine == "vllm":
+        (vllm,) = [r for r in needs if r.name == "vllm"]
+        assert str(vllm.specifier) == "==0.11.0" and vllm.marker is not None  # extra == "vllm"
