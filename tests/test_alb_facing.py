@@ -85,3 +85,21 @@ async def test_metrics_listen_port_taken_fails_the_start(scripted, balancer):
         port = taken.getsockname()[1]
         with pytest.raises(OSError):
             await balancer([url], metrics_listen=f"{LOOPBACK}:{port}")
+
+
+def test_metrics_listen_is_validated(tmp_path) -> None:
+    from supervisor.config import ConfigError, load_config
+
+    def load(balancer: str):
+        path = tmp_path / "fleet.toml"
+        path.write_text(
+            '[model]\nid = "m"\n[fleet]\nlauncher = "simulated"\ncores_per_replica = 2\n'
+            f'[balancer]\nlisten = "127.0.0.1:8080"\n{balancer}\n'
+        )
+        return load_config(str(path), env={}, check_host=False, read_model=False)
+
+    assert load('metrics_listen = "127.0.0.1:9400"').balancer.metrics_listen == "127.0.0.1:9400"
+    with pytest.raises(ConfigError, match="metrics_listen port 8080 is the listen port"):
+        load('metrics_listen = "0.0.0.0:8080"')
+    with pytest.raises(ConfigError, match="metrics_listen = 'nine' is not HOST:PORT"):
+        load('metrics_listen = "nine"')

@@ -360,3 +360,34 @@ def test_as_root_a_missing_docker_group_is_an_error_not_papered_over(tmp_path: P
     assert report["rc"] == 1, report["log"]
     assert "group 'docker' does not exist: install docker first" in report["log"]
     assert report["groups"]["docker"]["rc"] != 0  # not created by install-service
+
+
+def test_as_root_into_a_prefix_with_account_files_uses_useradd_prefix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A staged root that has account files (an image being built) gets them there, with
+    shadow's --prefix; this machine's own accounts are not touched."""
+    import pwd
+    import shutil
+
+    if os.geteuid() != 0:
+        pytest.skip("useradd/groupadd need root (the throwaway-root tests cover this path too)")
+    prefix = tmp_path / "image"
+    (prefix / "etc").mkdir(parents=True)
+    for name in ("passwd", "group", "shadow", "gshadow", "login.defs"):
+        if Path("/etc", name).exists():
+            shutil.copy2(Path("/etc", name), prefix / "etc" / name)
+    source = tmp_path / "fleet.toml"
+    source.write_text(
+        '[model]\nid = "/var/lib/neuron-fleet/models/m"\n[fleet]\nlauncher = "native"\n'
+    )
+    user = "nf-prefix-test"
+    rc, out = run_install(
+        capsys, "--prefix", str(prefix), "--config-source", str(source), "--user", user
+    )
+    assert rc == 0, out
+    assert f"created        user {user}" in out and "created        group neuron" in out
+    entry = [ln for ln in (prefix / "etc/passwd").read_text().splitlines() if ln.startswith(user)]
+    assert len(entry) == 1 and entry[0].endswith(":/var/lib/neuron-fleet:/usr/sbin/nologin")
+    with pytest.raises(KeyError):
+        pwd.getpwnam(user)  # the machine's own /etc/passwd: untouched
