@@ -23,7 +23,7 @@ import pytest
 
 from tests.test_deploy import ROOT, require_tool
 from tests.test_deploy_scaleout import load_fleet, template
-from tests.throwaway_root import run_in_throwaway_root
+from tests.throwaway_root import CLOUD_INIT_PATH, run_in_throwaway_root
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -165,8 +165,31 @@ def stand_in_wheel(path: Path) -> None:
             wheel.writestr(name, text)
 
 
+def chosen_python() -> str | None:
+    """The Python the user data will pick on this machine (its own rule), or None."""
+    import shutil
+    import subprocess
+
+    for candidate in ("python3.13", "python3.12", "python3.11", "python3"):
+        found = shutil.which(candidate, path=CLOUD_INIT_PATH)
+        if found:
+            probe = subprocess.run(
+                [found, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if probe.returncode == 0 and tuple(map(int, probe.stdout.split("."))) >= (3, 11):
+                return probe.stdout.strip()
+    return None
+
+
 def boot(tmp_path: Path, *, with_model: bool = True) -> dict:
     """One boot of an instance: the user data, then what it left behind."""
+    # The stand-in wheel reuses this venv's packages (compiled for this Python's version).
+    here = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    if chosen_python() != here:
+        pytest.skip(f"the user data would pick Python {chosen_python()}, these tests run {here}")
     s3 = tmp_path / "s3" / "fleet-artifacts"
     (s3 / "models").mkdir(parents=True)
     stand_in_wheel(s3 / WHEEL)
