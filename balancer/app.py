@@ -444,6 +444,13 @@ async def _before_head(
         response.headers["Connection"] = "close"
 
 
+def create_metrics_app(balancer: Balancer) -> web.Application:
+    """The ``metrics_listen`` listener's app: ``GET /metrics`` and nothing else."""
+    app = web.Application()
+    app.router.add_get("/metrics", balancer.metrics_endpoint, allow_head=False)
+    return app
+
+
 def create_app(balancer: Balancer) -> web.Application:
     app = web.Application(
         client_max_size=balancer.config.max_body_bytes,
@@ -465,7 +472,8 @@ def create_app(balancer: Balancer) -> web.Application:
         # HEAD too: load balancers and uptime probes often check with HEAD.
         app.router.add_get(path, balancer.health, allow_head=True, expect_handler=expect_handler)
     get("/live", balancer.live)
-    get("/metrics", balancer.metrics_endpoint)
+    if not balancer.config.metrics_listen:  # else only on its own port (server.py)
+        get("/metrics", balancer.metrics_endpoint)
     from balancer.admin import add_admin_routes
 
     add_admin_routes(app, balancer)

@@ -25,6 +25,10 @@ class UpstreamSpec:
 class BalancerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
+    metrics_listen: str | None = None
+    """``HOST:PORT`` of a second listener that serves only ``/metrics``; the main one then
+    has no ``/metrics``, so a load balancer forwarding the main port (an ALB) never exposes
+    it, and Prometheus scrapes this port directly. None: ``/metrics`` on the main port."""
     upstreams: tuple[UpstreamSpec, ...] = ()
 
     engine: str = "tgi"

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from balancer import token_file
 from balancer.admin import FLEET_KEY, FleetControl
-from balancer.app import Balancer, create_app
+from balancer.app import Balancer, create_app, create_metrics_app
 from balancer.config import BalancerConfig
 from balancer.connections import CappedTCPSite
 from balancer.health import HealthChecker
@@ -68,6 +68,9 @@ class BalancerServer:
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.bound_port: int | None = None
+        self._metrics_runner: web.AppRunner | None = None
+        self.metrics_port: int | None = None
+        """Where ``/metrics`` is served when ``metrics_listen`` is set (port 0: the one bound)."""
 
     async def start(self) -> None:
         """Bind and serve; raises OSError when the address is taken."""
@@ -119,6 +122,12 @@ class BalancerServer:
         server = getattr(site, "_server", None)
         sockets = getattr(server, "sockets", None) or []
         self.bound_port = sockets[0].getsockname()[1] if sockets else cfg.port
+        if cfg.metrics_listen:
+            try:
+                await self._start_metrics(cfg.metrics_listen)
+            except OSError:
+                await self._cleanup()
+                raise
         if self.generated_admin_token:
             self._save_admin_token()
         health = HealthChecker(cfg, self.registry, self._session)
@@ -227,6 +236,20 @@ class BalancerServer:
         self._tasks = []
         await self._cleanup()
 
+    async def _start_metrics(self, listen: str) -> None:
+        """``/metrics`` alone on ``metrics_listen`` (see BalancerConfig.metrics_listen)."""
+        assert self.balancer is not None
+        host, _, port = listen.rpartition(":")
+        self._metrics_runner = web.AppRunner(
+            create_metrics_app(self.balancer), access_log=None, shutdown_timeout=1.0
+        )
+        await self._metrics_runner.setup()
+        site = web.TCPSite(self._metrics_runner, host.strip("[]") or None, int(port))
+        await site.start()
+        server = getattr(site, "_server", None)
+        sockets = getattr(server, "sockets", None) or []
+        self.metrics_port = sockets[0].getsockname()[1] if sockets else int(port)
+
     async def _cleanup(self) -> None:
         if self.generated_admin_token and self.bound_port is not None:
             assert self.config.admin_token
@@ -234,6 +257,9 @@ class BalancerServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+            self._metrics_runner = None
         if self.balancer is not None:
             self.balancer.relay.pool.close()
         if self._session is not None:

@@ -230,6 +230,16 @@ def load_config(
             listen = split_listen(balancer_raw.pop("listen"))
         except ValueError as exc:
             errors.append(f"[balancer] {exc}")
+    if balancer_raw.get("metrics_listen"):
+        try:
+            metrics_at = split_listen(str(balancer_raw["metrics_listen"]))
+            if metrics_at[1] and metrics_at[1] == listen[1]:
+                errors.append(
+                    f"[balancer] metrics_listen port {metrics_at[1]} is the listen port: give "
+                    "/metrics a port of its own (one the front load balancer does not forward)"
+                )
+        except ValueError as exc:
+            errors.append(f"[balancer] metrics_{exc}")
     if balancer_raw.get("policy", "least-outstanding") not in POLICIES:
         errors.append(not_one_of("[balancer] policy", balancer_raw["policy"], POLICIES))
     try:

@@ -8,8 +8,12 @@ load-only; a matching export (same shape, same optimum-neuron and compiler) is r
 One optimum-neuron for export and serving: optimum-neuron loads only exports made by its
 own version and compiler (see runtime_versions.py). So with the docker launcher the export
 runs inside the serving image by default (the blog's way: its optimum-cli, its neuronx-cc);
-``--host`` compiles with optimum-neuron in this Python instead (the ``neuron-fleet[neuron]``
-extra, imported only here), which suits the native launcher.
+``--host`` runs the ``optimum-cli`` of this Python instead, which suits the native launcher:
+the one of the engine's extra (``neuron-fleet[tgi-neuron]``: optimum-neuron 0.3.0, what
+TGI's Neuron server imports; ``neuron-fleet[vllm-neuron]``: 0.4.5 with vllm 0.11.0), checked
+before it runs. Both paths build the same ``optimum-cli export neuron`` command line
+(``optimum_cli_args``), whose flags and choices tests/test_export.py checks against the
+argparse definition in each pinned wheel.
 
 Starts load, never download: the checkpoint is first fetched into the persistent Hub cache
 (``[launcher.docker] hub_cache``, or the host's HF cache) and the export is made from that
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -44,11 +49,19 @@ from supervisor.runtime_versions import (
 SOURCE_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
 """What is fetched from the Hub: config, safetensors weights, tokenizer (not *.bin, not the
 ``original/`` consolidated .pth files some repositories also carry)."""
+ENGINE_OPTIMUM_NEURON = {"tgi": "0.3.0", "vllm": "0.4.5"}
+"""The optimum-neuron each engine's replicas run natively, pinned by the extras in
+pyproject.toml (``tgi-neuron``, ``vllm-neuron``; the reasons are there)."""
+ENGINE_EXTRA = {"tgi": "tgi-neuron", "vllm": "vllm-neuron"}
+AUTO_CAST_TYPES = ("bf16", "fp16", "tf32")
+"""``optimum-cli export neuron --auto_cast_type`` choices, the same in optimum-neuron 0.3.0
+and 0.4.5 (optimum/commands/export/neuronx.py); there is no fp32."""
 MISSING_EXTRA = (
     "optimum-neuron is not installed: pip install 'neuron-fleet[neuron]' (needs a Neuron SDK "
-    "host), or pass --docker to compile inside the TGI Neuron image (the default with the "
-    "docker launcher)"
+    "host) for TGI replicas, 'neuron-fleet[vllm-neuron]' for vLLM ones, or pass --docker to "
+    "compile inside the TGI Neuron image (the default with the docker launcher)"
 )
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 EXPORT_MARKER = "# neuron-fleet: export"
 EXPORT_CODE = f"""{EXPORT_MARKER}
 # Runs inside the serving image with its own optimum-neuron: fetch the checkpoint into the
@@ -59,17 +72,11 @@ source = job["source"]
 if not os.path.isdir(source):
     from huggingface_hub import snapshot_download
     source = snapshot_download(source, revision=job["revision"], allow_patterns=job["patterns"])
-argv = ["optimum-cli", "export", "neuron", "--model", source, "--task", "text-generation",
-        "--batch_size", str(job["batch_size"]), "--sequence_length", str(job["sequence_length"]),
-        "--num_cores", str(job["num_cores"]), "--auto_cast_type", job["auto_cast_type"],
-        job["output"]]
+argv = ["optimum-cli", *(source if a == "{{source}}" else a for a in job["args"])]
 print("running: " + " ".join(argv), flush=True)
 sys.exit(subprocess.call(argv))
 """
-"""``--num_cores`` and ``--auto_cast_type`` are what optimum-cli 0.3.0 passes to the decoder
-export (optimum/commands/export/neuronx.py; exporters/neuron/__main__.py); 0.4.5 keeps
-``--num_cores`` as a hidden alias of ``--tensor_parallel_size`` and ignores
-``--auto_cast_type`` for decoders (the checkpoint's dtype is used)."""
+"""The command line comes from ``optimum_cli_args`` ("{source}" is the fetched folder)."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +113,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-cores", type=int, help="tensor parallel size; default: cores per replica"
     )
     parser.add_argument(
-        "--auto-cast-type", help="bf16 | fp16 | fp32; default: [model] auto_cast_type or bf16"
+        "--auto-cast-type",
+        choices=AUTO_CAST_TYPES,
+        help="optimum-cli's --auto_cast_type; default: [model] auto_cast_type or bf16",
     )
     parser.add_argument(
         "--force", action="store_true", help="replace an export of another shape or version"
@@ -120,8 +129,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument(
         "--host",
         action="store_true",
-        help="compile with optimum-neuron in this Python (the [neuron] extra; the default "
-        "with the native launcher); the replicas must run the same optimum-neuron",
+        help="compile with the optimum-cli of this Python (the [tgi-neuron] or [vllm-neuron] "
+        "extra, by [fleet] engine; the default with the native launcher); the replicas must "
+        "run the same optimum-neuron",
     )
 
 
@@ -161,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     if in_image:
         code = export_with_docker(job, config)
     else:
-        code = export_with_optimum(job, hf_token=config.model.hf_token)
+        code = export_with_optimum(job, hf_token=config.model.hf_token, engine=engine_of(config))
     return code or report(job, config if in_image else None)
 
 
@@ -192,6 +202,12 @@ def job_from_config(
             "the sequence length is not set: [model] max_total_tokens / MAX_TOTAL_TOKENS "
             "or --sequence-length"
         )
+    dtype = dtype or model.auto_cast_type or "bf16"
+    if dtype not in AUTO_CAST_TYPES:
+        errors.append(
+            f"auto_cast_type {dtype!r}: optimum-cli export neuron takes "
+            f"{' | '.join(AUTO_CAST_TYPES)} (--auto_cast_type); pass --auto-cast-type"
+        )
     if errors:
         raise ConfigError(errors)
     output = os.path.abspath(os.path.expanduser(str(output)))
@@ -201,7 +217,7 @@ def job_from_config(
         batch_size=int(model.batch_size or 0),
         sequence_length=int(model.max_total_tokens or 0),
         num_cores=int(config.fleet.cores_per_replica or 0),
-        auto_cast_type=dtype or model.auto_cast_type or "bf16",
+        auto_cast_type=dtype,
         revision=model.revision,
         hub_cache=hub_cache_host(config.launcher.docker, output),
     )
@@ -243,23 +259,85 @@ def existing_export(job: ExportJob, runtime: RuntimeVersions | None = None) -> t
     return "differs", f"{job.output} holds another export ({'; '.join(diffs)})"
 
 
-def export_with_optimum(job: ExportJob, *, hf_token: str | None) -> int:
-    """optimum-neuron in this Python. Written against optimum-neuron 0.4.5 (the extra's pin):
-    ``NeuronModelForCausalLM.get_neuron_config(model_name_or_path, config, token, revision,
-    instance_type, batch_size, sequence_length, tensor_parallel_size)`` -- no auto_cast_type:
-    the dtype is the config's ``dtype`` (models/inference/modeling_utils.py) -- then
-    ``export(model_id, neuron_config, config, token, revision, load_weights)``."""
+def engine_of(config: FleetConfig) -> str:
+    """``[fleet] engine`` ("tgi" when the configuration has no such key)."""
+    return str(getattr(config.fleet, "engine", "tgi") or "tgi")
+
+
+def optimum_cli_args(job: ExportJob, source: str, output: str) -> list[str]:
+    """``optimum-cli`` arguments (after the program name) for a decoder export.
+
+    Valid for the argparse of both pinned versions (optimum/commands/export/neuronx.py of
+    optimum-neuron 0.3.0 and 0.4.5; tests/test_export.py parses them with it): 0.3.0 passes
+    ``--num_cores`` and ``--auto_cast_type`` to the decoder export; 0.4.5 keeps ``--num_cores``
+    as a hidden alias of ``--tensor_parallel_size`` and takes the dtype from the checkpoint.
+    """
+    return [
+        "export",
+        "neuron",
+        "--model",
+        source,
+        "--task",
+        "text-generation",
+        "--batch_size",
+        str(job.batch_size),
+        "--sequence_length",
+        str(job.sequence_length),
+        "--num_cores",
+        str(job.num_cores),
+        "--auto_cast_type",
+        job.auto_cast_type,
+        output,
+    ]
+
+
+def installed_optimum_neuron() -> str | None:
+    from importlib import metadata
+
     try:
-        from optimum.neuron import NeuronModelForCausalLM  # optional extra
-    except ImportError:
-        print(f"neuron-fleet export: {MISSING_EXTRA}", file=sys.stderr)
+        return metadata.version("optimum-neuron")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def find_optimum_cli() -> str | None:
+    """The optimum-cli installed with this Python (its venv's bin/), else the one on PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), "optimum-cli")
+    if os.path.isfile(beside) and os.access(beside, os.X_OK):
+        return beside
+    return shutil.which("optimum-cli")
+
+
+def host_toolchain_problem(engine: str) -> str | None:
+    """Why this Python cannot export for ``engine``'s replicas; None when it can."""
+    version = installed_optimum_neuron()
+    if version is None:
+        return MISSING_EXTRA
+    want = ENGINE_OPTIMUM_NEURON.get(engine)
+    if want is None:
+        return f"[fleet] engine {engine!r}: no optimum-neuron is known for it"
+    if version != want:
+        return (
+            f"optimum-neuron {version} is installed, but {engine} replicas run {want} and load "
+            f"only exports of their own version: pip install 'neuron-fleet[{ENGINE_EXTRA[engine]}]'"
+        )
+    if find_optimum_cli() is None:
+        return f"optimum-neuron {version} is installed but optimum-cli is not on PATH"
+    return None
+
+
+def export_with_optimum(job: ExportJob, *, hf_token: str | None, engine: str = "tgi") -> int:
+    """Fetch the checkpoint, then run this Python's ``optimum-cli export neuron`` on it."""
+    problem = host_toolchain_problem(engine)
+    if problem:
+        print(f"neuron-fleet export: {problem}", file=sys.stderr)
         return 2
     from huggingface_hub import snapshot_download
-    from transformers import AutoConfig, AutoTokenizer
 
     print(
         f"compiling {job.source} -> {job.output} (batch {job.batch_size}, sequence "
-        f"{job.sequence_length}, {job.num_cores} cores, {job.auto_cast_type}); this takes a while",
+        f"{job.sequence_length}, {job.num_cores} cores, {job.auto_cast_type}) with "
+        f"optimum-neuron {installed_optimum_neuron()}; this takes a while",
         file=sys.stderr,
     )
     local = job.source
@@ -267,21 +345,19 @@ def export_with_optimum(job: ExportJob, *, hf_token: str | None) -> int:
         local = snapshot_download(
             job.source, revision=job.revision, token=hf_token, allow_patterns=SOURCE_PATTERNS
         )
-    config = AutoConfig.from_pretrained(local).get_text_config()
-    config.dtype = job.auto_cast_type  # DTYPE_MAPPER.pt() takes "bf16" / "fp16" / "fp32"
-    neuron_config = NeuronModelForCausalLM.get_neuron_config(
-        model_name_or_path=local,
-        config=config,
-        batch_size=job.batch_size,
-        sequence_length=job.sequence_length,
-        tensor_parallel_size=job.num_cores,
-    )
-    model = NeuronModelForCausalLM.export(
-        model_id=local, neuron_config=neuron_config, config=config, load_weights=False
-    )
-    model.save_pretrained(job.output)
-    # The balancer counts prompt tokens with the tokenizer in this folder.
-    AutoTokenizer.from_pretrained(local).save_pretrained(job.output)
+    env = dict(os.environ)
+    if hf_token:
+        env["HF_TOKEN"] = hf_token  # the environment, never the command line
+    argv = [str(find_optimum_cli()), *optimum_cli_args(job, local, job.output)]
+    print("running: " + " ".join(argv), file=sys.stderr)
+    code = subprocess.run(argv, env=env, check=False).returncode
+    if code:
+        return code
+    if not any(os.path.isfile(os.path.join(job.output, f)) for f in TOKENIZER_FILES):
+        # The balancer counts prompt tokens with the tokenizer in this folder.
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(local).save_pretrained(job.output)
     return 0
 
 
@@ -323,11 +399,7 @@ def docker_export_argv(
         "source": source,
         "revision": job.revision,
         "patterns": SOURCE_PATTERNS,
-        "output": inside,
-        "batch_size": job.batch_size,
-        "sequence_length": job.sequence_length,
-        "num_cores": job.num_cores,
-        "auto_cast_type": job.auto_cast_type,
+        "args": optimum_cli_args(job, "{source}", inside),
     }
     argv += ["--entrypoint", "python", docker.image, "-c", EXPORT_CODE, json.dumps(spec)]
     return argv, inside

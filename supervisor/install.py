@@ -12,8 +12,11 @@ and the unit still names the final paths):
                                               variables of --env-source (e.g. the blog's
                                               .env); an existing one is never replaced
 
-then prints the commands left to run as root (useradd, daemon-reload, enable --now). It
-runs nothing itself. Secret values are never printed: only variable names.
+Run as root on a root file system (``/``, or a prefix holding etc/passwd), it then creates
+the device group and the service user the unit names (supervisor/accounts.py: systemd would
+refuse to start without them, 217/USER / 216/GROUP); otherwise, or with ``--no-accounts``,
+it prints those commands. Last it prints what is left to run (daemon-reload, enable). It
+never starts the service. Secret values are never printed: only variable names.
 
 Where the files come from: the unit and the env example are embedded below (UNIT_TEMPLATE,
 ENV_EXAMPLE), so an installed wheel needs no data files; a test keeps them identical to
@@ -36,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from balancer.secrets_env import ADMIN_TOKEN_VAR, API_KEYS_VAR
+from supervisor.accounts import can_manage, ensure_accounts
 from supervisor.layering import SECRET_KEYS
 
 UNIT_PATH = "/etc/systemd/system/neuron-fleet.service"
@@ -116,13 +120,14 @@ RestartSec=10s
 OOMPolicy=continue
 
 # Dedicated unprivileged user (`useradd --system --user-group --home-dir
-# /var/lib/neuron-fleet --shell /usr/sbin/nologin neuron-fleet`; install-service prints it).
+# /var/lib/neuron-fleet --shell /usr/sbin/nologin neuron-fleet`; install-service, run as
+# root, creates it and the group below: without them the start fails, 217/USER, 216/GROUP).
 User=neuron-fleet
 Group=neuron-fleet
 # neuron: the group owning /dev/neuron* when the host follows AWS's Neuron security
 # guidance (udev: SUBSYSTEM=="neuron*", KERNEL=="neuron*", GROUP="neuron", MODE="0660");
 # the driver's default rule is MODE="0666". The group must exist, or the start fails with
-# 216/GROUP: `groupadd --system neuron`.
+# 216/GROUP: `groupadd --system neuron` (install-service does it).
 # install-service adds "docker" here only for launcher = "docker" (to reach
 # /var/run/docker.sock): membership of docker is root-equivalent on the host, so the shipped
 # unit, meant for any launcher, leaves it out. (install-service writes this line from the
@@ -304,6 +309,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="neuron-fleet for ExecStart (default: the one next to this Python)",
     )
     add("--force", action="store_true", help="replace an existing fleet.toml")
+    add(
+        "--no-accounts",
+        action="store_true",
+        help="do not create the service user and device group (as root, they are created); "
+        "print the commands instead",
+    )
     add("--dry-run", action="store_true", help="show what would be written; write nothing")
 
 
@@ -615,32 +626,51 @@ def run(args: argparse.Namespace) -> int:
             print(f"neuron-fleet install-service: cannot write {f.path}: {exc}", file=err)
             return 1
 
+    manage = not dry and not args.no_accounts and can_manage(prefix)
+    if manage:
+        accounts = ensure_accounts(prefix, args.user, groups, STATE_DIR)
+        for what in accounts.done:
+            print(f"  created        {what}")
+        for error in accounts.errors:
+            print(f"neuron-fleet install-service: {error}", file=err)
+        if accounts.errors:
+            return 1
     for warning in config_warnings(config, exec_argv[0]):
         print(f"warning: {warning}")
     if prefix != Path("/"):
         print(f"\nFiles are staged under {prefix}; the unit names their final paths (/etc/...).")
     print()
-    print(next_steps(args.user, args.device_group, groups, exec_argv))
+    print(next_steps(args.user, args.device_group, groups, exec_argv, accounts_made=manage))
     return 0
 
 
-def next_steps(user: str, device_group: str, groups: list[str], exec_argv: list[str]) -> str:
+def next_steps(
+    user: str,
+    device_group: str,
+    groups: list[str],
+    exec_argv: list[str],
+    accounts_made: bool = False,
+) -> str:
     q = shlex.quote
     plan = " ".join(q(w) for w in exec_argv)
     lines = ["Next, as root:"]
+    if device_group and not accounts_made:
+        lines.append(
+            f"  getent group {device_group} >/dev/null || groupadd --system {device_group}"
+        )
     if device_group:
         lines += [
-            f"  getent group {device_group} >/dev/null || groupadd --system {device_group}",
             f"  # /dev/neuron* owned by group {device_group}, mode 0660 (AWS's advice; the "
             "driver's own rule makes them 0666):",
             f'  echo \'SUBSYSTEM=="neuron*", KERNEL=="neuron*", GROUP="{device_group}", '
             'MODE="0660"\' > /etc/udev/rules.d/90-neuron.rules',
             "  udevadm control --reload && udevadm trigger --subsystem-match=neuron",
         ]
-    lines.append(
-        f"  id -u {user} >/dev/null 2>&1 || useradd --system --user-group --home-dir "
-        f"{STATE_DIR} --no-create-home --shell /usr/sbin/nologin {user}"
-    )
+    if not accounts_made:
+        lines.append(
+            f"  id -u {user} >/dev/null 2>&1 || useradd --system --user-group --home-dir "
+            f"{STATE_DIR} --no-create-home --shell /usr/sbin/nologin {user}"
+        )
     if "docker" in groups:
         lines.append(
             "  # launcher = docker: the service joins the docker group (root-equivalent) "

@@ -464,9 +464,9 @@ def test_example_config_reproduces_the_blog_deployment() -> None:
         str(REPO / "deploy" / "fleet.toml"), env={}, inventory=inventory, check_host=False
     )
     assert config.fleet.launcher == "docker"
+    # The blog's image, pinned to the tag TGI's docs name (tests/test_deploy_scaleout.py).
     assert (
-        config.launcher.docker.image
-        == "ghcr.io/huggingface/text-generation-inference:latest-neuron"
+        config.launcher.docker.image == "ghcr.io/huggingface/text-generation-inference:3.3.5-neuron"
     )
     assert (
         config.model.batch_size,

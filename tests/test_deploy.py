@@ -223,9 +223,12 @@ def test_prometheus_config_is_valid() -> None:
     config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     assert config["global"]["scrape_interval"] == "15s"
     assert config["rule_files"] == ["alerts.yml"]
-    (job,) = config["scrape_configs"]
+    job, hosts = config["scrape_configs"]
     assert job["job_name"] == "neuron-fleet"
     assert job["static_configs"][0]["targets"] == ["127.0.0.1:8080"]
+    # deploy/ec2's hosts, on their metrics port (not the ALB's 8080; tests/test_deploy_scaleout).
+    (ec2,) = hosts["ec2_sd_configs"]
+    assert hosts["job_name"] == "neuron-fleet-ec2" and ec2["port"] == 9400
 
 
 def test_alert_rules_are_valid() -> None:

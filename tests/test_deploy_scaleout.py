@@ -190,7 +190,25 @@ def test_kubernetes_numbers_agree(tmp_path: Path) -> None:
         selector = docs[kind]["spec"]["selector"]
         selector = selector.get("matchLabels", selector)
         assert selector.items() <= labels.items(), kind
-    assert docs["PodMonitor"]["spec"]["podMetricsEndpoints"][0]["port"] == "http"
+    # /metrics on the pod's own port, scraped directly; the ALB's path has none.
+    (endpoint,) = docs["PodMonitor"]["spec"]["podMetricsEndpoints"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    assert config.balancer.metrics_listen == f"0.0.0.0:{ports['metrics']}"
+    assert ports["http"] == config.balancer.port != ports["metrics"]
+    assert [p["targetPort"] for p in docs["Service"]["spec"]["ports"]] == ["http"]
+    (rule,) = docs["Ingress"]["spec"]["rules"]
+    assert {p["backend"]["service"]["port"]["name"] for p in rule["http"]["paths"]} == {"http"}
+    # The balancer's keep-alive outlives the ALB's idle timeout (else: 502s on reuse).
+    lb_attributes = dict(
+        item.split("=", 1) for item in annotations[prefix + "load-balancer-attributes"].split(",")
+    )
+    assert config.balancer.client_timeout_s > int(lb_attributes["idle_timeout.timeout_seconds"])
+    # KEDA owns the count; Prometheus (kube-prometheus-stack) selects the PodMonitor.
+    assert "replicas" not in docs["Deployment"]["spec"]
+    assert "release" in docs["PodMonitor"]["metadata"]["labels"]
+    trigger = docs["ScaledObject"]["spec"]["triggers"][0]["metadata"]
+    assert trigger["ignoreNullValues"] == "false"  # an empty query is an error, not "idle"
     query = docs["ScaledObject"]["spec"]["triggers"][0]["metadata"]["query"]
     assert "neuron_fleet_queue_depth" in query
     assert (
@@ -273,6 +291,19 @@ def test_user_data_is_valid_bash_with_a_loadable_fleet_toml(tmp_path: Path) -> N
     assert insecure_settings(config.balancer, token_configured=False) == []
     assert config.balancer.trusted_proxies == ("10.0.0.0/16",)  # the ALB's X-Forwarded-For
     props = template()["Resources"]
+    # Keep-alive above the ALB's idle timeout; metrics on a port the ALB does not forward.
+    lb = props["LoadBalancer"]["Properties"]["LoadBalancerAttributes"]
+    idle = {a["Key"]: a["Value"] for a in lb}["idle_timeout.timeout_seconds"]
+    assert config.balancer.client_timeout_s > int(idle)
+    metrics_port = int(str(config.balancer.metrics_listen).rsplit(":", 1)[1])
+    ingress = props["HostSecurityGroup"]["Properties"]["SecurityGroupIngress"]
+    by_port = {rule["FromPort"]: rule for rule in ingress}
+    assert "SourceSecurityGroupId" in by_port[config.balancer.port]  # the ALB's
+    assert metrics_port != config.balancer.port and "CidrIp" in by_port[metrics_port]
+    scrape = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())["scrape_configs"]
+    (hosts,) = [job for job in scrape if job["job_name"] == "neuron-fleet-ec2"]
+    assert hosts["ec2_sd_configs"][0]["port"] == metrics_port
+    assert props["Listener"]["Properties"]["Port"] == 80
     tg = props["TargetGroup"]["Properties"]
     attributes = {a["Key"]: a["Value"] for a in tg["TargetGroupAttributes"]}
     delay, drain = config.balancer.shutdown_delay_s, config.fleet.drain_timeout_s
@@ -296,9 +327,47 @@ def test_user_data_is_valid_bash_with_a_loadable_fleet_toml(tmp_path: Path) -> N
 # -- Dockerfile ---------------------------------------------------------------------------
 
 
+TGI_IMAGE_PIN = "ghcr.io/huggingface/text-generation-inference:3.3.5-neuron"
+"""The TGI Neuron image every deploy path runs: the tag TGI's own docs pin
+(text-generation-inference v3.3.7, docs/source/backends/neuron.md)."""
+
+
+def test_every_deploy_path_pins_the_tgi_image() -> None:
+    """No `latest`: the image's optimum-neuron must be the export's (runtime_versions.py)."""
+    assert DEFAULT_IMAGE.endswith(":latest-neuron")  # the launcher's default, for one host
+    texts = {
+        "Dockerfile": (ROOT / "deploy" / "Dockerfile").read_text(),
+        "fleet.toml": (ROOT / "deploy" / "fleet.toml").read_text(),
+        "ec2": EC2.read_text(),
+        **{p.name: p.read_text() for p in K8S.glob("*.yaml")},
+    }
+    for name, text in texts.items():
+        assert "text-generation-inference:latest" not in text, name
+    assert template()["Parameters"]["TgiImage"]["Default"] == TGI_IMAGE_PIN
+    assert f'image = "{TGI_IMAGE_PIN}"' in texts["fleet.toml"]
+    # The EC2 parameter refuses an unpinned tag (cfn-lint checks the default against it).
+    pattern = template()["Parameters"]["TgiImage"]["AllowedPattern"]
+    assert re.fullmatch(pattern, TGI_IMAGE_PIN)
+    assert not re.fullmatch(pattern, DEFAULT_IMAGE)
+    assert not re.fullmatch(pattern, "ghcr.io/huggingface/text-generation-inference:latest")
+
+
+def test_ec2_ami_is_the_neuron_dlamis_ssm_parameter() -> None:
+    image = template()["Parameters"]["ImageId"]
+    assert image["Type"] == "AWS::SSM::Parameter::Value<AWS::EC2::Image::Id>"
+    # aws-neuron-sdk dlami/index.rst, "SSM Parameter Prefix": Deep Learning Base Neuron AMI.
+    assert image["Default"] == "/aws/service/neuron/dlami/base/ubuntu-22.04/latest/image_id"
+
+
 def test_dockerfile_builds_on_the_tgi_neuron_image_without_the_neuron_extra() -> None:
     text = (ROOT / "deploy" / "Dockerfile").read_text()
-    assert f"ARG TGI_IMAGE={DEFAULT_IMAGE}\nFROM ${{TGI_IMAGE}}" in text
+    assert f"ARG TGI_IMAGE={TGI_IMAGE_PIN}\nFROM ${{TGI_IMAGE}}" in text
+    # The base image's HUGGINGFACE_HUB_CACHE=/tmp is overridden by both names.
+    hub = re.findall(r"^\s*(HF_HUB_CACHE|HUGGINGFACE_HUB_CACHE)=(\S+)", text, re.M)
+    assert dict(hub) == {
+        "HF_HUB_CACHE": "/var/cache/neuron-fleet/huggingface/hub",
+        "HUGGINGFACE_HUB_CACHE": "/var/cache/neuron-fleet/huggingface/hub",
+    }
     pip = re.search(r"pip install --no-cache-dir (\S+)", text)
     assert pip and pip.group(1) == "/src/neuron-fleet"  # no [neuron] extra
     assert 'ENTRYPOINT ["/opt/neuron-fleet/venv/bin/neuron-fleet"]' in text

@@ -1,20 +1,20 @@
 """`neuron-fleet export`: in the serving image by default (fake docker), or on the host with
-optimum-neuron 0.4.5's API (a stand-in module with the real signatures)."""
+the optimum-cli of the engine's extra, its command line parsed by the argparse definition of
+each pinned optimum-neuron wheel (tests/optimum_wheels.py)."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
-import sys
-import types
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from supervisor import cli
+from supervisor import cli, export_cli
 from supervisor.config import ENV_VARS, load_config
 from supervisor.export_cli import EXPORT_MARKER, docker_export_argv, job_from_config
+from tests import optimum_wheels
 from tests.conftest import IMAGE, TGI_33
 from tests.helpers_tokenizer import build_tiny_tokenizer
 
@@ -52,11 +52,10 @@ def test_export_compiles_inside_the_serving_image_by_default(
     ]
     job = json.loads(argv[-1])
     assert job["source"] == "meta-llama/Meta-Llama-3.1-8B-Instruct"
-    assert (job["output"], job["num_cores"], job["auto_cast_type"]) == (
-        "/data/exportedmodel",
-        8,
-        "bf16",
-    )
+    flags = job["args"]
+    assert flags[-1] == "/data/exportedmodel" and flags[flags.index("--model") + 1] == "{source}"
+    assert flags[flags.index("--num_cores") + 1] == "8"
+    assert flags[flags.index("--auto_cast_type") + 1] == "bf16"
     # The checkpoint is fetched into the persistent Hub cache the replicas also mount.
     assert f"{tmp_path / 'hf-cache'}:/hf-cache" in argv and "HF_HUB_CACHE=/hf-cache" in argv
     assert SECRET not in json.dumps(argv) and call["hf_token_in_container"] is True
@@ -108,101 +107,85 @@ def test_a_local_source_folder_is_mounted_not_fetched(tmp_path: Path, fake_docke
     assert f"{source}:/source:ro" in argv and json.loads(argv[-1])["source"] == "/source"
 
 
-# -- --host: optimum-neuron 0.4.5's API ----------------------------------------------------
+# -- --host: the optimum-cli of the engine's extra, checked against the pinned wheels ------
 
 
-class _Exported:
-    def __init__(self, output_versions: dict[str, str]) -> None:
-        self.versions = output_versions
-
-    def save_pretrained(self, folder: str) -> None:
-        os.makedirs(os.path.join(folder, "checkpoint"), exist_ok=True)
-        with open(os.path.join(folder, "neuron_config.json"), "w") as handle:
-            json.dump(self.versions, handle)
+@pytest.fixture(scope="session")
+def optimum_sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """engine -> the pinned optimum-neuron wheel installed --no-deps."""
+    return optimum_wheels.sites_or_skip(tmp_path_factory.mktemp("optimum-wheels"))
 
 
-def fake_optimum_neuron(calls: list[tuple[str, dict]]) -> types.ModuleType:
-    """``NeuronModelForCausalLM`` with optimum-neuron 0.4.5's signatures (copied from
-    optimum/neuron/models/inference/modeling_utils.py): a call the real one would refuse
-    with TypeError is refused here too."""
-
-    class NeuronModelForCausalLM:
-        @classmethod
-        def get_neuron_config(
-            cls,
-            model_name_or_path,
-            config=None,
-            token=None,
-            revision=None,
-            instance_type=None,
-            batch_size=None,
-            sequence_length=None,
-            tensor_parallel_size=None,
-        ):
-            calls.append(
-                (
-                    "get_neuron_config",
-                    dict(
-                        inspect.getcallargs(
-                            cls.get_neuron_config.__func__,
-                            cls,
-                            model_name_or_path,
-                            config,
-                            token,
-                            revision,
-                            instance_type,
-                            batch_size,
-                            sequence_length,
-                            tensor_parallel_size,
-                        )
-                    ),
-                )
-            )
-            return {
-                "batch_size": batch_size,
-                "sequence_length": sequence_length,
-                "tp_degree": tensor_parallel_size,
-                "auto_cast_type": str(config.dtype),
-                "optimum_neuron_version": "0.4.5",
-                "neuronxcc_version": "2.21.18209.0",
-            }
-
-        @classmethod
-        def export(
-            cls,
-            model_id,
-            neuron_config,
-            config=None,
-            token=None,
-            revision=None,
-            load_weights=False,
-            **kwargs,
-        ):
-            calls.append(("export", {"model_id": model_id, "load_weights": load_weights}))
-            return _Exported(neuron_config)
-
-    module = types.ModuleType("optimum.neuron")
-    module.NeuronModelForCausalLM = NeuronModelForCausalLM
-    return module
+def test_pins_agree_with_pyproject_and_export_cli() -> None:
+    extras = tomllib.loads((TESTS.parent / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert extras["tgi-neuron"] == [f"optimum-neuron=={optimum_wheels.PINS['tgi']}"]
+    assert f"optimum-neuron[vllm]=={optimum_wheels.PINS['vllm']}" in extras["vllm-neuron"]
+    assert "vllm==0.11.0" in extras["vllm-neuron"]
+    assert extras["neuron"] == ["neuron-fleet[tgi-neuron]"]  # TGI stays the default
+    assert export_cli.ENGINE_OPTIMUM_NEURON == optimum_wheels.PINS
 
 
-def test_host_export_uses_the_0_4_5_api_and_keeps_the_weights(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("engine", sorted(optimum_wheels.PINS))
+def test_export_command_line_parses_with_the_pinned_optimum_cli(
+    engine: str, optimum_sites: dict[str, Path], tmp_path: Path
 ) -> None:
+    site = optimum_sites[engine]
+    assert optimum_wheels.wheel_version(site) == optimum_wheels.PINS[engine]
+    parser = optimum_wheels.export_parser(site)
+    (cast,) = [a for a in parser._actions if "--auto_cast_type" in a.option_strings]
+    assert tuple(cast.choices) == export_cli.AUTO_CAST_TYPES  # no fp32 in either version
+
+    config = load_config(blog_toml(tmp_path, "native"), env={}, check_host=False, read_model=False)
+    job = job_from_config(config)
+    args = parser.parse_args(export_cli.optimum_cli_args(job, "/snapshot", job.output)[2:])
+    assert (args.model, str(args.output), args.task) == ("/snapshot", job.output, "text-generation")
+    assert (args.batch_size, args.sequence_length, args.auto_cast_type) == (8, 16512, "bf16")
+    # 0.3.0 reads --num_cores for decoders; 0.4.5 maps it onto --tensor_parallel_size.
+    assert 8 in (getattr(args, "num_cores", None), args.tensor_parallel_size)
+    # The check has teeth: what the old CLI offered is refused by the wheel's parser.
+    bad = export_cli.optimum_cli_args(job, "/snapshot", job.output)[2:]
+    bad[bad.index("--auto_cast_type") + 1] = "fp32"
+    with pytest.raises(SystemExit):
+        parser.parse_args(bad)
+
+
+def test_export_refuses_fp32_before_compiling(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = blog_toml(tmp_path, "native")
+    with pytest.raises(SystemExit):
+        cli.main(["export", "--host", "--config", config, "--auto-cast-type", "fp32"])
+    assert "invalid choice: 'fp32'" in capsys.readouterr().err
+    # HF_AUTO_CAST_TYPE=fp32 (a TGI serving setting) is refused with the reason, not passed on.
+    assert cli.main(["export", "--host", "--config", config, "--env-file", env_file(tmp_path)]) == 2
+    assert "optimum-cli export neuron takes bf16 | fp16 | tf32" in capsys.readouterr().err
+
+
+def env_file(tmp_path: Path) -> str:
+    path = tmp_path / "fp32.env"
+    path.write_text("HF_AUTO_CAST_TYPE=fp32\n")
+    return str(path)
+
+
+def host_export_env(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, site: Path
+) -> tuple[Path, list]:
+    """This Python sees ``site``'s optimum-neuron (its dist-info), and PATH a stand-in
+    optimum-cli that parses with that wheel's parser; the Hub is a local folder."""
     for name in ENV_VARS:
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.syspath_prepend(str(site))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    optimum_wheels.stand_in_optimum_cli(bin_dir / "optimum-cli", site)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     checkpoint = build_tiny_tokenizer(tmp_path / "snapshot")
     (checkpoint / "config.json").write_text(
         json.dumps({"model_type": "llama", "torch_dtype": "float32", "vocab_size": 400})
     )
-    from transformers import AutoConfig, AutoTokenizer  # noqa: F401  (before the stand-in)
-
-    calls: list[tuple[str, dict]] = []
-    package = types.ModuleType("optimum")
-    package.neuron = fake_optimum_neuron(calls)
-    monkeypatch.setitem(sys.modules, "optimum", package)
-    monkeypatch.setitem(sys.modules, "optimum.neuron", package.neuron)
-    fetched = []
+    fetched: list = []
     import huggingface_hub
 
     def snapshot_download(repo_id, **kwargs):  # the Hub, stood in by a local folder
@@ -210,17 +193,43 @@ def test_host_export_uses_the_0_4_5_api_and_keeps_the_weights(
         return str(checkpoint)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return checkpoint, fetched
+
+
+def test_host_export_runs_the_tgi_extras_optimum_cli_and_keeps_the_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, optimum_sites: dict[str, Path]
+) -> None:
+    checkpoint, fetched = host_export_env(monkeypatch, tmp_path, optimum_sites["tgi"])
     assert cli.main(["export", "--host", "--config", blog_toml(tmp_path, "native")]) == 0
 
     assert fetched and fetched[0][0] == "meta-llama/Meta-Llama-3.1-8B-Instruct"
     assert "*.safetensors" in fetched[0][1] and "*.bin" not in fetched[0][1]
-    (_, neuron_args), (_, export_args) = calls
-    # Exported from the local folder: optimum-neuron then saves the sharded weights.
-    assert neuron_args["model_name_or_path"] == export_args["model_id"] == str(checkpoint)
-    assert (neuron_args["batch_size"], neuron_args["sequence_length"]) == (8, 16512)
-    assert neuron_args["tensor_parallel_size"] == 8 and neuron_args["config"].dtype == "bf16"
     output = tmp_path / "exportedmodel"
+    written = json.loads((output / "neuron_config.json").read_text())
+    # Compiled from the local folder (optimum-neuron then saves the sharded weights), by the
+    # optimum-cli of optimum-neuron 0.3.0: what TGI's Neuron server loads.
+    assert written["argv"][written["argv"].index("--model") + 1] == str(checkpoint)
+    assert written["optimum_neuron_version"] == "0.3.0" and written["tp_degree"] == 8
     assert (output / "checkpoint").is_dir() and (output / "tokenizer.json").is_file()
+
+
+def test_host_export_refuses_the_other_engines_optimum_neuron(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    optimum_sites: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    host_export_env(monkeypatch, tmp_path, optimum_sites["vllm"])
+    config = load_config(blog_toml(tmp_path, "native"), env={}, check_host=False, read_model=False)
+    job = job_from_config(config)
+    # optimum-neuron 0.4.5 installed, TGI replicas: their export would not load.
+    assert export_cli.export_with_optimum(job, hf_token=None, engine="tgi") == 2
+    assert "pip install 'neuron-fleet[tgi-neuron]'" in capsys.readouterr().err
+    assert not (tmp_path / "exportedmodel").exists()
+    # The vLLM engine runs 0.4.5: its optimum-cli compiles.
+    assert export_cli.export_with_optimum(job, hf_token=None, engine="vllm") == 0
+    written = json.loads((tmp_path / "exportedmodel" / "neuron_config.json").read_text())
+    assert written["optimum_neuron_version"] == "0.4.5"
 
 
 def test_plan_warns_about_an_export_without_weights(
@@ -245,3 +254,29 @@ def test_plan_warns_about_an_export_without_weights(
     (folder / "checkpoint").mkdir()
     assert cli.main(args) == 0
     assert "holds no weights" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("engine", sorted(optimum_wheels.PINS))
+def test_each_engine_extra_installs_beside_neuron_fleet(
+    engine: str, optimum_sites: dict[str, Path]
+) -> None:
+    """The pinned wheel's own requirements (its METADATA) meet neuron-fleet's: the
+    transformers it requires is inside our range, and vllm is the one the extra names.
+    (`pip install --dry-run '.[tgi-neuron]'` / `'.[vllm-neuron]'` resolve too, docs/scale-out.md;
+    too slow for every CI run.)"""
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((TESTS.parent / "pyproject.toml").read_text())["project"]
+    ours = {Requirement(r).name: Requirement(r).specifier for r in project["dependencies"]}
+    (info,) = optimum_sites[engine].glob("optimum_neuron-*.dist-info")
+    needs = [
+        Requirement(line.removeprefix("Requires-Dist: "))
+        for line in (info / "METADATA").read_text().splitlines()
+        if line.startswith("Requires-Dist: ")
+    ]
+    (transformers,) = [r for r in needs if r.name == "transformers" and not r.marker]
+    lowest = min(s.version for s in transformers.specifier)
+    assert lowest in ours["transformers"], (str(transformers), str(ours["transformers"]))
+    if engine == "vllm":
+        (vllm,) = [r for r in needs if r.name == "vllm"]
+        assert str(vllm.specifier) == "==0.11.0" and vllm.marker is not None  # extra == "vllm"

@@ -285,3 +285,109 @@ def test_unit_path_reaches_neuron_ls() -> None:
     assert len(lines) == 1
     assert "/opt/aws/neuron/bin" in lines[0].split("=", 2)[2].split(":")
     assert "/usr/bin" in lines[0]
+
+
+# -- as root, in a throwaway root: the user and groups are really created ----------------------
+
+INSTALL_COLLECT = r"""
+import json, subprocess, sys
+def run(*argv):
+    p = subprocess.run(argv, capture_output=True, text=True, cwd="/etc/systemd/system")
+    return {"rc": p.returncode, "out": p.stdout + p.stderr}
+print(json.dumps({
+    "rc": int(open("/var/log/script.rc").read()),
+    "log": open("/var/log/script.out").read(),
+    "id": run("id", "neuron-fleet"),
+    "passwd": run("getent", "passwd", "neuron-fleet"),
+    "groups": {g: run("getent", "group", g) for g in ("neuron", "docker", "neuron-fleet")},
+    "verify": run(sys.argv[1], "verify", "--man=no", "--generators=no",
+                  "/etc/systemd/system/neuron-fleet.service"),
+}))
+"""
+
+
+def install_as_root(tmp_path: Path, launcher: str, before: str = "") -> dict:
+    from tests.test_deploy import require_tool
+    from tests.throwaway_root import run_in_throwaway_root
+
+    source = tmp_path / "fleet.toml"
+    source.write_text(
+        f'[model]\nid = "/var/lib/neuron-fleet/models/m"\n[fleet]\nlauncher = "{launcher}"\n'
+    )
+    exe = Path(sys.executable).parent / "neuron-fleet"
+    script = tmp_path / "install.sh"
+    script.write_text(
+        f"set -euo pipefail\n{before}\n"
+        f"{exe} install-service --config-source {source}\n"
+        # A second run changes nothing and fails on nothing (the accounts exist by then).
+        f"{exe} install-service --config-source {source}\n"
+    )
+    standins = tmp_path / "standins"
+    standins.mkdir()
+    collect = tmp_path / "collect.py"
+    collect.write_text(INSTALL_COLLECT)
+    verify = require_tool("systemd-analyze")
+    proc = run_in_throwaway_root(
+        script, standins, tmp_path / "scratch", [sys.executable, str(collect), verify]
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return __import__("json").loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_as_root_creates_the_user_and_groups_the_unit_names(tmp_path: Path) -> None:
+    report = install_as_root(tmp_path, "native")
+    assert report["rc"] == 0, report["log"]
+    assert "created        group neuron" in report["log"]
+    assert "created        user neuron-fleet" in report["log"]
+    assert report["log"].count("created") == 2  # the second run found them
+    assert "useradd" not in report["log"] and "groupadd" not in report["log"]  # not to do
+    assert report["id"]["rc"] == 0 and "(neuron-fleet)" in report["id"]["out"], report["id"]
+    _, _, uid, gid, _, home, shell = report["passwd"]["out"].strip().split(":")
+    assert int(uid) < 1000 and (home, shell) == ("/var/lib/neuron-fleet", "/usr/sbin/nologin")
+    assert report["groups"]["neuron"]["rc"] == 0
+    assert report["groups"]["neuron-fleet"]["out"].split(":")[2] == gid
+    assert report["verify"] == {"rc": 0, "out": ""}
+
+
+def test_as_root_a_missing_docker_group_is_an_error_not_papered_over(tmp_path: Path) -> None:
+    has_docker = __import__("grp").getgrall()
+    before = (
+        "groupdel docker 2>/dev/null || true"
+        if any(g.gr_name == "docker" for g in has_docker)
+        else ""
+    )
+    report = install_as_root(tmp_path, "docker", before)
+    assert report["rc"] == 1, report["log"]
+    assert "group 'docker' does not exist: install docker first" in report["log"]
+    assert report["groups"]["docker"]["rc"] != 0  # not created by install-service
+
+
+def test_as_root_into_a_prefix_with_account_files_uses_useradd_prefix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A staged root that has account files (an image being built) gets them there, with
+    shadow's --prefix; this machine's own accounts are not touched."""
+    import pwd
+    import shutil
+
+    if os.geteuid() != 0:
+        pytest.skip("useradd/groupadd need root (the throwaway-root tests cover this path too)")
+    prefix = tmp_path / "image"
+    (prefix / "etc").mkdir(parents=True)
+    for name in ("passwd", "group", "shadow", "gshadow", "login.defs"):
+        if Path("/etc", name).exists():
+            shutil.copy2(Path("/etc", name), prefix / "etc" / name)
+    source = tmp_path / "fleet.toml"
+    source.write_text(
+        '[model]\nid = "/var/lib/neuron-fleet/models/m"\n[fleet]\nlauncher = "native"\n'
+    )
+    user = "nf-prefix-test"
+    rc, out = run_install(
+        capsys, "--prefix", str(prefix), "--config-source", str(source), "--user", user
+    )
+    assert rc == 0, out
+    assert f"created        user {user}" in out and "created        group neuron" in out
+    entry = [ln for ln in (prefix / "etc/passwd").read_text().splitlines() if ln.startswith(user)]
+    assert len(entry) == 1 and entry[0].endswith(":/var/lib/neuron-fleet:/usr/sbin/nologin")
+    with pytest.raises(KeyError):
+        pwd.getpwnam(user)  # the machine's own /etc/passwd: untouched
