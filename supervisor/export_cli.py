@@ -261,7 +261,7 @@ def existing_export(job: ExportJob, runtime: RuntimeVersions | None = None) -> t
 
 def engine_of(config: FleetConfig) -> str:
     """``[fleet] engine`` ("tgi" when the configuration has no such key)."""
-    return str(getattr(config.fleet, "engine", "tgi") or "tgi")
+    return config.fleet.engine
 
 
 def optimum_cli_args(job: ExportJob, source: str, output: str) -> list[str]:
