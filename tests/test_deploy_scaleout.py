@@ -334,7 +334,8 @@ TGI_IMAGE_PIN = "ghcr.io/huggingface/text-generation-inference:3.3.5-neuron"
 
 def test_every_deploy_path_pins_the_tgi_image() -> None:
     """No `latest`: the image's optimum-neuron must be the export's (runtime_versions.py)."""
-    assert DEFAULT_IMAGE.endswith(":latest-neuron")  # the launcher's default, for one host
+    # The launcher's own default (one host, no fleet.toml image) is the same pin.
+    assert DEFAULT_IMAGE == TGI_IMAGE_PIN
     texts = {
         "Dockerfile": (ROOT / "deploy" / "Dockerfile").read_text(),
         "fleet.toml": (ROOT / "deploy" / "fleet.toml").read_text(),
@@ -348,7 +349,8 @@ def test_every_deploy_path_pins_the_tgi_image() -> None:
     # The EC2 parameter refuses an unpinned tag (cfn-lint checks the default against it).
     pattern = template()["Parameters"]["TgiImage"]["AllowedPattern"]
     assert re.fullmatch(pattern, TGI_IMAGE_PIN)
-    assert not re.fullmatch(pattern, DEFAULT_IMAGE)
+    assert re.fullmatch(pattern, DEFAULT_IMAGE)
+    assert not re.fullmatch(pattern, "ghcr.io/huggingface/text-generation-inference:latest-neuron")
     assert not re.fullmatch(pattern, "ghcr.io/huggingface/text-generation-inference:latest")
 
 
