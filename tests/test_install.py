@@ -391,3 +391,53 @@ def test_as_root_into_a_prefix_with_account_files_uses_useradd_prefix(
     assert len(entry) == 1 and entry[0].endswith(":/var/lib/neuron-fleet:/usr/sbin/nologin")
     with pytest.raises(KeyError):
         pwd.getpwnam(user)  # the machine's own /etc/passwd: untouched
+
+
+def test_as_root_an_existing_user_without_its_own_group_gets_the_group_the_unit_names(
+    tmp_path: Path,
+) -> None:
+    """A neuron-fleet user made earlier by hand (primary group `users`, a login shell, a home
+    under /home): the unit's Group=neuron-fleet must still exist (else 216/GROUP), and the
+    differences that matter are named."""
+    before = (
+        "useradd --no-user-group --gid users --no-create-home --home-dir /home/neuron-fleet "
+        "--shell /bin/bash neuron-fleet"
+    )
+    report = install_as_root(tmp_path, "native", before)
+    assert report["rc"] == 0, report["log"]
+    assert report["groups"]["neuron-fleet"]["rc"] == 0, report["log"]
+    assert int(report["groups"]["neuron-fleet"]["out"].split(":")[2]) < 1000  # a system group
+    assert report["log"].count("created        group neuron-fleet") == 1  # not the 2nd run
+    # The user is left as it is (it may own files), but its home is named: hidden by
+    # ProtectHome=yes, it is not where the service keeps its state.
+    assert "/home/neuron-fleet" in report["passwd"]["out"]
+    assert "warning: user neuron-fleet exists with home /home/neuron-fleet" in report["log"]
+    assert report["verify"] == {"rc": 0, "out": ""}
+
+
+def test_as_a_non_root_user_says_to_run_as_root(tmp_path: Path) -> None:
+    """`neuron-fleet install-service` without sudo: one clear line, exit 1, nothing written."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to another user (setpriv)")
+    from tests.test_deploy import require_tool
+
+    # nobody, allowed to read (only) every file: this checkout's venv may sit in a folder
+    # nobody cannot search; writing /etc stays refused, as for any unprivileged user.
+    as_nobody = [require_tool("setpriv"), "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    as_nobody += ["--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
+    source = tmp_path / "fleet.toml"
+    source.write_text('[model]\nid = "/var/lib/neuron-fleet/models/m"\n')
+    exe = Path(sys.executable).parent / "neuron-fleet"
+    proc = subprocess.run(
+        [*as_nobody, str(exe), "install-service", "--config-source", str(source)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "run it as root (sudo neuron-fleet install-service ...)" in proc.stderr, proc.stderr
+    assert "write " not in proc.stdout  # nothing listed as written
