@@ -18,20 +18,21 @@ import sysconfig
 import textwrap
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.test_deploy import ROOT, require_tool
-from tests.test_deploy_scaleout import load_fleet, template
+from tests.test_deploy_scaleout import load_fleet, render_sub, template
 from tests.throwaway_root import CLOUD_INIT_PATH, run_in_throwaway_root
 
 pytestmark = pytest.mark.timeout(300)
 
 WHEEL = "neuron_fleet-0.1.0-py3-none-any.whl"
-PARAMETERS = {
+PARAMETERS: dict[str, Any] = {
     "WheelS3Uri": f"s3://fleet-artifacts/{WHEEL}",
     "ModelS3Uri": "s3://fleet-artifacts/models/llama-3.1-8b",
-    "TrustedProxyCidr": "10.0.0.0/16",
+    "TrustedProxyCidrs": ["10.0.1.0/24", "10.0.2.0/24"],
     "AWS::Region": "us-east-1",
     "AWS::StackName": "nf",
 }
@@ -140,16 +141,10 @@ print(json.dumps(report))
 """
 
 
-def render_user_data(values: dict[str, str]) -> str:
+def render_user_data(values: dict[str, Any]) -> str:
     data = template()["Resources"]["LaunchTemplate"]["Properties"]["LaunchTemplateData"]
-    script = data["UserData"]["Fn::Base64"]["Sub"]
     defaults = {k: str(v.get("Default", "")) for k, v in template()["Parameters"].items()}
-
-    def value(match: re.Match[str]) -> str:
-        name = match.group(1)
-        return values.get(name) or defaults[name]
-
-    return re.sub(r"\$\{([A-Za-z0-9:]+)\}", value, script)
+    return render_sub(data["UserData"]["Fn::Base64"]["Sub"], {**defaults, **values})
 
 
 def stand_in_wheel(path: Path) -> None:
