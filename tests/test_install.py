@@ -441,3 +441,89 @@ def test_as_a_non_root_user_says_to_run_as_root(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
     assert "run it as root (sudo neuron-fleet install-service ...)" in proc.stderr, proc.stderr
     assert "write " not in proc.stdout  # nothing listed as written
+
+
+# -- the README's inf2 steps, from the wheel users install -----------------------------------
+
+
+def readme_install_lines() -> list[str]:
+    """The README's "On an inf2 host" commands that make the venv and install the service."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## On an inf2 host", 1)[1].split("```bash\n", 1)[1].split("```")[0]
+    lines = [ln.split("  #")[0].strip() for ln in section.splitlines()]
+    wanted = ("-m venv", "pip install", "install-service")
+    return [ln for ln in lines if any(w in ln for w in wanted) and not ln.startswith("#")]
+
+
+PIP_WHEEL = (sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w")
+
+
+def test_readme_install_steps_run_from_the_real_wheel(tmp_path: Path) -> None:
+    """`pip wheel .`, then the README's lines as root in a throwaway root, outside the
+    checkout: the venv, pip installing that wheel (its dependencies from this venv, no
+    network), and `install-service` with the fleet.toml `import` wrote in the current folder.
+    From a wheel there is no deploy/fleet.toml to fall back on, and sudo's secure_path
+    holds no venv: the README's line must work as written."""
+    import json
+    import shutil
+    import subprocess
+    import sysconfig
+
+    from tests.test_deploy import require_tool
+    from tests.throwaway_root import run_in_throwaway_root
+
+    lines = readme_install_lines()
+    assert len(lines) == 3, lines
+    venv_line, pip_line, install_line = lines
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [*PIP_WHEEL, str(wheels), str(Path(__file__).parent.parent)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    (wheel,) = wheels.glob("neuron_fleet-*.whl")
+    work = tmp_path / "home-ubuntu"  # where the operator ran `neuron-fleet import`
+    work.mkdir()
+    (work / "fleet.toml").write_text(
+        '[model]\nid = "/var/lib/neuron-fleet/models/m"\n[fleet]\nlauncher = "native"\n'
+    )
+    deps = sysconfig.get_paths()["purelib"]  # this venv's packages, not this checkout
+    python = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    script = tmp_path / "readme.sh"
+    script.write_text(
+        "set -euo pipefail\n"
+        f"cd {work}\n"
+        # sudo: we are root already; the README's python3.11 is this test's Python.
+        + venv_line.removeprefix("sudo ").replace(
+            "python3.11", shutil.which(python) or sys.executable
+        )
+        + "\n"
+        + pip_line.removeprefix("sudo ").replace(
+            "install neuron-fleet", f"install -q --no-deps --no-index {wheel}"
+        )
+        + "\n"
+        + f"echo {deps} >$(/opt/neuron-fleet/venv/bin/python -c "
+        "'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])')/deps.pth\n"
+        + "/opt/neuron-fleet/venv/bin/python -c 'import supervisor; print(supervisor.__file__)'\n"
+        + install_line.removeprefix("sudo ")
+        + "\n"
+    )
+    collect = tmp_path / "collect.py"
+    collect.write_text(INSTALL_COLLECT)
+    standins = tmp_path / "standins"
+    standins.mkdir()
+    proc = run_in_throwaway_root(
+        script,
+        standins,
+        tmp_path / "scratch",
+        [sys.executable, str(collect), require_tool("systemd-analyze")],
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["rc"] == 0, report["log"]
+    # The installed package, not this checkout, ran install-service.
+    assert "/opt/neuron-fleet/venv/lib/" in report["log"], report["log"]
+    assert "ExecStart=/opt/neuron-fleet/venv/bin/neuron-fleet serve" in report["log"]
+    assert f"from {work}/fleet.toml" in report["log"] or "from fleet.toml" in report["log"]
+    assert report["id"]["rc"] == 0 and report["verify"] == {"rc": 0, "out": ""}
