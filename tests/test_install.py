@@ -475,9 +475,15 @@ def test_readme_install_steps_run_from_the_real_wheel(tmp_path: Path) -> None:
     lines = readme_install_lines()
     assert len(lines) == 3, lines
     venv_line, pip_line, install_line = lines
-    wheels = tmp_path / "wheels"
+    wheels, src, root = tmp_path / "wheels", tmp_path / "src", Path(__file__).parent.parent
+    # What the Dockerfile copies too: the build writes build/ and *.egg-info next to it.
+    for name in ("pyproject.toml", "README.md"):
+        (src / name).parent.mkdir(exist_ok=True)
+        shutil.copy2(root / name, src / name)
+    for name in ("balancer", "supervisor"):
+        shutil.copytree(root / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(
-        [*PIP_WHEEL, str(wheels), str(Path(__file__).parent.parent)],
+        [*PIP_WHEEL, str(wheels), str(src)],
         check=True,
         capture_output=True,
         timeout=120,
