@@ -52,9 +52,11 @@ case "${args[0]:-} ${args[1]:-}" in
   [ -f "$src" ] || { echo "fatal error: (404) Key not found: ${args[2]}" >&2; exit 1; }
   cp "$src" "$dst" ;;
 "s3 sync")
+  # As the real CLI: a prefix with no objects lists no keys, so nothing is copied and the
+  # exit code is 0 (aws-cli issue #376; return codes: 0 = no errors).
   src=$(where "${args[2]}") dst=$(where "${args[3]}")
-  [ -d "$src" ] || { echo "fatal error: no such prefix: ${args[2]}" >&2; exit 1; }
-  mkdir -p "$dst" && cp -a "$src"/. "$dst"/ ;;
+  mkdir -p "$dst"
+  if [ -d "$src" ]; then cp -a "$src"/. "$dst"/; fi ;;
 *) echo "stand-in aws: not supported: $*" >&2; exit 2 ;;
 esac
 """,
@@ -291,7 +293,11 @@ def test_user_data_boots_a_host(tmp_path: Path) -> None:
 def test_a_failed_step_stops_the_boot_before_anything_starts(tmp_path: Path) -> None:
     report = boot(tmp_path, with_model=False)
     assert report["rc"] != 0
-    assert "no such prefix" in report["log"]
+    # `s3 sync` of the missing prefix "succeeded" (exit 0, nothing copied): the user data's
+    # own check stops the boot, naming the parameter's value.
+    calls = report["calls"]
+    assert f"aws s3 sync --only-show-errors {PARAMETERS['ModelS3Uri']} " in "\n".join(calls)
+    assert f"no neuron_config.json under {PARAMETERS['ModelS3Uri']}" in report["log"]
     assert not [c for c in report["calls"] if "neuron-fleet" in c and "systemctl" in c]
     assert report["passwd"] is None  # install-service never ran
 
