@@ -600,9 +600,13 @@ def run(args: argparse.Namespace) -> int:
         env_file.note = "exists, never replaced (it holds the secrets)"
         if args.env_source:
             env_file.note += f"; {args.env_source} NOT applied: edit the file, or remove it first"
-        mode = stat.S_IMODE(env_file.path.stat().st_mode)
+        st = env_file.path.stat()
+        mode = stat.S_IMODE(st.st_mode)
         if mode & 0o077:
             env_file.extra.append(f"mode {mode:04o} -> 0600")
+        if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (0, 0):
+            # 0600 alone leaves the secrets to the file's owner: root's only, as written.
+            env_file.extra.append(f"owner {st.st_uid}:{st.st_gid} -> root:root")
         existing = _existing_env(env_file.path)
         if existing is not None and ADMIN_TOKEN_VAR not in existing[1]:
             # The one change made to a kept env file: the admin API always needs a token.
@@ -646,6 +650,8 @@ def run(args: argparse.Namespace) -> int:
                 _write(f.path, f.content, f.mode)
             elif f.extra:
                 os.chmod(f.path, 0o600)
+                if os.geteuid() == 0:
+                    os.chown(f.path, 0, 0)
         except OSError as exc:
             print(f"neuron-fleet install-service: cannot write {f.path}: {exc}", file=err)
             return 1

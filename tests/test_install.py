@@ -533,3 +533,26 @@ def test_readme_install_steps_run_from_the_real_wheel(tmp_path: Path) -> None:
     assert "ExecStart=/opt/neuron-fleet/venv/bin/neuron-fleet serve" in report["log"]
     assert f"from {work}/fleet.toml" in report["log"] or "from fleet.toml" in report["log"]
     assert report["id"]["rc"] == 0 and report["verify"] == {"rc": 0, "out": ""}
+
+
+def test_a_kept_env_file_owned_by_another_user_is_given_back_to_root(
+    tmp_path: Path, blog_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The operator wrote the env file as ubuntu (`cp .env /etc/neuron-fleet/...` from a
+    shell with write access, or `sudo -e` leaving a copy): mode 0600 alone still lets that
+    user read and rewrite the secrets. Run as root, install-service makes it root:root."""
+    if os.geteuid() != 0:
+        pytest.skip("chown needs root")
+    assert run_install(capsys, "--prefix", str(tmp_path), "--env-source", str(blog_env))[0] == 0
+    env = tmp_path / "etc/neuron-fleet/neuron-fleet.env"
+    env.write_text(f"HF_TOKEN={SECRET}\nNEURON_FLEET_ADMIN_TOKEN=mine\n")
+    os.chown(env, 1000, 1000)
+    env.chmod(0o600)
+
+    rc, out = run_install(capsys, "--prefix", str(tmp_path))
+    assert rc == 0, out
+    st = env.stat()
+    assert (st.st_uid, st.st_gid, mode(env)) == (0, 0, 0o600), out
+    assert "owner 1000:1000 -> root:root" in out
+    assert env.read_text() == f"HF_TOKEN={SECRET}\nNEURON_FLEET_ADMIN_TOKEN=mine\n"
+    assert SECRET not in out
