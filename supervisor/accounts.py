@@ -27,6 +27,8 @@ class AccountsResult:
     done: list[str] = field(default_factory=list)
     """What was created ("group neuron", "user neuron-fleet")."""
     errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    """An existing user that differs from what install-service would make."""
 
 
 def _names(file: Path) -> set[str]:
@@ -92,4 +94,40 @@ def ensure_accounts(
         argv = ["useradd", "--system", *own, "--home-dir", home, "--no-create-home"]
         argv += ["--shell", "/usr/sbin/nologin", *where, user]
         call(argv, f"user {user}")
+        return result
+    # The user was there already (made by hand, or by an image): left as it is (it may own
+    # files), but the unit's Group= (the user's name) must exist too, whatever the user's
+    # primary group is (useradd -N / USERGROUPS_ENAB no give it `users`): else 216/GROUP.
+    if not group_exists(user, prefix):
+        call(["groupadd", "--system", *where, user], f"group {user}")
+    entry = passwd_entry(user, prefix)
+    if entry is not None and entry[5] != home:
+        result.warnings.append(
+            f"user {user} exists with home {entry[5]}, not {home}: the service's $HOME (the "
+            f"docker CLI's config) is then {entry[5]}, hidden by ProtectHome=yes when under "
+            f"/home; `usermod --home {home} {user}` makes it the state folder"
+        )
+    if entry is not None and not entry[6].endswith(("nologin", "/false")):
+        result.warnings.append(
+            f"user {user} exists with login shell {entry[6]}: a service account needs none "
+            f"(`usermod --shell /usr/sbin/nologin {user}`)"
+        )
     return result
+
+
+def passwd_entry(name: str, prefix: Path) -> list[str] | None:
+    """The user's 7 passwd fields (name, x, uid, gid, gecos, home, shell), or None."""
+    if prefix == Path("/"):
+        try:
+            return [str(v) for v in pwd.getpwnam(name)]
+        except KeyError:
+            return None
+    try:
+        lines = (prefix / "etc" / "passwd").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split(":")
+        if fields[0] == name and len(fields) == 7:
+            return fields
+    return None

@@ -56,11 +56,18 @@ ENGINE_EXTRA = {"tgi": "tgi-neuron", "vllm": "vllm-neuron"}
 AUTO_CAST_TYPES = ("bf16", "fp16", "tf32")
 """``optimum-cli export neuron --auto_cast_type`` choices, the same in optimum-neuron 0.3.0
 and 0.4.5 (optimum/commands/export/neuronx.py); there is no fp32."""
-MISSING_EXTRA = (
-    "optimum-neuron is not installed: pip install 'neuron-fleet[neuron]' (needs a Neuron SDK "
-    "host) for TGI replicas, 'neuron-fleet[vllm-neuron]' for vLLM ones, or pass --docker to "
-    "compile inside the TGI Neuron image (the default with the docker launcher)"
-)
+
+
+def missing_extra(engine: str) -> str:
+    """No optimum-neuron here: the extra of the engine the replicas run, and the other way."""
+    extra, want = ENGINE_EXTRA.get(engine, "tgi-neuron"), ENGINE_OPTIMUM_NEURON.get(engine)
+    return (
+        f"optimum-neuron is not installed: pip install 'neuron-fleet[{extra}]' (optimum-neuron "
+        f"{want}, what {engine} replicas run; needs a Neuron SDK host), or pass --docker to "
+        "compile inside the serving image (the default with the docker launcher)"
+    )
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 EXPORT_MARKER = "# neuron-fleet: export"
 EXPORT_CODE = f"""{EXPORT_MARKER}
@@ -312,7 +319,7 @@ def host_toolchain_problem(engine: str) -> str | None:
     """Why this Python cannot export for ``engine``'s replicas; None when it can."""
     version = installed_optimum_neuron()
     if version is None:
-        return MISSING_EXTRA
+        return missing_extra(engine)
     want = ENGINE_OPTIMUM_NEURON.get(engine)
     if want is None:
         return f"[fleet] engine {engine!r}: no optimum-neuron is known for it"

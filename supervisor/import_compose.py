@@ -942,6 +942,14 @@ def _docker_settings(
     image = first.image or (DEFAULT_VLLM_IMAGE if first.engine == "vllm" else DEFAULT_IMAGE)
     if len(images) > 1:
         notes.add(f"the replicas use different images ({', '.join(images)}): using {image}")
+    if re.search(r":latest[^:/]*$", image) or ":" not in image.rsplit("/", 1)[-1]:
+        # Kept (the export was compiled by that image's optimum-neuron), but named: a moving
+        # tag can change the optimum-neuron under a running fleet (runtime_versions.py).
+        default = DEFAULT_VLLM_IMAGE if first.engine == "vllm" else DEFAULT_IMAGE
+        notes.add(
+            f"image {image} is a moving tag, kept as the compose file had it: pin it (the "
+            f"default is {default}) and export with the same image's optimum-cli"
+        )
     model_id = str(model.get("id", ""))
     data_mount = _data_mount(first, model_id)
     for r in replicas[1:]:

@@ -488,6 +488,16 @@ def _make_dirs(folder: Path) -> None:
         os.chmod(path, 0o755)
 
 
+def _writable(path: Path) -> bool:
+    """Whether ``path`` can be written (replaced, or created with its missing parents)."""
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    return not path.exists() or os.access(path, os.W_OK) or os.access(path.parent, os.W_OK)
+
+
 def _target(prefix: Path, final: str) -> Path:
     return prefix / final.lstrip("/")
 
@@ -590,9 +600,13 @@ def run(args: argparse.Namespace) -> int:
         env_file.note = "exists, never replaced (it holds the secrets)"
         if args.env_source:
             env_file.note += f"; {args.env_source} NOT applied: edit the file, or remove it first"
-        mode = stat.S_IMODE(env_file.path.stat().st_mode)
+        st = env_file.path.stat()
+        mode = stat.S_IMODE(st.st_mode)
         if mode & 0o077:
             env_file.extra.append(f"mode {mode:04o} -> 0600")
+        if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (0, 0):
+            # 0600 alone leaves the secrets to the file's owner: root's only, as written.
+            env_file.extra.append(f"owner {st.st_uid}:{st.st_gid} -> root:root")
         existing = _existing_env(env_file.path)
         if existing is not None and ADMIN_TOKEN_VAR not in existing[1]:
             # The one change made to a kept env file: the admin API always needs a token.
@@ -609,6 +623,20 @@ def run(args: argparse.Namespace) -> int:
             env_file.extra.append(f"{ADMIN_TOKEN_VAR} generated and added")
 
     dry = args.dry_run
+    blocked = [f.shown for f in files if f.action != "keep" and not _writable(f.path)]
+    if blocked and not dry:
+        # Before anything is written or printed as done: a half-installed service is worse.
+        hint = (
+            "run it as root (sudo neuron-fleet install-service ...), or stage the files "
+            "with --prefix DIR"
+            if os.geteuid() != 0
+            else "check the file system (read-only? another owner?)"
+        )
+        print(
+            f"neuron-fleet install-service: cannot write {', '.join(blocked)}: {hint}",
+            file=err,
+        )
+        return 1
     print(f"neuron-fleet install-service{' (dry run: nothing written)' if dry else ''}:")
     for f in files:
         verb = f"would {f.action}" if dry and f.action != "keep" else f.action
@@ -622,6 +650,8 @@ def run(args: argparse.Namespace) -> int:
                 _write(f.path, f.content, f.mode)
             elif f.extra:
                 os.chmod(f.path, 0o600)
+                if os.geteuid() == 0:
+                    os.chown(f.path, 0, 0)
         except OSError as exc:
             print(f"neuron-fleet install-service: cannot write {f.path}: {exc}", file=err)
             return 1
@@ -635,6 +665,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"neuron-fleet install-service: {error}", file=err)
         if accounts.errors:
             return 1
+        for warning in accounts.warnings:
+            print(f"warning: {warning}")
     for warning in config_warnings(config, exec_argv[0]):
         print(f"warning: {warning}")
     if prefix != Path("/"):

@@ -28,7 +28,13 @@ WHOLE_DEVICE_LAUNCHERS = frozenset({"docker"})
 """Launchers that hand a replica whole /dev/neuronN devices rather than a core range."""
 POLICIES = ("least-outstanding", "round-robin", "least-work")
 COMMAND_PLACEHOLDERS = ("port", "cores", "devices", "model", "metrics_port", "name", "host")
-DEFAULT_IMAGE = "ghcr.io/huggingface/text-generation-inference:latest-neuron"
+DEFAULT_IMAGE = "ghcr.io/huggingface/text-generation-inference:3.3.5-neuron"
+"""TGI's Neuron image, pinned as TGI's own docs pin it (text-generation-inference v3.3.7,
+docs/source/backends/neuron.md: ``ghcr.io/huggingface/text-generation-inference:3.3.5-neuron``;
+its Dockerfile.neuron installs optimum-neuron v0.3.0, neuronx-cc 2.19.8089.0). Never
+``latest-neuron``: an export loads only under the optimum-neuron that made it
+(runtime_versions.py), and a moving tag changes that under a running fleet. The same tag as
+deploy/ (fleet.toml, Dockerfile, ec2 TgiImage; docs/scale-out.md, "Versions read and pinned")."""
 DEFAULT_VLLM_IMAGE = (
     "763104351884.dkr.ecr.us-west-2.amazonaws.com/huggingface-vllm-inference-neuronx:"
     "0.11.0-optimum0.4.4-neuronx-py310-sdk2.26.1-ubuntu22.04"

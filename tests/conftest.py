@@ -204,9 +204,9 @@ def admin_headers(server: BalancerServer) -> dict[str, str]:
 # -- the fake docker (tests/fakebin/docker) ---------------------------------------------------
 
 FAKEBIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fakebin")
-IMAGE = "ghcr.io/huggingface/text-generation-inference:latest-neuron"
+IMAGE = "ghcr.io/huggingface/text-generation-inference:3.3.5-neuron"
 TGI_33 = {"optimum_neuron": "0.3.0", "neuronxcc": "2.19.8089.0+8ab9f450"}
-"""What the latest-neuron image (TGI 3.3.x) ships (its Dockerfile.neuron)."""
+"""What the 3.3.5-neuron image (the launcher's default) ships (its Dockerfile.neuron)."""
 
 
 @pytest.fixture

@@ -252,15 +252,37 @@ def template() -> dict[str, Any]:
     return yaml.load(EC2.read_text(), Loader=_CfnLoader)  # a SafeLoader: no arbitrary objects
 
 
+ALB_SUBNETS = ["10.0.1.0/24", "10.0.2.0/24"]
+"""Sample TrustedProxyCidrs: the CIDRs of the ALB's two subnets."""
+
+
+def render_sub(sub: Any, values: dict[str, Any]) -> str:
+    """CloudFormation's Fn::Sub, both forms (string; [string, {name: value}]), over the
+    given parameter values (lists for CommaDelimitedList), resolving the variable map's
+    !Ref and !Join as CloudFormation would."""
+    script, variables = (sub, {}) if isinstance(sub, str) else sub
+
+    def resolve(value: Any) -> str:
+        if isinstance(value, dict) and "Ref" in value:
+            return values[value["Ref"]]
+        if isinstance(value, dict) and "Join" in value:
+            sep, items = value["Join"]
+            return sep.join(resolve(items) if isinstance(items, dict) else items)
+        return value
+
+    names = {**values, **{k: resolve(v) for k, v in variables.items()}}
+    return re.sub(r"\$\{([A-Za-z0-9:]+)\}", lambda m: str(names[m.group(1)]), script)
+
+
 def user_data() -> str:
     data = template()["Resources"]["LaunchTemplate"]["Properties"]["LaunchTemplateData"]
-    script = data["UserData"]["Fn::Base64"]["Sub"]
-
-    # Render ${Param} / ${AWS::Region} as CloudFormation would, with sample values.
-    def sample(name: str) -> str:
-        return "10.0.0.0/16" if name.endswith("Cidr") else f"sample-{name.replace(':', '-')}"
-
-    return re.sub(r"\$\{([A-Za-z0-9:]+)\}", lambda m: sample(m.group(1)), script)
+    values: dict[str, Any] = {"TrustedProxyCidrs": ALB_SUBNETS}
+    for name, spec in template()["Parameters"].items():
+        if name not in values:
+            values[name] = str(spec.get("Default", f"sample-{name}"))
+    for name in ("AWS::Region", "AWS::StackName"):
+        values[name] = f"sample-{name.replace(':', '-')}"
+    return render_sub(data["UserData"]["Fn::Base64"]["Sub"], values)
 
 
 def test_cfn_lint_passes_and_catches_mistakes(tmp_path: Path) -> None:
@@ -289,7 +311,8 @@ def test_user_data_is_valid_bash_with_a_loadable_fleet_toml(tmp_path: Path) -> N
 
     config = load_fleet(heredocs["/tmp/fleet.toml"], tmp_path)
     assert insecure_settings(config.balancer, token_configured=False) == []
-    assert config.balancer.trusted_proxies == ("10.0.0.0/16",)  # the ALB's X-Forwarded-For
+    # The ALB's subnets (each CIDR of the list parameter), whose X-Forwarded-For is read.
+    assert config.balancer.trusted_proxies == tuple(ALB_SUBNETS)
     props = template()["Resources"]
     # Keep-alive above the ALB's idle timeout; metrics on a port the ALB does not forward.
     lb = props["LoadBalancer"]["Properties"]["LoadBalancerAttributes"]
@@ -334,7 +357,8 @@ TGI_IMAGE_PIN = "ghcr.io/huggingface/text-generation-inference:3.3.5-neuron"
 
 def test_every_deploy_path_pins_the_tgi_image() -> None:
     """No `latest`: the image's optimum-neuron must be the export's (runtime_versions.py)."""
-    assert DEFAULT_IMAGE.endswith(":latest-neuron")  # the launcher's default, for one host
+    # The launcher's own default (one host, no fleet.toml image) is the same pin.
+    assert DEFAULT_IMAGE == TGI_IMAGE_PIN
     texts = {
         "Dockerfile": (ROOT / "deploy" / "Dockerfile").read_text(),
         "fleet.toml": (ROOT / "deploy" / "fleet.toml").read_text(),
@@ -348,7 +372,8 @@ def test_every_deploy_path_pins_the_tgi_image() -> None:
     # The EC2 parameter refuses an unpinned tag (cfn-lint checks the default against it).
     pattern = template()["Parameters"]["TgiImage"]["AllowedPattern"]
     assert re.fullmatch(pattern, TGI_IMAGE_PIN)
-    assert not re.fullmatch(pattern, DEFAULT_IMAGE)
+    assert re.fullmatch(pattern, DEFAULT_IMAGE)
+    assert not re.fullmatch(pattern, "ghcr.io/huggingface/text-generation-inference:latest-neuron")
     assert not re.fullmatch(pattern, "ghcr.io/huggingface/text-generation-inference:latest")
 
 
@@ -376,3 +401,36 @@ def test_dockerfile_builds_on_the_tgi_neuron_image_without_the_neuron_extra() ->
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     packages = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
     assert {p.rstrip("*") for p in packages} <= set(copied)
+
+
+# -- X-Forwarded-For: only the ALB's subnets are trusted ------------------------------------
+
+
+def test_a_vpc_client_behind_the_alb_cannot_name_itself(tmp_path: Path) -> None:
+    """A VPC laid out as the shipped placeholders assume (10.0.0.0/16; the ALB in
+    10.0.1.0/24 and 10.0.2.0/24): a pod or host at 10.0.7.7 sends `X-Forwarded-For: 6.6.6.6`
+    through the ALB, which appends its address. Both deploy paths must key it as 10.0.7.7,
+    not as the name it wrote (a fresh per-client share per request). With the VPC's CIDR
+    trusted (the manifests' old placeholder) it was 6.6.6.6."""
+    from balancer.client_address import client_address, parse_networks
+
+    alb_node, vpc_client = "10.0.1.10", "10.0.7.7"
+    headers = [f"6.6.6.6, {vpc_client}"]
+    configs = {
+        "kubernetes": load_fleet(fleet_toml_k8s(), tmp_path),
+        "ec2": load_fleet(
+            dict(re.findall(r"cat > (\S+) <<'EOF'\n(.*?)\nEOF\n", user_data(), re.S))[
+                "/tmp/fleet.toml"
+            ],
+            tmp_path,
+        ),
+    }
+    for name, config in configs.items():
+        trusted = parse_networks(list(config.balancer.trusted_proxies))
+        assert client_address(alb_node, headers, trusted) == vpc_client, name
+        # The ALB's own hop is still believed: a client outside the VPC keeps its address.
+        assert client_address(alb_node, ["203.0.113.7"], trusted) == "203.0.113.7", name
+    # The EC2 stack asks for the ALB subnets' CIDRs (a list: the ALB spans two AZs).
+    parameter = template()["Parameters"]["TrustedProxyCidrs"]
+    assert parameter["Type"] == "CommaDelimitedList" and "Default" not in parameter
+    assert "not the VPC's CIDR" in parameter["Description"]

@@ -18,20 +18,21 @@ import sysconfig
 import textwrap
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.test_deploy import ROOT, require_tool
-from tests.test_deploy_scaleout import load_fleet, template
+from tests.test_deploy_scaleout import load_fleet, render_sub, template
 from tests.throwaway_root import CLOUD_INIT_PATH, run_in_throwaway_root
 
 pytestmark = pytest.mark.timeout(300)
 
 WHEEL = "neuron_fleet-0.1.0-py3-none-any.whl"
-PARAMETERS = {
+PARAMETERS: dict[str, Any] = {
     "WheelS3Uri": f"s3://fleet-artifacts/{WHEEL}",
     "ModelS3Uri": "s3://fleet-artifacts/models/llama-3.1-8b",
-    "TrustedProxyCidr": "10.0.0.0/16",
+    "TrustedProxyCidrs": ["10.0.1.0/24", "10.0.2.0/24"],
     "AWS::Region": "us-east-1",
     "AWS::StackName": "nf",
 }
@@ -51,9 +52,11 @@ case "${args[0]:-} ${args[1]:-}" in
   [ -f "$src" ] || { echo "fatal error: (404) Key not found: ${args[2]}" >&2; exit 1; }
   cp "$src" "$dst" ;;
 "s3 sync")
+  # As the real CLI: a prefix with no objects lists no keys, so nothing is copied and the
+  # exit code is 0 (aws-cli issue #376; return codes: 0 = no errors).
   src=$(where "${args[2]}") dst=$(where "${args[3]}")
-  [ -d "$src" ] || { echo "fatal error: no such prefix: ${args[2]}" >&2; exit 1; }
-  mkdir -p "$dst" && cp -a "$src"/. "$dst"/ ;;
+  mkdir -p "$dst"
+  if [ -d "$src" ]; then cp -a "$src"/. "$dst"/; fi ;;
 *) echo "stand-in aws: not supported: $*" >&2; exit 2 ;;
 esac
 """,
@@ -124,6 +127,10 @@ report = {
     "getent": {g: run("getent", "group", g) for g in ("neuron", "docker", "neuron-fleet")},
     "files": {p: describe(p) for p in paths},
     "wants": sorted(os.listdir(wants)) if os.path.isdir(wants) else [],
+    # The env file's variable names (never its values: they are secrets).
+    "env_names": [line.split("=", 1)[0] for line in open(paths[4]).read().splitlines()
+                  if "=" in line and not line.startswith("#")]
+    if os.path.exists(paths[4]) else [],
 }
 try:
     report["passwd"] = list(pwd.getpwnam("neuron-fleet"))
@@ -136,16 +143,10 @@ print(json.dumps(report))
 """
 
 
-def render_user_data(values: dict[str, str]) -> str:
+def render_user_data(values: dict[str, Any]) -> str:
     data = template()["Resources"]["LaunchTemplate"]["Properties"]["LaunchTemplateData"]
-    script = data["UserData"]["Fn::Base64"]["Sub"]
     defaults = {k: str(v.get("Default", "")) for k, v in template()["Parameters"].items()}
-
-    def value(match: re.Match[str]) -> str:
-        name = match.group(1)
-        return values.get(name) or defaults[name]
-
-    return re.sub(r"\$\{([A-Za-z0-9:]+)\}", value, script)
+    return render_sub(data["UserData"]["Fn::Base64"]["Sub"], {**defaults, **values})
 
 
 def stand_in_wheel(path: Path) -> None:
@@ -184,8 +185,10 @@ def chosen_python() -> str | None:
     return None
 
 
-def boot(tmp_path: Path, *, with_model: bool = True) -> dict:
-    """One boot of an instance: the user data, then what it left behind."""
+def boot(tmp_path: Path, *, with_model: bool = True, again_after: str | None = None) -> dict:
+    """One boot of an instance: the user data, then what it left behind. ``again_after``:
+    shell run after the user data, then the user data once more (cloud-init re-running it:
+    a new instance id on the same disk, `cloud-init clean`, an operator re-running it)."""
     # The stand-in wheel reuses this venv's packages (compiled for this Python's version).
     here = f"{sys.version_info[0]}.{sys.version_info[1]}"
     if chosen_python() != here:
@@ -204,6 +207,13 @@ def boot(tmp_path: Path, *, with_model: bool = True) -> dict:
         (standins / name).chmod(0o755)
     script = tmp_path / "user-data.sh"
     script.write_text(render_user_data(PARAMETERS))
+    if again_after is not None:
+        first = tmp_path / "user-data-once.sh"
+        script.rename(first)
+        script.write_text(
+            f"set -e\nbash {first}\n{again_after}\necho '--- second run' >>/var/log/standins.log\n"
+            f"bash {first}\n"
+        )
     collector = tmp_path / "collect.py"
     collector.write_text(COLLECT)
     verify = require_tool("systemd-analyze")
@@ -283,7 +293,11 @@ def test_user_data_boots_a_host(tmp_path: Path) -> None:
 def test_a_failed_step_stops_the_boot_before_anything_starts(tmp_path: Path) -> None:
     report = boot(tmp_path, with_model=False)
     assert report["rc"] != 0
-    assert "no such prefix" in report["log"]
+    # `s3 sync` of the missing prefix "succeeded" (exit 0, nothing copied): the user data's
+    # own check stops the boot, naming the parameter's value.
+    calls = report["calls"]
+    assert f"aws s3 sync --only-show-errors {PARAMETERS['ModelS3Uri']} " in "\n".join(calls)
+    assert f"no neuron_config.json under {PARAMETERS['ModelS3Uri']}" in report["log"]
     assert not [c for c in report["calls"] if "neuron-fleet" in c and "systemctl" in c]
     assert report["passwd"] is None  # install-service never ran
 
@@ -292,3 +306,94 @@ def test_stand_ins_are_written_as_shell() -> None:
     for name, text in STANDINS.items():
         assert text.startswith("#!/bin/bash\n"), name
     assert textwrap.dedent(COLLECT).strip().startswith("import json")
+
+
+def test_user_data_run_twice_changes_nothing_and_keeps_the_secrets(tmp_path: Path) -> None:
+    """Two runs in a row (an operator re-running it, or cloud-init on a new instance id): the
+    second succeeds, keeps the env file the operator filled in (HF_TOKEN, mode 0600), creates
+    no second user, and never prints the token."""
+    token = "hf_SeCrEtToKeN0123456789"
+    env = "/etc/neuron-fleet/neuron-fleet.env"
+    report = boot(tmp_path, again_after=f"echo 'HF_TOKEN=\"{token}\"' >>{env}; chmod 0644 {env}")
+    assert report["rc"] == 0, report["log"]
+    calls = report["calls"]
+    second = calls[calls.index("--- second run") + 1 :]
+    assert "systemctl start --no-block neuron-fleet.service [hook=yes]" in second
+    assert "created        user" not in report["log"].split("neuron-fleet install-service")[-1]
+    assert report["groups"] == ["neuron-fleet"]
+    files = report["files"]
+    assert (files[env]["mode"], files[env]["uid"]) == (0o600, 0)  # the mode put right
+    assert report["env_names"].count("HF_TOKEN") == 1  # kept, not replaced by the example
+    assert report["env_names"].count("NEURON_FLEET_ADMIN_TOKEN") == 1  # not a second one
+    assert token not in report["log"]
+    assert report["verify"]["rc"] == 0, report["verify"]
+
+
+def lifecycle_script() -> str:
+    """The drain hook the user data writes (its heredoc), with the template's values."""
+    text = render_user_data(PARAMETERS)
+    match = re.search(
+        r"cat > /usr/local/sbin/neuron-fleet-lifecycle <<'EOF'\n(.*?)\nEOF\n", text, re.S
+    )
+    assert match, "the user data no longer writes the lifecycle hook"
+    return match.group(1)
+
+
+def test_drain_hook_stops_the_service_before_letting_the_termination_continue(
+    tmp_path: Path,
+) -> None:
+    """The hook as written, run with stand-ins for curl (IMDS: InService twice, then
+    Terminated), sleep, systemctl and aws: it waits, stops (drains) the service, and only then
+    completes the lifecycle action, for this instance, on the template's hook."""
+    import subprocess
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+    standins = {
+        "curl": r"""#!/bin/bash
+case "$*" in
+*api/token*) echo TOKEN ;;
+*target-lifecycle-state*)
+  n=$(cat "$STATE_COUNT" 2>/dev/null || echo 0); echo $((n + 1)) >"$STATE_COUNT"
+  if [ "$n" -lt 2 ]; then echo InService; else echo Terminated; fi ;;
+*instance-id*) echo i-0123456789abcdef0 ;;
+*) exit 22 ;;
+esac
+""",
+        "sleep": '#!/bin/bash\necho "sleep $*" >>"$CALLS"\n',
+        "systemctl": '#!/bin/bash\necho "systemctl $*" >>"$CALLS"\n',
+        "aws": '#!/bin/bash\necho "aws $*" >>"$CALLS"\n',
+    }
+    for name, text in standins.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    script = tmp_path / "neuron-fleet-lifecycle"
+    script.write_text(lifecycle_script())
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "CALLS": str(log),
+        "STATE_COUNT": str(tmp_path / "count"),
+        # What the hook's unit sets (Environment=), from the template.
+        "REGION": "us-east-1",
+        "ASG": "nf-hosts",
+        "HOOK": "drain",
+    }
+    proc = subprocess.run(
+        ["bash", str(script)], env=env, capture_output=True, text=True, timeout=30, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    calls = log.read_text().splitlines()
+    assert calls == [
+        "sleep 5",
+        "sleep 5",
+        "systemctl stop neuron-fleet.service",
+        "aws autoscaling complete-lifecycle-action --region us-east-1 --auto-scaling-group-name "
+        "nf-hosts --lifecycle-hook-name drain --instance-id i-0123456789abcdef0 "
+        "--lifecycle-action-result CONTINUE",
+    ], calls
+    # The names the hook's unit passes are the template's own.
+    unit = render_user_data(PARAMETERS)
+    assert "Environment=REGION=us-east-1 ASG=nf-hosts HOOK=drain" in unit
+    hook = template()["Resources"]["AutoScalingGroup"]["Properties"]
+    assert hook["LifecycleHookSpecificationList"][0]["LifecycleHookName"] == "drain"

@@ -44,6 +44,10 @@ def blog(tmp_path: Path) -> Path:
     return folder
 
 
+BLOG_IMAGE = "ghcr.io/huggingface/text-generation-inference:latest-neuron"
+"""The blog's docker-compose.yaml image."""
+
+
 def run_import(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(["import", *argv])
     captured = capsys.readouterr()
@@ -103,7 +107,10 @@ def test_blog_import_loads_and_plans_like_the_compose_file(
     assert model.max_concurrent_requests == 512
     assert model.id == str(blog / "exportedmodel")  # /data/exportedmodel on the host
     assert model.hf_token is None
-    assert config.launcher.docker.image == DEFAULT_IMAGE
+    # The compose file's image, kept (its optimum-neuron made the export), and named as
+    # unpinned (the launcher's own default is a pinned tag).
+    assert config.launcher.docker.image == BLOG_IMAGE != DEFAULT_IMAGE
+    assert f"image {BLOG_IMAGE} is a moving tag" in out
     assert config.launcher.docker.data_dir == str(blog)
     assert config.launcher.docker.data_mount == "/data"
     assert config.launcher.docker.extra_args == ()
@@ -132,7 +139,7 @@ def test_blog_import_loads_and_plans_like_the_compose_file(
     assert env["MAX_TOTAL_TOKENS"] == "16512"
     assert env["MAX_CONCURRENT_REQUESTS"] == "512"
     assert "127.0.0.1:8082:8082" in argv
-    assert argv[-1] == DEFAULT_IMAGE
+    assert argv[-1] == BLOG_IMAGE
 
     # The summary names the compose services next to the replicas that replace them.
     assert "tgi-1            replica-0  0-7    neuron0-3   8081" in out

@@ -391,3 +391,168 @@ def test_as_root_into_a_prefix_with_account_files_uses_useradd_prefix(
     assert len(entry) == 1 and entry[0].endswith(":/var/lib/neuron-fleet:/usr/sbin/nologin")
     with pytest.raises(KeyError):
         pwd.getpwnam(user)  # the machine's own /etc/passwd: untouched
+
+
+def test_as_root_an_existing_user_without_its_own_group_gets_the_group_the_unit_names(
+    tmp_path: Path,
+) -> None:
+    """A neuron-fleet user made earlier by hand (primary group `users`, a login shell, a home
+    under /home): the unit's Group=neuron-fleet must still exist (else 216/GROUP), and the
+    differences that matter are named."""
+    before = (
+        "useradd --no-user-group --gid users --no-create-home --home-dir /home/neuron-fleet "
+        "--shell /bin/bash neuron-fleet"
+    )
+    report = install_as_root(tmp_path, "native", before)
+    assert report["rc"] == 0, report["log"]
+    assert report["groups"]["neuron-fleet"]["rc"] == 0, report["log"]
+    assert int(report["groups"]["neuron-fleet"]["out"].split(":")[2]) < 1000  # a system group
+    assert report["log"].count("created        group neuron-fleet") == 1  # not the 2nd run
+    # The user is left as it is (it may own files), but its home is named: hidden by
+    # ProtectHome=yes, it is not where the service keeps its state.
+    assert "/home/neuron-fleet" in report["passwd"]["out"]
+    assert "warning: user neuron-fleet exists with home /home/neuron-fleet" in report["log"]
+    assert report["verify"] == {"rc": 0, "out": ""}
+
+
+def test_as_a_non_root_user_says_to_run_as_root(tmp_path: Path) -> None:
+    """`neuron-fleet install-service` without sudo: one clear line, exit 1, nothing written."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to another user (setpriv)")
+    from tests.test_deploy import require_tool
+
+    # nobody, allowed to read (only) every file: this checkout's venv may sit in a folder
+    # nobody cannot search; writing /etc stays refused, as for any unprivileged user.
+    as_nobody = [require_tool("setpriv"), "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    as_nobody += ["--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
+    source = tmp_path / "fleet.toml"
+    source.write_text('[model]\nid = "/var/lib/neuron-fleet/models/m"\n')
+    exe = Path(sys.executable).parent / "neuron-fleet"
+    proc = subprocess.run(
+        [*as_nobody, str(exe), "install-service", "--config-source", str(source)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "run it as root (sudo neuron-fleet install-service ...)" in proc.stderr, proc.stderr
+    assert "write " not in proc.stdout  # nothing listed as written
+
+
+# -- the README's inf2 steps, from the wheel users install -----------------------------------
+
+
+def readme_install_lines() -> list[str]:
+    """The README's "On an inf2 host" commands that make the venv and install the service."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## On an inf2 host", 1)[1].split("```bash\n", 1)[1].split("```")[0]
+    lines = [ln.split("  #")[0].strip() for ln in section.splitlines()]
+    wanted = ("-m venv", "pip install", "install-service")
+    return [ln for ln in lines if any(w in ln for w in wanted) and not ln.startswith("#")]
+
+
+PIP_WHEEL = (sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w")
+
+
+def test_readme_install_steps_run_from_the_real_wheel(tmp_path: Path) -> None:
+    """`pip wheel .`, then the README's lines as root in a throwaway root, outside the
+    checkout: the venv, pip installing that wheel (its dependencies from this venv, no
+    network), and `install-service` with the fleet.toml `import` wrote in the current folder.
+    From a wheel there is no deploy/fleet.toml to fall back on, and sudo's secure_path
+    holds no venv: the README's line must work as written."""
+    import json
+    import shutil
+    import subprocess
+    import sysconfig
+
+    from tests.test_deploy import require_tool
+    from tests.throwaway_root import run_in_throwaway_root
+
+    lines = readme_install_lines()
+    assert len(lines) == 3, lines
+    venv_line, pip_line, install_line = lines
+    wheels, src, root = tmp_path / "wheels", tmp_path / "src", Path(__file__).parent.parent
+    # What the Dockerfile copies too: the build writes build/ and *.egg-info next to it.
+    for name in ("pyproject.toml", "README.md"):
+        (src / name).parent.mkdir(exist_ok=True)
+        shutil.copy2(root / name, src / name)
+    for name in ("balancer", "supervisor"):
+        shutil.copytree(root / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(
+        [*PIP_WHEEL, str(wheels), str(src)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    (wheel,) = wheels.glob("neuron_fleet-*.whl")
+    work = tmp_path / "home-ubuntu"  # where the operator ran `neuron-fleet import`
+    work.mkdir()
+    (work / "fleet.toml").write_text(
+        '[model]\nid = "/var/lib/neuron-fleet/models/m"\n[fleet]\nlauncher = "native"\n'
+    )
+    deps = sysconfig.get_paths()["purelib"]  # this venv's packages, not this checkout
+    python = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    script = tmp_path / "readme.sh"
+    script.write_text(
+        "set -euo pipefail\n"
+        f"cd {work}\n"
+        # sudo: we are root already; the README's python3.11 is this test's Python.
+        + venv_line.removeprefix("sudo ").replace(
+            "python3.11", shutil.which(python) or sys.executable
+        )
+        + "\n"
+        + pip_line.removeprefix("sudo ").replace(
+            "install neuron-fleet", f"install -q --no-deps --no-index {wheel}"
+        )
+        + "\n"
+        + f"echo {deps} >$(/opt/neuron-fleet/venv/bin/python -c "
+        "'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])')/deps.pth\n"
+        + "/opt/neuron-fleet/venv/bin/python -c 'import supervisor; print(supervisor.__file__)'\n"
+        + install_line.removeprefix("sudo ")
+        + "\n"
+    )
+    collect = tmp_path / "collect.py"
+    collect.write_text(INSTALL_COLLECT)
+    standins = tmp_path / "standins"
+    standins.mkdir()
+    proc = run_in_throwaway_root(
+        script,
+        standins,
+        tmp_path / "scratch",
+        [sys.executable, str(collect), require_tool("systemd-analyze")],
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["rc"] == 0, report["log"]
+    # The installed package, not this checkout, ran install-service.
+    assert "/opt/neuron-fleet/venv/lib/" in report["log"], report["log"]
+    assert "ExecStart=/opt/neuron-fleet/venv/bin/neuron-fleet serve" in report["log"]
+    assert f"from {work}/fleet.toml" in report["log"] or "from fleet.toml" in report["log"]
+    assert report["id"]["rc"] == 0 and report["verify"] == {"rc": 0, "out": ""}
+
+
+def test_a_kept_env_file_owned_by_another_user_is_given_back_to_root(
+    tmp_path: Path, blog_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The operator wrote the env file as ubuntu (`cp .env /etc/neuron-fleet/...` from a
+    shell with write access, or `sudo -e` leaving a copy): mode 0600 alone still lets that
+    user read and rewrite the secrets. Run as root, install-service makes it root:root."""
+    if os.geteuid() != 0:
+        pytest.skip("chown needs root")
+    assert run_install(capsys, "--prefix", str(tmp_path), "--env-source", str(blog_env))[0] == 0
+    env = tmp_path / "etc/neuron-fleet/neuron-fleet.env"
+    env.write_text(f"HF_TOKEN={SECRET}\nNEURON_FLEET_ADMIN_TOKEN=mine\n")
+    os.chown(env, 1000, 1000)
+    env.chmod(0o600)
+
+    rc, out = run_install(capsys, "--prefix", str(tmp_path))
+    assert rc == 0, out
+    st = env.stat()
+    assert (st.st_uid, st.st_gid, mode(env)) == (0, 0, 0o600), out
+    assert "owner 1000:1000 -> root:root" in out
+    assert env.read_text() == f"HF_TOKEN={SECRET}\nNEURON_FLEET_ADMIN_TOKEN=mine\n"
+    assert SECRET not in out

@@ -105,7 +105,7 @@ def test_docker_spec_is_the_compose_service(tmp_path: Path) -> None:
     ):
         assert expected in envs
     assert "HF_TOKEN" in envs  # name only: docker takes the value from its environment
-    assert argv[-1] == "ghcr.io/huggingface/text-generation-inference:latest-neuron"
+    assert argv[-1] == "ghcr.io/huggingface/text-generation-inference:3.3.5-neuron"
     assert spec.env == {"HF_TOKEN": SECRET}
     assert spec.stop_argv == ("docker", "stop", "-t", "30", "neuron-fleet-replica-1")
     assert spec.cleanup_argv == ("docker", "rm", "-f", "neuron-fleet-replica-1")

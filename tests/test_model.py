@@ -10,7 +10,7 @@ import pytest
 
 from supervisor import cli
 from supervisor.config import ENV_VARS, load_config
-from supervisor.export_cli import MISSING_EXTRA, job_from_config
+from supervisor.export_cli import job_from_config, missing_extra
 from supervisor.model import (
     ModelInfoError,
     check_model,
@@ -182,16 +182,24 @@ def test_export_skips_a_matching_export_without_importing_optimum(
     assert "up to date" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(("engine", "extra"), [("tgi", "tgi-neuron"), ("vllm", "vllm-neuron")])
 def test_export_without_the_extra_says_how_to_install_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_optimum: None
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    no_optimum: None,
+    engine: str,
+    extra: str,
 ) -> None:
-    assert cli.main(["export", "--host", "--config", export_toml(tmp_path, **BLOG_MODEL)]) == 2
+    """The extra of the engine in the config, and only that one."""
+    config = export_toml(tmp_path, **BLOG_MODEL)
+    text = Path(config).read_text()
+    Path(config).write_text(text.replace("[fleet]\n", f'[fleet]\nengine = "{engine}"\n', 1))
+    assert f'engine = "{engine}"' in Path(config).read_text()
+    assert cli.main(["export", "--host", "--config", config]) == 2
     err = capsys.readouterr().err
-    assert (
-        "optimum-neuron is not installed: pip install 'neuron-fleet[neuron]' "
-        "(needs a Neuron SDK host)" in err
-    )
-    assert MISSING_EXTRA in err
+    assert f"optimum-neuron is not installed: pip install 'neuron-fleet[{extra}]'" in err
+    assert err.count("neuron-fleet[") == 1
+    assert missing_extra(engine) in err
 
 
 def test_export_refuses_to_overwrite_another_shape(
