@@ -192,12 +192,14 @@ class Balancer:
         except BadDeadline as exc:
             raise _Invalid(400, str(exc), reason="bad_deadline") from None
         now = time.monotonic()
+        stream = path == "/generate_stream" or doc.get("stream") is True
         ticket = Ticket(
             prompt_tokens,
             new_tokens,
             now,
             budget_s=budget,
             long=prompt_tokens >= self.config.queue_long_tokens,
+            stream=stream,
         )
         refusal = self.slo.check(ticket, now, by_header)
         if refusal is not None:
@@ -219,7 +221,7 @@ class Balancer:
             admit=True,
             work=work,
             prompt_tokens=prompt_tokens,
-            stream=path == "/generate_stream" or doc.get("stream") is True,
+            stream=stream,
             ticket=ticket,
         )
         if self.draining:  # the drain began while the body arrived or the prompt was counted
