@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 from balancer.access import insecure_settings
+from balancer.client_address import parse_networks, too_wide
 from supervisor.config import DEFAULT_IMAGE, load_config
 
 pytestmark = pytest.mark.timeout(120)
@@ -157,6 +158,7 @@ def test_kubernetes_numbers_agree(tmp_path: Path) -> None:
     # Public address, no keys: started only because the manifest opts out explicitly.
     assert insecure_settings(config.balancer, token_configured=False) == []
     assert config.balancer.trusted_proxies  # per-user quotas behind the ALB
+    assert too_wide(parse_networks(config.balancer.trusted_proxies)) == []  # its subnets only
     delay, drain = config.balancer.shutdown_delay_s, config.fleet.drain_timeout_s
     assert delay >= 2 * 5 + 1  # > the ALB's unhealthy threshold x interval (ingress.yaml)
 
@@ -240,6 +242,8 @@ def user_data() -> str:
 
     # Render ${Param} / ${AWS::Region} as CloudFormation would, with sample values.
     def sample(name: str) -> str:
+        if name == "TrustedProxyCidr":
+            return "10.0.0.0/23"  # the ALB's two subnets (the parameter allows /22 or narrower)
         return "10.0.0.0/16" if name.endswith("Cidr") else f"sample-{name.replace(':', '-')}"
 
     return re.sub(r"\$\{([A-Za-z0-9:]+)\}", lambda m: sample(m.group(1)), script)
@@ -271,7 +275,8 @@ def test_user_data_is_valid_bash_with_a_loadable_fleet_toml(tmp_path: Path) -> N
 
     config = load_fleet(heredocs["/tmp/fleet.toml"], tmp_path)
     assert insecure_settings(config.balancer, token_configured=False) == []
-    assert config.balancer.trusted_proxies == ("10.0.0.0/16",)  # the ALB's X-Forwarded-For
+    assert config.balancer.trusted_proxies == ("10.0.0.0/23",)  # the ALB's X-Forwarded-For
+    assert too_wide(parse_networks(config.balancer.trusted_proxies)) == []
     props = template()["Resources"]
     tg = props["TargetGroup"]["Properties"]
     attributes = {a["Key"]: a["Value"] for a in tg["TargetGroupAttributes"]}
