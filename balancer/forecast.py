@@ -24,7 +24,7 @@ request's remaining time (from the tokens it still has to generate, which the re
 on its ticket; for a non-streaming answer, whose tokens nobody sees until it ends, from
 the time it has held its slot), then the requests queued ahead taking the slots as they
 free. The gate's safety margin is the forecast's own lateness over the last
-``MARGIN_MAX_AGE_S`` (``margin_s``). Pure: the clock is a parameter.
+``MARGIN_MAX_AGE_S``, never set by one request alone (``margin_s``). Pure: the clock is a parameter.
 """
 
 from __future__ import annotations
@@ -48,6 +48,14 @@ MARGIN_MAX_AGE_S = 10.0
 """...and none older than this: one stall's lateness must not refuse requests long after
 it (by count alone, at light load it stayed for 100 arrivals). 10 s is about the time a
 batch turns over on inf2 (256 tokens at 30-40 ms): the requests it was learned on are gone."""
+CLIP_AFTER = 4
+CLIP_FACTOR = 2.0
+CLIP_PREFILL_SLACK_S = 0.01
+"""Once ``CLIP_AFTER`` streams were learned from, one stream teaches at most
+``CLIP_FACTOR`` x what was expected (+ ``CLIP_PREFILL_SLACK_S`` for a prefill): a replica
+stopped for 6 s under one stream must not teach "prefill takes 6 s" (measured: the
+forecast then refused requests the fleet served in 0.9 s). A replica that really became
+slower is followed in a few streams, each doubling the estimate at most."""
 PRIOR_STEPS = 8
 """The learned step time (finished streams) counts as this many steps of the running
 streams' own: a few young streams' first steps do not decide the step time alone."""
@@ -118,12 +126,20 @@ class LinearFit:
 
 class RecentQuantile:
     """The ``q``-quantile of the last ``window`` values (a sorted copy of the window), none
-    older than ``max_age`` seconds when the values are given a time (``add(x, at)``)."""
+    older than ``max_age`` seconds when the values are given a time (``add(x, at)``).
 
-    def __init__(self, q: float, window: int, max_age: float = math.inf) -> None:
+    ``tail_needs_two``: a high quantile of fewer than ``1 / (1 - q)`` values would be their
+    maximum, one event; the value returned has at least one value above it (the second
+    largest of a few), so a single outlier never sets it. From ``1 / (1 - q)`` values on it
+    is the plain quantile."""
+
+    def __init__(
+        self, q: float, window: int, max_age: float = math.inf, tail_needs_two: bool = False
+    ) -> None:
         self.q = q
         self.window = window
         self.max_age = max_age
+        self.tail_needs_two = tail_needs_two
         self._recent: deque[tuple[float, float]] = deque()
         self._sorted: list[float] = []
 
@@ -143,9 +159,11 @@ class RecentQuantile:
         clock, over the last ``window`` values."""
         while self._recent and self._recent[0][0] < now - self.max_age:
             self._drop_oldest()
-        if not self._sorted:
-            return None
-        return self._sorted[min(len(self._sorted) - 1, int(self.q * len(self._sorted)))]
+        n = len(self._sorted)
+        index = min(n - 1, int(self.q * n))
+        if self.tail_needs_two:
+            index = min(index, n - 1 - max(1, int((1.0 - self.q) * n)))
+        return self._sorted[index] if index >= 0 else None
 
 
 @dataclass
@@ -175,7 +193,9 @@ class Forecast:
         """Generated tokens of requests that set no budget."""
         self.inflight: dict[str, set[Ticket]] = {}
         self._lateness = {
-            (long, slow): RecentQuantile(MARGIN_QUANTILE, ERROR_WINDOW, MARGIN_MAX_AGE_S)
+            (long, slow): RecentQuantile(
+                MARGIN_QUANTILE, ERROR_WINDOW, MARGIN_MAX_AGE_S, tail_needs_two=True
+            )
             for long in (False, True)
             for slow in (False, True)
         }
@@ -199,9 +219,16 @@ class Forecast:
         if ticket.replica is None or ticket.started_at is None or first is None or tokens <= 0:
             return
         model = self._model(ticket.replica)
-        model.prefill.add(ticket.prompt_tokens, max(0.0, first - ticket.started_at))
+        prefill = max(0.0, first - ticket.started_at)
+        if model.prefill.count >= CLIP_AFTER:
+            expected = model.prefill.predict(ticket.prompt_tokens) or 0.0
+            prefill = min(prefill, CLIP_FACTOR * expected + CLIP_PREFILL_SLACK_S)
+        model.prefill.add(ticket.prompt_tokens, prefill)
         if tokens >= 2:
-            model.step.add((ticket.last_token_at - first) / (tokens - 1))
+            step = (ticket.last_token_at - first) / (tokens - 1)
+            if model.step.count >= CLIP_AFTER and model.step.value is not None:
+                step = min(step, CLIP_FACTOR * model.step.value)
+            model.step.add(step)
         if complete:
             if ticket.new_tokens:
                 self.end_ratio.add(min(1.0, tokens / ticket.new_tokens))
@@ -225,9 +252,11 @@ class Forecast:
     def margin_s(self, ticket: Ticket, now: float = -math.inf) -> float:
         """How much later than forecast first tokens recently came for requests like
         ``ticket`` (same prompt class, slot time on the same side of the median; 99th
-        percentile of the last ``ERROR_WINDOW`` within ``MARGIN_MAX_AGE_S`` of ``now``,
-        never below 0): the gate's safety margin, so that admitted requests rarely have to
-        be dropped from the queue later."""
+        percentile of the last ``ERROR_WINDOW`` within ``MARGIN_MAX_AGE_S`` of ``now``, and
+        never one request's lateness alone; never below 0): the gate's safety margin, so
+        that admitted requests rarely have to be dropped from the queue later. A stall
+        (one request 6 s late) is not a trend: refusing for it would refuse requests the
+        fleet serves in time."""
         return max(0.0, self._lateness[ticket.long, ticket.slow].value(now) or 0.0)
 
     def started(self, ticket: Ticket, replica: str, now: float) -> None:
