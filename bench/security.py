@@ -193,7 +193,8 @@ async def one_client_floods() -> list[str]:
             got = Counter(await asyncio.gather(*flood))
     return [
         "| one client: 1,100 streams, then 20 from another | the first fills the queue "
-        f"(1,024), the other gets 429 | first: {got[200]} served, {got[429]} got 429; "
+        f"(1,024), the other gets 429 | first: {got[200]} served, {got[429]} got 429, "
+        f"{got[503]} got 503 (max_connections_per_client 512); "
         f"other: {other.count(200)}/20 served |"
     ]
 
