@@ -285,6 +285,7 @@ class _Invalid(Exception):
         reason: str | None = None,
         headers: dict[str, str] | None = None,
         close: bool = False,
+        error_type: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -292,6 +293,7 @@ class _Invalid(Exception):
         self.reason = reason or f"invalid_{status}"
         self.headers = headers
         self.close = close
+        self.error_type = error_type or ERROR_TYPES.get(status, "validation")
         """Close the connection after the answer: the rest of a refused body is not read."""
 
 
@@ -306,7 +308,9 @@ async def _read_body(request: web.Request, balancer: Balancer) -> bytes:
     try:
         return await balancer.quotas.read_body(request)
     except BodyRefused as exc:
-        raise _Invalid(exc.status, exc.message, exc.reason, exc.headers, close=True) from None
+        raise _Invalid(
+            exc.status, exc.message, exc.reason, exc.headers, close=True, error_type=exc.error_type
+        ) from None
 
 
 async def _read_json(request: web.Request, balancer: Balancer) -> tuple[bytes, dict[str, Any]]:
@@ -390,8 +394,7 @@ def _make_observer(balancer: Balancer) -> Any:
         except _Invalid as exc:
             code = str(exc.status)
             metrics.rejected.labels(reason=exc.reason).inc()
-            error_type = "overloaded" if exc.status == 503 else ERROR_TYPES.get(exc.status)
-            error = json_error(exc.status, exc.message, error_type or "validation", exc.headers)
+            error = json_error(exc.status, exc.message, exc.error_type, exc.headers)
             if exc.close:
                 # Connection: close, so the rest of the body is never parsed as a request
                 # (aiohttp still reads and drops it for up to lingering_time, 10 s).

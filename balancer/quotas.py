@@ -55,12 +55,19 @@ class BodyRefused(Exception):
     the handler answers it in the engine's error shape and closes the connection."""
 
     def __init__(
-        self, status: int, message: str, reason: str, headers: dict[str, str] | None = None
+        self,
+        status: int,
+        message: str,
+        reason: str,
+        error_type: str,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.reason = reason
+        self.error_type = error_type
+        """``overloaded`` for a share or budget (come back later), else as the status says."""
         self.headers = headers or {}
 
 
@@ -147,6 +154,7 @@ class Quotas:
                             413,
                             f"Request body is over the {cfg.max_body_bytes}-byte limit",
                             "invalid_413",
+                            "validation",
                         )
                     if account is not None:
                         self._charge(request, account, len(chunk))
@@ -158,6 +166,7 @@ class Quotas:
                 f"The request body did not arrive within {cfg.body_timeout_s:g} s "
                 f"(body_timeout_s): {len(body)} bytes came",
                 "invalid_408",
+                "timeout",
             ) from None
         return bytes(body)
 
@@ -175,6 +184,7 @@ class Quotas:
                 f"its {share}-byte share (max_buffered_body_bytes_per_client, bodies count "
                 f"twice); retry when some requests finish",
                 "client_body_budget",
+                "overloaded",
                 {"Retry-After": "1"},
             )
         if self.body_bytes + cost > cfg.max_buffered_body_bytes:
@@ -184,6 +194,7 @@ class Quotas:
                 "The balancer holds as many request bodies as its memory budget allows "
                 "(max_buffered_body_bytes); retry shortly",
                 "body_budget",
+                "overloaded",
                 {"Retry-After": "1"},
             )
         account.held += cost
