@@ -139,10 +139,11 @@ class Quotas:
 
         Reads ``request.content`` chunk by chunk instead of ``request.read()``: aiohttp
         3.14.5 (web_request.py, ``BaseRequest.read``) first raises the stream's buffer limit
-        to ``client_max_size`` and counts nothing until the whole body is in. Unread bytes
-        wait in aiohttp's StreamReader, which pauses the socket past its high-water mark
-        (streams.py, ``StreamReader.feed_data``: 2 x the 64 KiB limit the HTTP parser gives
-        it), so what is not counted yet is bounded per connection."""
+        to ``client_max_size`` and counts nothing until the whole body is in. Bytes not read
+        yet wait in aiohttp's StreamReader, which pauses the socket past its high-water mark
+        (streams.py ``StreamReader.feed_data``: 2 x its limit, the server's read_bufsize,
+        ``helpers.DEFAULT_CHUNK_SIZE`` = 256 KiB), so what is not counted yet is bounded per
+        connection; this loop reads them as they come."""
         account = request.get(BODY_ACCOUNT)  # None: not a POST (the middleware skips those)
         cfg = self.config
         body = bytearray()
