@@ -177,7 +177,9 @@ class Admission:
         late by at least budget - forecast, which the gate's margin must learn too."""
         if ticket.predicted_ttft is not None and ticket.budget_s is not None:
             assert self.forecast is not None
-            self.forecast.ttft_error(ticket, ticket.budget_s - ticket.predicted_ttft)
+            self.forecast.ttft_error(
+                ticket, ticket.budget_s - ticket.predicted_ttft, time.monotonic()
+            )
 
     def _forget(self, waiter: _Waiter) -> None:
         """Drop a waiter that gave up; if a slot was granted at the same instant, return it."""

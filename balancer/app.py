@@ -28,7 +28,7 @@ from balancer.forecast import Forecast
 from balancer.metrics import BalancerMetrics, route_label
 from balancer.policy import make_policy
 from balancer.quarantine import Quarantine
-from balancer.quotas import Quotas
+from balancer.quotas import BodyRefused, Quotas
 from balancer.relay import CLIENT_GONE, RETRY_AFTER_S, STAGE, Relay, RelayRequest
 from balancer.slo import DEADLINE_HEADER, BadDeadline, SloGate, SloScore, budget_s
 from balancer.ticket import Ticket
@@ -153,7 +153,7 @@ class Balancer:
         request_id = _request_id(request)
         if self.draining:
             return self._refuse_draining(request_id)
-        body, doc = await _read_json(request, self.config)
+        body, doc = await _read_json(request, self)
         new_tokens = requested_new_tokens(doc)
         if new_tokens is not None and (
             not isinstance(new_tokens, int) or isinstance(new_tokens, bool) or new_tokens < 0
@@ -192,12 +192,14 @@ class Balancer:
         except BadDeadline as exc:
             raise _Invalid(400, str(exc), reason="bad_deadline") from None
         now = time.monotonic()
+        stream = path == "/generate_stream" or doc.get("stream") is True
         ticket = Ticket(
             prompt_tokens,
             new_tokens,
             now,
             budget_s=budget,
             long=prompt_tokens >= self.config.queue_long_tokens,
+            stream=stream,
         )
         refusal = self.slo.check(ticket, now, by_header)
         if refusal is not None:
@@ -219,7 +221,7 @@ class Balancer:
             admit=True,
             work=work,
             prompt_tokens=prompt_tokens,
-            stream=path == "/generate_stream" or doc.get("stream") is True,
+            stream=stream,
             ticket=ticket,
         )
         if self.draining:  # the drain began while the body arrived or the prompt was counted
@@ -233,7 +235,7 @@ class Balancer:
         # connection: outside any handler, so it holds no passthrough slot.
         body = b""
         if request.method == "POST" and request.can_read_body:
-            body = await _read_body(request, self.config)
+            body = await _read_body(request, self)
         request_id = _request_id(request)
         if self.draining:
             return self._refuse_draining(request_id)
@@ -276,11 +278,23 @@ class Balancer:
 class _Invalid(Exception):
     """A request refused before it takes a slot; counted once, by ``reason``."""
 
-    def __init__(self, status: int, message: str, reason: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        reason: str | None = None,
+        headers: dict[str, str] | None = None,
+        close: bool = False,
+        error_type: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.reason = reason or f"invalid_{status}"
+        self.headers = headers
+        self.close = close
+        self.error_type = error_type or ERROR_TYPES.get(status, "validation")
+        """Close the connection after the answer: the rest of a refused body is not read."""
 
 
 def _request_id(request: web.Request) -> str:
@@ -288,22 +302,19 @@ def _request_id(request: web.Request) -> str:
     return given if REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
-async def _read_body(request: web.Request, config: BalancerConfig) -> bytes:
-    """The whole body, or 408 after ``client_timeout_s``: aiohttp's server has no body-read
-    timeout, and a client trickling its body in must not hold a connection forever (it never
-    holds a replica slot: bodies are read before admission)."""
+async def _read_body(request: web.Request, balancer: Balancer) -> bytes:
+    """The whole body, counted against the body budgets as it arrives, within
+    ``body_timeout_s`` (balancer/quotas.py); a refusal is answered to this request only."""
     try:
-        async with asyncio.timeout(config.client_timeout_s):
-            return await request.read()
-    except TimeoutError:
+        return await balancer.quotas.read_body(request)
+    except BodyRefused as exc:
         raise _Invalid(
-            408,
-            f"The request body did not arrive within {config.client_timeout_s:g} s",
+            exc.status, exc.message, exc.reason, exc.headers, close=True, error_type=exc.error_type
         ) from None
 
 
-async def _read_json(request: web.Request, config: BalancerConfig) -> tuple[bytes, dict[str, Any]]:
-    max_bytes = config.max_body_bytes
+async def _read_json(request: web.Request, balancer: Balancer) -> tuple[bytes, dict[str, Any]]:
+    max_bytes = balancer.config.max_body_bytes
     length = request.content_length
     if length is not None and length > max_bytes:
         raise _Invalid(413, f"Request body of {length} bytes is over the {max_bytes}-byte limit")
@@ -313,7 +324,7 @@ async def _read_json(request: web.Request, config: BalancerConfig) -> tuple[byte
             415,
             f"Expected request with `Content-Type: application/json`, got {ctype or 'none'!r}",
         )
-    body = await _read_body(request, config)
+    body = await _read_body(request, balancer)
     try:
         doc = json.loads(body)
     except UnicodeDecodeError:
@@ -383,8 +394,8 @@ def _make_observer(balancer: Balancer) -> Any:
         except _Invalid as exc:
             code = str(exc.status)
             metrics.rejected.labels(reason=exc.reason).inc()
-            error = json_error(exc.status, exc.message, ERROR_TYPES.get(exc.status, "validation"))
-            if exc.status == 408:
+            error = json_error(exc.status, exc.message, exc.error_type, exc.headers)
+            if exc.close:
                 # Connection: close, so the rest of the body is never parsed as a request
                 # (aiohttp still reads and drops it for up to lingering_time, 10 s).
                 error.force_close()

@@ -11,6 +11,14 @@ by the client itself and are never believed.
 
 Used for quotas only: the admin loopback check (balancer/access.py) keeps using the socket
 peer, since a header is a client's say-so.
+
+Trust only the load balancer's own addresses. Any host inside a trusted range can name
+itself any client in ``X-Forwarded-For`` (a fresh per-client share per request), so a VPC's
+whole range (a /16) lets every pod or instance in it do so. A load balancer needs far less:
+an AWS ALB or NLB puts its nodes in one subnet per Availability Zone, each at least a /27
+for IPv4 and a /64 for IPv6 (AWS, Elastic Load Balancing User Guide, "Subnets for your
+load balancer"), so four /24 subnets (one /22) or four /64s (one /62) are more than it
+needs. ``too_wide`` names the ranges past that rule; the server warns about them at start.
 """
 
 from __future__ import annotations
@@ -37,6 +45,22 @@ def parse_networks(cidrs: Iterable[str]) -> tuple[Network, ...]:
     return tuple(networks)
 
 
+WIDEST_IPV4_PREFIX = 22
+"""Four /24 subnets: a load balancer spanning 3-4 Availability Zones in adjacent /24s."""
+WIDEST_IPV6_PREFIX = 62
+"""Four /64 subnets (an AWS subnet's IPv6 block is always a /64)."""
+
+
+def too_wide(networks: Iterable[Network]) -> list[Network]:
+    """The trusted ranges wider than a load balancer's subnets need (see the module doc)."""
+    return [
+        net
+        for net in networks
+        if net.prefixlen
+        < (WIDEST_IPV4_PREFIX if isinstance(net, ipaddress.IPv4Network) else WIDEST_IPV6_PREFIX)
+    ]
+
+
 def _address(entry: str) -> Address | None:
     """An ``X-Forwarded-For`` entry as an address; tolerates ``[v6]:port`` and ``v4:port``
     (some proxies add the port), None when it is not an address at all."""
@@ -56,6 +80,11 @@ def _address(entry: str) -> Address | None:
 
 def _trusted(address: Address | None, networks: Sequence[Network]) -> bool:
     return address is not None and any(address in net for net in networks)
+
+
+def is_trusted(peer: str | None, trusted: Sequence[Network]) -> bool:
+    """``peer`` (a socket address) is one of the ``trusted`` proxies."""
+    return bool(peer) and _trusted(_address(peer or ""), trusted)
 
 
 def client_address(

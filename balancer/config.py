@@ -67,8 +67,12 @@ class BalancerConfig:
     """Longest silence between two pieces of a started response (TGI sends a keep-alive
     comment after 15 s idle; a long prefill pauses every stream of the batch)."""
     client_timeout_s: float = 60.0
-    """Longest a client may take to send its request (headers: aiohttp's keep-alive timer,
-    also the idle keep-alive limit; body: 408), and to take a chunk we wrote."""
+    """Longest a client may take to send its request headers (aiohttp's keep-alive timer,
+    also the idle keep-alive limit), and to take a chunk we wrote."""
+    body_timeout_s: float = 10.0
+    """Longest a client may take to send a request body, first byte to last (slowloris: a
+    body announced and sent too slowly or never); beyond it: 408 and the connection closed.
+    10 s is 2 MB at 1.6 Mbit/s."""
     max_body_bytes: int = 2_000_000
     """Larger request bodies: 413 in TGI's shape. TGI refuses them too, in plain text
     (text-generation-inference v3.3.7 launcher ``--payload-limit``, default 2000000)."""
@@ -124,6 +128,11 @@ class BalancerConfig:
     """Open client connections; beyond it a new one gets 503 and is closed. Each may also
     hold a replica connection: at start the open-file limit is raised to fit, or the cap
     lowered (balancer/connections.py); 0 = no cap."""
+    max_connections_per_client: int = 512
+    """Open connections from one socket address, so one address cannot hold them all;
+    beyond it a new one gets 503 and is closed. Peers in ``trusted_proxies`` are exempt (a
+    front proxy carries many clients). Above the default per-client request limit (slots +
+    ``max_queued_per_client``). 0 = no cap."""
     max_queued_per_client: int = 256
     """Requests one client (API key, else address) may have outstanding beyond the fleet's
     slot count; beyond it: 429 + Retry-After, so one client cannot fill the queue."""
@@ -133,7 +142,11 @@ class BalancerConfig:
     Empty: the socket peer is the client. Never used for the admin loopback check."""
     max_buffered_body_bytes: int = 256 * 1024 * 1024
     """Memory for the bodies of outstanding requests (queued or streaming), each counted at
-    twice its size (the bytes and the parsed JSON); beyond it: 503."""
+    twice its size (the bytes and the parsed JSON) as its bytes arrive; beyond it: 503."""
+    max_buffered_body_bytes_per_client: int = 64 * 1024 * 1024
+    """The share of ``max_buffered_body_bytes`` one client (API key, else address after
+    trusted proxies) may hold; beyond it: 413 + Retry-After to that client only. 0 = no
+    share (only the total)."""
     max_passthrough_requests: int = 16
     """Concurrent /tokenize, /info, /v1/models requests (no slot taken) per client (API key,
     else address); beyond it: 429. Counted once the body is read. 0 = no limit."""

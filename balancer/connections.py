@@ -6,6 +6,13 @@ each holding a file descriptor and buffers until ``client_timeout_s`` closes it.
 closed, and the ones already open are untouched. The count is the aiohttp server's own list
 of connections (``web.Server.connections``, aiohttp 3.14.5 web_server.py), which a handler
 joins in ``connection_made``, so a burst accepted in one loop turn can pass the cap by a few.
+
+``max_connections_per_client`` caps the connections one socket address holds, so one
+address cannot take them all: the protocol the factory returns (``_Gate``) learns the peer
+in ``connection_made`` and either hands the transport to aiohttp's handler
+(``transport.set_protocol``, asyncio and uvloop both have it) or answers the 503 itself.
+Peers in ``trusted_proxies`` are exempt: a front proxy carries many clients, whose shares
+the per-client quotas (balancer/quotas.py) keep apart by ``X-Forwarded-For``.
 """
 
 from __future__ import annotations
@@ -13,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
 from balancer.access import refusals
+from balancer.client_address import Network, is_trusted
 from balancer.errors import error_body
 
 log = logging.getLogger("neuron_fleet.connections")
@@ -26,8 +34,8 @@ REFUSE_AFTER_S = 1.0
 """How long a refused connection may take to send its request before we just close it."""
 
 
-def _refusal() -> bytes:
-    body = error_body("Too many open connections to the balancer; retry shortly", "overloaded")
+def _refusal(message: str) -> bytes:
+    body = error_body(message, "overloaded")
     head = (
         "HTTP/1.1 503 Service Unavailable\r\n"
         "Content-Type: application/json\r\n"
@@ -39,7 +47,11 @@ def _refusal() -> bytes:
     return head.encode() + body
 
 
-REFUSAL = _refusal()
+REFUSAL = _refusal("Too many open connections to the balancer; retry shortly")
+PER_CLIENT_REFUSAL = _refusal(
+    "Too many open connections from your address (max_connections_per_client); close idle "
+    "ones or retry shortly"
+)
 
 
 FD_RESERVE = 128
@@ -79,26 +91,68 @@ class _Refuse(asyncio.Protocol):
     """Answer the first bytes of the request with the 503 (a response written before the
     request arrives can be lost to the client's TCP reset), then close."""
 
+    answer = REFUSAL
+    _timer: asyncio.TimerHandle | None = None
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         self._timer = asyncio.get_running_loop().call_later(REFUSE_AFTER_S, transport.close)
 
     def data_received(self, data: bytes) -> None:
-        self._timer.cancel()
-        self.transport.write(REFUSAL)  # type: ignore[attr-defined]
+        if self._timer is not None:
+            self._timer.cancel()
+        self.transport.write(self.answer)  # type: ignore[attr-defined]
         self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+class _Gate(_Refuse):
+    """Admits a connection to aiohttp's handler unless its address holds its share."""
+
+    answer = PER_CLIENT_REFUSAL
+
+    def __init__(self, factory: CappedFactory) -> None:
+        self.factory = factory
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        handler = self.factory.admit(transport)
+        if handler is None:
+            super().connection_made(transport)
+            return
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+
+
+SWEEP_EVERY = 1024
+"""Admitted connections between two sweeps of addresses whose connections all closed."""
 
 
 class CappedFactory:
     """The protocol factory of ``loop.create_server``: aiohttp's handler, or a refusal."""
 
-    def __init__(self, server: web.Server, limit: int, on_refuse: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        server: web.Server,
+        limit: int,
+        on_refuse: Callable[[], None],
+        per_client: int = 0,
+        trusted: Sequence[Network] = (),
+        on_refuse_client: Callable[[], None] | None = None,
+    ) -> None:
         self.server = server
         self.limit = limit
         self.on_refuse = on_refuse
+        self.on_refuse_client = on_refuse_client or on_refuse
+        self.per_client = per_client
+        self.trusted = tuple(trusted)
+        self.by_address: dict[str, list[asyncio.BaseProtocol]] = {}
+        """Address -> aiohttp handlers of its connections (closed ones pruned lazily:
+        aiohttp 3.14.5 base_protocol.py ``BaseProtocol.connected`` is False once the
+        connection is lost)."""
+        self._admitted = 0
 
     def __call__(self) -> asyncio.Protocol:
         if self.limit and len(self.server.connections) >= self.limit:
@@ -109,13 +163,59 @@ class CappedFactory:
                 self.limit,
             )
             return _Refuse()
+        if self.per_client:
+            return _Gate(self)
         return self.server()  # type: ignore[return-value]
+
+    def open_from(self, address: str) -> int:
+        """Open connections from ``address`` (admitted through the gate)."""
+        handlers = [h for h in self.by_address.get(address, ()) if h.connected]  # type: ignore[attr-defined]
+        if handlers:
+            self.by_address[address] = handlers
+        else:
+            self.by_address.pop(address, None)
+        return len(handlers)
+
+    def admit(self, transport: asyncio.BaseTransport) -> asyncio.BaseProtocol | None:
+        """aiohttp's handler for this connection, or None when its address holds its share
+        (``max_connections_per_client``) and is not a trusted proxy."""
+        peer = transport.get_extra_info("peername")
+        address = peer[0] if isinstance(peer, tuple) and peer else ""
+        if is_trusted(address, self.trusted):
+            address = ""  # a front proxy: never capped per address
+        if address:
+            held = self.open_from(address)
+            if held >= self.per_client:
+                self.on_refuse_client()
+                refusals.warn(
+                    "too_many_connections_per_client",
+                    "refused a connection from %s: %d open (max_connections_per_client)",
+                    address,
+                    held,
+                )
+                return None
+        handler = self.server()
+        if address:
+            self.by_address.setdefault(address, []).append(handler)
+            self._admitted += 1
+            if self._admitted % SWEEP_EVERY == 0:
+                for other in list(self.by_address):
+                    self.open_from(other)
+        return handler
 
 
 class CappedTCPSite(web.BaseSite):
     """``web.TCPSite`` with a connection cap (0: none)."""
 
-    __slots__ = ("_host", "_limit", "_on_refuse", "_port")
+    __slots__ = (
+        "_host",
+        "_limit",
+        "_on_refuse",
+        "_on_refuse_client",
+        "_per_client",
+        "_port",
+        "_trusted",
+    )
 
     def __init__(
         self,
@@ -125,6 +225,9 @@ class CappedTCPSite(web.BaseSite):
         *,
         limit: int,
         on_refuse: Callable[[], None],
+        per_client: int = 0,
+        trusted: Sequence[Network] = (),
+        on_refuse_client: Callable[[], None] | None = None,
         backlog: int = 128,
     ) -> None:
         super().__init__(runner, backlog=backlog)
@@ -132,6 +235,9 @@ class CappedTCPSite(web.BaseSite):
         self._port = port
         self._limit = limit
         self._on_refuse = on_refuse
+        self._per_client = per_client
+        self._trusted = tuple(trusted)
+        self._on_refuse_client = on_refuse_client
 
     @property
     def name(self) -> str:
@@ -142,7 +248,14 @@ class CappedTCPSite(web.BaseSite):
         server = self._runner.server
         assert isinstance(server, web.Server)
         self._server = await asyncio.get_running_loop().create_server(
-            CappedFactory(server, effective_limit(self._limit), self._on_refuse),
+            CappedFactory(
+                server,
+                effective_limit(self._limit),
+                self._on_refuse,
+                self._per_client,
+                self._trusted,
+                self._on_refuse_client,
+            ),
             self._host,
             self._port,
             backlog=self._backlog,

@@ -7,10 +7,14 @@ Admission (balancer/admission.py) hands slots out in order and queues the rest u
   ``X-Forwarded-For`` names when the peer is in ``trusted_proxies``) — may have at most the
   fleet's slot count + ``max_queued_per_client`` generation requests outstanding (in a slot
   or queued); beyond it: 429 + ``Retry-After``;
-- the bodies of outstanding requests (kept until the stream ends, for retries) count
-  against ``max_buffered_body_bytes``, reserved from ``Content-Length`` before the body is
-  read (``max_body_bytes`` when the length is not given) at ``BODY_COST`` times their size;
-  beyond it: 503 + ``Retry-After``;
+- request bodies (kept until the response ends, for retries) count against
+  ``max_buffered_body_bytes`` at ``BODY_COST`` times the bytes *received* (``read_body``),
+  never the length a client announces: headers announcing a body that never comes hold
+  nothing. One client may hold ``max_buffered_body_bytes_per_client`` of it; the request
+  whose bytes pass its share gets 413 + ``Retry-After`` (RFC 9110 15.5.14: "If the
+  condition is temporary, the server SHOULD generate a Retry-After"), the one whose bytes
+  pass the total 503 + ``Retry-After``. A body must arrive within ``body_timeout_s``, else
+  408 (slowloris). Both close the connection: the rest of the body is not read;
 - ``/tokenize``, ``/info`` and ``/v1/models`` take no slot, so they get their own small
   limits: ``max_passthrough_requests`` at a time per client and
   ``max_passthrough_total`` for all clients; beyond either: 429. They are counted only
@@ -20,6 +24,7 @@ Admission (balancer/admission.py) hands slots out in order and queues the rest u
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -38,9 +43,40 @@ if TYPE_CHECKING:
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+BODY_ACCOUNT = web.RequestKey("body_account", "BodyAccount")
+
 BODY_COST = 2
 """Memory a held body costs per byte: the bytes (kept for retries) and the parsed JSON's
 strings (measured: an 8 MB body, +15 MB RSS while queued)."""
+
+
+class BodyRefused(Exception):
+    """A body refused while it arrived (413 over a share, 503 over the total, 408 too slow):
+    the handler answers it in the engine's error shape and closes the connection."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        reason: str,
+        error_type: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.reason = reason
+        self.error_type = error_type
+        """``overloaded`` for a share or budget (come back later), else as the status says."""
+        self.headers = headers or {}
+
+
+@dataclass
+class BodyAccount:
+    """What one request's body holds of the budgets, released when its handler ends."""
+
+    client: str
+    held: int = 0
 
 
 @dataclass
@@ -52,6 +88,9 @@ class Quotas:
     outstanding: dict[str, int] = field(default_factory=dict)
     """Client -> its generation requests not yet answered (entries at 0 are removed)."""
     body_bytes: int = 0
+    """Budget held by all request bodies (``BODY_COST`` x bytes received)."""
+    body_by_client: dict[str, int] = field(default_factory=dict)
+    """Client -> budget its bodies hold (entries at 0 are removed)."""
     passthrough: int = 0
     """Passthrough requests being relayed (their bodies read), all clients."""
     passthrough_by_client: dict[str, int] = field(default_factory=dict)
@@ -83,13 +122,100 @@ class Quotas:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.method == "POST" and request.path in self.generation_routes:
-            return await self._generation(request, handler)
-        return await handler(request)
+        if request.method != "POST":
+            return await handler(request)
+        account = request[BODY_ACCOUNT] = BodyAccount(self.client(request))
+        try:
+            if request.path in self.generation_routes:
+                return await self._generation(request, handler, account.client)
+            return await handler(request)
+        finally:
+            self._release(account)
 
-    async def _generation(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def read_body(self, request: web.Request) -> bytes:
+        """The whole body, each chunk counted against the budgets as it arrives; raises
+        BodyRefused (413 over ``max_body_bytes`` or the client's share, 503 over the total,
+        408 after ``body_timeout_s``).
+
+        Reads ``request.content`` chunk by chunk instead of ``request.read()``: aiohttp
+        3.14.5 (web_request.py, ``BaseRequest.read``) first raises the stream's buffer limit
+        to ``client_max_size`` and counts nothing until the whole body is in. Bytes not read
+        yet wait in aiohttp's StreamReader, which pauses the socket past its high-water mark
+        (streams.py ``StreamReader.feed_data``: 2 x its limit, the server's read_bufsize,
+        ``helpers.DEFAULT_CHUNK_SIZE`` = 256 KiB), so what is not counted yet is bounded per
+        connection; this loop reads them as they come."""
+        account = request.get(BODY_ACCOUNT)  # None: not a POST (the middleware skips those)
         cfg = self.config
-        who = self.client(request)
+        body = bytearray()
+        try:
+            async with asyncio.timeout(cfg.body_timeout_s):
+                while chunk := await request.content.readany():
+                    if len(body) + len(chunk) > cfg.max_body_bytes:
+                        raise BodyRefused(
+                            413,
+                            f"Request body is over the {cfg.max_body_bytes}-byte limit",
+                            "invalid_413",
+                            "validation",
+                        )
+                    if account is not None:
+                        self._charge(request, account, len(chunk))
+                    body += chunk
+        except TimeoutError:
+            self._log(request, "invalid_408")
+            raise BodyRefused(
+                408,
+                f"The request body did not arrive within {cfg.body_timeout_s:g} s "
+                f"(body_timeout_s): {len(body)} bytes came",
+                "invalid_408",
+                "timeout",
+            ) from None
+        return bytes(body)
+
+    def _charge(self, request: web.Request, account: BodyAccount, size: int) -> None:
+        cfg = self.config
+        cost = BODY_COST * size
+        who = account.client
+        mine = self.body_by_client.get(who, 0)
+        share = cfg.max_buffered_body_bytes_per_client
+        if share and share < cfg.max_buffered_body_bytes and mine + cost > share:
+            self._log(request, "client_body_budget")
+            raise BodyRefused(
+                413,
+                f"This client's request bodies at the balancer already hold {mine} bytes of "
+                f"its {share}-byte share (max_buffered_body_bytes_per_client, bodies count "
+                f"twice); retry when some requests finish",
+                "client_body_budget",
+                "overloaded",
+                {"Retry-After": "1"},
+            )
+        if self.body_bytes + cost > cfg.max_buffered_body_bytes:
+            self._log(request, "body_budget")
+            raise BodyRefused(
+                503,
+                "The balancer holds as many request bodies as its memory budget allows "
+                "(max_buffered_body_bytes); retry shortly",
+                "body_budget",
+                "overloaded",
+                {"Retry-After": "1"},
+            )
+        account.held += cost
+        self.body_bytes += cost
+        self.body_by_client[who] = mine + cost
+
+    def _release(self, account: BodyAccount) -> None:
+        if not account.held:
+            return
+        self.body_bytes -= account.held
+        left = self.body_by_client[account.client] - account.held
+        if left:
+            self.body_by_client[account.client] = left
+        else:
+            del self.body_by_client[account.client]
+        account.held = 0
+
+    async def _generation(
+        self, request: web.Request, handler: Handler, who: str
+    ) -> web.StreamResponse:
         held = self.outstanding.get(who, 0)
         limit = self.client_limit()
         if limit and held >= limit:
@@ -100,24 +226,10 @@ class Quotas:
                 f"(limit {limit}: slots + max_queued_per_client); retry when some finish",
                 "client_quota",
             )
-        length = request.content_length
-        size = BODY_COST * (
-            cfg.max_body_bytes if length is None else min(length, cfg.max_body_bytes)
-        )
-        if self.body_bytes + size > cfg.max_buffered_body_bytes:
-            return self._refuse(
-                request,
-                503,
-                "The balancer holds as many request bodies as its memory budget allows "
-                "(max_buffered_body_bytes); retry shortly",
-                "body_budget",
-            )
         self.outstanding[who] = held + 1
-        self.body_bytes += size
         try:
             return await handler(request)
         finally:
-            self.body_bytes -= size
             left = self.outstanding[who] - 1
             if left:
                 self.outstanding[who] = left
@@ -165,6 +277,11 @@ class Quotas:
     def _refuse(self, request: web.Request, status: int, message: str, reason: str) -> web.Response:
         """Counted by ``reason``; logged with the client's address (never its key)."""
         self.metrics.rejected.labels(reason=reason).inc()
+        self._log(request, reason)
+        return json_error(status, message, "overloaded", headers={"Retry-After": "1"})
+
+    def _log(self, request: web.Request, reason: str) -> None:
+        """Logged with the client's address (never its key), once per reason and period."""
         refusals.warn(
             reason,
             "refused %s %s from %s: %s",
@@ -173,4 +290,3 @@ class Quotas:
             self.address(request),
             reason,
         )
-        return json_error(status, message, "overloaded", headers={"Retry-After": "1"})

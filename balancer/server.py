@@ -19,6 +19,7 @@ from aiohttp import web
 from balancer import token_file
 from balancer.admin import FLEET_KEY, FleetControl
 from balancer.app import Balancer, create_app, create_metrics_app
+from balancer.client_address import WIDEST_IPV4_PREFIX, WIDEST_IPV6_PREFIX, too_wide
 from balancer.config import BalancerConfig
 from balancer.connections import CappedTCPSite
 from balancer.health import HealthChecker
@@ -88,6 +89,17 @@ class BalancerServer:
             read_bufsize=2**16,
         )
         balancer = Balancer(cfg, self.registry, self._session)
+        wide = too_wide(balancer.quotas.trusted_proxies)
+        if wide:
+            log.warning(
+                "trusted_proxies %s: wider than a load balancer needs (its subnets: IPv4 /%d "
+                "or narrower, IPv6 /%d or narrower); any host in the range can name itself "
+                "any client in X-Forwarded-For and so pick its per-client limits. List the "
+                "load balancer's subnets only (docs/security.md, 'Behind a front proxy')",
+                ", ".join(str(n) for n in wide),
+                WIDEST_IPV4_PREFIX,
+                WIDEST_IPV6_PREFIX,
+            )
         balancer.replica_metrics = ReplicaMetricsExporter(self.registry, self._session)
         self.balancer = balancer
         app = create_app(balancer)
@@ -112,6 +124,11 @@ class BalancerServer:
             cfg.port,
             limit=cfg.max_connections,
             on_refuse=balancer.metrics.rejected.labels(reason="too_many_connections").inc,
+            per_client=cfg.max_connections_per_client,
+            trusted=balancer.quotas.trusted_proxies,
+            on_refuse_client=balancer.metrics.rejected.labels(
+                reason="too_many_connections_per_client"
+            ).inc,
             backlog=1024,
         )
         try:

@@ -115,7 +115,7 @@ class SloGate:
             return None  # a slot is free for it now: refusing could not help it
         # Plus the forecast's recent lateness (its 99th percentile): admitting on a forecast
         # that proves optimistic means a drop from the queue later, a slow "no".
-        expected = prediction.ttft_s + self.forecast.margin_s(ticket)
+        expected = prediction.ttft_s + self.forecast.margin_s(ticket, now)
         if expected > budget:
             return Refusal("ttft_deadline" if by_header else "ttft_slo", expected, budget)
         ticket.latest_start = now + budget - prefill
@@ -151,7 +151,7 @@ class SloScore:
         if ticket.predicted_ttft is not None:
             error = ttft_s - ticket.predicted_ttft
             self.metrics.ttft_forecast_error.observe(error)
-            self.forecast.ttft_error(ticket, error)
+            self.forecast.ttft_error(ticket, error, ticket.first_token_at)
 
     def response_ended(self, ticket: Ticket, head_at: float) -> None:
         """A non-streaming answer was relayed whole; its head left at ``head_at`` (the

@@ -39,10 +39,29 @@ class Ticket:
     """When its current slot was granted (``time.monotonic()``)."""
     replica: str | None = None
     """The replica holding its current slot."""
-    generated: int = 0
-    """Token events relayed so far on the current attempt (the relay keeps it)."""
+    stream: bool = True
+    """Its tokens are relayed as events the relay counts; False (a non-streaming answer):
+    the forecast estimates its progress from the time it has held its slot."""
     first_token_at: float | None = None
     last_token_at: float = 0.0
+    second_token_at: float | None = None
+    """When ``generated`` first reached 2 (set with it, from ``last_token_at``): decode
+    steps are timed from here, past the first token's wait for the batch's next step."""
+    _generated: int = field(default=0, repr=False)
+
+    @property
+    def generated(self) -> int:
+        """Token events relayed so far on the current attempt (the relay keeps it, setting
+        ``last_token_at`` first)."""
+        return self._generated
+
+    @generated.setter
+    def generated(self, n: int) -> None:
+        if n < 2:
+            self.second_token_at = None
+        elif self._generated < 2:
+            self.second_token_at = self.last_token_at
+        self._generated = n
 
     @property
     def prompt_class(self) -> str:

@@ -369,22 +369,22 @@ def simulate_slo(
                 record(i, None, now - waiter.ticket.arrived_at)
                 tk = waiter.ticket
                 if tk.predicted_ttft is not None and tk.budget_s is not None:
-                    forecast.ttft_error(tk, tk.budget_s - tk.predicted_ttft)
+                    forecast.ttft_error(tk, tk.budget_s - tk.predicted_ttft, now)
         else:
             s = step[i]
             step[i] = None
             assert s is not None
             for job, ev in batchers[i].complete(s, now):
                 tk = tickets[job.ordinal]
+                tk.last_token_at = now  # before generated, as the relay does
                 tk.generated += 1
-                tk.last_token_at = now
                 reps[i].outstanding_work -= 1 + (job.input_length if ev.index == 1 else 0)
                 if ev.index == 1:
                     tk.first_token_at = now
                     ttft = now - tk.arrived_at
                     record(job.ordinal, ttft, None)
                     if tk.predicted_ttft is not None:
-                        forecast.ttft_error(tk, ttft - tk.predicted_ttft)
+                        forecast.ttft_error(tk, ttft - tk.predicted_ttft, now)
                 if ev.final:
                     reps[i].inflight -= 1
                     reps[i].outstanding_work -= job.max_new_tokens - job.generated

@@ -14,6 +14,12 @@ figure now:
                       RSS growth
     tokenize flood    60 concurrent 600 KB /tokenize while /generate runs
     admin             cross-site drain, DNS-rebinding status, no token: answers
+    announced bodies  (issue 18) one address holds 100 connections whose headers announce a
+                      body just under max_body_bytes and send none (halving the length when
+                      refused); then 5 clients on other addresses: how many are served, the
+                      budget the attacker holds, what it gets in the end
+    slow bodies       (issue 18) one address sends 40% of 100 announced 1.9 MB bodies, then
+                      stalls: its 413s, the budget it holds, the other clients served
 
 Run by hand: ``.venv/bin/python bench/security.py`` (about 2 minutes on 2 cores);
 ``--only NAME`` for one scenario. Traffic on loopback only; every loop bounded.
@@ -187,7 +193,8 @@ async def one_client_floods() -> list[str]:
             got = Counter(await asyncio.gather(*flood))
     return [
         "| one client: 1,100 streams, then 20 from another | the first fills the queue "
-        f"(1,024), the other gets 429 | first: {got[200]} served, {got[429]} got 429; "
+        f"(1,024), the other gets 429 | first: {got[200]} served, {got[429]} got 429, "
+        f"{got[503]} got 503 (max_connections_per_client 512); "
         f"other: {other.count(200)}/20 served |"
     ]
 
@@ -251,6 +258,97 @@ async def admin() -> list[str]:
     return [
         f"| admin: form POST from a web page / no token / rebinding Host | 200 (drained) / 200 "
         f"/ 200 | {cross} / {no_token} / {rebinding} |"
+    ]
+
+
+async def _announce(port: int, length: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=ATTACKER)
+    writer.write(
+        b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {length}\r\n\r\n".encode()
+    )
+    await writer.drain()
+    return reader, writer
+
+
+async def _refused_soon(reader: asyncio.StreamReader, within: float) -> bytes | None:
+    """The status line when an answer came within ``within`` seconds (a refusal)."""
+    try:
+        return await asyncio.wait_for(reader.readline(), within)
+    except TimeoutError:
+        return None
+
+
+async def _others(base: str, n: int) -> list[int]:
+    async def one(i: int) -> int:
+        connector = aiohttp.TCPConnector(local_addr=(f"127.0.0.{3 + i}", 0))
+        async with aiohttp.ClientSession(connector=connector) as http:
+            body = {"inputs": "hello", "parameters": {"max_new_tokens": 4}}
+            async with http.post(f"{base}/generate", json=body) as resp:
+                await resp.read()
+                return resp.status
+
+    return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+ATTACKER = ("127.0.0.2", 0)
+
+
+@scenario("announced bodies")
+async def announced_bodies() -> list[str]:
+    async with service(balancer={"body_timeout_s": 10.0}) as svc:
+        port = int(svc.base.rsplit(":", 1)[1])
+        held, refusals, length = [], Counter(), 2_000_000 - 1
+        for _ in range(400):  # bounded: 100 held, each refusal halves the length
+            if len(held) == 100:
+                break
+            reader, writer = await _announce(port, length)
+            answer = await _refused_soon(reader, 0.05)
+            if answer is None:
+                held.append((reader, writer))
+                continue
+            refusals[answer.split()[1].decode() if answer else "closed"] += 1
+            writer.close()
+            length //= 2
+        started = time.monotonic()
+        statuses = await _others(svc.base, 5)
+        took = time.monotonic() - started
+        ends = Counter()
+        for reader, writer in held:
+            line = await _refused_soon(reader, 15)
+            ends[line.split()[1].decode() if line else "none"] += 1
+            writer.close()
+    return [
+        "| announced bodies: one address, 100 connections announcing ~2 MB, no body; then 5 "
+        "other clients | 73 connections held 134 MB of budget, 0/5 others served (503) | "
+        f"{len(held)} held, refused on the way: {dict(refusals) or 'none'}; others "
+        f"{statuses.count(200)}/5 served in {took:.2f} s; the attacker's end: {dict(ends)} "
+        "(408 after body_timeout_s 10 s) |"
+    ]
+
+
+@scenario("slow bodies")
+async def slow_bodies() -> list[str]:
+    async with service() as svc:
+        port = int(svc.base.rsplit(":", 1)[1])
+        streams, part = [], b'{"inputs":"' + b"a" * 760_000
+        for _ in range(100):
+            reader, writer = await _announce(port, 1_900_000)
+            writer.write(part)
+            streams.append((reader, writer))
+        await asyncio.sleep(1.0)
+        statuses = await _others(svc.base, 5)
+        refused = Counter()
+        for reader, _ in streams:
+            line = await _refused_soon(reader, 0.01)
+            refused[line.split()[1].decode() if line else "still sending"] += 1
+        for _, writer in streams:
+            writer.close()
+    return [
+        "| slow bodies: one address sends 760 kB of 100 announced 1.9 MB bodies, stalls; then "
+        "5 other clients | (not measured) | attacker: "
+        f"{dict(refused)} (share 64 MiB = 44 such parts); others {statuses.count(200)}/5 "
+        "served |"
     ]
 
 

@@ -28,6 +28,7 @@ from typing import Any
 from balancer.admission import QUEUE_ORDERS
 from balancer.client_address import parse_networks
 from balancer.config import BalancerConfig, UpstreamSpec
+from balancer.quotas import BODY_COST
 from supervisor.host_checks import (
     check_export_versions,
     check_launcher_host,
@@ -266,6 +267,7 @@ def load_config(
     share = balancer_raw.get("queue_long_share", 0.0)
     if not 0 <= share < 1:
         errors.append(f"[balancer] queue_long_share = {share!r}: expected 0 <= share < 1")
+    errors += check_body_limits(balancer_raw)
 
     plan = None
     if fleet.cores_per_replica is not None and fleet.cores_per_replica >= 1:
@@ -298,6 +300,28 @@ def load_config(
         config_path=os.path.abspath(path) if path else None,
         warnings=tuple(warnings),
     )
+
+
+def check_body_limits(raw: Mapping[str, Any]) -> list[str]:
+    """The body deadline, the per-client body share and the per-client connection cap."""
+    errors = []
+    body_timeout = raw.get("body_timeout_s", 1.0)
+    if not 0 < body_timeout < float("inf"):
+        errors.append(
+            f"[balancer] body_timeout_s = {body_timeout!r}: expected a positive number of seconds"
+        )
+    for key in ("max_connections_per_client", "max_buffered_body_bytes_per_client"):
+        if raw.get(key, 0) < 0:
+            errors.append(f"[balancer] {key} = {raw[key]!r}: expected a whole number >= 0 (0: off)")
+    share = raw.get("max_buffered_body_bytes_per_client", 0)
+    largest = BODY_COST * raw.get("max_body_bytes", BalancerConfig.max_body_bytes)
+    if 0 < share < largest:
+        errors.append(
+            f"[balancer] max_buffered_body_bytes_per_client = {share}: below one body of "
+            f"max_body_bytes (counted twice: {largest}), so such a request could never be "
+            f"served; raise it to at least {largest} or set 0"
+        )
+    return errors
 
 
 def _balancer(

@@ -255,6 +255,27 @@ def test_trusted_proxies_are_checked_and_kept(tmp_path: Path) -> None:
     assert "[balancer] trusted_proxies: 'vpc' is not an IP address or CIDR" in errors_of(excinfo)
 
 
+def test_body_and_connection_limits_are_checked_and_kept(tmp_path: Path) -> None:
+    good = (
+        "[balancer]\nbody_timeout_s = 5\nmax_connections_per_client = 64\n"
+        "max_buffered_body_bytes_per_client = 8000000\n"
+    )
+    config = load(tmp_path, SIMULATED + good)
+    b = config.balancer
+    assert (b.body_timeout_s, b.max_connections_per_client) == (5, 64)
+    assert b.max_buffered_body_bytes_per_client == 8_000_000
+    bad = (
+        "[balancer]\nbody_timeout_s = 0\nmax_connections_per_client = -1\n"
+        "max_buffered_body_bytes_per_client = 1000000\n"
+    )
+    with pytest.raises(ConfigError) as excinfo:
+        load(tmp_path, SIMULATED + bad)
+    errors = errors_of(excinfo)
+    assert "[balancer] body_timeout_s = 0.0: expected a positive number of seconds" in errors
+    assert "[balancer] max_connections_per_client = -1" in errors
+    assert "max_buffered_body_bytes_per_client = 1000000: below one body of" in errors
+
+
 def test_listen_forms() -> None:
     assert split_listen("localhost:8080") == ("localhost", 8080)
     assert split_listen("127.0.0.1:8080") == ("127.0.0.1", 8080)

@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 from balancer.access import insecure_settings
+from balancer.client_address import parse_networks, too_wide
 from supervisor.config import DEFAULT_IMAGE, load_config
 
 pytestmark = pytest.mark.timeout(120)
@@ -157,6 +158,7 @@ def test_kubernetes_numbers_agree(tmp_path: Path) -> None:
     # Public address, no keys: started only because the manifest opts out explicitly.
     assert insecure_settings(config.balancer, token_configured=False) == []
     assert config.balancer.trusted_proxies  # per-user quotas behind the ALB
+    assert too_wide(parse_networks(config.balancer.trusted_proxies)) == []  # its subnets only
     delay, drain = config.balancer.shutdown_delay_s, config.fleet.drain_timeout_s
     assert delay >= 2 * 5 + 1  # > the ALB's unhealthy threshold x interval (ingress.yaml)
 

@@ -309,7 +309,9 @@ async def guarded(scripted, balancer) -> AsyncIterator[tuple[object, object]]:
     from tests.upstreams import Script
 
     replica, url = await scripted(Script(tokens=3, token_delay_s=0.01))
-    server = await balancer([url], client_timeout_s=1.0, max_inflight_per_replica=4)
+    server = await balancer(
+        [url], client_timeout_s=1.0, body_timeout_s=1.0, max_inflight_per_replica=4
+    )
     yield replica, server
 
 
@@ -342,7 +344,7 @@ async def test_a_silent_connection_is_closed(guarded):
 
 
 async def test_trickled_body_is_refused_with_408(guarded):
-    """A body that never completes: 408 after client_timeout_s (the connection then lingers
+    """A body that never completes: 408 after body_timeout_s (the connection then lingers
     up to aiohttp's lingering_time, 10 s, so the client can read the 408 before the close)."""
     replica, server = guarded
     head = HEAD + b"Content-Length: 400\r\n\r\n"

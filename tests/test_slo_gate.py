@@ -314,11 +314,12 @@ def test_slo_score_counts_streams_and_whole_answers_apart() -> None:
         return metrics_.slo_requests.labels(outcome=outcome, prompt_class="short")._value.get()
 
     # A stream: first token 0.5 s after arrival, forecast said 0.2 s, budget 1 s.
-    stream = Ticket(10, 5, arrived_at=100.0, budget_s=1.0, predicted_ttft=0.2)
-    forecast.started(stream, "r0", 100.1)
-    stream.first_token_at, stream.last_token_at, stream.generated = 100.5, 100.9, 5
-    score.stream_ended(stream, complete=True)
-    assert count("met") == 1 and forecast.ready
+    for _ in range(2):  # twice: one request's lateness alone never sets the margin
+        stream = Ticket(10, 5, arrived_at=100.0, budget_s=1.0, predicted_ttft=0.2)
+        forecast.started(stream, "r0", 100.1)
+        stream.first_token_at, stream.last_token_at, stream.generated = 100.5, 100.9, 5
+        score.stream_ended(stream, complete=True)
+    assert count("met") == 2 and forecast.ready
     assert forecast.margin_s(stream) == pytest.approx(0.3)  # it was 0.3 s late
     # Whole answers: the head 0.8 s / 1.5 s after arrival, budget 1 s.
     for head_at in (100.8, 101.5):
@@ -328,3 +329,41 @@ def test_slo_score_counts_streams_and_whole_answers_apart() -> None:
     # No budget: not scored.
     score.response_ended(Ticket(10, 5, arrived_at=100.0), 105.0)
     assert count("response_missed") == 1
+
+
+async def test_a_slot_held_by_a_non_streaming_answer_frees_when_its_tokens_would_be_done(
+    simulator, balancer, http
+) -> None:
+    """Issue 18: a non-streaming answer holding the only slot used to be forecast as if in
+    prefill forever (its whole decode still ahead), so a stream arriving near its end was
+    refused though it would have met the SLO. Now: refused at once early on (it really
+    would miss), admitted and served within the SLO near the end."""
+    url = await simulator(batch_size=1, speed=2.0)  # a decode step: ~15 ms
+    server = await balancer([url], max_inflight_per_replica=1, ttft_slo_s=0.9)
+    base = server.url
+    await teach(http, base)
+    whole = {"inputs": "x" * 400, "parameters": {"max_new_tokens": 100}}  # ~1.5 s
+    started = time.monotonic()
+    answer = asyncio.create_task(http.post(f"{base}/generate", json=whole))
+    await wait_until(lambda: server.balancer.inflight == 1, what="the answer holds the slot")  # type: ignore[union-attr]
+
+    async def stream_ttft() -> tuple[int, float]:
+        sent = time.monotonic()
+        async with http.post(f"{base}/v1/completions", json=BODY) as resp:
+            if resp.status != 200:
+                await resp.read()
+                return resp.status, time.monotonic() - sent
+            await resp.content.readuntil(b"\n\n")
+            ttft = time.monotonic() - sent
+            await resp.read()
+            return 200, ttft
+
+    early_status, early_s = await stream_ttft()  # ~1.4 s of it left: over 0.9 s
+    assert early_status == 429 and early_s < 0.2
+    await asyncio.sleep(max(0.0, started + 1.1 - time.monotonic()))  # ~0.4 s left
+    status, ttft = await stream_ttft()
+    assert status == 200, "refused although the slot frees within the SLO"
+    assert ttft <= 0.9
+    resp = await answer
+    assert resp.status == 200
+    resp.release()
