@@ -216,7 +216,9 @@ class HostSimulation:
             target = replicas[self._rr % len(replicas)]
             self._rr += 1
         elif self.policy == "least-outstanding":
-            target = min(replicas, key=lambda r: (r.outstanding, (r.index - self._rr) % len(replicas)))
+            target = min(
+                replicas, key=lambda r: (r.outstanding, (r.index - self._rr) % len(replicas))
+            )
             self._rr += 1
         else:
             free = [r for r in replicas if r.free - len(r.queue) > 0]
@@ -238,7 +240,9 @@ class HostSimulation:
         if done < replica.steps_planned:
             replica.steps_planned = done
             replica.version += 1
-            self._push(replica.step_start + done * replica.step_len, "step", (replica, replica.version))
+            self._push(
+                replica.step_start + done * replica.step_len, "step", (replica, replica.version)
+            )
 
     # -- steps -------------------------------------------------------------------------
 

@@ -52,9 +52,7 @@ def workload_of(record: dict[str, Any], seed: int = 0) -> Workload:
     if load.kind == "rate":
         return Workload(rate=load.value, duration_s=GUIDELLM_DURATION_S, **common)
     if load.kind == "throughput":
-        return Workload(
-            concurrency=int(load.value), duration_s=GUIDELLM_DURATION_S, **common
-        )
+        return Workload(concurrency=int(load.value), duration_s=GUIDELLM_DURATION_S, **common)
     raise ValueError(f"record {record.get('id')}: no served workload for {load.kind}")
 
 

@@ -65,8 +65,7 @@ class Shape:
             tp=int(record["tp"]),
             batch_size=int(record["batch_size"]),
             sequence_length=int(
-                record.get("sequence_length")
-                or record["input_tokens"] + record["output_tokens"]
+                record.get("sequence_length") or record["input_tokens"] + record["output_tokens"]
             ),
             kv_bytes=kv_bytes_per_token(family, params),
             generation=generation(record.get("engine", ""), str(record.get("sdk_version", ""))),
