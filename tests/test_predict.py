@@ -200,7 +200,9 @@ def test_step_times_are_monotone(shape: Shape, n: int, tokens: int) -> None:
     replicas=st.integers(1, 4),
     batch=st.sampled_from([1, 4, 8, 16]),
 )
-def test_more_load_never_lowers_ttft_or_raises_a_cap(rate: float, replicas: int, batch: int) -> None:
+def test_more_load_never_lowers_ttft_or_raises_a_cap(
+    rate: float, replicas: int, batch: int
+) -> None:
     """Same arrivals spread thinner: one more replica never makes TTFT worse; the host never
     completes more than it was sent."""
     model = packaged_model()
@@ -212,10 +214,41 @@ def test_more_load_never_lowers_ttft_or_raises_a_cap(rate: float, replicas: int,
         )
 
     few, many = run(replicas), run(replicas + 1)
-    assert sorted(many.ttft_s())[len(many.ttft_s()) // 2] <= sorted(few.ttft_s())[
-        len(few.ttft_s()) // 2
-    ] + 1e-9
+    assert (
+        sorted(many.ttft_s())[len(many.ttft_s()) // 2]
+        <= sorted(few.ttft_s())[len(few.ttft_s()) // 2] + 1e-9
+    )
     sent = len(few.requests)
     assert len(few.completed) <= sent and len(many.completed) >= len(few.completed)
     for r in few.completed:
         assert r.first_token_at >= r.arrival and r.finished_at >= r.first_token_at
+
+
+def test_simulate_replica_takes_its_timing_from_the_model() -> None:
+    import argparse
+
+    from supervisor.simulator.cli import add_arguments, config_from_args
+    from supervisor.simulator.engine import NeuronBatcher, NeuronTiming
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    blog = config_from_args(parser.parse_args([]), env={})
+    assert blog.timing == NeuronTiming()  # no --model-size: the blog's calibration
+    args = ["--model-size", "70", "--tp", "24", "--batch-size", "4", "--max-total-tokens", "4096"]
+    big = config_from_args(parser.parse_args(args), env={})
+    model = packaged_model()
+    shape = Shape(70.0, 24, 4, 4096, 327680)
+    batcher = NeuronBatcher(batch_size=4, max_concurrent_requests=8, timing=big.timing)
+    import random
+
+    from supervisor.simulator.engine import Job
+
+    for i in range(2):
+        batcher.add(Job(ordinal=i, input_length=1000, max_new_tokens=5, rng=random.Random(i)))
+    prefill = batcher.plan(0.0)
+    assert prefill.kind == "prefill" and len(prefill.jobs) == 2
+    assert prefill.duration == pytest.approx(model.prefill_s(shape, 2, 1000))
+    batcher.complete(prefill, prefill.duration)
+    decode = batcher.plan(1.0)
+    assert decode.duration == pytest.approx(model.decode_s(shape, 2, "tgi"))
+    assert decode.duration > NeuronTiming().decode(2)  # a 70B step is slower than the 8B's

@@ -308,3 +308,19 @@ def model_from_json(data: dict[str, Any]) -> TimingModel:
             sdk_max=tuple(int(v) for v in c["sdk_max"]),
         ),
     )
+
+
+@dataclass(frozen=True)
+class SimulatorTiming:
+    """The simulator's timing hook (``supervisor.simulator.engine.StepTiming``) from a model."""
+
+    model: TimingModel
+    shape: Shape
+    engine: str = "tgi"
+
+    def prefill(self, tokens: int, sequences: int = 1) -> float:
+        sequences = max(1, sequences)
+        return self.model.prefill_s(self.shape, sequences, max(1, tokens // sequences))
+
+    def decode(self, running: int) -> float:
+        return self.model.decode_s(self.shape, running, self.engine)
