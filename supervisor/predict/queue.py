@@ -31,6 +31,9 @@ from dataclasses import dataclass, field
 from .timing import Shape, TimingModel
 
 POLICIES = ("fleet", "least-outstanding", "round-robin")
+MAX_WAITING_TOKENS = 20
+"""TGI router's ``--max-waiting-tokens`` default (text-generation-inference router, clap
+``default_value = "20"``)."""
 ENGINES = ("tgi", "vllm")
 
 
@@ -113,6 +116,14 @@ class _Replica:
     steps_planned: int = 0
     admitted: list[Request] = field(default_factory=list)
     last_was_prefill: bool = False
+    overhead_s: float = 0.0
+    router_ratio: float | None = None
+    waiting_steps: int = 0
+
+    def __post_init__(self) -> None:
+        self.overhead_s = self.model.serving_overhead_s(self.shape, self.engine)
+        if self.engine == "tgi":
+            self.router_ratio = self.model.router_ratio(self.shape, self.engine)
 
     @property
     def outstanding(self) -> int:
@@ -255,9 +266,10 @@ class HostSimulation:
         shape, model = replica.shape, replica.model
         admit = 0
         if replica.queue and replica.free > 0:
-            admit = replica.free
             if replica.engine == "vllm":
                 admit = 0 if (replica.last_was_prefill and replica.running) else 1
+            else:
+                admit = _tgi_admits(replica)
         if admit:
             batch = [replica.queue.popleft() for _ in range(min(admit, len(replica.queue)))]
             replica.admitted = batch
@@ -266,6 +278,7 @@ class HostSimulation:
             duration = model.prefill_s(shape, len(batch), longest)
             self._start(replica, "prefill", duration, 1)
             replica.last_was_prefill = True
+            replica.waiting_steps = 1
             return
         replica.last_was_prefill = False
         if not replica.running:
@@ -274,7 +287,10 @@ class HostSimulation:
         step = model.decode_s(shape, len(replica.running), replica.engine)
         steps = min(r.output_tokens - r.generated for r in replica.running)
         if replica.free > 0 and (replica.queue or self.host_queue):
-            steps = 1  # vLLM: decode once between two prefills
+            if replica.engine == "vllm" or replica.router_ratio is None:
+                steps = 1  # vLLM: decode once between two prefills
+            else:  # TGI's router: until enough wait, or max_waiting_tokens steps passed
+                steps = min(steps, max(1, MAX_WAITING_TOKENS - replica.waiting_steps))
         self._start(replica, "decode", step, max(1, steps))
 
     def _start(self, replica: _Replica, kind: str, step: float, steps: int) -> None:
@@ -291,17 +307,33 @@ class HostSimulation:
         if replica.step_kind == "prefill":
             for r in replica.admitted:
                 r.generated = 1
-                r.first_token_at = self.now + self.model.overhead_s.get(replica.engine, 0.0)
+                r.first_token_at = self.now + replica.overhead_s
             replica.admitted = []
         else:
+            replica.waiting_steps += replica.steps_planned
             for r in replica.running:
                 r.generated += replica.steps_planned
         keep = []
         for r in replica.running:
             if r.generated >= r.output_tokens:
-                r.finished_at = self.now + self.model.overhead_s.get(replica.engine, 0.0)
+                r.finished_at = self.now + replica.overhead_s
                 finished.append(r)
             else:
                 keep.append(r)
         replica.running = keep
         return finished
+
+
+def _tgi_admits(replica: _Replica) -> int:
+    """How many waiting requests TGI's router adds to a running batch now.
+
+    text-generation-inference ``backends/v2/src/backend.rs`` ``batching_task``: an idle
+    replica takes what waits at once; while a batch runs, a new batch joins only when at
+    least ``floor(running * waiting_served_ratio)`` requests can join, or once
+    ``max_waiting_tokens`` decode steps passed since the last admission.
+    """
+    take = min(len(replica.queue), replica.free)
+    ratio = replica.router_ratio
+    if not replica.running or ratio is None or replica.waiting_steps >= MAX_WAITING_TOKENS:
+        return take
+    return take if take >= math.floor(len(replica.running) * ratio) else 0

@@ -12,7 +12,7 @@ from typing import Any
 
 from .queue import HostSimulation, Result, Workload, mean, percentile
 from .records import kind_of, load_of, serving_engine, target
-from .timing import Shape, TimingModel
+from .timing import EXCLUDED_FAMILIES, Shape, TimingModel
 
 GUIDELLM_DURATION_S = 120.0
 """Length of a guidellm rate or throughput run (not in the records; the blog's runs
@@ -93,34 +93,41 @@ def ape(predicted: dict[str, float], measured: dict[str, float]) -> dict[str, fl
     return out
 
 
-PER_ACTIVE_S = (0.0, 0.5e-3, 1e-3, 1.5e-3, 2e-3, 2.5e-3, 3e-3, 4e-3)
-OVERHEADS_S = (0.0, 0.05, 0.1, 0.2)
+PER_ACTIVE_S = (0.0, 0.5e-3, 1e-3, 2e-3, 3e-3, 4e-3)
+OVERHEADS_S = (0.0, 0.1, 0.2)
+ROUTER_RATIOS = (None, 0.3, 1.2)
+"""TGI's ``waiting_served_ratio``: the router's default is 1.2, the launcher's 0.3; None =
+no router rule (vLLM)."""
 
 
 def fit(records: list[dict[str, Any]]) -> TimingModel:
-    """Static coefficients, then per serving engine the terms that best fit its records."""
+    """Static coefficients, then per serving engine and software generation the serving
+    terms (grid search through the virtual-time host) that best fit its served records."""
     model = TimingModel.fit_static(records)
-    for engine in ("tgi", "vllm"):
-        served = [
-            r
-            for r in records
-            if kind_of(r) == "served"
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        if (
+            kind_of(r) == "served"
             and target(r)
-            and serving_engine(str(r.get("engine", ""))) == engine
-        ]
-        if not served:
-            continue
+            and str(r.get("model_family", "")).lower() not in EXCLUDED_FAMILIES
+        ):
+            key = f"{serving_engine(str(r.get('engine', '')))}|{Shape.of_record(r).generation}"
+            groups.setdefault(key, []).append(r)
+    for key, served in sorted(groups.items()):
         best: tuple[float, TimingModel] | None = None
-        for per_active in PER_ACTIVE_S:
-            for overhead in OVERHEADS_S:
-                candidate = model.with_serving(engine, per_active, overhead)
-                errors = []
-                for record in served:
-                    errors.extend(ape(predict_record(candidate, record), target(record)).values())
-                # capped so that one absurd record cannot pick the parameters alone
-                score = sum(min(e, 200.0) for e in errors) / max(len(errors), 1)
-                if best is None or score < best[0]:
-                    best = (score, candidate)
+        ratios = ROUTER_RATIOS if key.startswith("tgi|") else (None,)
+        for ratio in ratios:
+            for per_active in PER_ACTIVE_S:
+                for overhead in OVERHEADS_S:
+                    candidate = model.with_serving(key, per_active, overhead, ratio)
+                    errors = []
+                    for record in served:
+                        predicted = predict_record(candidate, record)
+                        errors.extend(ape(predicted, target(record)).values())
+                    # capped so that one absurd record cannot pick the parameters alone
+                    score = sum(min(e, 200.0) for e in errors) / max(len(errors), 1)
+                    if best is None or score < best[0]:
+                        best = (score, candidate)
         assert best is not None
         model = best[1]
     return model
