@@ -38,6 +38,10 @@ With these, 3 saturated replicas (prompts 15,900 +/- 100, outputs 450 +/- 50) co
 average (blog 65) and 1.62 s at p99, one prefill pause (blog 1.60 s): see
 ``tests/test_simulator_engine.py``.
 
+Any ``StepTiming`` can replace these constants: ``simulate-replica --model-size B --tp T``
+times the steps with ``neuron-fleet predict``'s model fitted to published inf2 figures
+(``supervisor/predict/timing.py``); without it the blog's calibration above stays.
+
 Faults (``FaultConfig``) are decided here, deterministically (per request ordinal and token
 counts), and carried out by the server (crash, hang, drop) or the engine (424 generation).
 """
