@@ -39,27 +39,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shape = parser.add_argument_group("layout (flags win over --config)")
     shape.add_argument("--model-size", type=float, help="parameters, in billions (e.g. 8)")
     shape.add_argument("--model-family", help="e.g. llama-3.1-8b: uses that family's fit")
-    shape.add_argument("--replicas", type=int)
+    shape.add_argument("--replicas", type=int, help="replicas on the host (default: fill --cores)")
     shape.add_argument("--tp", type=int, help="NeuronCores per replica")
     shape.add_argument("--batch-size", type=int, help="compiled batch (max-num-seqs)")
     shape.add_argument("--sequence-length", type=int, help="compiled max total tokens")
-    shape.add_argument("--engine", choices=ENGINES, default="tgi")
-    shape.add_argument("--sdk", default="2.24.0", help="Neuron SDK version (default 2.24.0)")
-    shape.add_argument("--policy", choices=POLICIES, default="fleet")
     shape.add_argument(
-        "--cores", type=int, default=INF2_48XLARGE_CORES, help="host NeuronCores (sweep)"
+        "--engine", choices=ENGINES, default="tgi", help="tgi (TGI Neuron) or vllm (default tgi)"
+    )
+    shape.add_argument("--sdk", default="2.24.0", help="Neuron SDK version (default 2.24.0)")
+    shape.add_argument(
+        "--policy",
+        choices=POLICIES,
+        default="fleet",
+        help="routing: fleet (neuron-fleet's balancer, default), least-outstanding, round-robin",
+    )
+    shape.add_argument(
+        "--cores", type=int, default=INF2_48XLARGE_CORES, help="host NeuronCores (default 24 = inf2.48xlarge)"
     )
     load = parser.add_argument_group("workload")
-    load.add_argument("--input-tokens", type=int)
-    load.add_argument("--output-tokens", type=int)
-    load.add_argument("--input-stddev", type=float, default=0.0)
-    load.add_argument("--output-stddev", type=float, default=0.0)
+    load.add_argument("--input-tokens", type=int, help="prompt length (mean), tokens")
+    load.add_argument("--output-tokens", type=int, help="answer length (mean), tokens")
+    load.add_argument("--input-stddev", type=float, default=0.0, help="prompt length spread")
+    load.add_argument("--output-stddev", type=float, default=0.0, help="answer length spread")
     load.add_argument("--rate", type=float, help="Poisson arrivals per second")
     load.add_argument("--concurrency", type=int, help="closed-loop clients")
     load.add_argument("--ttft-slo", type=float, help="p99 TTFT target, seconds")
     load.add_argument("--sweep", action="store_true", help="rank every layout that fits")
     load.add_argument("--plot", help="--sweep: write TTFT p99 curves to this PNG")
-    load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--seed", type=int, default=0, help="seed of arrivals and lengths")
 
 
 def _fail(message: str) -> int:
