@@ -54,7 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="routing: fleet (neuron-fleet's balancer, default), least-outstanding, round-robin",
     )
     shape.add_argument(
-        "--cores", type=int, default=INF2_48XLARGE_CORES, help="host NeuronCores (default 24 = inf2.48xlarge)"
+        "--cores",
+        type=int,
+        default=INF2_48XLARGE_CORES,
+        help="host NeuronCores (default 24 = inf2.48xlarge)",
     )
     load = parser.add_argument_group("workload")
     load.add_argument("--input-tokens", type=int, help="prompt length (mean), tokens")
