@@ -6,7 +6,8 @@ Two steps, as in TGI Neuron and vLLM on Neuron (see ``supervisor/simulator/engin
   padded to the compiled length (``inf2-published.md``: TTFT ~linear in batch and flat in
   input length); the AWS transformers-neuronx samples pad to a power-of-two bucket::
 
-      prefill = a0[g] + n * (a1[g] * w * Lp + a2 * w * Lp**2)       w = params / tp
+      prefill = a0 + n * (a1 if B == 1 else a3) * work
+      work = w * Lp * (1 + Lp / L0)     w = params / tp, L0: ``attention_length``
 
 * **decode**: one token for every slot of the compiled batch ``B`` (static Neuron graphs run
   the whole batch), weights and the KV cache of the compiled sequence length ``S`` read
@@ -98,14 +99,30 @@ def nnls(a: np.ndarray, b: np.ndarray, iterations: int = 500) -> np.ndarray:
     return x
 
 
+def attention_length(params_b: float) -> float:
+    """The prompt length at which attention costs as much as the weights in a prefill.
+
+    Per token, the weights cost ~2 P FLOPs and attention ~2 L layers hidden (scores and
+    values over L earlier tokens), so prefill work ~ P L (1 + L / L0), L0 = P / (2 layers
+    hidden). layers x hidden ~ 131072 (P / 8B)^0.73 fits Llama-2-7B/13B, Llama-3-8B/70B
+    (32 x 4096, 40 x 5120, 80 x 8192). At 16k tokens an 8B prefill costs 5.4x its 4k
+    prefill, not 4x (the blog: 1.585 s against ~0.29 s per sequence at 4096).
+    """
+    layers_hidden = 131072 * (max(params_b, 0.5) / 8.0) ** 0.73
+    return params_b * 1e9 / (2 * layers_hidden)
+
+
 def _prefill_columns(shape: Shape, sequences: int, input_tokens: int) -> dict[str, float]:
-    w = shape.params_b / shape.tp
     lp = shape.padded_input(input_tokens)
+    work = shape.params_b / shape.tp * lp * (1 + lp / attention_length(shape.params_b)) / 1e3
+    # A model compiled for batch 1 prefills faster per sequence than one compiled for a
+    # batch (the charts' batch-1 TTFT is ~0.1-0.3 s, a batch-4+ model's ~0.29 s/sequence,
+    # and a served batch-32 model takes ~0.3 s for one request alone).
+    single = shape.batch_size == 1
     return {
         "a0": 1.0,
-        "a1": w * lp / 1e3,
-        "a3": (sequences - 1) * w * lp / 1e3,
-        "a2": sequences * w * lp * lp / 1e6,
+        "a1": sequences * work if single else 0.0,
+        "a3": 0.0 if single else sequences * work,
     }
 
 
@@ -172,8 +189,8 @@ class TimingModel:
 
     coef: dict[str, float] = field(default_factory=dict)
     family_factor: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
-    """``generation`` and ``family|generation`` -> multipliers of (first prefilled sequence,
-    further sequences, per-step decode, per-slot decode): what a size-only model misses of
+    """``generation`` and ``family|generation`` -> multipliers of (prefill of a batch-1
+    model, prefill of a batched model, per-step decode, per-slot decode): what a size-only model misses of
     a software stack or a model family (kernels, GQA, vocabulary)."""
     per_active_s: dict[str, float] = field(default_factory=dict)
     """``engine|generation`` (e.g. ``tgi|on-nxd``) -> seconds per running request per
@@ -198,12 +215,12 @@ class TimingModel:
         return out[0], out[1], out[2], out[3]
 
     def prefill_parts(self, shape: Shape, sequences: int, input_tokens: int) -> tuple[float, float]:
-        """(first sequence, the other sequences) before corrections."""
+        """(batch-1 model, batched model) prefill before corrections: one of them is 0."""
         cols = _prefill_columns(shape, sequences, input_tokens)
-        first = sum(self.coef.get(k, 0.0) * cols[k] for k in ("a0", "a1"))
-        per_seq = self.coef.get("a2", 0.0) * cols["a2"] / max(sequences, 1)
-        rest = self.coef.get("a3", 0.0) * cols["a3"] + per_seq * (sequences - 1)
-        return first + per_seq, rest
+        base = self.coef.get("a0", 0.0)
+        if shape.batch_size == 1:
+            return base + self.coef.get("a1", 0.0) * cols["a1"], 0.0
+        return 0.0, base + self.coef.get("a3", 0.0) * cols["a3"]
 
     def decode_parts(self, shape: Shape, batch: int) -> tuple[float, float]:
         """(per step, per slot of the batch) before corrections."""
@@ -215,9 +232,9 @@ class TimingModel:
     def prefill_s(self, shape: Shape, sequences: int, input_tokens: int) -> float:
         if sequences <= 0:
             return 0.0
-        first, rest = self.prefill_parts(shape, sequences, input_tokens)
+        single, batched = self.prefill_parts(shape, sequences, input_tokens)
         f = self._factors(shape)
-        return first * f[0] + rest * f[1]
+        return single * f[0] + batched * f[1]
 
     def full_decode_s(self, shape: Shape, batch: int) -> float:
         fixed, per_batch = self.decode_parts(shape, batch)
@@ -304,7 +321,7 @@ def _factors(
 ) -> dict[str, tuple[float, float, float, float]]:
     """Per generation (or family|generation): the two prefill and two decode multipliers
     that best fit its records on top of the model so far (relative least squares, >= 0);
-    a part its records cannot see (e.g. further sequences at batch 1 only) keeps 1."""
+    a part its records cannot see (e.g. batch-1 models only) keeps 1."""
     groups: dict[str, list[tuple[Shape, dict[str, Any], int, int]]] = {}
     for step in steps:
         shape = step[0]
@@ -319,8 +336,8 @@ def _factors(
             measured = target(record)
             f = model._factors(shape)
             if measured.get("ttft_s"):
-                first, rest = model.prefill_parts(shape, n_prefill, record["input_tokens"])
-                pre_rows.append(((first * f[0], rest * f[1]), measured["ttft_s"]))
+                single, batched = model.prefill_parts(shape, n_prefill, record["input_tokens"])
+                pre_rows.append(((single * f[0], batched * f[1]), measured["ttft_s"]))
             if measured.get("itl_ms"):
                 fixed, per_batch = model.decode_parts(shape, n_decode)
                 dec_rows.append(((fixed * f[2], per_batch * f[3]), measured["itl_ms"] / 1e3))
