@@ -190,8 +190,8 @@ class TimingModel:
     coef: dict[str, float] = field(default_factory=dict)
     family_factor: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
     """``generation`` and ``family|generation`` -> multipliers of (prefill of a batch-1
-    model, prefill of a batched model, per-step decode, per-slot decode): what a size-only model misses of
-    a software stack or a model family (kernels, GQA, vocabulary)."""
+    model, prefill of a batched model, per-step decode, per-slot decode): what a size-only
+    model misses of a software stack or a model family (kernels, GQA, vocabulary)."""
     per_active_s: dict[str, float] = field(default_factory=dict)
     """``engine|generation`` (e.g. ``tgi|on-nxd``) -> seconds per running request per
     decode step (the server's per-token work)."""
