@@ -281,12 +281,13 @@ def test_tgi_router_waits_for_company_or_twenty_steps() -> None:
     base = packaged_model()
     shape = Shape(8.0, 8, 8, 4096, 131072, family="llama-3.1-8b")
     step = base.decode_s(shape, 4, "tgi")
+    arrival = base.prefill_s(shape, 4, 100) + 3.5 * step  # while the 4 early ones decode
 
     def ttft_of_late_request(ratio: float | None) -> float:
         model = base.with_serving("tgi|on-nxd", 0.0, 0.0, ratio)
         sim = HostSimulation(model, shape, 1, engine="tgi", policy="fleet")
         early = [Request(0.0, 100, 500) for _ in range(4)]
-        late = Request(1.0, 100, 10)
+        late = Request(arrival, 100, 10)
         for r in [*early, late]:
             sim._push(r.arrival, "arrive", r)
         while sim._heap:  # drive the event loop as run() does, with our requests
