@@ -5,8 +5,9 @@ every admission pauses the decoding of the whole batch (``supervisor/simulator/e
 This module runs the same scheduling as the simulator's ``NeuronBatcher``, with step
 durations from a ``TimingModel``:
 
-* ``tgi`` (TGI Neuron): between steps, all queued requests that fit in free slots are
-  admitted in one prefill step (one sequence after the other), which pauses decoding.
+* ``tgi`` (TGI Neuron): between steps, queued requests that fit in free slots are
+  admitted together in one prefill step (one sequence after the other), which pauses
+  decoding; while a batch runs, TGI's router may hold them back (``_tgi_admits``).
 * ``vllm`` (vLLM, ``max-num-seqs`` = batch size): one request is prefilled per step and
   the running batch decodes one step between two prefills, so streams keep flowing.
 
