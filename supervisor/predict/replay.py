@@ -94,7 +94,7 @@ def ape(predicted: dict[str, float], measured: dict[str, float]) -> dict[str, fl
 
 
 PER_ACTIVE_S = (0.0, 0.5e-3, 1e-3, 2e-3, 3e-3, 4e-3)
-OVERHEADS_S = (0.0, 0.1, 0.2, 0.3, 0.4)
+OVERHEADS_S = (0.0, 0.1, 0.2)
 ROUTER_RATIOS = (None, 0.3, 1.2)
 """TGI's ``waiting_served_ratio``: the router's default is 1.2, the launcher's 0.3; None =
 no router rule (vLLM)."""
