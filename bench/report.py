@@ -557,6 +557,10 @@ def main() -> None:
             "bench/results/policy_sim_mixed.json`), ~2 min each.\n"
         )
         doc.append(policy_table(sims) + "\n")
+    # `neuron-fleet predict` (bench/predict_cv.py): hand-written around its printed table
+    predict = BENCH / "predict_findings.md"
+    if predict.exists():
+        doc.append(predict.read_text())
     profiles = []
     for mode in ("stream", "requests"):
         raw = RESULTS / f"profile_{mode}.collapsed"
@@ -650,6 +654,8 @@ DOC_TAIL = """
   `guidellm_vs_blog.json` and `guidellm/{report.csv,console.txt}` (GuideLLM's own), `goals.json`, PNGs.
 - `bench/policy_sim.py`: the routing policies on the simulator's timing model in virtual
   time (hours of traffic in seconds), to separate policy effects from run noise.
+- `bench/predict_cv.py`: `neuron-fleet predict`'s leave-one-group-out cross-validation
+  (`--write` refreshes the shipped fit); its section lives in `bench/predict_findings.md`.
 - `bench/relay_overhead.py`: the older single-balancer relay benchmark (TGI route).
 """
 

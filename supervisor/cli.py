@@ -20,6 +20,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("supervisor.serve", "run the replicas of a fleet.toml and the balancer"),
     "balance": ("balancer.cli", "run only the balancer in front of existing replicas"),
     "simulate-replica": ("supervisor.simulator.cli", "run one simulated TGI Neuron replica"),
+    "predict": (
+        "supervisor.predict.cli",
+        "predict TTFT, ITL, throughput of a layout (virtual time)",
+    ),
     "plan": ("supervisor.plan_cli", "print the NeuronCore plan without starting anything"),
     "status": ("supervisor.status_cli", "print the fleet status from a running service"),
     "export": ("supervisor.export_cli", "compile the model with optimum-neuron"),

@@ -76,7 +76,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="X",
         help="simulation speed: 1 = inf2 timings, 10 = ten times faster (default 1)",
     )
+    add(
+        "--model-size",
+        type=float,
+        metavar="B",
+        help="time the replicas like a B-billion-parameter model at tp8 (neuron-fleet "
+        "predict's fitted model; default: the blog's Llama-3.1-8B calibration)",
+    )
     add_logging_arguments(parser)
+
+
+def demo_toml(model_size: float | None = None) -> str:
+    """The demo's config; with a model size the simulated replicas use the fitted timing."""
+    if model_size is None:
+        return DEMO_TOML
+    extra = f'extra_args = ["--model-size", "{model_size:g}", "--tp", "8"]\n\n'
+    return DEMO_TOML.replace("\n[balancer]\n", f"\n{extra}[balancer]\n", 1)
 
 
 def curl_line(url: str) -> str:
@@ -126,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     fd, path = tempfile.mkstemp(prefix="neuron-fleet-demo-", suffix=".toml")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(DEMO_TOML)
+            handle.write(demo_toml(getattr(args, "model_size", None)))
         # Replicas right after the balancer's port (8080 -> 8081..), like the compose file,
         # so a demo on another port does not collide with one on 8080.
         args.config = path

@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from .engine import FaultConfig, NeuronTiming, SimConfig
+from .engine import FaultConfig, NeuronTiming, SimConfig, StepTiming
 
 DEFAULT_PORT = 8080
 DEFAULT_MAX_INPUT_TOKENS = SimConfig.max_input_tokens
@@ -54,6 +54,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     timing.add_argument("--prefill-base-ms", type=float, default=base.prefill_base_s * 1e3)
     timing.add_argument("--decode-base-ms", type=float, default=base.decode_base_s * 1e3)
     timing.add_argument("--decode-ms-per-slot", type=float, default=base.decode_s_per_slot * 1e3)
+    fitted = parser.add_argument_group(
+        "fitted timing (neuron-fleet predict's model; replaces the four flags above)"
+    )
+    fitted.add_argument(
+        "--model-size", type=float, help="parameters in billions: time steps like that model"
+    )
+    fitted.add_argument("--tp", type=int, default=8, help="NeuronCores per replica (default 8)")
+    fitted.add_argument("--model-family", help="e.g. llama-3.1-8b (its own correction)")
+    fitted.add_argument("--sdk", default="2.24.0", help="Neuron SDK version (default 2.24.0)")
     faults = parser.add_argument_group("fault injection")
     faults.add_argument(
         "--crash-after-tokens", type=int, metavar="N", help="os._exit(1) after N tokens in total"
@@ -146,12 +155,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
             eos_probability=args.eos_probability,
             api_key=env.get("API_KEY") or None,
             keepalive_interval=args.keepalive_interval,
-            timing=NeuronTiming(
-                prefill_base_s=args.prefill_base_ms / 1e3,
-                prefill_s_per_token=args.prefill_ms_per_token / 1e3,
-                decode_base_s=args.decode_base_ms / 1e3,
-                decode_s_per_slot=args.decode_ms_per_slot / 1e3,
-            ),
+            timing=_timing(args, batch_size or SimConfig.batch_size, max_total),
             faults=FaultConfig(
                 crash_after_tokens=args.crash_after_tokens,
                 hang_after_tokens=args.hang_after_tokens,
@@ -165,6 +169,31 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
         )
     except ValueError as exc:
         raise SystemExit(f"simulate-replica: {exc}") from None
+
+
+def _timing(args: argparse.Namespace, batch_size: int, max_total: int) -> StepTiming:
+    """The blog's calibration (flags) unless ``--model-size`` asks for the fitted model."""
+    if getattr(args, "model_size", None) is None:
+        return NeuronTiming(
+            prefill_base_s=args.prefill_base_ms / 1e3,
+            prefill_s_per_token=args.prefill_ms_per_token / 1e3,
+            decode_base_s=args.decode_base_ms / 1e3,
+            decode_s_per_slot=args.decode_ms_per_slot / 1e3,
+        )
+    from supervisor.predict.records import generation, kv_bytes_per_token
+    from supervisor.predict.replay import packaged_model
+    from supervisor.predict.timing import Shape, SimulatorTiming
+
+    shape = Shape(
+        params_b=args.model_size,
+        tp=args.tp,
+        batch_size=batch_size,
+        sequence_length=max_total,
+        kv_bytes=kv_bytes_per_token(args.model_family, args.model_size),
+        generation=generation("optimum-neuron", args.sdk),
+        family=args.model_family.lower() if args.model_family else None,
+    )
+    return SimulatorTiming(packaged_model(), shape)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -38,6 +38,10 @@ With these, 3 saturated replicas (prompts 15,900 +/- 100, outputs 450 +/- 50) co
 average (blog 65) and 1.62 s at p99, one prefill pause (blog 1.60 s): see
 ``tests/test_simulator_engine.py``.
 
+Any ``StepTiming`` can replace these constants: ``simulate-replica --model-size B --tp T``
+times the steps with ``neuron-fleet predict``'s model fitted to published inf2 figures
+(``supervisor/predict/timing.py``); without it the blog's calibration above stays.
+
 Faults (``FaultConfig``) are decided here, deterministically (per request ordinal and token
 counts), and carried out by the server (crash, hang, drop) or the engine (424 generation).
 """
@@ -76,6 +80,7 @@ __all__ = [
     "SimConfig",
     "SimError",
     "Step",
+    "StepTiming",
     "Token",
     "TokenCounter",
     "TokenEvent",
@@ -95,11 +100,20 @@ class NeuronTiming:
     decode_base_s: float = 0.0285
     decode_s_per_slot: float = 0.0013
 
-    def prefill(self, tokens: int) -> float:
+    def prefill(self, tokens: int, sequences: int = 1) -> float:
         return self.prefill_base_s + self.prefill_s_per_token * tokens
 
     def decode(self, running: int) -> float:
         return self.decode_base_s + self.decode_s_per_slot * running
+
+
+class StepTiming(Protocol):
+    """Where step durations come from: ``NeuronTiming`` (the blog's calibration) or a model
+    fitted to published figures (``supervisor.predict.timing.SimulatorTiming``)."""
+
+    def prefill(self, tokens: int, sequences: int = 1) -> float: ...
+
+    def decode(self, running: int) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -166,7 +180,7 @@ class SimConfig:
     eos_probability: float = 0.0
     keepalive_interval: float = 15.0
     shutdown_timeout: float = 5.0
-    timing: NeuronTiming = NeuronTiming()
+    timing: StepTiming = NeuronTiming()
     faults: FaultConfig = FaultConfig()
     api_key: str | None = field(default=None, repr=False)
     """TGI's ``--api-key`` / ``API_KEY``: the generation routes and /tokenize need
@@ -610,7 +624,7 @@ class NeuronBatcher:
         *,
         batch_size: int,
         max_concurrent_requests: int,
-        timing: NeuronTiming = NeuronTiming(),
+        timing: StepTiming = NeuronTiming(),
         speed: float = 1.0,
     ) -> None:
         self.batch_size = batch_size
@@ -657,7 +671,8 @@ class NeuronBatcher:
             self.running.append(job)
         if admitted:
             tokens = sum(j.input_length for j in admitted)
-            return Step("prefill", self.timing.prefill(tokens) / self.speed, tuple(admitted))
+            duration = self.timing.prefill(tokens, len(admitted)) / self.speed
+            return Step("prefill", duration, tuple(admitted))
         if self.running:
             duration = self.timing.decode(len(self.running)) / self.speed
             return Step("decode", duration, tuple(self.running))

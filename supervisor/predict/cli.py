@@ -1,0 +1,320 @@
+"""``neuron-fleet predict``: simulate a layout in virtual time before renting the host.
+
+    neuron-fleet predict --config fleet.toml --input-tokens 1500 --output-tokens 250 \\
+        --rate 2 --ttft-slo 2
+    neuron-fleet predict --model-size 8 --input-tokens 15900 --output-tokens 450 --sweep \\
+        --ttft-slo 5 --plot sweep.png
+    neuron-fleet predict --records FILE --json
+
+Warnings about extrapolation go to stderr; the JSON on stdout keeps its schema.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from .plan import Layout, at_rate, layouts, max_rate_within_slo, plot, simulate, sweep
+from .queue import ENGINES, POLICIES, Workload
+from .records import generation, kv_bytes_per_token, load_records
+from .replay import fit, packaged_model, predict_record
+from .timing import Shape, TimingModel
+
+INF2_48XLARGE_CORES = 24
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--config", help="fleet.toml: replicas, cores_per_replica, batch_size, max_total_tokens")
+    add("--records", help="JSON list of records (inf2-published.json schema) to predict")
+    add("--json", action="store_true", help="print JSON")
+    add("--calibration", help="records (same schema) to fit on instead of the packaged data")
+    shape = parser.add_argument_group("layout (flags win over --config)")
+    shape.add_argument("--model-size", type=float, help="parameters, in billions (e.g. 8)")
+    shape.add_argument("--model-family", help="e.g. llama-3.1-8b: uses that family's fit")
+    shape.add_argument("--replicas", type=int, help="replicas on the host (default: fill --cores)")
+    shape.add_argument("--tp", type=int, help="NeuronCores per replica")
+    shape.add_argument("--batch-size", type=int, help="compiled batch (max-num-seqs)")
+    shape.add_argument("--sequence-length", type=int, help="compiled max total tokens")
+    shape.add_argument(
+        "--engine", choices=ENGINES, default="tgi", help="tgi (TGI Neuron) or vllm (default tgi)"
+    )
+    shape.add_argument("--sdk", default="2.24.0", help="Neuron SDK version (default 2.24.0)")
+    shape.add_argument(
+        "--policy",
+        choices=POLICIES,
+        default="fleet",
+        help="routing: fleet (neuron-fleet's balancer, default), least-outstanding, round-robin",
+    )
+    shape.add_argument(
+        "--cores",
+        type=int,
+        default=INF2_48XLARGE_CORES,
+        help="host NeuronCores (default 24 = inf2.48xlarge)",
+    )
+    load = parser.add_argument_group("workload")
+    load.add_argument("--input-tokens", type=int, help="prompt length (mean), tokens")
+    load.add_argument("--output-tokens", type=int, help="answer length (mean), tokens")
+    load.add_argument("--input-stddev", type=float, default=0.0, help="prompt length spread")
+    load.add_argument("--output-stddev", type=float, default=0.0, help="answer length spread")
+    load.add_argument("--rate", type=float, help="Poisson arrivals per second")
+    load.add_argument("--concurrency", type=int, help="closed-loop clients")
+    load.add_argument("--ttft-slo", type=float, help="p99 TTFT target, seconds")
+    load.add_argument("--sweep", action="store_true", help="rank every layout that fits")
+    load.add_argument("--plot", help="--sweep: write TTFT p99 curves to this PNG")
+    load.add_argument("--seed", type=int, default=0, help="seed of arrivals and lengths")
+
+
+def _fail(message: str) -> int:
+    print(f"predict: {message}", file=sys.stderr)
+    return 2
+
+
+def _model(args: argparse.Namespace) -> TimingModel:
+    if args.calibration:
+        records = load_records(args.calibration)
+        print(
+            f"predict: fitting on {len(records)} records of {args.calibration} ...", file=sys.stderr
+        )
+        return fit(records)
+    return packaged_model()
+
+
+def _from_config(path: str) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(Path(path).read_text("utf-8"))
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path} is not TOML: {exc}") from None
+    model, fleet = data.get("model", {}), data.get("fleet", {})
+    out: dict[str, Any] = {}
+    for key, value in (
+        ("replicas", fleet.get("replicas")),
+        ("tp", fleet.get("cores_per_replica")),
+        ("batch_size", model.get("batch_size")),
+        ("sequence_length", model.get("max_total_tokens")),
+        ("model_id", model.get("id")),
+    ):
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def _size_from_name(name: str) -> float | None:
+    match = re.search(r"(\d+(?:\.\d+)?)\s*[bB](?![a-zA-Z])", name)
+    return float(match.group(1)) if match else None
+
+
+def build_layout(args: argparse.Namespace) -> Layout:
+    cfg = _from_config(args.config) if args.config else {}
+    size = args.model_size
+    if size is None and cfg.get("model_id"):
+        size = _size_from_name(str(cfg["model_id"]))
+    if size is None:
+        raise ValueError("give --model-size (billions of parameters), e.g. --model-size 8")
+    tp = args.tp or cfg.get("tp") or 8
+    batch = args.batch_size or cfg.get("batch_size") or 8
+    seq = args.sequence_length or cfg.get("sequence_length") or 4096
+    replicas = args.replicas or cfg.get("replicas") or max(1, args.cores // tp)
+    engine_name = "vllm" if args.engine == "vllm" else "optimum-neuron"
+    shape = Shape(
+        params_b=size,
+        tp=int(tp),
+        batch_size=int(batch),
+        sequence_length=int(seq),
+        kv_bytes=kv_bytes_per_token(args.model_family, size),
+        generation=generation(engine_name, args.sdk),
+        family=args.model_family.lower() if args.model_family else None,
+    )
+    return Layout(int(replicas), shape, args.engine, args.policy)
+
+
+def _records(args: argparse.Namespace, model: TimingModel) -> int:
+    records = load_records(args.records)
+    out = []
+    for record in records:
+        shape = Shape.of_record(record)
+        for warning in model.coverage.warnings(
+            shape, int(record["input_tokens"]), str(record.get("sdk_version", ""))
+        ):
+            print(f"predict: {record['id']}: extrapolating: {warning}", file=sys.stderr)
+        predicted = predict_record(model, record)
+        out.append(
+            {
+                "id": record["id"],
+                "predicted": {
+                    k: _num(predicted[k]) for k in ("ttft_s", "itl_ms", "output_tok_per_s")
+                },
+            }
+        )
+    if args.json:
+        print(json.dumps(out, indent=1))
+    else:
+        for row in out:
+            p = row["predicted"]
+            print(
+                f"{row['id']}: TTFT {p['ttft_s']} s, ITL {p['itl_ms']} ms, "
+                f"{p['output_tok_per_s']} tok/s"
+            )
+    return 0
+
+
+def _num(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else round(value, 4)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        model = _model(args)
+        if args.records:
+            return _records(args, model)
+        if args.input_tokens is None or args.output_tokens is None:
+            return _fail("give --input-tokens and --output-tokens (or --records FILE)")
+        layout = build_layout(args)
+    except ValueError as exc:
+        return _fail(str(exc))
+    warnings = model.coverage.warnings(layout.shape, args.input_tokens, args.sdk)
+    for warning in warnings:
+        print(f"predict: extrapolating: {warning}", file=sys.stderr)
+    base = Workload(
+        input_tokens=args.input_tokens,
+        output_tokens=args.output_tokens,
+        input_stddev=args.input_stddev,
+        output_stddev=args.output_stddev,
+        seed=args.seed,
+    )
+    if args.sweep:
+        return _sweep(args, model, layout, base, warnings)
+    return _one(args, model, layout, base, warnings)
+
+
+def _one(args, model, layout: Layout, base: Workload, warnings: list[str]) -> int:
+    if args.rate is not None and args.concurrency is not None:
+        return _fail("give --rate or --concurrency, not both")
+    if args.concurrency is not None:
+        workload = Workload(
+            input_tokens=base.input_tokens,
+            output_tokens=base.output_tokens,
+            input_stddev=base.input_stddev,
+            output_stddev=base.output_stddev,
+            concurrency=args.concurrency,
+            max_requests=max(8 * args.concurrency, 100),
+            duration_s=math.inf,
+            seed=base.seed,
+        )
+        figs = simulate(model, layout, workload)
+        load = f"{args.concurrency} concurrent clients"
+    else:
+        rate = args.rate if args.rate is not None else 1.0
+        figs = at_rate(model, layout, base, rate)
+        load = f"{rate:g} req/s (Poisson)"
+    result: dict[str, Any] = {
+        "layout": layout.label(),
+        "engine": layout.engine,
+        "load": load,
+        "ttft_p50_s": _num(figs.ttft_p50_s),
+        "ttft_p99_s": _num(figs.ttft_p99_s),
+        "itl_p50_ms": _num(figs.itl_p50_ms),
+        "itl_mean_ms": _num(figs.itl_mean_ms),
+        "output_tok_per_s": _num(figs.output_tok_per_s),
+        "req_per_s": _num(figs.req_per_s),
+        "extrapolating": warnings,
+    }
+    if args.ttft_slo is not None:
+        rate, _ = max_rate_within_slo(model, layout, base, args.ttft_slo)
+        result["ttft_slo_s"] = args.ttft_slo
+        result["max_rate_within_slo"] = round(rate, 3)
+    if not layout.fits():
+        result["warning"] = (
+            f"{layout.memory_per_core_gb():.1f} GB per NeuronCore (weights + KV cache) "
+            "exceeds what a core holds: this layout would not load"
+        )
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(
+        f"{result['layout']} ({layout.engine}), {load}, "
+        f"{base.input_tokens} in / {base.output_tokens} out tokens"
+    )
+    print(f"  TTFT p50 {result['ttft_p50_s']} s, p99 {result['ttft_p99_s']} s")
+    print(f"  ITL p50 {result['itl_p50_ms']} ms, mean {result['itl_mean_ms']} ms")
+    print(f"  throughput {result['output_tok_per_s']} output tok/s, {result['req_per_s']} req/s")
+    if "max_rate_within_slo" in result:
+        print(
+            f"  highest rate with TTFT p99 <= {args.ttft_slo:g} s: "
+            f"{result['max_rate_within_slo']} req/s"
+        )
+    if "warning" in result:
+        print(f"  WARNING: {result['warning']}")
+    return 0
+
+
+def _sweep(args, model, layout: Layout, base: Workload, warnings: list[str]) -> int:
+    if args.ttft_slo is None:
+        return _fail("--sweep needs --ttft-slo SECONDS")
+    started = time.monotonic()
+    candidates = layouts(layout.shape, args.cores, engine=layout.engine, policy=layout.policy)
+    if not candidates:
+        return _fail(f"no layout of a {layout.shape.params_b:g}B model fits {args.cores} cores")
+    rows = sweep(model, candidates, base, args.ttft_slo)
+    elapsed = time.monotonic() - started
+    table = []
+    for rank, row in enumerate(rows, 1):
+        at = row.at_max
+        table.append(
+            {
+                "rank": rank,
+                "replicas": row.layout.replicas,
+                "tp": row.layout.shape.tp,
+                "batch_size": row.layout.shape.batch_size,
+                "max_rate_within_slo": round(row.max_rate, 3),
+                "output_tok_per_s": _num(at.output_tok_per_s) if at else None,
+                "ttft_p99_s": _num(at.ttft_p99_s) if at else None,
+                "itl_p50_ms": _num(at.itl_p50_ms) if at else None,
+                "extrapolating": model.coverage.warnings(row.layout.shape, base.input_tokens),
+            }
+        )
+    plot_note = None
+    if args.plot:
+        try:
+            plot(rows, args.plot, args.ttft_slo)
+            plot_note = f"plot written to {args.plot}"
+        except ImportError:
+            plot_note = "no plot: matplotlib is missing (pip install 'neuron-fleet[plot]')"
+            print(f"predict: {plot_note}", file=sys.stderr)
+    if args.json:
+        print(
+            json.dumps({"ttft_slo_s": args.ttft_slo, "layouts": table, "plot": plot_note}, indent=1)
+        )
+        return 0
+    print(
+        f"{len(rows)} layouts on {args.cores} NeuronCores, {base.input_tokens} in / "
+        f"{base.output_tokens} out tokens, TTFT p99 <= {args.ttft_slo:g} s "
+        f"({elapsed:.1f} s of simulation)"
+    )
+    print(
+        f"{'rank':>4}  {'layout':<24} {'max req/s':>9} {'tok/s':>8} {'TTFT p99':>9} {'ITL p50':>8}"
+    )
+    for row in table:
+        label = f"{row['replicas']} x tp{row['tp']} x batch {row['batch_size']}"
+        mark = " *" if row["extrapolating"] else ""
+        print(
+            f"{row['rank']:>4}  {label:<24} {row['max_rate_within_slo']:>9} "
+            f"{row['output_tok_per_s'] or '-':>8} {row['ttft_p99_s'] or '-':>9} "
+            f"{row['itl_p50_ms'] or '-':>8}{mark}"
+        )
+    if any(row["extrapolating"] for row in table):
+        print("* extrapolating (outside the calibrated tp, batch, sizes or lengths)")
+    if plot_note:
+        print(plot_note)
+    elif not args.plot:
+        print("add --plot sweep.png for the TTFT curves (needs: pip install 'neuron-fleet[plot]')")
+    return 0

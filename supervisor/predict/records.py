@@ -1,0 +1,164 @@
+"""Published inf2 records (the schema of ``inf2-published.json``) and what a model needs of them.
+
+The calibration data ships inside the package (``supervisor/predict/inf2-published.json``,
+a copy of the team's ``shared/reference/inf2-published.json``: 380 cited records, all on
+inf2.48xlarge) so an installed wheel can predict without the repository.
+
+A record is plain JSON; this module reads the few fields the timing model uses and knows
+which statistic each kind of record measures (``target``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+PACKAGED_DATA = "inf2-published.json"
+
+# Key/value bytes per token (bf16) of the architectures in the data:
+# 2 (K and V) x layers x kv_heads x head_dim x 2 bytes, from each model's config.json.
+# A family not listed gets an estimate (``kv_bytes_per_token``).
+KV_BYTES_PER_TOKEN: dict[str, int] = {
+    "llama-2-7b": 2 * 32 * 4096 * 2,  # MHA: 32 heads x 128
+    "llama-2-13b": 2 * 40 * 5120 * 2,
+    "codellama-13b": 2 * 40 * 5120 * 2,
+    "llama-2-70b": 2 * 80 * 1024 * 2,  # GQA: 8 kv heads x 128
+    "llama-3-8b": 2 * 32 * 1024 * 2,
+    "llama-3.1-8b": 2 * 32 * 1024 * 2,
+    "llama-3-70b": 2 * 80 * 1024 * 2,
+    "llama-3.3-70b": 2 * 80 * 1024 * 2,
+    "llama-3-70b-arch (deepseek-r1-distill)": 2 * 80 * 1024 * 2,
+    "mistral-7b-v0.2": 2 * 32 * 1024 * 2,
+    "mistral-small-22b": 2 * 56 * 1024 * 2,
+    "qwen2.5-7b": 2 * 28 * 512 * 2,
+    "qwen3-30b-a3b-moe": 2 * 48 * 512 * 2,
+}
+
+
+def kv_bytes_per_token(family: str | None, params_b: float) -> int:
+    """Known families from the table; otherwise a GQA model of that size (Llama-3-like)."""
+    if family is not None:
+        key = family.lower()
+        if key in KV_BYTES_PER_TOKEN:
+            return KV_BYTES_PER_TOKEN[key]
+    return int(2 * 32 * 1024 * 2 * math.sqrt(max(params_b, 0.5) / 8.0))
+
+
+def generation(engine: str, sdk_version: str) -> str:
+    """Which software stack produced the steps: the coefficients differ per stack.
+
+    - ``tnx``: AWS transformers-neuronx samples (the Neuron SDK performance tables);
+    - ``on-tnx``: optimum-neuron on Neuron SDK < 2.20 (its transformers-neuronx backend);
+    - ``on-nxd``: optimum-neuron on SDK >= 2.20 (NxD Inference backend), TGI 3.x and vLLM.
+    """
+    if engine.startswith("transformers-neuronx"):
+        return "tnx"
+    version = sdk_tuple(sdk_version)
+    if version is not None and version < (2, 20):
+        return "on-tnx"
+    return "on-nxd"
+
+
+def sdk_tuple(text: str) -> tuple[int, ...] | None:
+    match = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text or "")
+    if match is None:
+        return None
+    return tuple(int(g) for g in match.groups() if g is not None)
+
+
+def serving_engine(engine: str) -> str:
+    """``vllm`` (continuous batching) or ``tgi`` (TGI Neuron's slot batching)."""
+    return "vllm" if "vllm" in engine.lower() else "tgi"
+
+
+@dataclass(frozen=True)
+class Load:
+    """How a record loaded the host (see the .md: ``concurrency_or_rate``)."""
+
+    kind: str  # static | concurrency | synchronous | rate | throughput
+    value: float = 0.0  # batch, clients, or req/s
+
+
+def load_of(record: dict[str, Any]) -> Load:
+    c = record["concurrency_or_rate"]
+    kind = c.get("kind")
+    if kind == "static_batch":
+        return Load("static", float(c.get("value") or record["batch_size"]))
+    if kind == "concurrency":
+        return Load("concurrency", float(c["value"]))
+    mode = c.get("mode")
+    if mode == "synchronous":
+        return Load("synchronous", 1.0)
+    if mode in ("asynchronous", "constant"):
+        return Load("rate", float(c["rate_req_s"]))
+    if mode == "throughput":
+        mc = c.get("max_concurrency")
+        # Records without a number ran guidellm's default; 128, the value most of the
+        # records that state it used, is assumed (the published runs' Little's-law
+        # concurrency, req/s x latency, is 37-90: far below guidellm 0.1.0's 512).
+        return Load("throughput", float(mc) if isinstance(mc, int | float) else 128.0)
+    raise ValueError(f"record {record.get('id')}: unknown load {c!r}")
+
+
+def target(record: dict[str, Any]) -> dict[str, float]:
+    """The measured figures in the prediction's units: ttft_s, itl_ms, output_tok_per_s.
+
+    Static batch: the batch's TTFT and one decode step; concurrency sweeps (llmperf): p50;
+    guidellm: mean; throughput: all of the record's replicas together.
+    """
+    m = record.get("metrics") or {}
+    out: dict[str, float] = {}
+    if "ttft_s" in m:
+        out["ttft_s"] = m["ttft_s"]
+    elif "ttft_ms_p50" in m and record["benchmark_kind"] == "static_batch":
+        out["ttft_s"] = m["ttft_ms_p50"] / 1e3
+    elif "ttft_s_p50" in m:
+        out["ttft_s"] = m["ttft_s_p50"]
+    elif "ttft_ms_mean" in m:
+        out["ttft_s"] = m["ttft_ms_mean"] / 1e3
+    for key in ("itl_ms", "tpot_ms_p50", "itl_ms_p50", "itl_ms_mean"):
+        if key in m and not (key == "itl_ms_p50" and "itl_ms_mean" in m):
+            out["itl_ms"] = m[key]
+            break
+    for key in ("output_tok_per_s_e2e", "output_tok_per_s"):
+        if key in m:
+            out["output_tok_per_s"] = m[key]
+            break
+    return out
+
+
+def kind_of(record: dict[str, Any]) -> str:
+    """``static`` or ``served``: the two families of goals."""
+    return "static" if record["benchmark_kind"] == "static_batch" else "served"
+
+
+def load_records(path: str | Path | None = None) -> list[dict[str, Any]]:
+    """The packaged calibration data, or a JSON list in the same schema."""
+    if path is None:
+        text = resources.files(__package__).joinpath(PACKAGED_DATA).read_text("utf-8")
+        source = f"package data {PACKAGED_DATA}"
+    else:
+        source = str(path)
+        try:
+            text = Path(path).read_text("utf-8")
+        except OSError as exc:
+            raise ValueError(f"cannot read records {path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{source} is not JSON: {exc}") from None
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise ValueError(f"{source}: expected a JSON list of records (objects)")
+    required = ("id", "tp", "batch_size", "input_tokens", "output_tokens", "concurrency_or_rate")
+    for i, record in enumerate(data):
+        missing = [k for k in required if k not in record]
+        if missing:
+            raise ValueError(
+                f"{source}: record #{i} ({record.get('id', 'no id')}) lacks {', '.join(missing)}"
+            )
+    return data

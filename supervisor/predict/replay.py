@@ -1,0 +1,147 @@
+"""Predict what a published (or measured) record would show, and fit the serving terms.
+
+``predict_record`` turns one record of the ``inf2-published.json`` schema into the
+statistic that record measures (``records.target``): the formula of one static batch, or
+a virtual-time run of its host (``queue.HostSimulation``) under its load.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .queue import HostSimulation, Result, Workload, mean, percentile
+from .records import kind_of, load_of, serving_engine, target
+from .timing import EXCLUDED_FAMILIES, Shape, TimingModel
+
+GUIDELLM_DURATION_S = 120.0
+"""Length of a guidellm rate or throughput run (not in the records; the blog's runs
+completed 55-88 requests at 0.77-0.85 req/s, i.e. 65-115 s)."""
+SYNCHRONOUS_REQUESTS = 20
+LLMPERF_REQUESTS_PER_CLIENT = 8
+"""The records' note: llmperf ran ``max completed requests = 8 x concurrency``."""
+MAX_SIMULATED_REQUESTS = 1200
+"""Past this a closed-loop run is in steady state; more only costs time."""
+
+
+def static_prediction(model: TimingModel, shape: Shape, batch: int, record: dict[str, Any]):
+    ttft = model.prefill_s(shape, batch, int(record["input_tokens"]))
+    itl = model.full_decode_s(shape, batch)
+    out = int(record["output_tokens"])
+    throughput = batch * out / (ttft + out * itl)
+    return {"ttft_s": ttft, "itl_ms": itl * 1e3, "output_tok_per_s": throughput}
+
+
+def workload_of(record: dict[str, Any], seed: int = 0) -> Workload:
+    load = load_of(record)
+    common = {
+        "input_tokens": int(record["input_tokens"]),
+        "output_tokens": int(record["output_tokens"]),
+        "input_stddev": float(record.get("input_tokens_stddev") or 0),
+        "output_stddev": float(record.get("output_tokens_stddev") or 0),
+        "seed": seed,
+    }
+    if load.kind == "concurrency":
+        clients = int(load.value)
+        total = min(LLMPERF_REQUESTS_PER_CLIENT * clients, max(MAX_SIMULATED_REQUESTS, clients))
+        return Workload(concurrency=clients, max_requests=total, duration_s=math.inf, **common)
+    if load.kind == "synchronous":
+        return Workload(
+            concurrency=1, max_requests=SYNCHRONOUS_REQUESTS, duration_s=math.inf, **common
+        )
+    if load.kind == "rate":
+        return Workload(rate=load.value, duration_s=GUIDELLM_DURATION_S, **common)
+    if load.kind == "throughput":
+        return Workload(concurrency=int(load.value), duration_s=GUIDELLM_DURATION_S, **common)
+    raise ValueError(f"record {record.get('id')}: no served workload for {load.kind}")
+
+
+def summarize(result: Result, statistic: str) -> dict[str, float]:
+    ttft, itl = result.ttft_s(), result.itl_ms()
+    pick = (lambda v: percentile(v, 50)) if statistic == "p50" else mean
+    return {
+        "ttft_s": pick(ttft),
+        "itl_ms": pick(itl),
+        "output_tok_per_s": result.output_tok_per_s(),
+    }
+
+
+def predict_record(model: TimingModel, record: dict[str, Any]) -> dict[str, float]:
+    """The record's statistic as predicted: static batch, llmperf p50 or guidellm mean."""
+    shape = Shape.of_record(record)
+    load = load_of(record)
+    if load.kind == "static":
+        return static_prediction(model, shape, int(load.value), record)
+    engine = serving_engine(str(record.get("engine", "")))
+    # The published setups: nginx / docker compose round-robin for TGI, vLLM's
+    # data-parallel proxy also round-robins (inf2-published.md).
+    sim = HostSimulation(
+        model, shape, int(record.get("replicas") or 1), engine=engine, policy="round-robin"
+    )
+    result = sim.run(workload_of(record))
+    statistic = "p50" if load.kind == "concurrency" else "mean"
+    return summarize(result, statistic)
+
+
+def ape(predicted: dict[str, float], measured: dict[str, float]) -> dict[str, float]:
+    """Absolute percentage error per metric present in both."""
+    out = {}
+    for key, value in measured.items():
+        p = predicted.get(key)
+        if p is not None and value and not math.isnan(p):
+            out[key] = abs(p - value) / abs(value) * 100
+    return out
+
+
+PER_ACTIVE_S = (0.0, 0.5e-3, 1e-3, 2e-3, 3e-3, 4e-3)
+OVERHEADS_S = (0.0, 0.1, 0.2)
+ROUTER_RATIOS = (None, 0.3, 1.2)
+"""TGI's ``waiting_served_ratio``: the router's default is 1.2, the launcher's 0.3; None =
+no router rule (vLLM)."""
+
+
+def fit(records: list[dict[str, Any]]) -> TimingModel:
+    """Static coefficients, then per serving engine and software generation the serving
+    terms (grid search through the virtual-time host) that best fit its served records."""
+    model = TimingModel.fit_static(records)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        if (
+            kind_of(r) == "served"
+            and target(r)
+            and str(r.get("model_family", "")).lower() not in EXCLUDED_FAMILIES
+        ):
+            key = f"{serving_engine(str(r.get('engine', '')))}|{Shape.of_record(r).generation}"
+            groups.setdefault(key, []).append(r)
+    for key, served in sorted(groups.items()):
+        best: tuple[float, TimingModel] | None = None
+        ratios = ROUTER_RATIOS if key.startswith("tgi|") else (None,)
+        for ratio in ratios:
+            for per_active in PER_ACTIVE_S:
+                for overhead in OVERHEADS_S:
+                    candidate = model.with_serving(key, per_active, overhead, ratio)
+                    errors = []
+                    for record in served:
+                        predicted = predict_record(candidate, record)
+                        errors.extend(ape(predicted, target(record)).values())
+                    # capped so that one absurd record cannot pick the parameters alone
+                    score = sum(min(e, 200.0) for e in errors) / max(len(errors), 1)
+                    if best is None or score < best[0]:
+                        best = (score, candidate)
+        assert best is not None
+        model = best[1]
+    return model
+
+
+FITTED = "fitted-model.json"
+
+
+def packaged_model() -> TimingModel:
+    """The fit of the packaged data, stored beside it (refit: ``bench/predict_cv.py --write``)."""
+    import json
+    from importlib import resources
+
+    from .timing import model_from_json
+
+    text = resources.files(__package__).joinpath(FITTED).read_text("utf-8")
+    return model_from_json(json.loads(text))

@@ -1,0 +1,440 @@
+"""Step durations of one Neuron replica, fitted to published inf2 figures.
+
+Two steps, as in TGI Neuron and vLLM on Neuron (see ``supervisor/simulator/engine.py``):
+
+* **prefill** of ``n`` admitted sequences. optimum-neuron prefills one sequence at a time,
+  padded to the compiled length (``inf2-published.md``: TTFT ~linear in batch and flat in
+  input length); the AWS transformers-neuronx samples pad to a power-of-two bucket::
+
+      prefill = a0 + n * (a1 if B == 1 else a3) * work
+      work = w * Lp * (1 + Lp / L0)     w = params / tp, L0: ``attention_length``
+
+* **decode**: one token for every slot of the compiled batch ``B`` (static Neuron graphs run
+  the whole batch), weights and the KV cache of the compiled sequence length ``S`` read
+  once per step::
+
+      decode(B) = d0[g] + d1[g] * w + d2[g] * B * w + d3[g] * B * S * kv / tp
+
+  A server adds ``per_active_s`` per running request to every step (the router and the
+  Python server handle each slot's token: the blog's ITL goes from 29.8 ms with one
+  request to 39.1 ms with eight), fitted on the served records.
+
+``g`` is the software generation (``records.generation``). The fit minimises *relative*
+squared error with non-negative coefficients (each term is a cost), on the static-batch
+records; the served records fit ``per_active_s`` and a per-request serving overhead through
+the virtual-time simulator (``replay.fit``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from .records import generation, kv_bytes_per_token, load_of, sdk_tuple, target
+
+GENERATIONS = ("tnx", "on-tnx", "on-nxd")
+LATEST_GENERATION = "on-nxd"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One replica as compiled: what its step times depend on."""
+
+    params_b: float
+    tp: int
+    batch_size: int
+    sequence_length: int
+    kv_bytes: int
+    generation: str = LATEST_GENERATION
+    family: str | None = None
+    """A model family of the calibration (``model_family``) gets its own correction."""
+
+    def padded_input(self, input_tokens: int) -> int:
+        if self.generation == "tnx":
+            return max(128, 1 << max(0, math.ceil(math.log2(max(input_tokens, 1)))))
+        return self.sequence_length
+
+    @classmethod
+    def of_record(cls, record: dict[str, Any]) -> Shape:
+        params = float(record.get("model_params_b") or 8.0)
+        family = record.get("model_family")
+        return cls(
+            params_b=params,
+            tp=int(record["tp"]),
+            batch_size=int(record["batch_size"]),
+            sequence_length=int(
+                record.get("sequence_length") or record["input_tokens"] + record["output_tokens"]
+            ),
+            kv_bytes=kv_bytes_per_token(family, params),
+            generation=generation(record.get("engine", ""), str(record.get("sdk_version", ""))),
+            family=(family or "").lower() or None,
+        )
+
+
+def nnls(a: np.ndarray, b: np.ndarray, iterations: int = 500) -> np.ndarray:
+    """Non-negative least squares (Lawson & Hanson's active set), small problems only."""
+    n = a.shape[1]
+    x = np.zeros(n)
+    passive = np.zeros(n, dtype=bool)
+    for _ in range(iterations):
+        w = a.T @ (b - a @ x)
+        if passive.all() or w[~passive].max(initial=-np.inf) <= 1e-12:
+            break
+        j = int(np.argmax(np.where(passive, -np.inf, w)))
+        passive[j] = True
+        while True:
+            z = np.zeros(n)
+            z[passive] = np.linalg.lstsq(a[:, passive], b, rcond=None)[0]
+            if (z[passive] > 0).all():
+                x = z
+                break
+            mask = passive & (z <= 0)
+            alpha = np.min(x[mask] / (x[mask] - z[mask]))
+            x = x + alpha * (z - x)
+            passive &= x > 1e-15
+            x[~passive] = 0.0
+    return x
+
+
+def attention_length(params_b: float) -> float:
+    """The prompt length at which attention costs as much as the weights in a prefill.
+
+    Per token, the weights cost ~2 P FLOPs and attention ~2 L layers hidden (scores and
+    values over L earlier tokens), so prefill work ~ P L (1 + L / L0), L0 = P / (2 layers
+    hidden). layers x hidden ~ 131072 (P / 8B)^0.73 fits Llama-2-7B/13B, Llama-3-8B/70B
+    (32 x 4096, 40 x 5120, 80 x 8192). At 16k tokens an 8B prefill costs 5.4x its 4k
+    prefill, not 4x (the blog: 1.585 s against ~0.29 s per sequence at 4096).
+    """
+    layers_hidden = 131072 * (max(params_b, 0.5) / 8.0) ** 0.73
+    return params_b * 1e9 / (2 * layers_hidden)
+
+
+def _prefill_columns(shape: Shape, sequences: int, input_tokens: int) -> dict[str, float]:
+    lp = shape.padded_input(input_tokens)
+    work = shape.params_b / shape.tp * lp * (1 + lp / attention_length(shape.params_b)) / 1e3
+    # A model compiled for batch 1 prefills faster per sequence than one compiled for a
+    # batch (the charts' batch-1 TTFT is ~0.1-0.3 s, a batch-4+ model's ~0.29 s/sequence,
+    # and a served batch-32 model takes ~0.3 s for one request alone).
+    single = shape.batch_size == 1
+    return {
+        "a0": 1.0,
+        "a1": sequences * work if single else 0.0,
+        "a3": 0.0 if single else sequences * work,
+    }
+
+
+def _decode_columns(shape: Shape, batch: int) -> dict[str, float]:
+    w = shape.params_b / shape.tp
+    return {
+        "d0": 1.0,
+        "d1": w,
+        "d2": batch * w,
+        "d3": batch * shape.sequence_length * shape.kv_bytes / shape.tp / 1e9,
+    }
+
+
+def _solve(rows: list[tuple[dict[str, float], float]]) -> dict[str, float]:
+    names = sorted({k for cols, _ in rows for k in cols})
+    a = np.array([[cols.get(n, 0.0) / y for n in names] for cols, y in rows])
+    x = nnls(a, np.ones(len(rows)))
+    return dict(zip(names, (float(v) for v in x), strict=True))
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """What the fit saw: outside of it the model extrapolates (and says so)."""
+
+    params_b: tuple[float, float] = (0.0, 0.0)
+    tp: frozenset[int] = frozenset()
+    batch_size: tuple[int, int] = (0, 0)
+    input_tokens: tuple[int, int] = (0, 0)
+    sequence_length: tuple[int, int] = (0, 0)
+    generations: frozenset[str] = frozenset()
+    sdk_max: tuple[int, ...] = ()
+
+    def warnings(self, shape: Shape, input_tokens: int, sdk: str | None = None) -> list[str]:
+        out = []
+        lo, hi = self.params_b
+        if not lo <= shape.params_b <= hi:
+            out.append(f"model size {shape.params_b:g}B is outside the calibrated {lo:g}-{hi:g}B")
+        if shape.tp not in self.tp:
+            seen = ", ".join(str(t) for t in sorted(self.tp))
+            out.append(f"tp {shape.tp} was never measured (calibrated: {seen})")
+        lo, hi = self.batch_size
+        if not lo <= shape.batch_size <= hi:
+            out.append(f"batch size {shape.batch_size} is outside the calibrated {lo}-{hi}")
+        lo, hi = self.input_tokens
+        if not lo <= input_tokens <= hi:
+            out.append(f"input length {input_tokens} is outside the calibrated {lo}-{hi} tokens")
+        lo, hi = self.sequence_length
+        if not lo <= shape.sequence_length <= hi:
+            out.append(
+                f"sequence length {shape.sequence_length} is outside the calibrated {lo}-{hi}"
+            )
+        if shape.generation not in self.generations:
+            out.append(f"no calibration points for the {shape.generation} software generation")
+        version = sdk_tuple(sdk or "")
+        if version is not None and self.sdk_max and version > self.sdk_max:
+            top = ".".join(str(v) for v in self.sdk_max)
+            out.append(f"Neuron SDK {sdk} is newer than any calibration point ({top})")
+        return out
+
+
+@dataclass(frozen=True)
+class TimingModel:
+    """Fitted coefficients (seconds) plus the serving parameters and the coverage."""
+
+    coef: dict[str, float] = field(default_factory=dict)
+    family_factor: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
+    """``generation`` and ``family|generation`` -> multipliers of (prefill of a batch-1
+    model, prefill of a batched model, per-step decode, per-slot decode): what a size-only
+    model misses of a software stack or a model family (kernels, GQA, vocabulary)."""
+    per_active_s: dict[str, float] = field(default_factory=dict)
+    """``engine|generation`` (e.g. ``tgi|on-nxd``) -> seconds per running request per
+    decode step (the server's per-token work)."""
+    overhead_s: dict[str, float] = field(default_factory=dict)
+    """``engine|generation`` -> seconds per request added to TTFT (HTTP, tokenization)."""
+    router_ratios: dict[str, float | None] = field(default_factory=dict)
+    """``tgi|generation`` -> the router's ``waiting_served_ratio`` that fits (None: new
+    requests join at the next step, as in vLLM); see ``queue._tgi_admits``."""
+    coverage: Coverage = Coverage()
+
+    def _eval(self, cols: dict[str, float]) -> float:
+        return sum(self.coef.get(k, 0.0) * v for k, v in cols.items())
+
+    def _factors(self, shape: Shape) -> tuple[float, float, float, float]:
+        """The generation's corrections times the family's (1 when the fit never saw it)."""
+        out = [1.0, 1.0, 1.0, 1.0]
+        for key in (shape.generation, f"{shape.family}|{shape.generation}"):
+            factors = self.family_factor.get(key)
+            if factors:
+                out = [a * b for a, b in zip(out, factors, strict=True)]
+        return out[0], out[1], out[2], out[3]
+
+    def prefill_parts(self, shape: Shape, sequences: int, input_tokens: int) -> tuple[float, float]:
+        """(batch-1 model, batched model) prefill before corrections: one of them is 0."""
+        cols = _prefill_columns(shape, sequences, input_tokens)
+        base = self.coef.get("a0", 0.0)
+        if shape.batch_size == 1:
+            return base + self.coef.get("a1", 0.0) * cols["a1"], 0.0
+        return 0.0, base + self.coef.get("a3", 0.0) * cols["a3"]
+
+    def decode_parts(self, shape: Shape, batch: int) -> tuple[float, float]:
+        """(per step, per slot of the batch) before corrections."""
+        cols = _decode_columns(shape, batch)
+        fixed = sum(self.coef.get(k, 0.0) * cols[k] for k in ("d0", "d1"))
+        per_batch = sum(self.coef.get(k, 0.0) * cols[k] for k in ("d2", "d3"))
+        return fixed, per_batch
+
+    def prefill_s(self, shape: Shape, sequences: int, input_tokens: int) -> float:
+        if sequences <= 0:
+            return 0.0
+        single, batched = self.prefill_parts(shape, sequences, input_tokens)
+        f = self._factors(shape)
+        return single * f[0] + batched * f[1]
+
+    def full_decode_s(self, shape: Shape, batch: int) -> float:
+        fixed, per_batch = self.decode_parts(shape, batch)
+        f = self._factors(shape)
+        return fixed * f[2] + per_batch * f[3]
+
+    def serving_key(self, shape: Shape, engine: str) -> str:
+        """The fitted serving terms for this engine and software generation, else the
+        engine's on the newest generation fitted (a new stack is assumed to serve like it)."""
+        key = f"{engine}|{shape.generation}"
+        if key in self.overhead_s:
+            return key
+        return f"{engine}|{LATEST_GENERATION}"
+
+    def decode_s(self, shape: Shape, active: int, engine: str = "tgi") -> float:
+        """One served decode step of the compiled batch with ``active`` requests running."""
+        per_active = self.per_active_s.get(self.serving_key(shape, engine), 0.0)
+        return self.full_decode_s(shape, shape.batch_size) + per_active * active
+
+    def serving_overhead_s(self, shape: Shape, engine: str) -> float:
+        return self.overhead_s.get(self.serving_key(shape, engine), 0.0)
+
+    def router_ratio(self, shape: Shape, engine: str) -> float | None:
+        return self.router_ratios.get(self.serving_key(shape, engine))
+
+    def with_serving(
+        self, key: str, per_active_s: float, overhead_s: float, ratio: float | None = None
+    ) -> TimingModel:
+        return replace(
+            self,
+            per_active_s={**self.per_active_s, key: per_active_s},
+            overhead_s={**self.overhead_s, key: overhead_s},
+            router_ratios={**self.router_ratios, key: ratio},
+        )
+
+    @classmethod
+    def fit_static(cls, records: list[dict[str, Any]]) -> TimingModel:
+        """Prefill and decode coefficients from the records that time single steps: static
+        batches, and served runs of one request at a time (one prefill of one sequence,
+        then decode steps of the compiled batch)."""
+        prefill_rows, decode_rows = [], []
+        steps = step_records(records)
+        for shape, record, n_prefill, n_decode in steps:
+            measured = target(record)
+            if measured.get("ttft_s"):
+                cols = _prefill_columns(shape, n_prefill, record["input_tokens"])
+                prefill_rows.append((cols, measured["ttft_s"]))
+            if measured.get("itl_ms"):
+                decode_rows.append((_decode_columns(shape, n_decode), measured["itl_ms"] / 1e3))
+        if not prefill_rows or not decode_rows:
+            raise ValueError("the calibration holds no static-batch records with TTFT and ITL")
+        coef = {**_solve(prefill_rows), **_solve(decode_rows)}
+        model = cls(coef=coef, coverage=coverage_of(records))
+        for level in ("generation", "family"):
+            factors = {**model.family_factor, **_factors(model, steps, level)}
+            model = replace(model, family_factor=factors)
+        return model
+
+
+EXCLUDED_FAMILIES = ("qwen3-30b-a3b-moe",)
+"""inf2-published.md: the MoE rows "look inconsistent" (14 s synchronous TTFT at batch 4);
+kept out of the fit, still predicted."""
+
+
+def step_records(
+    records: list[dict[str, Any]],
+) -> list[tuple[Shape, dict[str, Any], int, int]]:
+    """(shape, record, sequences per prefill, decode batch) of the records that time steps."""
+    out = []
+    for record in records:
+        if str(record.get("model_family", "")).lower() in EXCLUDED_FAMILIES:
+            continue
+        load = load_of(record)
+        shape = Shape.of_record(record)
+        if load.kind == "static":
+            out.append((shape, record, int(load.value), int(load.value)))
+        elif load.kind == "synchronous" or (load.kind == "concurrency" and load.value == 1):
+            out.append((shape, record, 1, shape.batch_size))
+    return out
+
+
+def _factors(
+    model: TimingModel, steps: list[tuple[Shape, dict[str, Any], int, int]], level: str
+) -> dict[str, tuple[float, float, float, float]]:
+    """Per generation (or family|generation): the two prefill and two decode multipliers
+    that best fit its records on top of the model so far (relative least squares, >= 0);
+    a part its records cannot see (e.g. batch-1 models only) keeps 1."""
+    groups: dict[str, list[tuple[Shape, dict[str, Any], int, int]]] = {}
+    for step in steps:
+        shape = step[0]
+        if level == "family" and shape.family is None:
+            continue
+        key = shape.generation if level == "generation" else f"{shape.family}|{shape.generation}"
+        groups.setdefault(key, []).append(step)
+    out = {}
+    for key, members in groups.items():
+        pre_rows, dec_rows = [], []
+        for shape, record, n_prefill, n_decode in members:
+            measured = target(record)
+            f = model._factors(shape)
+            if measured.get("ttft_s"):
+                single, batched = model.prefill_parts(shape, n_prefill, record["input_tokens"])
+                pre_rows.append(((single * f[0], batched * f[1]), measured["ttft_s"]))
+            if measured.get("itl_ms"):
+                fixed, per_batch = model.decode_parts(shape, n_decode)
+                dec_rows.append(((fixed * f[2], per_batch * f[3]), measured["itl_ms"] / 1e3))
+        out[key] = (*_multipliers(pre_rows), *_multipliers(dec_rows))
+    return out
+
+
+def _multipliers(rows: list[tuple[tuple[float, float], float]]) -> tuple[float, float]:
+    if not rows:
+        return 1.0, 1.0
+    a = np.array([[x / y for x in cols] for cols, y in rows])
+    seen = a.sum(axis=0) > 0
+    if not seen.any():
+        return 1.0, 1.0
+    # a part only seen in proportion to the other (all rows alike) cannot be told apart
+    x = np.ones(2)
+    x[seen] = nnls(a[:, seen], np.ones(len(rows)))
+    if (x[seen] <= 0).any():  # the fit dropped a part: keep the global model's shape
+        ratio = float(np.exp(np.median(np.log(1.0 / a.sum(axis=1)))))
+        return ratio, ratio
+    return float(x[0]), float(x[1])
+
+
+def coverage_of(records: list[dict[str, Any]]) -> Coverage:
+    shapes = [Shape.of_record(r) for r in records]
+    inputs = [int(r["input_tokens"]) for r in records]
+    sdks = [v for r in records if (v := sdk_tuple(str(r.get("sdk_version", "")))) is not None]
+    return Coverage(
+        params_b=(min(s.params_b for s in shapes), max(s.params_b for s in shapes)),
+        tp=frozenset(s.tp for s in shapes),
+        batch_size=(min(s.batch_size for s in shapes), max(s.batch_size for s in shapes)),
+        input_tokens=(min(inputs), max(inputs)),
+        sequence_length=(
+            min(s.sequence_length for s in shapes),
+            max(s.sequence_length for s in shapes),
+        ),
+        generations=frozenset(s.generation for s in shapes),
+        sdk_max=max(sdks) if sdks else (),
+    )
+
+
+def model_to_json(model: TimingModel) -> dict[str, Any]:
+    c = model.coverage
+    return {
+        "coef": model.coef,
+        "family_factor": {k: list(v) for k, v in model.family_factor.items()},
+        "per_active_s": model.per_active_s,
+        "overhead_s": model.overhead_s,
+        "router_ratios": model.router_ratios,
+        "coverage": {
+            "params_b": list(c.params_b),
+            "tp": sorted(c.tp),
+            "batch_size": list(c.batch_size),
+            "input_tokens": list(c.input_tokens),
+            "sequence_length": list(c.sequence_length),
+            "generations": sorted(c.generations),
+            "sdk_max": list(c.sdk_max),
+        },
+    }
+
+
+def model_from_json(data: dict[str, Any]) -> TimingModel:
+    c = data["coverage"]
+    return TimingModel(
+        coef={k: float(v) for k, v in data["coef"].items()},
+        family_factor={
+            k: (float(v[0]), float(v[1]), float(v[2]), float(v[3]))
+            for k, v in data["family_factor"].items()
+        },
+        per_active_s={k: float(v) for k, v in data["per_active_s"].items()},
+        overhead_s={k: float(v) for k, v in data["overhead_s"].items()},
+        router_ratios={
+            k: None if v is None else float(v) for k, v in data.get("router_ratios", {}).items()
+        },
+        coverage=Coverage(
+            params_b=(float(c["params_b"][0]), float(c["params_b"][1])),
+            tp=frozenset(int(t) for t in c["tp"]),
+            batch_size=(int(c["batch_size"][0]), int(c["batch_size"][1])),
+            input_tokens=(int(c["input_tokens"][0]), int(c["input_tokens"][1])),
+            sequence_length=(int(c["sequence_length"][0]), int(c["sequence_length"][1])),
+            generations=frozenset(c["generations"]),
+            sdk_max=tuple(int(v) for v in c["sdk_max"]),
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class SimulatorTiming:
+    """The simulator's timing hook (``supervisor.simulator.engine.StepTiming``) from a model."""
+
+    model: TimingModel
+    shape: Shape
+    engine: str = "tgi"
+
+    def prefill(self, tokens: int, sequences: int = 1) -> float:
+        sequences = max(1, sequences)
+        return self.model.prefill_s(self.shape, sequences, max(1, tokens // sequences))
+
+    def decode(self, running: int) -> float:
+        return self.model.decode_s(self.shape, running, self.engine)

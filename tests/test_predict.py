@@ -1,0 +1,309 @@
+"""`neuron-fleet predict`: the timing model, the virtual-time host, the CLI on the real data."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from supervisor.predict.queue import HostSimulation, Workload
+from supervisor.predict.records import load_records, target
+from supervisor.predict.replay import packaged_model, predict_record
+from supervisor.predict.timing import GENERATIONS, Shape, TimingModel
+
+REPO = Path(__file__).resolve().parents[1]
+# CI: a clean clone sits beside a copy of shared/ (../shared/reference); here: /work/shared.
+SHARED_CANDIDATES = (
+    REPO.parent / "shared" / "reference" / "inf2-published.json",
+    Path("/work/shared/reference/inf2-published.json"),
+)
+SHARED = next((p for p in SHARED_CANDIDATES if p.is_file()), None)
+PACKAGED = REPO / "supervisor" / "predict" / "inf2-published.json"
+
+
+def predict_cli(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor.cli", "predict", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+@pytest.fixture(scope="module")
+def shared_file() -> Path:
+    if SHARED is None:
+        pytest.skip("shared/reference/inf2-published.json is not beside the repository")
+    return SHARED
+
+
+def test_packaged_data_is_the_shared_file(shared_file: Path) -> None:
+    assert PACKAGED.read_bytes() == shared_file.read_bytes()
+
+
+def test_records_json_on_the_real_file(shared_file: Path) -> None:
+    done = predict_cli("--records", str(shared_file), "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    records = json.loads(shared_file.read_text())
+    assert [row["id"] for row in out] == [r["id"] for r in records]
+    for row in out:
+        assert set(row) == {"id", "predicted"}
+        assert set(row["predicted"]) == {"ttft_s", "itl_ms", "output_tok_per_s"}
+        for value in row["predicted"].values():
+            assert value is not None and math.isfinite(value) and value > 0
+    # the blog's 3 x tp8 x batch 8 synchronous run: TTFT within a factor 2 of 1.585 s
+    blog = next(r for r in out if r["id"].endswith("bs8-seq16512/synchronous"))
+    assert 0.75 < blog["predicted"]["ttft_s"] < 3.2
+
+
+def test_records_round_trip_ignores_metrics(tmp_path: Path) -> None:
+    records = load_records()
+    picked = [
+        next(r for r in records if r["benchmark_kind"] == "static_batch"),
+        next(r for r in records if r["concurrency_or_rate"].get("mode") == "synchronous"),
+        next(r for r in records if r["concurrency_or_rate"]["kind"] == "concurrency"),
+    ]
+    scrambled = [{**r, "metrics": {"ttft_s": 123.0}} for r in picked]
+    path_a, path_b = tmp_path / "a.json", tmp_path / "b.json"
+    path_a.write_text(json.dumps(picked))
+    path_b.write_text(json.dumps(scrambled))
+    a = json.loads(predict_cli("--records", str(path_a), "--json").stdout)
+    b = json.loads(predict_cli("--records", str(path_b), "--json").stdout)
+    assert a == b
+    assert [row["id"] for row in a] == [r["id"] for r in picked]
+    # the static record is predicted by the formula: check it against the model directly
+    model = packaged_model()
+    direct = predict_record(model, picked[0])
+    assert a[0]["predicted"]["ttft_s"] == pytest.approx(direct["ttft_s"], rel=1e-3)
+    # what each kind measures, in the output's units
+    assert set(target(picked[1])) == {"ttft_s", "itl_ms", "output_tok_per_s"}
+
+
+def test_bad_records_file_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([{"id": "x", "tp": 8}]))
+    done = predict_cli("--records", str(path), "--json")
+    assert done.returncode == 2
+    assert "lacks" in done.stderr and "batch_size" in done.stderr
+    assert done.stdout == ""
+
+
+def test_shipped_fit_is_the_fit_of_the_shipped_data() -> None:
+    fresh = TimingModel.fit_static(load_records())
+    shipped = packaged_model()
+    assert fresh.coef.keys() == shipped.coef.keys()
+    for key, value in fresh.coef.items():
+        assert shipped.coef[key] == pytest.approx(value, rel=1e-6, abs=1e-12)
+
+
+def test_calibration_refits_on_ones_own_points(tmp_path: Path) -> None:
+    records = [r for r in load_records() if r["benchmark_kind"] == "static_batch"]
+    doubled = []
+    for r in records:  # a host twice as slow as the published one
+        m = dict(r["metrics"])
+        for key in ("ttft_s", "itl_ms", "ttft_ms_p50", "tpot_ms_p50"):
+            if key in m:
+                m[key] = m[key] * 2
+        doubled.append({**r, "metrics": m})
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(doubled))
+    args = ("--model-size", "8", "--model-family", "llama-3.1-8b", "--tp", "8",
+            "--batch-size", "8", "--input-tokens", "1500", "--output-tokens", "250",
+            "--rate", "0.2", "--json")  # fmt: skip
+    base = json.loads(predict_cli(*args).stdout)
+    mine = predict_cli(*args, "--calibration", str(path))
+    assert mine.returncode == 0, mine.stderr
+    slow = json.loads(mine.stdout)
+    assert slow["itl_p50_ms"] == pytest.approx(2 * base["itl_p50_ms"], rel=0.15)
+
+
+def test_extrapolation_is_announced() -> None:
+    inside = predict_cli(
+        "--model-size", "8", "--tp", "8", "--batch-size", "8", "--sequence-length", "4096",
+        "--input-tokens", "1500", "--output-tokens", "250", "--rate", "0.5", "--json",
+    )  # fmt: skip
+    assert inside.returncode == 0, inside.stderr
+    assert "extrapolating" not in inside.stderr
+    assert json.loads(inside.stdout)["extrapolating"] == []
+    outside = predict_cli(
+        "--model-size", "400", "--tp", "4", "--batch-size", "128", "--sdk", "3.1",
+        "--input-tokens", "60000", "--output-tokens", "250", "--rate", "0.01", "--json",
+    )  # fmt: skip
+    assert outside.returncode == 0, outside.stderr
+    said = outside.stderr
+    for words in ("model size 400B", "tp 4 was never measured", "batch size 128",
+                  "input length 60000", "Neuron SDK 3.1 is newer"):  # fmt: skip
+        assert words in said, said
+    result = json.loads(outside.stdout)
+    assert len(result["extrapolating"]) == 5
+    assert "would not load" in result["warning"]  # 400B on 4 cores
+
+
+def test_sweep_ranks_layouts_and_plots(tmp_path: Path) -> None:
+    png = tmp_path / "sweep.png"
+    done = predict_cli(
+        "--model-size", "8", "--model-family", "llama-3.1-8b", "--cores", "16",
+        "--input-tokens", "1500", "--output-tokens", "250", "--sweep", "--ttft-slo", "2",
+        "--plot", str(png), "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    rates = [row["max_rate_within_slo"] for row in out["layouts"]]
+    assert rates == sorted(rates, reverse=True) and rates[0] > 0
+    assert all(row["replicas"] * row["tp"] <= 16 for row in out["layouts"])
+    assert {row["tp"] for row in out["layouts"]} >= {2, 4, 8}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_without_slo_is_refused() -> None:
+    done = predict_cli("--model-size", "8", "--input-tokens", "10", "--output-tokens", "10",
+                       "--sweep")  # fmt: skip
+    assert done.returncode == 2 and "--ttft-slo" in done.stderr
+
+
+shapes = st.builds(
+    Shape,
+    params_b=st.floats(1, 200),
+    tp=st.sampled_from([1, 2, 4, 8, 12, 24]),
+    batch_size=st.integers(1, 64),
+    sequence_length=st.integers(256, 32768),
+    kv_bytes=st.integers(16_000, 1_000_000),
+    generation=st.sampled_from(GENERATIONS),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(shape=shapes, n=st.integers(1, 63), tokens=st.integers(1, 30000))
+def test_step_times_are_monotone(shape: Shape, n: int, tokens: int) -> None:
+    model = packaged_model()
+    prefill = model.prefill_s(shape, n, tokens)
+    assert 0 < prefill <= model.prefill_s(shape, n + 1, tokens)
+    assert prefill <= model.prefill_s(shape, n, tokens * 2) + 1e-12
+    bigger = Shape(shape.params_b * 1.5, shape.tp, shape.batch_size, shape.sequence_length,
+                   shape.kv_bytes, shape.generation)  # fmt: skip
+    assert model.full_decode_s(shape, n) <= model.full_decode_s(bigger, n)
+    assert model.full_decode_s(shape, n) <= model.full_decode_s(shape, n + 1)
+    assert model.decode_s(shape, n, "tgi") <= model.decode_s(shape, n + 1, "tgi")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rate=st.floats(0.05, 2.0),
+    replicas=st.integers(1, 4),
+    batch=st.sampled_from([1, 4, 8, 16]),
+)
+def test_more_load_never_lowers_ttft_or_raises_a_cap(
+    rate: float, replicas: int, batch: int
+) -> None:
+    """Same arrivals spread thinner: one more replica never makes the median TTFT worse; the
+    host never completes more than it was sent, and tokens come after their request."""
+    model = packaged_model()
+    shape = Shape(8.0, 8, batch, 4096, 131072)
+
+    def run(n: int):
+        return HostSimulation(model, shape, n, policy="fleet").run(
+            Workload(input_tokens=1500, output_tokens=100, rate=rate, duration_s=60, seed=7)
+        )
+
+    few, many = run(replicas), run(replicas + 1)
+    assert (
+        sorted(many.ttft_s())[len(many.ttft_s()) // 2]
+        <= sorted(few.ttft_s())[len(few.ttft_s()) // 2] + 1e-9
+    )
+    sent = len(few.requests)
+    assert len(few.completed) <= sent and len(many.completed) <= len(many.requests)
+    for r in few.completed:
+        assert r.first_token_at >= r.arrival and r.finished_at >= r.first_token_at
+
+
+def test_simulate_replica_takes_its_timing_from_the_model() -> None:
+    import argparse
+
+    from supervisor.simulator.cli import add_arguments, config_from_args
+    from supervisor.simulator.engine import NeuronBatcher, NeuronTiming
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    blog = config_from_args(parser.parse_args([]), env={})
+    assert blog.timing == NeuronTiming()  # no --model-size: the blog's calibration
+    args = ["--model-size", "70", "--tp", "24", "--batch-size", "4", "--max-total-tokens", "4096"]
+    big = config_from_args(parser.parse_args(args), env={})
+    model = packaged_model()
+    shape = big.timing.shape
+    assert (shape.params_b, shape.tp, shape.batch_size, shape.sequence_length) == (70, 24, 4, 4096)
+    batcher = NeuronBatcher(batch_size=4, max_concurrent_requests=8, timing=big.timing)
+    import random
+
+    from supervisor.simulator.engine import Job
+
+    for i in range(2):
+        batcher.add(Job(ordinal=i, input_length=1000, max_new_tokens=5, rng=random.Random(i)))
+    prefill = batcher.plan(0.0)
+    assert prefill.kind == "prefill" and len(prefill.jobs) == 2
+    assert prefill.duration == pytest.approx(model.prefill_s(shape, 2, 1000))
+    batcher.complete(prefill, prefill.duration)
+    decode = batcher.plan(1.0)
+    assert decode.duration == pytest.approx(model.decode_s(shape, 2, "tgi"))
+    assert decode.duration > NeuronTiming().decode(2)  # a 70B step is slower than the 8B's
+
+
+def test_demo_model_size_reaches_the_simulated_replicas() -> None:
+    import argparse
+    import tomllib
+
+    from supervisor.demo import DEMO_TOML, demo_toml
+    from supervisor.predict.timing import SimulatorTiming
+    from supervisor.simulator.cli import add_arguments, config_from_args
+
+    assert demo_toml(None) == DEMO_TOML
+    sim = tomllib.loads(demo_toml(70))["launcher"]["simulated"]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = config_from_args(parser.parse_args(sim["extra_args"]), env={})
+    assert isinstance(config.timing, SimulatorTiming)
+    assert config.timing.shape.params_b == 70 and config.timing.shape.tp == 8
+
+
+def test_tgi_router_waits_for_company_or_twenty_steps() -> None:
+    """A request arriving while one runs: with the router rule (waiting_served_ratio 1.2 of
+    1 running = 1) it joins at the next step; with 4 running it needs 4 waiting, so a lone
+    request waits max_waiting_tokens (20) decode steps."""
+    from supervisor.predict.queue import MAX_WAITING_TOKENS, Request
+
+    base = packaged_model()
+    shape = Shape(8.0, 8, 8, 4096, 131072, family="llama-3.1-8b")
+    step = base.decode_s(shape, 4, "tgi")
+    arrival = base.prefill_s(shape, 4, 100) + 3.5 * step  # while the 4 early ones decode
+
+    def ttft_of_late_request(ratio: float | None) -> float:
+        model = base.with_serving("tgi|on-nxd", 0.0, 0.0, ratio)
+        sim = HostSimulation(model, shape, 1, engine="tgi", policy="fleet")
+        early = [Request(0.0, 100, 500) for _ in range(4)]
+        late = Request(arrival, 100, 10)
+        for r in [*early, late]:
+            sim._push(r.arrival, "arrive", r)
+        while sim._heap:  # drive the event loop as run() does, with our requests
+            import heapq
+
+            at, _, kind, payload = heapq.heappop(sim._heap)
+            sim.now = at
+            if kind == "arrive":
+                sim._route(payload)
+            elif payload[1] == payload[0].version:
+                sim._end_step(payload[0])
+                sim._plan(payload[0])
+        return late.first_token_at - late.arrival
+
+    prefill = base.prefill_s(shape, 1, 100)
+    eager = ttft_of_late_request(None)
+    assert eager <= step + prefill + 1e-9
+    waits = ttft_of_late_request(1.2)
+    assert waits >= (MAX_WAITING_TOKENS - 2) * step
