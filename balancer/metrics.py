@@ -172,6 +172,21 @@ class BalancerMetrics:
             ["reason"],
             registry=r,
         )
+        self.retry_decisions = Counter(
+            f"{p}_retry_decisions",
+            "What the retry policy made of failures that may be the request's own "
+            "(balancer/retry.py): wait_for_fate, retry, retry_shared_break, stop_specific, "
+            "stop_second_break, no_room.",
+            ["decision"],
+            registry=r,
+        )
+        self.process_fates = Counter(
+            f"{p}_process_fates",
+            "Replica processes watched after a request failed on them, by what became of "
+            "them: survived, exited, wedged (stopped answering /health), stopped (on purpose).",
+            ["replica", "fate"],
+            registry=r,
+        )
         self.upstream_errors = Counter(
             f"{p}_upstream_errors",
             "Failures talking to a replica, by kind.",

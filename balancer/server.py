@@ -203,6 +203,16 @@ class BalancerServer:
             await asyncio.sleep(delay_s)
         self.refuse_new()
 
+    async def end_streams(self) -> int:
+        """The drain timeout ran out: end the responses still relaying, each stream with an
+        explicit error event (balancer/relay.py ``Relay.end_streams``)."""
+        if self.balancer is None:
+            return 0
+        ended = await self.balancer.relay.end_streams()
+        if ended:
+            log.warning("drain timeout: ended %d responses still relaying", ended)
+        return ended
+
     @property
     def inflight(self) -> int:
         if self.balancer is None:
