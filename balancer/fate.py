@@ -87,9 +87,13 @@ class Watch:
         return self.fate.done()
 
     @property
-    def exclusive(self) -> bool:
-        """One request (or identical ones) failed on it: evidence specific to that request."""
-        return len(self.suspects) <= 1
+    def prime(self) -> str | None:
+        """The digest of the request sent earliest among those that failed on it: whatever
+        broke the process was in flight by the first failure, and the requests sent to it
+        after a request hung it or crashed it are its victims."""
+        if not self.suspects:
+            return None
+        return min(self.suspects.values(), key=lambda s: s.started).digest
 
 
 Prober = Callable[[Replica], Awaitable[bool]]

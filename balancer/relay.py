@@ -61,7 +61,7 @@ from balancer.forecast import retry_after
 from balancer.health import probe_health
 from balancer.metrics import BalancerMetrics
 from balancer.quarantine import Entry, Quarantine
-from balancer.retry import Attempts, Quarantined, RetryPolicy
+from balancer.retry import WEDGED_REPLICA, Attempts, Quarantined, RetryPolicy
 from balancer.slo import SloScore
 from balancer.sse import CLIENT, GENERATION, EventFramer, parse_error_event, separator_of
 from balancer.upstream import Registry, Replica, ReplicaState, Tried, excluded
@@ -173,6 +173,7 @@ class _Stream:
     """Per-request state the watchdog inspects."""
 
     __slots__ = (
+        "att",
         "client_gone",
         "deadline",
         "expired",
@@ -183,8 +184,10 @@ class _Stream:
         "work_done",
     )
 
-    def __init__(self, request: web.Request) -> None:
+    def __init__(self, request: web.Request, att: Attempts) -> None:
         self.request = request
+        self.att = att
+        """The retry policy's view of the request: the replica process of this attempt."""
         self.upstream: ReplicaConnection | None = None
         self.phase = Phase.IDLE
         self.since = 0.0
@@ -230,6 +233,7 @@ class Relay:
             probe if probe is not None else functools.partial(probe_health, None, config),
         )
         """When a request is retried, and whom failures are blamed on (balancer/retry.py)."""
+        self.policy.on_wedged = self._cut_waiting
         self.outliers = self.policy.outliers
         self._streams: set[_Stream] = set()
         self._any_turn = 0
@@ -255,7 +259,7 @@ class Relay:
         held = policy.refused_on_arrival(att)
         if held is not None:
             return self._refuse_quarantined(rr, held)
-        stream = _Stream(request)
+        stream = _Stream(request, att)
         self._streams.add(stream)
         try:
             while True:  # ends: an answer, a refusal, or no retry (balancer/retry.py)
@@ -458,11 +462,13 @@ class Relay:
                 raise _Retry(timeout_kind) from None
             return None
         except UpstreamError as exc:
-            stream.expired = exc.kind
-            unreached = exc.kind == "connect_error"  # the request never got there
+            kind = WEDGED_REPLICA if stream.expired == WEDGED_REPLICA else exc.kind
+            stream.expired = kind
+            # Never got there, or a victim of another request that wedged the process.
+            unreached = kind in ("connect_error", WEDGED_REPLICA)
             self._abort_attempt(stream)
-            if await self.policy.retry(att, exc.kind, answered=False, harmless=unreached):
-                raise _Retry(exc.kind) from None
+            if await self.policy.retry(att, kind, answered=False, harmless=unreached):
+                raise _Retry(kind) from None
             return None
 
         if failed is not None:
@@ -854,6 +860,21 @@ class Relay:
     @property
     def active(self) -> int:
         return len(self._streams)
+
+    def _cut_waiting(self, replica: Replica, pid: int | None) -> None:
+        """A process of ``replica`` is wedged: cut the attempts still waiting for its first
+        byte (they are retried at once, balancer/retry.py ``WEDGED_REPLICA``)."""
+        for s in list(self._streams):
+            att = s.att
+            if (
+                att.replica is replica
+                and att.pid == pid
+                and s.upstream is not None
+                and s.phase == Phase.IDLE
+                and s.request.get(STAGE) == "waiting_first_byte"
+            ):
+                s.expired = WEDGED_REPLICA
+                s.upstream.abort()
 
     async def end_streams(self, wait_s: float = 2.0) -> int:
         """The drain timeout ran out: end every response still relaying. An event stream

@@ -16,13 +16,15 @@ does about a failure comes from here. **When is a request retried?**
 
    - it **survived**, or was stopped on purpose: the failure was that replica's; retried
      elsewhere (never again on that replica);
-   - it **broke** (exited, wedged) with only this request (or identical ones) failing on it:
-     evidence specific to the request. Not retried: the client gets the first answer (the
-     replica's 424 or error event, else 502/504). So a query of death, or a request that
-     hangs its replica, harms one replica per send, and one more per resend until the
-     quarantine engages;
-   - it broke with other, different requests failing on it too (a crash that took a batch
-     down): no evidence against this one, retried once more (at most one more replica);
+   - it **broke** (exited, wedged) and this request is the *prime suspect*: of the requests
+     that failed on it, the one sent to it first (alone, it is the only one). Not retried:
+     the client gets the first answer (the replica's 424 or error event, else 502/504). So
+     a query of death, or a request that hangs its replica, harms one replica per send
+     until the quarantine engages;
+   - it broke, and a request sent earlier failed on it too: this one is more likely a
+     victim (sent to a process the other had already hung, or in the batch another
+     crashed): retried, at most once more after a break (at most one more replica). Attempts
+     still waiting for a first byte from a process found wedged are cut and retried at once;
    - its fate stays unknown (no answer within the window and the probe): at most one more
      replica.
 
@@ -47,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -61,7 +64,12 @@ from balancer.upstream import EVERY_INCARNATION, Registry, Replica, ReplicaState
 
 log = logging.getLogger("neuron_fleet.retry")
 
-NOT_SUSPECT = frozenset({"relay_error", "slow_client", "client_gone", "drain_timeout"})
+WEDGED_REPLICA = "wedged_replica"
+"""Why an attempt still waiting for its first byte was cut when another request's failure
+showed its process wedged (``RetryPolicy.on_wedged``): a victim, retried at once."""
+NOT_SUSPECT = frozenset(
+    {"relay_error", "slow_client", "client_gone", "drain_timeout", WEDGED_REPLICA}
+)
 """Failures that say nothing about the request or the replica: our bug, the client's side,
 a shutdown."""
 FATE_WAIT_MARGIN_S = 1.0
@@ -127,6 +135,9 @@ class RetryPolicy:
             registry, metrics, config.eject_after_failures, config.max_ejected_fraction
         )
         self.fates = Fates(registry, probe, config.confirm_window_s, self._fate_known)
+        self.on_wedged: Callable[[Replica, int | None], None] | None = None
+        """Told when a process is found wedged: the relay cuts the attempts still waiting
+        for a first byte from it, so they are retried now."""
         self._exposed: dict[str, int] = {}
         """Digests with an unknown fate -> attempts of them in flight since."""
         self.fate_wait_s = config.confirm_window_s + config.health_timeout_s + FATE_WAIT_MARGIN_S
@@ -231,10 +242,10 @@ class RetryPolicy:
             if entry is not None:
                 raise Quarantined(entry)
         if fate is None or fate.broke:
-            if fate is not None and watch.exclusive:
+            if fate is not None and watch.prime == att.digest:
                 log.warning(
-                    "request %s %s not retried: %s %s after it failed there (%s), with no "
-                    "other request failing on it",
+                    "request %s %s not retried: %s %s after it failed there (%s), and no "
+                    "request that failed there was sent to it earlier",
                     att.request_id,
                     att.route,
                     watch.key,
@@ -309,6 +320,8 @@ class RetryPolicy:
         self.metrics.process_fates.labels(replica=watch.replica.name, fate=fate.value).inc()
         if fate is Fate.WEDGED:
             self._take_out(watch)
+            if self.on_wedged is not None:
+                self.on_wedged(watch.replica, watch.pid)
         if not fate.broke or not self.quarantine.enabled:
             return
         replica = watch.replica
