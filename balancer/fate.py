@@ -39,6 +39,9 @@ MAX_WATCHES = 256
 the concluded watch at once), oldest dropped first."""
 MAX_EXITS = 64
 """Exits remembered for a watch opened after the exit was seen (the answer read late)."""
+TOGETHER_S = 0.25
+"""Failures on one process this close together are one event (a death cuts every request
+in flight within milliseconds; TGI answers a whole batch when a shard crashes)."""
 EXIT_MEMORY_S = 30.0
 """How long a seen exit concludes a watch opened after it."""
 
@@ -86,14 +89,19 @@ class Watch:
     def known(self) -> bool:
         return self.fate.done()
 
-    @property
-    def prime(self) -> str | None:
-        """The digest of the request sent earliest among those that failed on it: whatever
-        broke the process was in flight by the first failure, and the requests sent to it
-        after a request hung it or crashed it are its victims."""
-        if not self.suspects:
-            return None
-        return min(self.suspects.values(), key=lambda s: s.started).digest
+    failures: list[float] = field(default_factory=list)
+    """When each attempt that failed on it failed (identical requests included)."""
+
+    def prime(self, failed: float) -> bool:
+        """Whether the attempt that failed at ``failed`` is the prime suspect: the first to
+        fail there, and alone (no other failed within ``TOGETHER_S`` of it). A request that
+        hangs a replica times out first, the ones sent to the hung process after it later;
+        a process that dies, or crashes a batch, fails every request in flight at once:
+        then none of them is singled out."""
+        first = min(self.failures, default=failed)
+        if failed != first:
+            return False
+        return sum(1 for f in self.failures if f - first <= TOGETHER_S) <= 1
 
 
 Prober = Callable[[Replica], Awaitable[bool]]
@@ -149,6 +157,7 @@ class Fates:
                     break
                 self._watches.popitem(last=False)
             watch.suspects[suspect.digest] = suspect
+            watch.failures.append(suspect.failed)
             seen = self._seen_exit(replica, pid)
             if seen is not None:
                 self._conclude(watch, Fate.STOPPED if seen else Fate.EXITED)
@@ -161,6 +170,7 @@ class Fates:
             return watch
         first = suspect.digest not in watch.suspects
         watch.suspects.setdefault(suspect.digest, suspect)
+        watch.failures.append(suspect.failed)
         if watch.known and first:
             # Read after the fate was known (a slow client held the error back): it counts
             # as if it had been there (the quarantine records each process once).

@@ -16,15 +16,16 @@ does about a failure comes from here. **When is a request retried?**
 
    - it **survived**, or was stopped on purpose: the failure was that replica's; retried
      elsewhere (never again on that replica);
-   - it **broke** (exited, wedged) and this request is the *prime suspect*: of the requests
-     that failed on it, the one sent to it first (alone, it is the only one). Not retried:
-     the client gets the first answer (the replica's 424 or error event, else 502/504). So
-     a query of death, or a request that hangs its replica, harms one replica per send
-     until the quarantine engages;
-   - it broke, and a request sent earlier failed on it too: this one is more likely a
-     victim (sent to a process the other had already hung, or in the batch another
-     crashed): retried, at most once more after a break (at most one more replica). Attempts
-     still waiting for a first byte from a process found wedged are cut and retried at once;
+   - it **broke** (exited, wedged) and this request is the *prime suspect*: the first to
+     fail there, and alone (no other within ``fate.TOGETHER_S``). Evidence specific to it:
+     not retried, the client gets the first answer (the replica's 424 or error event, else
+     502/504). So a query of death, or a request that hangs its replica, harms one replica
+     per send until the quarantine engages;
+   - it broke, and other requests failed there at the same time (a death cuts everything
+     in flight; TGI answers a whole crashed batch) or before it (it was sent to a process
+     another had hung): no evidence against this one. Retried, but at most once more after
+     a break (at most one more replica). Attempts still waiting for a first byte from a
+     process found wedged are cut and retried at once;
    - its fate stays unknown (no answer within the window and the probe): at most one more
      replica.
 
@@ -103,6 +104,8 @@ class Attempts:
     pid: int | None = None
     started: float = 0.0
     """When the current attempt was sent (time.monotonic())."""
+    failed: float = 0.0
+    """When the current attempt failed (time.monotonic()), once it did."""
     breaks: int = 0
     """Attempts that broke their process without evidence against this request."""
     exposed: str | None = None
@@ -234,6 +237,7 @@ class RetryPolicy:
 
     async def _retry_after_fate(self, att: Attempts, kind: str) -> bool:
         watch = self._suspect(att, kind)
+        failed = att.failed
         if watch is None or not self.room(att, harmless=False):
             return False  # no other attempt: the fate is attributed when it comes
         fate = await self._await_fate(watch)
@@ -242,10 +246,10 @@ class RetryPolicy:
             if entry is not None:
                 raise Quarantined(entry)
         if fate is None or fate.broke:
-            if fate is not None and watch.prime == att.digest:
+            if fate is not None and watch.prime(failed):
                 log.warning(
-                    "request %s %s not retried: %s %s after it failed there (%s), and no "
-                    "request that failed there was sent to it earlier",
+                    "request %s %s not retried: %s %s after it failed there (%s), the "
+                    "first and only request to fail there then",
                     att.request_id,
                     att.route,
                     watch.key,
@@ -302,7 +306,8 @@ class RetryPolicy:
         replica = att.replica
         if replica is None or kind in NOT_SUSPECT:
             return None
-        suspect = Suspect(att.digest, att.route, att.started, time.monotonic())
+        att.failed = time.monotonic()
+        suspect = Suspect(att.digest, att.route, att.started, att.failed)
         return self.fates.suspect(replica, att.pid, att.incarnation, suspect)
 
     async def _await_fate(self, watch: Watch) -> Fate | None:

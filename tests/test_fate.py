@@ -82,7 +82,7 @@ async def test_an_answer_read_after_the_exit_was_seen_counts_at_once() -> None:
     # Another request's failure on the concluded process joins it and is told alone.
     fates.suspect(a, 10, 1, _suspect("e", started=-1.0))
     assert seen[-1] == ("a/pid 10", Fate.EXITED, ["e"])
-    assert watch.prime == "e"  # sent to the process earlier than "d"
+    assert watch.prime(-0.9) and not watch.prime(0.1)  # "e" failed first, alone
 
 
 async def test_without_a_pid_the_incarnation_names_the_process() -> None:
