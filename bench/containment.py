@@ -212,7 +212,7 @@ async def fleet_kill(service: Service, http: aiohttp.ClientSession) -> str:
         quarantined = (await service.status(http))["quarantine"]["count"]
     refused = 0
     for _ in range(5):
-        status, _, _ = await service.post(http, "/generate", popular)
+        status, _, _ = await service.post(http, "/generate_stream", popular)
         refused += status == 422
     return (
         f"{len(pids)} replicas SIGKILLed under 9 identical streams: false quarantines "
