@@ -68,6 +68,8 @@ class Suspect:
     """When the failed attempt was sent (time.monotonic())."""
     failed: float
     """When it failed (the error read, the cut, the timeout)."""
+    timed_out: bool = False
+    """It got no answer within its first-byte or response timeout."""
 
 
 @dataclass(eq=False)
@@ -89,19 +91,31 @@ class Watch:
     def known(self) -> bool:
         return self.fate.done()
 
-    failures: list[float] = field(default_factory=list)
-    """When each attempt that failed on it failed (identical requests included)."""
+    failures: list[Suspect] = field(default_factory=list)
+    """Every attempt that failed on it (identical requests included), in order."""
 
-    def prime(self, failed: float) -> bool:
-        """Whether the attempt that failed at ``failed`` is the prime suspect: the first to
-        fail there, and alone (no other failed within ``TOGETHER_S`` of it). A request that
-        hangs a replica times out first, the ones sent to the hung process after it later;
-        a process that dies, or crashes a batch, fails every request in flight at once:
-        then none of them is singled out."""
-        first = min(self.failures, default=failed)
-        if failed != first:
+    def prime(self, suspect: Suspect) -> bool:
+        """Whether ``suspect`` is the prime suspect of the process breaking: the request
+        whose failure no other explains.
+
+        - A request that got no answer in time (``timed_out``) is prime if no other that
+          timed out there was sent to it earlier: the first to wait in vain is the one
+          that hung the process; the ones sent after it waited on a process already hung.
+        - Any other failure (an error answer, a cut) is prime if it was the first to fail
+          there and alone, no other within ``TOGETHER_S``: a process that dies, or crashes
+          a batch, fails every request in flight at once, and then none is singled out.
+        """
+        if suspect.timed_out:
+            return all(s.started >= suspect.started for s in self.failures if s.timed_out)
+        first = min(s.failed for s in self.failures)
+        if suspect.failed != first:
             return False
-        return sum(1 for f in self.failures if f - first <= TOGETHER_S) <= 1
+        return sum(1 for s in self.failures if s.failed - first <= TOGETHER_S) <= 1
+
+    @property
+    def first_timed_out(self) -> float:
+        """When the earliest request that timed out there was sent (inf: none did)."""
+        return min((s.started for s in self.failures if s.timed_out), default=float("inf"))
 
 
 Prober = Callable[[Replica], Awaitable[bool]]
@@ -157,7 +171,7 @@ class Fates:
                     break
                 self._watches.popitem(last=False)
             watch.suspects[suspect.digest] = suspect
-            watch.failures.append(suspect.failed)
+            watch.failures.append(suspect)
             seen = self._seen_exit(replica, pid)
             if seen is not None:
                 self._conclude(watch, Fate.STOPPED if seen else Fate.EXITED)
@@ -170,7 +184,7 @@ class Fates:
             return watch
         first = suspect.digest not in watch.suspects
         watch.suspects.setdefault(suspect.digest, suspect)
-        watch.failures.append(suspect.failed)
+        watch.failures.append(suspect)
         if watch.known and first:
             # Read after the fate was known (a slow client held the error back): it counts
             # as if it had been there (the quarantine records each process once).

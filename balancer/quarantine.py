@@ -118,6 +118,9 @@ class Quarantine:
         """Quarantined, oldest first (a fixed TTL: also soonest to expire first)."""
         self.quarantined_total = 0
         self.lifted_total = 0
+        self._passed: OrderedDict[str, float] = OrderedDict()
+        """Digests served in full lately -> when: a break that failed before it, recorded
+        only once its process's fate was known, is no evidence either."""
 
     @property
     def enabled(self) -> bool:
@@ -159,13 +162,15 @@ class Quarantine:
         replica: str,
         process: str,
         started: float = float("inf"),
-        failed: float = 0.0,
+        failed: float | None = None,
     ) -> tuple[Verdict, Entry]:
         """The request ``digest`` broke ``process`` (a key unique to one process of
         ``replica``): its attempt was sent at ``started`` and failed at ``failed`` (the
         clock's time). Counted only if sent after the last counted break's failure (the
-        defaults: always)."""
+        defaults: always; failed now)."""
         now = self.clock()
+        if failed is None:
+            failed = now
         self._expire(now)
         if not self.enabled:
             return Verdict.SUSPECT, Entry(digest, route, now)
@@ -173,6 +178,9 @@ class Quarantine:
         if held is not None:
             held.broke.setdefault(process, replica)
             return Verdict.ALREADY, held
+        served = self._passed.get(digest)
+        if served is not None and served >= failed:
+            return Verdict.SUSPECT, Entry(digest, route, now)  # served in full since
         entry = self._suspects.pop(digest, None)
         if entry is None:
             entry = Entry(digest, route, now + self.ttl_s)
@@ -202,7 +210,12 @@ class Quarantine:
         return Verdict.QUARANTINED, entry
 
     def passed(self, digest: str) -> None:
-        """A request ``digest`` ended well: it is no query of death, whatever broke before."""
+        """A request ``digest`` ended well: it is no query of death, whatever broke before
+        (also a break recorded later, once its process's fate is known)."""
+        self._passed[digest] = self.clock()
+        self._passed.move_to_end(digest)
+        while len(self._passed) > self.max_entries:
+            self._passed.popitem(last=False)
         self._suspects.pop(digest, None)
         entry = self._held.pop(digest, None)
         if entry is not None:

@@ -200,6 +200,10 @@ class _Stream:
         self.work_done = 0
         """Part of the request's work the replica has done (prefill, then one per token)."""
 
+    def sent(self, upstream: ReplicaConnection) -> None:
+        """The request is on ``upstream``, its head not in yet (``Relay._cut_waiting``)."""
+        self.upstream = upstream
+
     def enter(self, phase: Phase, now: float) -> None:
         self.phase, self.since = phase, now
 
@@ -446,7 +450,7 @@ class Relay:
         try:
             async with asyncio.timeout(limit_s):
                 upstream = stream.upstream = await self.pool.request(
-                    replica.url, request.method, request.path_qs, headers, rr.body
+                    replica.url, request.method, request.path_qs, headers, rr.body, stream.sent
                 )
                 status = upstream.status
                 self.metrics.upstream_responses.labels(replica=replica.name, code=str(status)).inc()
@@ -861,18 +865,24 @@ class Relay:
     def active(self) -> int:
         return len(self._streams)
 
-    def _cut_waiting(self, replica: Replica, pid: int | None) -> None:
+    def _cut_waiting(self, replica: Replica, pid: int | None, culprit_sent: float) -> None:
         """A process of ``replica`` is wedged: cut the attempts still waiting for its first
-        byte (they are retried at once, balancer/retry.py ``WEDGED_REPLICA``)."""
-        for s in list(self._streams):
-            att = s.att
-            if (
-                att.replica is replica
-                and att.pid == pid
-                and s.upstream is not None
-                and s.phase == Phase.IDLE
-                and s.request.get(STAGE) == "waiting_first_byte"
-            ):
+        byte (they are retried at once, balancer/retry.py ``WEDGED_REPLICA``), except the
+        earliest one sent before ``culprit_sent``: that one may be what hung it, and is
+        left to its own timeout."""
+        waiting = [
+            s
+            for s in self._streams
+            if s.att.replica is replica
+            and s.att.pid == pid
+            and s.upstream is not None
+            and s.phase == Phase.IDLE
+            and s.request.get(STAGE) == "waiting_first_byte"
+        ]
+        earlier = [s for s in waiting if s.att.started < culprit_sent]
+        spared = min(earlier, key=lambda s: s.att.started) if earlier else None
+        for s in waiting:
+            if s is not spared and s.upstream is not None:
                 s.expired = WEDGED_REPLICA
                 s.upstream.abort()
 

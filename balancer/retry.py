@@ -16,16 +16,17 @@ does about a failure comes from here. **When is a request retried?**
 
    - it **survived**, or was stopped on purpose: the failure was that replica's; retried
      elsewhere (never again on that replica);
-   - it **broke** (exited, wedged) and this request is the *prime suspect*: the first to
-     fail there, and alone (no other within ``fate.TOGETHER_S``). Evidence specific to it:
-     not retried, the client gets the first answer (the replica's 424 or error event, else
-     502/504). So a query of death, or a request that hangs its replica, harms one replica
-     per send until the quarantine engages;
-   - it broke, and other requests failed there at the same time (a death cuts everything
-     in flight; TGI answers a whole crashed batch) or before it (it was sent to a process
-     another had hung): no evidence against this one. Retried, but at most once more after
-     a break (at most one more replica). Attempts still waiting for a first byte from a
-     process found wedged are cut and retried at once;
+   - it **broke** (exited, wedged) and this request is the *prime suspect*, the one whose
+     failure no other explains (``fate.Watch.prime``): the first to fail there and alone
+     (a death or a crashed batch fails everything in flight at once: then nobody is); for
+     requests that got no answer in time, the first one sent (the ones sent after it waited
+     on a process it had hung). Evidence specific to it: not retried, the client gets the
+     first answer (the replica's 424 or error event, else 502/504). So a query of death, or
+     a request that hangs its replica, harms one replica per send until the quarantine
+     engages;
+   - it broke, and this request is not the prime suspect: no evidence against it. Retried,
+     but at most once more after a break (at most one more replica). Attempts still waiting
+     for a first byte from a process found wedged are cut and retried at once;
    - its fate stays unknown (no answer within the window and the probe): at most one more
      replica.
 
@@ -73,6 +74,8 @@ NOT_SUSPECT = frozenset(
 )
 """Failures that say nothing about the request or the replica: our bug, the client's side,
 a shutdown."""
+TIMEOUTS = frozenset({"first_byte_timeout", "response_timeout"})
+"""Failures by the request's own deadline: no answer in time (balancer/fate.py ``prime``)."""
 FATE_WAIT_MARGIN_S = 1.0
 """Added to the window and the probe's timeout: the longest a request waits for a fate."""
 
@@ -104,8 +107,8 @@ class Attempts:
     pid: int | None = None
     started: float = 0.0
     """When the current attempt was sent (time.monotonic())."""
-    failed: float = 0.0
-    """When the current attempt failed (time.monotonic()), once it did."""
+    suspect: Suspect | None = None
+    """The current attempt's failure, once it failed in a way that may be its own."""
     breaks: int = 0
     """Attempts that broke their process without evidence against this request."""
     exposed: str | None = None
@@ -138,9 +141,11 @@ class RetryPolicy:
             registry, metrics, config.eject_after_failures, config.max_ejected_fraction
         )
         self.fates = Fates(registry, probe, config.confirm_window_s, self._fate_known)
-        self.on_wedged: Callable[[Replica, int | None], None] | None = None
-        """Told when a process is found wedged: the relay cuts the attempts still waiting
-        for a first byte from it, so they are retried now."""
+        self.on_wedged: Callable[[Replica, int | None, float], None] | None = None
+        """Told when a process is found wedged, with when the earliest request that timed
+        out on it was sent: the relay cuts the attempts still waiting for a first byte
+        from it that were sent after that (they are retried now), and of those sent before
+        it all but the earliest (which may be what hung it)."""
         self._exposed: dict[str, int] = {}
         """Digests with an unknown fate -> attempts of them in flight since."""
         self.fate_wait_s = config.confirm_window_s + config.health_timeout_s + FATE_WAIT_MARGIN_S
@@ -237,7 +242,7 @@ class RetryPolicy:
 
     async def _retry_after_fate(self, att: Attempts, kind: str) -> bool:
         watch = self._suspect(att, kind)
-        failed = att.failed
+        suspect = att.suspect
         if watch is None or not self.room(att, harmless=False):
             return False  # no other attempt: the fate is attributed when it comes
         fate = await self._await_fate(watch)
@@ -246,7 +251,7 @@ class RetryPolicy:
             if entry is not None:
                 raise Quarantined(entry)
         if fate is None or fate.broke:
-            if fate is not None and watch.prime(failed):
+            if fate is not None and suspect is not None and watch.prime(suspect):
                 log.warning(
                     "request %s %s not retried: %s %s after it failed there (%s), the "
                     "first and only request to fail there then",
@@ -293,7 +298,7 @@ class RetryPolicy:
         suspicion or quarantine (it is no query of death)."""
         assert att.replica is not None
         self.outliers.passed(att.replica)
-        if self.quarantine.suspecting:
+        if self.quarantine.enabled and (self.quarantine.suspecting or self.fates.watching):
             self.quarantine.passed(att.digest)
 
     def finished(self, att: Attempts) -> None:
@@ -306,8 +311,8 @@ class RetryPolicy:
         replica = att.replica
         if replica is None or kind in NOT_SUSPECT:
             return None
-        att.failed = time.monotonic()
-        suspect = Suspect(att.digest, att.route, att.started, att.failed)
+        suspect = Suspect(att.digest, att.route, att.started, time.monotonic(), kind in TIMEOUTS)
+        att.suspect = suspect
         return self.fates.suspect(replica, att.pid, att.incarnation, suspect)
 
     async def _await_fate(self, watch: Watch) -> Fate | None:
@@ -326,7 +331,7 @@ class RetryPolicy:
         if fate is Fate.WEDGED:
             self._take_out(watch)
             if self.on_wedged is not None:
-                self.on_wedged(watch.replica, watch.pid)
+                self.on_wedged(watch.replica, watch.pid, watch.first_timed_out)
         if not fate.broke or not self.quarantine.enabled:
             return
         replica = watch.replica

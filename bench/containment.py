@@ -10,6 +10,8 @@ marks, not the balancer's view):
     exit mid-event           the same with a death in the middle of an event, after a token
     hang (+ /health)         1 hanging request and 9 unrelated ones sent meanwhile:
                              replicas wedged, unrelated ones served and their slowest time
+    hang, every slot busy    the same with 12 unrelated 5 s streams, some of which land on
+                             the wedged replica
     fleet-wide SIGKILL       9 identical popular streams in flight, every replica SIGKILLed
                              together; once back: requests quarantined (false quarantines)
                              and identical requests refused out of 5
@@ -192,6 +194,44 @@ async def hang(service: Service, http: aiohttp.ClientSession) -> str:
     )
 
 
+async def hang_under_load(service: Service, http: aiohttp.ClientSession) -> str:
+    """The same with every slot busy: 12 long streams (5 s) sent meanwhile, some of which
+    land on the wedged replica (slot cap 4 per replica)."""
+    await service.all_ready(http)
+    hanging = asyncio.ensure_future(
+        service.post(http, "/generate", {"inputs": "hang", "stream": True})
+    )
+    await until(lambda: service.count("hung") > 0)
+    popular = {"inputs": "popular", "parameters": {"max_new_tokens": 100}}
+    streams = [
+        asyncio.ensure_future(service.post(http, "/generate_stream", {**popular, "n": i}))
+        for i in range(12)
+    ]
+    others = await asyncio.gather(*streams)
+    status, _, _ = await hanging
+    await asyncio.sleep(2.0)
+    whole = sum(1 for s, text, _ in others if s == 200 and "error" not in text)
+    slowest = max(t for _, _, t in others)
+    retried = await _metric(service, http, "neuron_fleet_retries_total")
+    hung = next(service.marks.glob("hung-*")).name.split("-")[1:3]
+    on_wedged = service.count("seen-" + "-".join(hung)) - 1
+    return (
+        f"wedged replicas {service.count('hung')}, hanging request {status}, unrelated "
+        f"5 s streams served whole {whole}/12 (slowest {slowest:.1f} s), sent to the "
+        f"wedged replica {on_wedged}, retries {retried:g}"
+    )
+
+
+async def _metric(service: Service, http: aiohttp.ClientSession, name: str) -> float:
+    async with http.get(f"{service.url}/metrics") as r:
+        text = await r.text()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    )
+
+
 async def fleet_kill(service: Service, http: aiohttp.ClientSession) -> str:
     await service.all_ready(http)
     popular = {"inputs": "popular", "parameters": {"max_new_tokens": 100}}
@@ -225,6 +265,7 @@ SCENARIOS: dict[str, Callable[[Service, aiohttp.ClientSession], Awaitable[str]]]
     "poison event-then-exit": lambda s, h: poison(s, h, "/generate_stream", "event-then-exit"),
     "exit mid-event": lambda s, h: poison(s, h, "/generate_stream", "mid-event"),
     "hang (+ /health)": hang,
+    "hang, every slot busy": hang_under_load,
     "fleet-wide SIGKILL": fleet_kill,
 }
 

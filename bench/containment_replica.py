@@ -9,7 +9,7 @@ form; every POST leaves a ``seen-*`` mark in FOLDER, every death a ``died-*``, e
   (TGI when a shard crashes under the batch);
 - ``event-then-exit``: a 200 stream whose first event is that error, then the exit;
 - ``mid-event``: one token event, half of the next, then the exit;
-- ``hang``: no answer ever, and ``/health`` stops answering too;
+- ``hang``: no answer ever, and nothing else (``/health`` included) is answered after it;
 - ``popular``: a long healthy stream (100 tokens, 50 ms apart);
 - anything else: ``{"generated_text": "ok"}``.
 """
@@ -88,6 +88,8 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
             die_soon()
+        if HUNG.is_set():  # wedged: nothing is answered any more
+            time.sleep(3600)
         if b"hang" in body:
             HUNG.set()
             mark("hung")

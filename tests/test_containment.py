@@ -80,6 +80,8 @@ REPLICA = replica_script(
                 self.wfile.write(b"0\\r\\n\\r\\n")
                 self.wfile.flush()
                 die_soon()
+            if HUNG.is_set():  # wedged: nothing is answered any more
+                time.sleep(3600)
             if b"hang" in body:
                 HUNG.set()
                 (folder / f"hung-{name}-{os.getpid()}").touch()

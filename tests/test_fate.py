@@ -82,7 +82,8 @@ async def test_an_answer_read_after_the_exit_was_seen_counts_at_once() -> None:
     # Another request's failure on the concluded process joins it and is told alone.
     fates.suspect(a, 10, 1, _suspect("e", started=-1.0))
     assert seen[-1] == ("a/pid 10", Fate.EXITED, ["e"])
-    assert watch.prime(-0.9) and not watch.prime(0.1)  # "e" failed first, alone
+    d, e = watch.failures
+    assert watch.prime(e) and not watch.prime(d)  # "e" failed first, alone
 
 
 async def test_without_a_pid_the_incarnation_names_the_process() -> None:
@@ -90,6 +91,28 @@ async def test_without_a_pid_the_incarnation_names_the_process() -> None:
     fates, seen = _fates(Registry([a]), Probe(ok=False))
     assert await fates.suspect(a, None, 3, _suspect("d")).fate is Fate.WEDGED
     assert seen[0][0] == "a/3"
+
+
+async def test_the_prime_suspect_of_a_death_is_alone_and_of_a_hang_the_first_sent() -> None:
+    a = _replica("a", 10)
+    fates, _ = _fates(Registry([a]), Probe(ok=True))
+    # A death: three requests cut within milliseconds: none is singled out.
+    cut = [Suspect(d, "/generate", 0.0, 5.0 + i * 0.01) for i, d in enumerate("xyz")]
+    for s in cut:
+        watch = fates.suspect(a, 10, 1, s)
+    assert not any(watch.prime(s) for s in cut)
+    # A hang: the first sent times out first; those sent after it (even within
+    # milliseconds) waited on a process it had hung.
+    b = _replica("b", 20)
+    fates, _ = _fates(Registry([b]), Probe(ok=True))
+    hung = [
+        Suspect(d, "/generate", i * 0.01, 3.0 + i * 0.01, timed_out=True)
+        for i, d in enumerate("hvw")
+    ]
+    for s in hung:
+        watch = fates.suspect(b, 20, 1, s)
+    assert [watch.prime(s) for s in hung] == [True, False, False]
+    assert watch.first_timed_out == 0.0
 
 
 def test_breaks_add_up_only_one_after_the_other() -> None:
@@ -115,3 +138,23 @@ def test_an_operator_lifts_a_quarantine_by_its_shown_digest() -> None:
     entry = q.lift(digest[:12])
     assert entry is not None and entry.digest == digest
     assert len(q) == 0 and q.lifted_total == 1 and q.held(digest) is None
+
+
+def test_an_identical_request_served_before_the_fate_was_known_clears_the_break() -> None:
+    """retries 0: the 502 goes out at once, an identical request is served in full, and
+    only then is the exit seen: that break is no evidence (the request can be served)."""
+    clock = _Clock()
+    q = Quarantine(after=1, ttl_s=60, clock=clock)
+    q.passed("d")  # at 1000.0
+    verdict, _ = q.record("d", "/generate", "a", "a/pid 1", started=998.0, failed=999.0)
+    assert verdict is Verdict.SUSPECT and q._suspects == {}
+    clock.now += 5  # a break that failed after the success counts
+    assert q.record("d", "/generate", "b", "b/pid 2")[0] is Verdict.QUARANTINED
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
