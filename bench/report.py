@@ -458,6 +458,9 @@ def main() -> None:
     slo = slo_section(RESULTS)
     if slo:
         doc.append(slo)
+    containment = BENCH / "containment.md"  # bench/containment.py, by hand (about 1.5 min)
+    if containment.exists():
+        doc.append(containment.read_text())
     findings = BENCH / "findings.md"
     if findings.exists():
         doc.append(findings.read_text())
@@ -651,6 +654,8 @@ DOC_TAIL = """
 - `bench/policy_sim.py`: the routing policies on the simulator's timing model in virtual
   time (hours of traffic in seconds), to separate policy effects from run noise.
 - `bench/relay_overhead.py`: the older single-balancer relay benchmark (TGI route).
+- `bench/containment.py` (+ `bench/containment_replica.py`): poison requests, hangs and a
+  fleet-wide SIGKILL under `neuron-fleet serve`; its section is `bench/containment.md`.
 """
 
 
