@@ -99,14 +99,16 @@ class Watch:
         whose failure no other explains.
 
         - A request that got no answer in time (``timed_out``) is prime if no other that
-          timed out there was sent to it earlier: the first to wait in vain is the one
-          that hung the process; the ones sent after it waited on a process already hung.
+          failed there was sent to it earlier: the first to wait in vain is the one that
+          hung the process, the ones sent after it waited on a process already hung; but
+          if streams it was serving before stalled too, the process froze under them all
+          (a SIGSTOP, a host-level stall, or this request: nothing tells which).
         - Any other failure (an error answer, a cut) is prime if it was the first to fail
           there and alone, no other within ``TOGETHER_S``: a process that dies, or crashes
           a batch, fails every request in flight at once, and then none is singled out.
         """
         if suspect.timed_out:
-            return all(s.started >= suspect.started for s in self.failures if s.timed_out)
+            return all(s.started >= suspect.started for s in self.failures)
         first = min(s.failed for s in self.failures)
         if suspect.failed != first:
             return False

@@ -19,8 +19,9 @@ does about a failure comes from here. **When is a request retried?**
    - it **broke** (exited, wedged) and this request is the *prime suspect*, the one whose
      failure no other explains (``fate.Watch.prime``): the first to fail there and alone
      (a death or a crashed batch fails everything in flight at once: then nobody is); for
-     requests that got no answer in time, the first one sent (the ones sent after it waited
-     on a process it had hung). Evidence specific to it: not retried, the client gets the
+     requests that got no answer in time, the first one sent, unless streams it was
+     serving before stalled too (the ones sent after it waited on a process it had hung;
+     a process that froze under streams already running may have been frozen by anything). Evidence specific to it: not retried, the client gets the
      first answer (the replica's 424 or error event, else 502/504). So a query of death, or
      a request that hangs its replica, harms one replica per send until the quarantine
      engages;
