@@ -21,10 +21,10 @@ does about a failure comes from here. **When is a request retried?**
      (a death or a crashed batch fails everything in flight at once: then nobody is); for
      requests that got no answer in time, the first one sent, unless streams it was
      serving before stalled too (the ones sent after it waited on a process it had hung;
-     a process that froze under streams already running may have been frozen by anything). Evidence specific to it: not retried, the client gets the
-     first answer (the replica's 424 or error event, else 502/504). So a query of death, or
-     a request that hangs its replica, harms one replica per send until the quarantine
-     engages;
+     a process that froze under streams already running may have been frozen by anything).
+     Evidence specific to it: not retried, the client gets the first answer (the replica's
+     424 or error event, else 502/504). So a query of death, or a request that hangs its
+     replica, harms one replica per send until the quarantine engages;
    - it broke, and this request is not the prime suspect: no evidence against it. Retried,
      but at most once more after a break (at most one more replica). Attempts still waiting
      for a first byte from a process found wedged are cut and retried at once;
