@@ -184,6 +184,8 @@ class Fates:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             return watch
+        if any(s is suspect for s in watch.failures):
+            return watch  # the same failure, told again
         first = suspect.digest not in watch.suspects
         watch.suspects.setdefault(suspect.digest, suspect)
         watch.failures.append(suspect)

@@ -189,6 +189,7 @@ class RetryPolicy:
         att.attempt += 1
         att.replica, att.incarnation, att.pid = replica, replica.incarnation, replica.pid
         att.started = time.monotonic()
+        att.suspect = None
 
     def attempt_ended(self, att: Attempts) -> None:
         digest, att.exposed = att.exposed, None
@@ -309,9 +310,12 @@ class RetryPolicy:
 
     # ------------------------------------------------------------ attribution
     def _suspect(self, att: Attempts, kind: str) -> Watch | None:
+        """Put the current attempt's failure under watch (once per attempt)."""
         replica = att.replica
         if replica is None or kind in NOT_SUSPECT:
             return None
+        if att.suspect is not None:  # counted already (e.g. a 424 relayed after its wait)
+            return self.fates.suspect(replica, att.pid, att.incarnation, att.suspect)
         suspect = Suspect(att.digest, att.route, att.started, time.monotonic(), kind in TIMEOUTS)
         att.suspect = suspect
         return self.fates.suspect(replica, att.pid, att.incarnation, suspect)
