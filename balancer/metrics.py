@@ -320,6 +320,12 @@ class _StateCollector(Collector):
             'rejected_requests_total{reason="quarantined"}.',
             value=quarantine.quarantined_total if quarantine is not None else 0,
         )
+        yield CounterMetricFamily(
+            f"{p}_quarantine_lifts",
+            "Quarantines lifted before their TTL: an identical request served in full, or "
+            "an operator's DELETE /fleet/quarantine/<digest>.",
+            value=quarantine.lifted_total if quarantine is not None else 0,
+        )
 
 
 class _LoopCollector(Collector):

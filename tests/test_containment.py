@@ -269,6 +269,8 @@ async def test_the_admin_api_lists_and_lifts_a_quarantined_request(fleet3: Scrip
         async with http.delete(f"{fleet3.url}/fleet/quarantine/{digest}") as r:
             assert r.status == 404  # lifted already
     assert len(fleet3.quarantine) == 0
+    metrics = await _metrics(fleet3)
+    assert metric_sum(metrics, "neuron_fleet_quarantine_lifts_total") == 1
     await _all_up(fleet3)
     seen = fleet3.count("seen")
     status, _ = await fleet3.post("/generate", doc)
