@@ -308,6 +308,8 @@ class Relay:
                     if rr.admit:
                         self.admission.release(replica, rr.work - stream.work_done, ticket)
         except Quarantined as exc:
+            if exc.unsent:
+                return self._refuse_quarantined(rr, exc.entry)
             return self._quarantined_now(rr, exc.entry)
         except QueueFull:
             self.metrics.rejected.labels(reason="queue_full").inc()

@@ -84,9 +84,11 @@ FATE_WAIT_MARGIN_S = 1.0
 class Quarantined(Exception):
     """The request is quarantined (now, or an identical one was): no further attempt."""
 
-    def __init__(self, entry: Entry) -> None:
+    def __init__(self, entry: Entry, unsent: bool = False) -> None:
         super().__init__(entry.short)
         self.entry = entry
+        self.unsent = unsent
+        """The request never reached a replica (it waited for an identical one's fate)."""
 
 
 @dataclass
@@ -180,10 +182,12 @@ class RetryPolicy:
                 if left <= 0:
                     break
                 await asyncio.wait([w.fate for w in unknown], timeout=left)
-        if att.attempt >= 0 and self.quarantine.holding:
-            entry = self.quarantine.peek(att.digest)
+        if self.quarantine.holding and (att.attempt >= 0 or att._digest is not None):
+            unsent = att.attempt < 0  # a refusal like one on arrival: counted
+            q = self.quarantine
+            entry = q.held(att.digest) if unsent else q.peek(att.digest)
             if entry is not None:
-                raise Quarantined(entry)
+                raise Quarantined(entry, unsent=unsent)
 
     def started(self, att: Attempts, replica: Replica) -> None:
         att.attempt += 1

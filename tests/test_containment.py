@@ -280,3 +280,29 @@ async def test_the_admin_api_lists_and_lifts_a_quarantined_request(fleet3: Scrip
 async def _metrics(fleet: ScriptFleet) -> str:
     async with aiohttp.ClientSession() as http, http.get(f"{fleet.url}/metrics") as r:
         return await r.text()
+
+
+async def test_while_a_fate_is_unknown_at_most_one_more_replica_gets_the_request(
+    fleet3: ScriptFleet,
+) -> None:
+    """A client resends the poison twice while the first send's process has answered 424
+    but not exited yet: one resend may go to one more replica, the other waits for the
+    fates and is refused once they quarantined the request."""
+    doc = {"inputs": "answer-then-exit"}
+    fates = fleet3.server.balancer.relay.policy.fates
+    async with aiohttp.ClientSession() as http:
+
+        async def send() -> int:
+            async with http.post(f"{fleet3.url}/generate", json=doc) as r:
+                await r.read()
+                return r.status
+
+        first = asyncio.ensure_future(send())
+        await wait_until(lambda: fates.watching, timeout=5, what="the first 424 under watch")
+        resends = await asyncio.gather(send(), send())
+        status = await first
+    assert status == 424
+    assert sorted(resends) in ([422, 424], [422, 422]), resends
+    await asyncio.sleep(1.0)
+    assert fleet3.count("seen") == 2 and fleet3.count("died") == 2
+    assert len(fleet3.quarantine) == 1
