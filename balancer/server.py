@@ -246,6 +246,7 @@ class BalancerServer:
             self._runner = None
         if self.balancer is not None:
             self.balancer.relay.pool.close()
+            self.balancer.relay.policy.fates.close()  # watches still waiting for a fate
         if self._session is not None:
             await self._session.close()
             self._session = None
