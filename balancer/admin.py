@@ -17,7 +17,7 @@ from aiohttp import web
 
 from balancer.access import admin_denied
 from balancer.errors import expect_handler, json_error
-from balancer.quarantine import Quarantine
+from balancer.quarantine import DIGEST_SHOWN, Quarantine
 from balancer.upstream import ReplicaState
 
 if TYPE_CHECKING:
@@ -85,8 +85,11 @@ def fleet_status(balancer: Balancer, fleet: FleetControl | None) -> dict[str, An
     return status
 
 
-def quarantine_status(quarantine: Quarantine) -> dict[str, Any]:
-    """The quarantine's settings, how many requests it holds, and the newest of them."""
+def quarantine_status(
+    quarantine: Quarantine, shown: int | None = QUARANTINE_SHOWN
+) -> dict[str, Any]:
+    """The quarantine's settings, how many requests it holds, and the newest ``shown`` of
+    them (None: all). Digests only, never the request's text."""
     entries = quarantine.entries()
     now = quarantine.clock()
     return {
@@ -101,7 +104,7 @@ def quarantine_status(quarantine: Quarantine) -> dict[str, Any]:
                 "expires_in_s": round(max(0.0, e.until - now), 1),
                 "refused": e.refused,
             }
-            for e in entries[-QUARANTINE_SHOWN:]
+            for e in (entries if shown is None else entries[-shown:])
         ],
     }
 
@@ -160,7 +163,35 @@ def add_admin_routes(app: web.Application, balancer: Balancer) -> None:
             control.rolling_restart(force=_forced(request)), "rolling restart"
         )
 
+    async def quarantined(request: web.Request) -> web.Response:
+        denied = admin_denied(request, balancer.config)
+        if denied is not None:
+            return denied
+        return web.json_response(quarantine_status(balancer.quarantine, shown=None))
+
+    async def lift(request: web.Request) -> web.Response:
+        denied = admin_denied(request, balancer.config)
+        if denied is not None:
+            return denied
+        digest = request.match_info["digest"]
+        entry = balancer.quarantine.lift(digest)
+        log.info("admin API: lift quarantine of %s requested by %s", digest, request.remote)
+        if entry is None:
+            return json_error(
+                404,
+                f"No quarantined request has a digest starting {digest!r} (give the "
+                f"{DIGEST_SHOWN} hex digits GET /fleet/quarantine shows)",
+                "not_found",
+            )
+        return web.json_response({"digest": entry.short, "route": entry.route, "lifted": True})
+
     app.router.add_get("/fleet/status", status, allow_head=False, expect_handler=expect_handler)
+    app.router.add_get(
+        "/fleet/quarantine", quarantined, allow_head=False, expect_handler=expect_handler
+    )
+    app.router.add_delete(
+        r"/fleet/quarantine/{digest:[0-9a-fA-F]+}", lift, expect_handler=expect_handler
+    )
     app.router.add_post(
         r"/fleet/replicas/{name}/{action:drain|undrain|restart}",
         action,

@@ -25,6 +25,7 @@ from balancer.admission import Admission
 from balancer.config import BalancerConfig
 from balancer.errors import expect_handler, json_error
 from balancer.forecast import Forecast
+from balancer.health import probe_health
 from balancer.metrics import BalancerMetrics, route_label
 from balancer.policy import make_policy
 from balancer.quarantine import Quarantine
@@ -97,7 +98,12 @@ class Balancer:
             registry, lambda: self.admission.queue_depth, self.quarantine
         )
         self.relay = Relay(
-            config, registry, self.admission, self.metrics, quarantine=self.quarantine
+            config,
+            registry,
+            self.admission,
+            self.metrics,
+            quarantine=self.quarantine,
+            probe=functools.partial(probe_health, session, config),
         )
         self.relay.score = SloScore(self.forecast, self.metrics)
         self.slo = SloGate(self.forecast, self.admission, registry)

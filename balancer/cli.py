@@ -186,6 +186,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how long such a request stays refused (default %(default)s)",
     )
     parser.add_argument(
+        "--confirm-window",
+        type=_positive_seconds,
+        default=d.confirm_window_s,
+        metavar="S",
+        help="after a failure that may be the request's own, how long its replica must "
+        "live on and answer /health before the request goes to another (default %(default)s)",
+    )
+    parser.add_argument(
         "--first-byte-timeout",
         type=float,
         default=d.first_byte_timeout_s,
@@ -279,6 +287,7 @@ def config_from_args(args: argparse.Namespace) -> BalancerConfig:
         retries=args.retries,
         quarantine_after=args.quarantine_after,
         quarantine_ttl_s=args.quarantine_ttl,
+        confirm_window_s=args.confirm_window,
         first_byte_timeout_s=args.first_byte_timeout,
         response_timeout_s=args.response_timeout,
         idle_timeout_s=args.idle_timeout,
@@ -334,6 +343,7 @@ async def serve_balancer(config: BalancerConfig, drain_timeout_s: float) -> int:
     if not await _unless_forced(forced, server.wait_idle(drain_timeout_s)):
         if not forced.is_set():
             log.warning("drain timeout: closing the remaining streams")
+            await server.end_streams()
     await server.stop()
     return 0
 

@@ -99,6 +99,11 @@ class BalancerConfig:
     ``quarantine_ttl_s``, without reaching a replica (balancer/quarantine.py); 0: off."""
     quarantine_ttl_s: float = 600.0
     """How long a poison request stays quarantined; also how long a break is remembered."""
+    confirm_window_s: float = 1.0
+    """After a failure that may be the request's own (an error answer, a cut, a timeout), how
+    long its replica process must stay alive and answer ``/health`` before the request goes
+    to another replica (balancer/retry.py). TGI exits 50-200 ms after answering a request
+    that crashed a shard."""
 
     max_input_tokens: int | None = None
     """Refuse longer prompts with 422 before they take a slot (None: let replicas judge)."""

@@ -24,6 +24,25 @@ log = logging.getLogger("neuron_fleet.health")
 CHECKED_STATES = frozenset({ReplicaState.READY, ReplicaState.DRAINING})
 
 
+async def probe_health(
+    session: aiohttp.ClientSession | None, config: BalancerConfig, replica: Replica
+) -> bool:
+    """One ``/health`` probe, outside the rise/fall count: whether it answers 200 within
+    ``health_timeout_s`` now (the retry policy's confirmation, balancer/fate.py). Without a
+    session (a relay built alone, in tests) a short-lived one."""
+    timeout = aiohttp.ClientTimeout(total=config.health_timeout_s)
+    own = session is None
+    http = aiohttp.ClientSession() if session is None else session
+    try:
+        async with http.get(f"{replica.url}/health", timeout=timeout) as resp:
+            return resp.status == 200
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        return False
+    finally:
+        if own:
+            await http.close()
+
+
 class HealthChecker:
     def __init__(
         self, config: BalancerConfig, registry: Registry, session: aiohttp.ClientSession

@@ -172,6 +172,21 @@ class BalancerMetrics:
             ["reason"],
             registry=r,
         )
+        self.retry_decisions = Counter(
+            f"{p}_retry_decisions",
+            "What the retry policy made of failures that may be the request's own "
+            "(balancer/retry.py): wait_for_fate, retry, retry_shared_break, stop_specific, "
+            "stop_second_break, no_room.",
+            ["decision"],
+            registry=r,
+        )
+        self.process_fates = Counter(
+            f"{p}_process_fates",
+            "Replica processes watched after a request failed on them, by what became of "
+            "them: survived, exited, wedged (stopped answering /health), stopped (on purpose).",
+            ["replica", "fate"],
+            registry=r,
+        )
         self.upstream_errors = Counter(
             f"{p}_upstream_errors",
             "Failures talking to a replica, by kind.",
@@ -304,6 +319,12 @@ class _StateCollector(Collector):
             "(a query of death); identical ones are then refused: "
             'rejected_requests_total{reason="quarantined"}.',
             value=quarantine.quarantined_total if quarantine is not None else 0,
+        )
+        yield CounterMetricFamily(
+            f"{p}_quarantine_lifts",
+            "Quarantines lifted before their TTL: an identical request served in full, or "
+            "an operator's DELETE /fleet/quarantine/<digest>.",
+            value=quarantine.lifted_total if quarantine is not None else 0,
         )
 
 

@@ -25,21 +25,14 @@ after the last one), so the hot path pays nothing otherwise. Memory is bounded: 
 ``max_entries`` suspects and as many quarantined requests, oldest dropped first; a
 suspect's breaks are forgotten ``ttl_s`` after the last one.
 
-Behind real TGI a query of death is mostly *answered* before the process goes: when a shard
-dies under a batch, the router answers every request of the batch with a generation error
-(TGI v3.3.7 ``backends/v3/src/backend.rs`` ``prefill``/``decode``: ``Err(err) =>
-send_errors(err, entries)``, each an ``InferError::GenerationError``: 424 ``error_type:
-generation``, or an error event when streaming; ``router/src/server.rs`` ``impl
-From<InferError>``), and only then does the launcher see ``Shard {rank} crashed`` and shut
-the whole server down (``launcher/src/main.rs`` ``main``, on ``ShardStatus::Failed``). So a
-generation failure is remembered as a *pending* break of its process (``pending``) and
-becomes a break if that process is seen to exit, not stopped on purpose, within
-``PENDING_WINDOW_S`` (``process_exited``); exits are remembered as long, so a failure read
-after its process was seen to exit (a slow client held the event back) counts at once.
-The request in flight is not stopped by this (its retries happen before the exit is seen);
-what it stops is the resends that take the fleet down. Only a process the supervisor knows
-by pid can be confirmed: in balance-only mode (no pid) nothing is recorded as pending, and a
-generation failure never counts.
+What counts as a break, and when, is the retry policy's call (balancer/retry.py): a process
+that exited or stopped answering ``/health`` after the request failed on it
+(balancer/fate.py), also when the exit is seen after the answer went out. Breaks must be
+*sequential* to add up: one counts towards ``after`` only if its attempt was sent after the
+failure of the last counted one. A request sent after a failure followed the failure around;
+a popular request that was in flight on every replica when a host-level event (an OOM
+killer, a driver reset) took them all down together did not, and is not quarantined however
+many processes died under it.
 """
 
 from __future__ import annotations
@@ -48,7 +41,7 @@ import enum
 import hashlib
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -56,14 +49,6 @@ log = logging.getLogger("neuron_fleet.quarantine")
 
 MAX_ENTRIES = 4096
 """Suspects (and, separately, quarantined requests) remembered at most."""
-PENDING_WINDOW_S = 30.0
-"""Seconds after a generation failure within which its process must be seen to exit for the
-failure to count as a break (TGI's launcher shuts down within seconds of a shard crash)."""
-MAX_PENDING = 1024
-"""Pending breaks remembered at most (a crash answers a whole batch: a few hundred)."""
-MAX_EXITED = 64
-"""Process exits remembered (for ``PENDING_WINDOW_S``) at most: a generation failure read
-after its process was seen to exit (a slow client held the event back) still counts."""
 DIGEST_SHOWN = 12
 """Hex digits of the digest shown in logs, errors and status."""
 
@@ -99,6 +84,11 @@ class Entry:
     """Replica processes it broke (process key -> replica name), in order."""
     refused: int = 0
     """Identical requests refused while quarantined."""
+    last_failed: float = float("-inf")
+    """When the last counted break's attempt failed: a later break counts only if its
+    attempt was sent after this (it followed the failure; see the module's docstring)."""
+    together: int = 0
+    """Breaks not counted: their attempts were in flight together with a counted one."""
 
     @property
     def short(self) -> str:
@@ -107,19 +97,6 @@ class Entry:
     @property
     def replicas(self) -> list[str]:
         return list(dict.fromkeys(self.broke.values()))
-
-
-@dataclass
-class PendingBreak:
-    """A generation failure answered by a process that may be about to exit (see above)."""
-
-    digest: str
-    route: str
-    replica: str
-    pid: int
-    process: str
-    """The process key ``record`` gets (as the relay's ``_broke`` builds it)."""
-    at: float
 
 
 class Quarantine:
@@ -140,9 +117,10 @@ class Quarantine:
         self._held: OrderedDict[str, Entry] = OrderedDict()
         """Quarantined, oldest first (a fixed TTL: also soonest to expire first)."""
         self.quarantined_total = 0
-        self._pending: deque[PendingBreak] = deque(maxlen=MAX_PENDING)
-        self._exited: deque[tuple[str, int, bool, float]] = deque(maxlen=MAX_EXITED)
-        """Recent exits: (replica, pid, on purpose, when), oldest first."""
+        self.lifted_total = 0
+        self._passed: OrderedDict[str, float] = OrderedDict()
+        """Digests served in full lately -> when: a break that failed before it, recorded
+        only once its process's fate was known, is no evidence either."""
 
     @property
     def enabled(self) -> bool:
@@ -153,10 +131,10 @@ class Quarantine:
         """A break is remembered: a request that ends well is worth a digest (``passed``).
         Expires first (a peek at the oldest entry): else one break long ago would cost every
         response served in full a digest of its body until the next break."""
-        if not (self._suspects or self._held or self._pending):
+        if not (self._suspects or self._held):
             return False
         self._expire(self.clock())
-        return bool(self._suspects or self._held or self._pending)
+        return bool(self._suspects or self._held)
 
     @property
     def holding(self) -> bool:
@@ -172,10 +150,27 @@ class Quarantine:
             entry.refused += 1
         return entry
 
-    def record(self, digest: str, route: str, replica: str, process: str) -> tuple[Verdict, Entry]:
-        """The request ``digest`` broke ``replica``'s connection while ``process`` (a key
-        unique to one process of it) was serving it."""
+    def peek(self, digest: str) -> Entry | None:
+        """Like ``held`` without counting a refusal (a retry about to be stopped)."""
+        self._expire(self.clock())
+        return self._held.get(digest)
+
+    def record(
+        self,
+        digest: str,
+        route: str,
+        replica: str,
+        process: str,
+        started: float = float("inf"),
+        failed: float | None = None,
+    ) -> tuple[Verdict, Entry]:
+        """The request ``digest`` broke ``process`` (a key unique to one process of
+        ``replica``): its attempt was sent at ``started`` and failed at ``failed`` (the
+        clock's time). Counted only if sent after the last counted break's failure (the
+        defaults: always; failed now)."""
         now = self.clock()
+        if failed is None:
+            failed = now
         self._expire(now)
         if not self.enabled:
             return Verdict.SUSPECT, Entry(digest, route, now)
@@ -183,10 +178,18 @@ class Quarantine:
         if held is not None:
             held.broke.setdefault(process, replica)
             return Verdict.ALREADY, held
+        served = self._passed.get(digest)
+        if served is not None and served >= failed:
+            return Verdict.SUSPECT, Entry(digest, route, now)  # served in full since
         entry = self._suspects.pop(digest, None)
         if entry is None:
             entry = Entry(digest, route, now + self.ttl_s)
-        entry.broke.setdefault(process, replica)
+        if process not in entry.broke:
+            if started >= entry.last_failed:
+                entry.broke[process] = replica
+                entry.last_failed = max(entry.last_failed, failed)
+            else:
+                entry.together += 1
         entry.until = now + self.ttl_s
         if len(entry.broke) < self.after:
             self._suspects[digest] = entry  # most recent last
@@ -196,8 +199,8 @@ class Quarantine:
         _trim(self._held, self.max_entries)
         self.quarantined_total += 1
         log.warning(
-            "quarantined request %s (%s) for %g s: it broke %d replica processes while they "
-            "served it (%s); identical requests are refused with 422 until then",
+            "quarantined request %s (%s) for %g s: it broke %d replica processes one after "
+            "the other (%s); identical requests are refused with 422 until then",
             entry.short,
             route,
             self.ttl_s,
@@ -206,63 +209,41 @@ class Quarantine:
         )
         return Verdict.QUARANTINED, entry
 
-    def pending(
-        self, digest: str, route: str, replica: str, pid: int, process: str
-    ) -> tuple[Verdict, Entry] | None:
-        """Process ``pid`` of ``replica`` answered the request ``digest`` with a generation
-        failure: a break if that process exits within ``PENDING_WINDOW_S``. If it was seen
-        to exit already (the answer was read late), what ``record`` made of it at once."""
-        if not self.enabled:
-            return None
-        now = self.clock()
-        self._expire(now)
-        for name, exited_pid, on_purpose, at in self._exited:
-            if name == replica and exited_pid == pid and at + PENDING_WINDOW_S > now:
-                return None if on_purpose else self.record(digest, route, replica, process)
-        self._pending.append(PendingBreak(digest, route, replica, pid, process, now))
-        return None
-
-    @property
-    def has_pending(self) -> bool:
-        return bool(self._pending)
-
-    def process_exited(
-        self, replica: str, pid: int, on_purpose: bool
-    ) -> list[tuple[Verdict, Entry]]:
-        """Process ``pid`` of ``replica`` exited: its pending breaks become breaks (what
-        ``record`` made of each), unless it was stopped on purpose (then they are dropped)."""
-        if not self.enabled:
-            return []
-        now = self.clock()
-        self._exited.append((replica, pid, on_purpose, now))
-        if not self._pending:
-            return []
-        self._expire(now)
-        mine, others = [], deque[PendingBreak](maxlen=MAX_PENDING)
-        for p in self._pending:
-            (mine if p.replica == replica and p.pid == pid else others).append(p)
-        if not mine:
-            return []
-        self._pending = others
-        if on_purpose:
-            return []
-        return [self.record(p.digest, p.route, p.replica, p.process) for p in mine]
-
     def passed(self, digest: str) -> None:
-        """A request ``digest`` ended well: it is no query of death, whatever broke before."""
+        """A request ``digest`` ended well: it is no query of death, whatever broke before
+        (also a break recorded later, once its process's fate is known)."""
+        self._passed[digest] = self.clock()
+        self._passed.move_to_end(digest)
+        while len(self._passed) > self.max_entries:
+            self._passed.popitem(last=False)
         self._suspects.pop(digest, None)
-        if self._pending:
-            self._pending = deque(
-                (p for p in self._pending if p.digest != digest), maxlen=self._pending.maxlen
-            )
         entry = self._held.pop(digest, None)
         if entry is not None:
+            self.lifted_total += 1
             log.warning(
                 "request %s (%s) released from quarantine: an identical request (sent before "
                 "it began) was served in full, so the breaks were not its doing",
                 entry.short,
                 entry.route,
             )
+
+    def lift(self, digest: str) -> Entry | None:
+        """An operator lifts the quarantine of the request whose digest starts with
+        ``digest`` (at least ``DIGEST_SHOWN`` hex digits, as shown): the entry lifted, or None
+        (none, or more than one, match)."""
+        if len(digest) < DIGEST_SHOWN:
+            return None
+        self._expire(self.clock())
+        found = [d for d in self._held if d.startswith(digest.lower())]
+        if len(found) != 1:
+            return None
+        entry = self._held.pop(found[0])
+        self._suspects.pop(found[0], None)
+        self.lifted_total += 1
+        log.warning(
+            "request %s (%s) released from quarantine by an operator", entry.short, entry.route
+        )
+        return entry
 
     def entries(self) -> list[Entry]:
         """Quarantined now, oldest first."""
@@ -274,9 +255,6 @@ class Quarantine:
         return len(self._held)
 
     def _expire(self, now: float) -> None:
-        pending = self._pending
-        while pending and pending[0].at + PENDING_WINDOW_S <= now:
-            pending.popleft()
         for table in (self._held, self._suspects):
             while table:
                 digest, entry = next(iter(table.items()))

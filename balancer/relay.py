@@ -3,18 +3,14 @@
 A request's life, top to bottom (``Relay.forward``), one method per concern:
 
 1. **Choose a replica and retry** (``forward``, ``_choose``): take a slot (admission); the
-   request's ``Ticket`` keeps its place in line and its queue deadline across retries. A
-   retry avoids the replicas the request failed on: for good if the request may have
-   caused the failure (the process died under it, hung on it or answered with a failure),
-   else (never reached, busy) only in the incarnation it failed in
-   (``balancer.upstream.excluded``): a replica that restarted since may take it. A request
-   that broke ``quarantine_after`` replica processes (they died or cut the response under
-   it) stops here with a 422, and identical ones are refused on arrival
-   (``balancer.quarantine``).
+   request's ``Ticket`` keeps its place in line and its queue deadline across retries.
+   *Whether* a failed attempt is retried, and whom the failure is blamed on (outliers,
+   quarantine), is decided in one place apart from this file: ``balancer.retry``. The
+   relay reports each attempt's outcome to it and does as told.
 2. **Open** (``_open``): send the request and wait for the replica's answer: the status
    line and headers, and for event streams the first event. Connection refused or reset,
    a 424/429/5xx answer, or TGI's HTTP-200 stream whose first event is an error
-   (``balancer.sse``) raise ``_Retry`` while another replica may still take the request.
+   (``balancer.sse``) raise ``_Retry`` when the retry policy says so.
 3. **Commit** (``_commit``): send the status and headers to the client. From here on the
    request is never retried.
 4. **Pipe** (``_pipe_events`` / ``_pipe_bytes``): relay the body as it arrives, unparsed.
@@ -23,11 +19,12 @@ A request's life, top to bottom (``Relay.forward``), one method per concern:
    fails mid-stream the client gets an explicit error event after the last whole event
    (never half an event, never a silent truncation); a cut non-streaming body resets the
    client's connection, so it cannot pass for a complete one.
-5. **Account** (``OutlierDetector`` / ``RequestFailures``): each attempt's outcome is a
-   health signal for its replica, except failures that followed the request from replica
-   to replica, which are the request's (balancer/outlier.py). ``finally`` releases the
-   slot, which hands it to the next waiter; a client that left closes the upstream
-   connection at once, so the replica frees its batch slot at the next token.
+5. **Account**: the retry policy (balancer/retry.py) hears every outcome: failures
+   before the commit (``RetryPolicy.retry``), the answer committed (``answered``), a
+   response that failed after it (``failed_after_commit``) or ended well (``ended_well``).
+   ``finally`` releases the slot, which hands it to the next waiter; a client that left
+   closes the upstream connection at once, so the replica frees its batch slot at the next
+   token.
 
 Timeouts (balancer/config.py): ``connect_timeout_s`` (TCP connect, in the pool);
 ``first_byte_timeout_s`` (a stream's head and first event); ``response_timeout_s`` (a
@@ -59,20 +56,15 @@ from multidict import CIMultiDict
 from balancer.admission import Admission, QueueFull, QueueTimeout, Ticket
 from balancer.config import BalancerConfig
 from balancer.errors import json_error, stream_error_event
+from balancer.fate import Prober
 from balancer.forecast import retry_after
+from balancer.health import probe_health
 from balancer.metrics import BalancerMetrics
-from balancer.outlier import OutlierDetector, RequestFailures
-from balancer.quarantine import Entry, Quarantine, Verdict, request_digest
+from balancer.quarantine import Entry, Quarantine
+from balancer.retry import WEDGED_REPLICA, Attempts, Quarantined, RetryPolicy
 from balancer.slo import SloScore
 from balancer.sse import CLIENT, GENERATION, EventFramer, parse_error_event, separator_of
-from balancer.upstream import (
-    EVERY_INCARNATION,
-    Registry,
-    Replica,
-    ReplicaState,
-    Tried,
-    excluded,
-)
+from balancer.upstream import Registry, Replica, ReplicaState, Tried, excluded
 from balancer.upstream_http import ReplicaConnection, UpstreamError, UpstreamPool
 
 log = logging.getLogger("neuron_fleet.relay")
@@ -115,12 +107,8 @@ RETRY_AFTER_S = 5
 503 carries ``Retry-After``: balancer/app.py adds it to those it did not write)."""
 FIRST_EVENT_LIMIT = 1 << 20
 """Most bytes read while looking for the first event before we give up looking."""
-BROKE_KINDS = frozenset({"disconnected", "payload_error"})
-"""``UpstreamError`` kinds that say the replica's side dropped the connection while serving
-the request (the process died, or cut the response): what a query of death does. Not
-``connect_error`` (never reached), ``connection_error`` (we closed it: a timeout or the
-client left), ``bad_response`` (a malformed answer: a misconfigured replica answers every
-request so), ``relay_error`` (our bug)."""
+DRAIN_TIMEOUT = "drain_timeout"
+"""Why a response still relaying when the drain timeout ran out was ended (``end_streams``)."""
 QUARANTINED_STATUS = 422
 """A 4xx, so that client SDKs do not resend a request that kills replicas: openai 3.57.0
 (``openai/_base_client.py`` ``_should_retry``) retries 408, 409, 429 and >= 500 only (twice
@@ -150,26 +138,12 @@ class RelayRequest:
     """Made by the app with what the forecast and the SLO gate need (balancer/ticket.py)."""
 
 
-class _Quarantined(Exception):
-    """The request has just been quarantined (or an identical one was): stop retrying."""
-
-    def __init__(self, entry: Entry) -> None:
-        super().__init__(entry.short)
-        self.entry = entry
-
-
 class _Retry(Exception):
-    """This attempt failed before the commit; another replica may take the request."""
+    """This attempt failed before the commit and the retry policy says: another attempt."""
 
-    def __init__(self, reason: str, answered: bool = False, harmless: bool = False) -> None:
+    def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.answered = answered
-        """The replica answered with a failure (status or error event): possibly the
-        request's fault, so accounted once the request's outcome is known."""
-        self.harmless = harmless
-        """The request cannot have caused it (never reached the process, or busy): it may
-        go back to the replica once restarted (``EVERY_INCARNATION`` otherwise)."""
 
 
 @dataclass
@@ -199,20 +173,21 @@ class _Stream:
     """Per-request state the watchdog inspects."""
 
     __slots__ = (
+        "att",
         "client_gone",
         "deadline",
-        "digest",
         "expired",
         "phase",
-        "process",
         "request",
         "since",
         "upstream",
         "work_done",
     )
 
-    def __init__(self, request: web.Request) -> None:
+    def __init__(self, request: web.Request, att: Attempts) -> None:
         self.request = request
+        self.att = att
+        """The retry policy's view of the request: the replica process of this attempt."""
         self.upstream: ReplicaConnection | None = None
         self.phase = Phase.IDLE
         self.since = 0.0
@@ -224,10 +199,10 @@ class _Stream:
         """The client's transport was found closing while relaying to it."""
         self.work_done = 0
         """Part of the request's work the replica has done (prefill, then one per token)."""
-        self.digest: str | None = None
-        """The request's quarantine digest, once computed (balancer/quarantine.py)."""
-        self.process: tuple[int | None, int] = (None, 0)
-        """The replica process of the current attempt: its pid and incarnation."""
+
+    def sent(self, upstream: ReplicaConnection) -> None:
+        """The request is on ``upstream``, its head not in yet (``Relay._cut_waiting``)."""
+        self.upstream = upstream
 
     def enter(self, phase: Phase, now: float) -> None:
         self.phase, self.since = phase, now
@@ -242,22 +217,29 @@ class Relay:
         metrics: BalancerMetrics,
         pool: UpstreamPool | None = None,
         quarantine: Quarantine | None = None,
+        probe: Prober | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
         self.admission = admission
         self.metrics = metrics
         self.pool = pool if pool is not None else UpstreamPool(config.connect_timeout_s)
-        self.outliers = OutlierDetector(
-            registry, metrics, config.eject_after_failures, config.max_ejected_fraction
-        )
         self.quarantine = (
             quarantine
             if quarantine is not None
             else Quarantine(config.quarantine_after, config.quarantine_ttl_s)
         )
+        self.policy = RetryPolicy(
+            config,
+            registry,
+            metrics,
+            self.quarantine,
+            probe if probe is not None else functools.partial(probe_health, None, config),
+        )
+        """When a request is retried, and whom failures are blamed on (balancer/retry.py)."""
+        self.policy.on_wedged = self._cut_waiting
+        self.outliers = self.policy.outliers
         self._streams: set[_Stream] = set()
-        registry.on_process_exit(self._process_exited)
         self._any_turn = 0
         self.score: SloScore | None = None
         """Told when a generation request's response ends (balancer/slo.py)."""
@@ -276,60 +258,38 @@ class Relay:
         if self._replica_auth is not None:
             headers["Authorization"] = self._replica_auth
         ticket = rr.ticket if rr.ticket is not None else Ticket()
-        failures = RequestFailures(rr.request_id)
-        succeeded = False
-        tried: dict[Replica, int] = {}
-        """Replicas this request failed on -> the incarnation it failed in."""
-        stream = _Stream(request)
-        if self.quarantine.holding:
-            held = self.quarantine.held(self._digest(stream, rr))
-            if held is not None:
-                return self._refuse_quarantined(rr, held)
+        policy = self.policy
+        att = policy.begin(request, rr.route, rr.body, rr.request_id, ticket)
+        held = policy.refused_on_arrival(att)
+        if held is not None:
+            return self._refuse_quarantined(rr, held)
+        stream = _Stream(request, att)
         self._streams.add(stream)
         try:
-            for attempt in range(self.config.retries + 1):
+            while True:  # ends: an answer, a refusal, or no retry (balancer/retry.py)
                 request[STAGE] = "queued"
-                replica = await self._choose(rr, ticket, tried)
+                await policy.before_attempt(att)
+                replica = await self._choose(rr, ticket, att.tried)
                 if replica is None:
                     return self._reject_no_replica(rr)
-                incarnation = replica.incarnation
-                stream.process = (replica.pid, incarnation)
-                can_retry = functools.partial(
-                    self._can_retry, attempt, replica, incarnation, tried, ticket
-                )
+                policy.started(att, replica)
                 stream.work_done = 0
                 try:
-                    if attempt and self.quarantine.holding:
-                        # An identical request in flight may have been quarantined while
-                        # this retry waited for a slot: it must not reach another process.
-                        held = self.quarantine.held(self._digest(stream, rr))
-                        if held is not None:
-                            raise _Quarantined(held)
                     request[STAGE] = "waiting_first_byte"
-                    answer = await self._open(request, rr, replica, headers, stream, can_retry)
-                    if answer is None:  # timed out or unreachable on the last attempt
+                    answer = await self._open(request, rr, replica, headers, stream, att)
+                    if answer is None:  # timed out or unreachable, and not retried
                         return self._unanswered(rr, replica, stream)
-                    if answer.failure is not None:
-                        failures.add(replica, answer.failure)
-                    else:
-                        succeeded = True
-                    # The outcome is known: blame now, not when a long stream ends.
-                    failures.settle(self.outliers, succeeded)
+                    policy.answered(att, answer.failure)
                     response = self._commit(request, rr, answer)
                     clean = await self._pipe(
-                        request, rr, replica, answer, response, stream, started
+                        request, rr, replica, answer, response, stream, started, att
                     )
                     if clean and answer.failure is None:
                         # Only a response that ended well clears the replica's failure
                         # count: one that fails every stream after its head must add up.
-                        self.outliers.passed(replica)
-                        if self.quarantine.suspecting:
-                            self.quarantine.passed(self._digest(stream, rr))
+                        policy.ended_well(att)
                     return response
                 except _Retry as retry:
-                    tried[replica] = incarnation if retry.harmless else EVERY_INCARNATION
-                    if retry.answered:
-                        failures.add(replica, retry.reason)
                     if stream.upstream is not None:
                         # Release the failed attempt's connection now: a replica still
                         # working on it (first-byte timeout) must see the request cancelled.
@@ -344,10 +304,12 @@ class Relay:
                         replica.name,
                     )
                 finally:
+                    policy.attempt_ended(att)
                     if rr.admit:
                         self.admission.release(replica, rr.work - stream.work_done, ticket)
-            raise AssertionError("unreachable: the last attempt never retries")
-        except _Quarantined as exc:
+        except Quarantined as exc:
+            if exc.unsent:
+                return self._refuse_quarantined(rr, exc.entry)
             return self._quarantined_now(rr, exc.entry)
         except QueueFull:
             self.metrics.rejected.labels(reason="queue_full").inc()
@@ -387,7 +349,7 @@ class Relay:
                 headers={**come_back, "x-request-id": rr.request_id},
             )
         finally:
-            failures.settle(self.outliers, succeeded)  # no commit (refused, cancelled): now
+            policy.finished(att)  # no commit (refused, cancelled): settle now
             self._streams.discard(stream)
             if stream.upstream is not None:
                 stream.upstream.release()  # kept for the next request if it ended cleanly
@@ -400,42 +362,6 @@ class Relay:
             return None
         self._any_turn += 1
         return candidates[self._any_turn % len(candidates)]
-
-    def _can_retry(
-        self,
-        attempt: int,
-        replica: Replica,
-        incarnation: int,
-        tried: Tried,
-        ticket: Ticket,
-        harmless: bool,
-    ) -> bool:
-        """Whether the request, failing on ``replica`` now, may go on to another attempt
-        (``harmless``: the request cannot have caused this failure, see ``_Retry``).
-
-        Not when the retries are used up, nor when no replica is left that could take it:
-        then the attempt's own error is the answer now, rather than a wait of
-        ``queue_timeout_s`` for a slot on a replica the request excludes. A replica that is
-        starting counts, ``replica`` itself included after a harmless failure (a supervised
-        restart comes back as a new incarnation), but only if it is expected back before
-        the request's queue time runs out: a Neuron replica that loads for minutes does not
-        make the client wait ``queue_timeout_s`` for a 503. Asked when the attempt fails,
-        not before it: the fleet may have changed meanwhile (a restart during a long wait
-        for the first byte)."""
-        if attempt >= self.config.retries:
-            return False
-        queue_left = self.config.queue_timeout_s - ticket.queued_s
-        now = time.monotonic()
-        for r in self.registry.replicas:
-            if (r is replica and not harmless) or tried.get(r) == EVERY_INCARNATION:
-                continue  # the request may have harmed it: never again, restarted or not
-            if r.state is ReplicaState.STARTING:
-                if _expected_back_within(r, queue_left, now):
-                    return True
-            elif r.routable and not excluded(r, tried):
-                if r is not replica or r.incarnation != incarnation:
-                    return True
-        return False
 
     def _reject_no_replica(self, rr: RelayRequest) -> web.Response:
         self.metrics.rejected.labels(reason="no_replica").inc()
@@ -506,11 +432,12 @@ class Relay:
         replica: Replica,
         headers: CIMultiDict[str],
         stream: _Stream,
-        can_retry: Callable[[bool], bool],
+        att: Attempts,
     ) -> _Answer | None:
-        """The replica's head (and first event): an ``_Answer`` to commit, ``_Retry`` (when
-        ``can_retry(harmless)``), or None when the last replica tried did not answer
-        (``stream.expired`` says why)."""
+        """The replica's head (and first event): an ``_Answer`` to commit, ``_Retry`` when
+        the retry policy says so (balancer/retry.py: after a failure that may be the
+        request's own, only once the process's fate is known), or None when the replica did
+        not answer and the request is not retried (``stream.expired`` says why)."""
         cfg = self.config
         stream.upstream = None
         stream.expired = None
@@ -521,39 +448,51 @@ class Relay:
         )
         loop = asyncio.get_running_loop()
         stream.deadline = None if rr.stream else loop.time() + limit_s
+        failed: str | None = None
         try:
             async with asyncio.timeout(limit_s):
                 upstream = stream.upstream = await self.pool.request(
-                    replica.url, request.method, request.path_qs, headers, rr.body
+                    replica.url, request.method, request.path_qs, headers, rr.body, stream.sent
                 )
                 status = upstream.status
-                if status == GENERATION_STATUS:
-                    self._failed_generation(rr, replica, stream)
                 self.metrics.upstream_responses.labels(replica=replica.name, code=str(status)).inc()
-                busy = status == BUSY_STATUS
-                if (busy or status in FAILED_STATUS) and can_retry(busy):
-                    # Busy (429) is not broken; a failure answer is judged with the request.
-                    raise _Retry(f"status_{status}", answered=not busy, harmless=busy)
-                is_sse = _content_type(upstream.headers) == SSE
-                first = await upstream.read_first(is_sse, FIRST_EVENT_LIMIT)
+                if status == BUSY_STATUS or status in FAILED_STATUS:
+                    failed = f"status_{status}"
+                else:
+                    is_sse = _content_type(upstream.headers) == SSE
+                    first = await upstream.read_first(is_sse, FIRST_EVENT_LIMIT)
         except TimeoutError:
             stream.expired = timeout_kind
-            self.outliers.failed(replica, timeout_kind)
-            if can_retry(False):
+            self._abort_attempt(stream)
+            if await self.policy.retry(att, timeout_kind, answered=False, harmless=False):
                 raise _Retry(timeout_kind) from None
             return None
         except UpstreamError as exc:
-            stream.expired = exc.kind
-            self.outliers.failed(replica, exc.kind)
-            self._broke(rr, replica, stream, exc.kind, before_commit=True)
-            unreached = exc.kind == "connect_error"  # the request never got there
-            if can_retry(unreached):
-                raise _Retry(exc.kind, harmless=unreached) from None
+            kind = WEDGED_REPLICA if stream.expired == WEDGED_REPLICA else exc.kind
+            stream.expired = kind
+            # Never got there, or a victim of another request that wedged the process.
+            unreached = kind in ("connect_error", WEDGED_REPLICA)
+            self._abort_attempt(stream)
+            if await self.policy.retry(att, kind, answered=False, harmless=unreached):
+                raise _Retry(kind) from None
             return None
+
+        if failed is not None:
+            # Busy (429) is not broken; a failure answer may be the request's own doing.
+            busy = status == BUSY_STATUS
+            if await self.policy.retry(att, failed, answered=not busy, harmless=busy):
+                raise _Retry(failed)
+            try:  # not retried: the client gets the replica's answer, as it came
+                async with asyncio.timeout(limit_s):
+                    is_sse = _content_type(upstream.headers) == SSE
+                    first = await upstream.read_first(is_sse, FIRST_EVENT_LIMIT)
+            except (TimeoutError, UpstreamError):
+                stream.expired = "unreachable"
+                return None
 
         answer = _Answer(upstream, is_sse, first)
         if status in FAILED_STATUS:
-            answer.failure = f"status_{status}"
+            answer.failure = failed
         elif is_sse and b'"error"' in first:
             event = parse_error_event(first)
             if event is not None:
@@ -562,15 +501,23 @@ class Relay:
                 self.metrics.upstream_errors.labels(replica=replica.name, kind="error_event").inc()
                 kind = f"{event.verdict}_event"
                 generation = event.verdict == GENERATION
-                if generation:
-                    self._failed_generation(rr, replica, stream)
-                if event.verdict != CLIENT and can_retry(not generation):
+                if event.verdict != CLIENT and await self.policy.retry(
+                    att, kind, answered=generation, harmless=not generation
+                ):
                     # Overloaded: busy, not broken. Generation: the replica failed this
-                    # request (or the request fails everywhere: RequestFailures decides).
-                    raise _Retry(kind, answered=generation, harmless=not generation)
-                if event.verdict == GENERATION:
+                    # request, or the request fails everywhere (balancer/retry.py decides).
+                    raise _Retry(kind)
+                if generation:
                     answer.failure = kind
         return answer
+
+    @staticmethod
+    def _abort_attempt(stream: _Stream) -> None:
+        """Drop a failed attempt's connection before waiting on anything: a replica still
+        working on it must see the request cancelled."""
+        if stream.upstream is not None:
+            stream.upstream.abort()
+            stream.upstream = None
 
     # ---------------------------------------------------------------- 3. commit
     def _commit(
@@ -599,6 +546,7 @@ class Relay:
         response: web.StreamResponse,
         stream: _Stream,
         started: float,
+        att: Attempts,
     ) -> bool:
         """Relay the body; True if it ended well (not cut, not left by the client)."""
         upstream = answer.upstream
@@ -606,6 +554,7 @@ class Relay:
             await response.prepare(request)
             if answer.is_sse:
                 return await self._pipe_events(
+                    att,
                     rr,
                     replica,
                     upstream,
@@ -630,7 +579,7 @@ class Relay:
             # error event for it, and ending it cleanly would pass a truncated body off as
             # complete, so reset the client's connection.
             reason = stream.expired or exc.kind
-            self._stream_failed(rr, replica, stream, reason)
+            self._stream_failed(att, replica, reason)
             log.warning("response %s from %s cut (%s)", rr.request_id, replica.name, reason)
             if request.transport is not None:
                 request.transport.abort()
@@ -714,6 +663,7 @@ class Relay:
 
     async def _pipe_events(
         self,
+        att: Attempts,
         rr: RelayRequest,
         replica: Replica,
         upstream: ReplicaConnection,
@@ -763,7 +713,7 @@ class Relay:
                 at = events_bytes.rfind(sep, 0, events_bytes.find(b'{"error"'))
                 event = parse_error_event(events_bytes[at + len(sep) if at >= 0 else 0 :])
                 if event is not None and event.verdict == GENERATION:
-                    self._failed_generation(rr, replica, stream)
+                    self.policy.failed_after_commit(att, "generation_event")
             if events > 0:
                 # Remaining work on the replica: the prefill is done at the first
                 # token, then one token per event (never below what we added).
@@ -808,7 +758,7 @@ class Relay:
                 # replica's fault, and nobody to send an error event to.
                 raise ConnectionResetError("client gone") from exc
             reason = stream.expired or (exc.kind if isinstance(exc, UpstreamError) else "timeout")
-            self._stream_failed(rr, replica, stream, reason)
+            self._stream_failed(att, replica, reason)
             partial = len(framer.flush())
             log.warning(
                 "stream %s from %s failed after %d tokens (%s; %d bytes of an unfinished "
@@ -819,13 +769,20 @@ class Relay:
                 reason,
                 partial,
             )
+            if reason == DRAIN_TIMEOUT:
+                message = (
+                    f"Incomplete generation stream: the balancer is shutting down and its "
+                    f"drain timeout ran out after {tokens} tokens; resend the request"
+                )
+                status = 503
+            else:
+                message = (
+                    f"Incomplete generation stream: replica {replica.name} failed mid-stream "
+                    f"({reason}) after {tokens} tokens"
+                )
+                status = 502
             event_bytes = stream_error_event(
-                rr.openai,
-                f"Incomplete generation stream: replica {replica.name} failed mid-stream "
-                f"({reason}) after {tokens} tokens",
-                "incomplete_generation_stream",
-                502,
-                data_prefix,
+                rr.openai, message, "incomplete_generation_stream", status, data_prefix
             )
             if framer.mid_event:  # framing gave up: the client holds part of an event
                 event_bytes = sep + event_bytes
@@ -844,59 +801,11 @@ class Relay:
         return clean and not error_mid_stream
 
     # ---------------------------------------------------------------- 5. account
-    def _stream_failed(
-        self, rr: RelayRequest, replica: Replica, stream: _Stream, reason: str
-    ) -> None:
-        """A committed response failed. ``relay_error`` is the balancer's own bug (logged
-        with its traceback by upstream_http): not held against the replica."""
-        if reason != "relay_error":
-            self.outliers.failed(replica, reason)
+    def _stream_failed(self, att: Attempts, replica: Replica, reason: str) -> None:
+        """A committed response failed: counted, and told to the retry policy (a cut or a
+        stall may be the request's doing: balancer/retry.py)."""
         self.metrics.stream_errors.labels(replica=replica.name, reason=reason).inc()
-        self._broke(rr, replica, stream, reason, before_commit=False)
-
-    def _broke(
-        self, rr: RelayRequest, replica: Replica, stream: _Stream, kind: str, before_commit: bool
-    ) -> None:
-        """Tell the quarantine when the request broke the replica's connection (a
-        ``BROKE_KINDS`` failure: its process died or cut the response under it), unless the
-        supervisor was stopping that process on purpose (``Replica.stopping_pid``). Before
-        the commit, raise ``_Quarantined`` if the request is quarantined now: not retried."""
-        if kind not in BROKE_KINDS or not self.quarantine.enabled:
-            return
-        pid, incarnation = stream.process
-        if pid is not None and pid == replica.stopping_pid:
-            return  # the supervisor stopped it (stop, restart, unhealthy): not a crash
-        verdict, entry = self.quarantine.record(
-            self._digest(stream, rr), rr.route, replica.name, process_key(replica, pid, incarnation)
-        )
-        if before_commit and verdict is not Verdict.SUSPECT:
-            raise _Quarantined(entry)
-
-    def _failed_generation(self, rr: RelayRequest, replica: Replica, stream: _Stream) -> None:
-        """The replica answered the request with a generation failure: a break if its process
-        is seen to exit soon (``_process_exited``). Without a pid (balance-only mode) no exit
-        is ever seen: nothing is recorded."""
-        pid, incarnation = stream.process
-        if pid is None or not self.quarantine.enabled:
-            return
-        self.quarantine.pending(
-            self._digest(stream, rr),
-            rr.route,
-            replica.name,
-            pid,
-            process_key(replica, pid, incarnation),
-        )
-
-    def _process_exited(self, replica: Replica, pid: int) -> None:
-        """The supervisor saw ``pid`` exit (Registry.process_exited): the generation failures
-        it answered just before are breaks, unless the supervisor stopped it on purpose."""
-        self.quarantine.process_exited(replica.name, pid, pid == replica.stopping_pid)
-
-    def _digest(self, stream: _Stream, rr: RelayRequest) -> str:
-        if stream.digest is None:
-            request = stream.request
-            stream.digest = request_digest(request.method, request.path_qs, rr.body)
-        return stream.digest
+        self.policy.failed_after_commit(att, reason)
 
     def _refuse_quarantined(self, rr: RelayRequest, entry: Entry) -> web.Response:
         """An identical request broke replicas: refused before any replica sees it."""
@@ -958,6 +867,47 @@ class Relay:
     def active(self) -> int:
         return len(self._streams)
 
+    def _cut_waiting(self, replica: Replica, pid: int | None, culprit_sent: float) -> None:
+        """A process of ``replica`` is wedged: cut the attempts still waiting for its first
+        byte (they are retried at once, balancer/retry.py ``WEDGED_REPLICA``), except the
+        earliest one sent before ``culprit_sent``: that one may be what hung it, and is
+        left to its own timeout."""
+        waiting = [
+            s
+            for s in self._streams
+            if s.att.replica is replica
+            and s.att.pid == pid
+            and s.upstream is not None
+            and s.phase == Phase.IDLE
+            and s.request.get(STAGE) == "waiting_first_byte"
+        ]
+        earlier = [s for s in waiting if s.att.started < culprit_sent]
+        spared = min(earlier, key=lambda s: s.att.started) if earlier else None
+        for s in waiting:
+            if s is not spared and s.upstream is not None:
+                s.expired = WEDGED_REPLICA
+                s.upstream.abort()
+
+    async def end_streams(self, wait_s: float = 2.0) -> int:
+        """The drain timeout ran out: end every response still relaying. An event stream
+        gets an explicit error event in its route's format, then its end (a client sees
+        why it stopped, not a chunked-encoding error); a plain body is reset (it cannot
+        say it is incomplete). Waits up to ``wait_s`` for them to be written; returns how
+        many were ended."""
+        ended = 0
+        for s in list(self._streams):
+            if s.phase == Phase.READING and s.upstream is not None:
+                s.expired = DRAIN_TIMEOUT
+                s.phase = Phase.IDLE
+                s.upstream.abort()
+                ended += 1
+        deadline = time.monotonic() + wait_s
+        while ended and any(s.expired == DRAIN_TIMEOUT for s in self._streams):
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.02)
+        return ended
+
 
 def upstream_headers(
     request: web.Request, request_id: str, drop: frozenset[str] = frozenset()
@@ -1006,20 +956,6 @@ def _connection_tokens(values: Iterable[str]) -> list[str]:
 
 def _content_type(headers: CIMultiDict[str]) -> str:
     return headers.get("Content-Type", "").partition(";")[0].strip().lower()
-
-
-def _expected_back_within(replica: Replica, seconds: float, now: float) -> bool:
-    """Whether a starting replica should be ready within ``seconds`` (unknown, e.g. a first
-    start: yes)."""
-    left = replica.start_left_s(now)
-    return left is None or left <= seconds
-
-
-def process_key(replica: Replica, pid: int | None, incarnation: int) -> str:
-    """One replica process, for the quarantine: its pid when the supervisor knows it (a
-    drain and undrain, or a health flap, starts a new incarnation of the same process); else
-    (balance-only mode) the incarnation is the best guess at a restart."""
-    return f"{replica.name}/pid {pid}" if pid is not None else f"{replica.name}/{incarnation}"
 
 
 def _quarantine_error(rr: RelayRequest, message: str) -> web.Response:

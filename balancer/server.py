@@ -229,6 +229,16 @@ class BalancerServer:
             await asyncio.sleep(delay_s)
         self.refuse_new()
 
+    async def end_streams(self) -> int:
+        """The drain timeout ran out: end the responses still relaying, each stream with an
+        explicit error event (balancer/relay.py ``Relay.end_streams``)."""
+        if self.balancer is None:
+            return 0
+        ended = await self.balancer.relay.end_streams()
+        if ended:
+            log.warning("drain timeout: ended %d responses still relaying", ended)
+        return ended
+
     @property
     def inflight(self) -> int:
         if self.balancer is None:
@@ -279,6 +289,7 @@ class BalancerServer:
             self._metrics_runner = None
         if self.balancer is not None:
             self.balancer.relay.pool.close()
+            self.balancer.relay.policy.fates.close()  # watches still waiting for a fate
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -331,7 +331,13 @@ class UpstreamPool:
         self._closed = False
 
     async def request(
-        self, base_url: str, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes
+        self,
+        base_url: str,
+        method: str,
+        path_qs: str,
+        headers: CIMultiDict[str],
+        body: bytes,
+        sent: Callable[[ReplicaConnection], None] | None = None,
     ) -> ReplicaConnection:
         """Send a request; return its connection once the status line and headers are in.
 
@@ -340,7 +346,9 @@ class UpstreamPool:
         re-sends POSTs: generation has no side effects, and the usual cause is the replica's
         keep-alive timer closing the socket as the request went out, which the replica then
         never processes. The caller must ``release`` (or ``abort``) the connection; if this
-        raises or is cancelled, the connection is already dropped.
+        raises or is cancelled, the connection is already dropped. ``sent`` is told the
+        connection once the request is on it, before the head arrives (so that the caller
+        can abort a request whose replica is found hung meanwhile).
         """
         host, port, context, netloc, prefix = self._target(base_url)
         raw = _serialize(method, prefix + path_qs, netloc, headers, body)
@@ -349,11 +357,13 @@ class UpstreamPool:
             conn = await self._connect(base_url, host, port, context)
         try:
             conn.send(raw)
+            if sent is not None:
+                sent(conn)
             try:
                 await conn.read_head()
             except UpstreamError as closed:
-                if not (conn.reused and not conn.got_bytes):
-                    raise
+                if not (conn.reused and not conn.got_bytes) or closed.kind == "connection_error":
+                    raise  # (connection_error: we aborted it ourselves, see ``sent``)
                 try:
                     conn = await self._connect(base_url, host, port, context)
                 except UpstreamError:
@@ -363,6 +373,8 @@ class UpstreamPool:
                     # counts towards its quarantine (balancer/quarantine.py).
                     raise closed from None
                 conn.send(raw)
+                if sent is not None:
+                    sent(conn)
                 await conn.read_head()
         except BaseException:
             conn.abort()

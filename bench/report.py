@@ -458,6 +458,9 @@ def main() -> None:
     slo = slo_section(RESULTS)
     if slo:
         doc.append(slo)
+    containment = BENCH / "containment.md"  # bench/containment.py, by hand (about 1.5 min)
+    if containment.exists():
+        doc.append(containment.read_text())
     findings = BENCH / "findings.md"
     if findings.exists():
         doc.append(findings.read_text())
@@ -657,6 +660,8 @@ DOC_TAIL = """
 - `bench/predict_cv.py`: `neuron-fleet predict`'s leave-one-group-out cross-validation
   (`--write` refreshes the shipped fit); its section lives in `bench/predict_findings.md`.
 - `bench/relay_overhead.py`: the older single-balancer relay benchmark (TGI route).
+- `bench/containment.py` (+ `bench/containment_replica.py`): poison requests, hangs and a
+  fleet-wide SIGKILL under `neuron-fleet serve`; its section is `bench/containment.md`.
 """
 
 

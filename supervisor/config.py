@@ -264,6 +264,9 @@ def load_config(
         errors.append(
             f"[balancer] quarantine_ttl_s = {ttl!r}: expected a positive number of seconds"
         )
+    window = balancer_raw.get("confirm_window_s", 1.0)
+    if not 0 < window <= 60:
+        errors.append(f"[balancer] confirm_window_s = {window!r}: expected seconds, > 0 and <= 60")
     share = balancer_raw.get("queue_long_share", 0.0)
     if not 0 <= share < 1:
         errors.append(f"[balancer] queue_long_share = {share!r}: expected 0 <= share < 1")

@@ -133,6 +133,8 @@ class ReplicaProcess:
         self._own_http = http is None
         self._rng = rng or random.Random()
         self._proc: asyncio.subprocess.Process | None = None
+        self._wedged = False
+        """The running process is being stopped for failing health checks (not on purpose)."""
         self._helpers: list[asyncio.Task[None]] = []
         self._task: asyncio.Task[None] | None = None
         self._command: _Command | None = None
@@ -353,6 +355,9 @@ class ReplicaProcess:
         if outcome in (_Outcome.TIMEOUT, _Outcome.UNHEALTHY):
             r.healthy = False
             self.registry.set_state(r, ReplicaState.STARTING)
+            # A wedge, not a stop on purpose: the requests that failed on it before may
+            # have wedged it (balancer/retry.py counts it as a break).
+            self._wedged = outcome is _Outcome.UNHEALTHY
         elif r.state is ReplicaState.READY:
             # stop / restart: no new traffic while the process winds down.
             self.registry.set_state(r, ReplicaState.DRAINING)
@@ -512,8 +517,8 @@ class ReplicaProcess:
     def _stopping_on_purpose(self, proc: asyncio.subprocess.Process) -> None:
         """Mark a live process as stopped by us before signalling it, so the balancer does
         not hold the requests it was serving responsible (a crash is not marked: it has
-        exited before we get here)."""
-        if proc.returncode is None:
+        exited before we get here; nor a wedge: stopped for failing health checks)."""
+        if proc.returncode is None and not self._wedged:
             self.replica.stopping_pid = proc.pid
 
     async def _run_cleanup_command(self) -> None:
@@ -579,6 +584,7 @@ class ReplicaProcess:
         r.pid = None
         r.started_at = None
         self._proc = None
+        self._wedged = False
         if proc.returncode is not None:
             # Pending breaks of this process become breaks, unless it was stopped on
             # purpose (balancer/quarantine.py): after pid and stopping_pid are final.

@@ -359,6 +359,7 @@ class FleetService:
         drain = self.config.fleet.drain_timeout_s
         if not await self._unless_forced(self.server.wait_idle(drain)) and not self._force:
             log.warning("requests still in flight after %.0f s; stopping anyway", drain)
+            await self.server.end_streams()
         self.notifier.status("stopping: stopping replicas")
         await self.fleet.stop(grace=0 if self._force else None)
         await self.server.stop()

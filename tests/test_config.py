@@ -539,3 +539,13 @@ def test_quarantine_settings_are_read_and_checked(tmp_path: Path) -> None:
         load(tmp_path, base + "quarantine_after = -1\nquarantine_ttl_s = 0\n")
     errors = errors_of(excinfo)
     assert "[balancer] quarantine_after" in errors and "[balancer] quarantine_ttl_s" in errors
+
+
+def test_the_confirm_window_is_read_and_checked(tmp_path: Path) -> None:
+    base = SIMULATED + "\n[balancer]\n"
+    assert load(tmp_path, base).balancer.confirm_window_s == 1.0
+    assert load(tmp_path, base + "confirm_window_s = 0.3\n").balancer.confirm_window_s == 0.3
+    for bad in ("0", "-1", "120"):
+        with pytest.raises(ConfigError) as excinfo:
+            load(tmp_path, base + f"confirm_window_s = {bad}\n")
+        assert "[balancer] confirm_window_s" in errors_of(excinfo)

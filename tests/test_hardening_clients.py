@@ -479,6 +479,7 @@ async def test_every_client_write_is_under_the_slow_client_watchdog(block):
     from balancer.config import BalancerConfig
     from balancer.metrics import BalancerMetrics
     from balancer.relay import Phase, Relay, RelayRequest, _Stream
+    from balancer.ticket import Ticket
     from balancer.upstream import Registry, Replica, ReplicaState
 
     replica = Replica("r0", "http://127.0.0.1:9", state=ReplicaState.READY, healthy=True)
@@ -487,7 +488,9 @@ async def test_every_client_write_is_under_the_slow_client_watchdog(block):
     relay = Relay(config, registry, mock.Mock(), BalancerMetrics(registry, lambda: 0))
     transport = _ClientTransport()
     request = mock.Mock(transport=transport)
-    stream = _Stream(request)
+    att = relay.policy.begin(request, "/generate_stream", b"{}", "rid", Ticket())
+    relay.policy.started(att, replica)
+    stream = _Stream(request, att)
     upstream = _EndingUpstream(fails=block == "error-event")
     stream.upstream = upstream  # type: ignore[assignment]
     relay._streams.add(stream)
@@ -495,7 +498,7 @@ async def test_every_client_write_is_under_the_slow_client_watchdog(block):
     rr = RelayRequest("/generate_stream", b"{}", "rid", openai=False)
     first = b'data:{"token":{"id":1}}\n\n'
     task = asyncio.create_task(
-        relay._pipe_events(rr, replica, upstream, response, stream, first, time.monotonic())
+        relay._pipe_events(att, rr, replica, upstream, response, stream, first, time.monotonic())
     )
     loop = asyncio.get_running_loop()
     await wait_until(lambda: transport.pieces, what="second event relayed")

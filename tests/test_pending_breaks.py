@@ -2,10 +2,11 @@
 a batch makes the router answer every request of it with a generation error (424
 ``error_type: generation``, or an error event when streaming), then the launcher shuts the
 server down. Such an answered failure counts as a break once its process is seen to exit,
-not stopped on purpose, within ``PENDING_WINDOW_S`` (balancer/quarantine.py).
+not stopped on purpose (balancer/fate.py, balancer/retry.py); and the request goes to no
+other replica before that fate is known.
 
-End to end with real supervised replica processes that answer like TGI and then exit; unit
-tests cover the window, other processes and the bound.
+End to end with real supervised replica processes that answer like TGI and then exit; the
+fate's bookkeeping is unit-tested in tests/test_fate.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from balancer.quarantine import MAX_PENDING, PENDING_WINDOW_S, Quarantine, Verdict
 from tests.conftest import wait_until
 from tests.script_fleet import ScriptFleet, replica_script, script_fleet
 from tests.test_hardening_input import metric_sum
@@ -88,20 +88,24 @@ async def test_generation_errors_from_processes_that_then_exit_quarantine_the_re
 ) -> None:
     crash = {"inputs": "crash", "parameters": {"max_new_tokens": 5}}
     status, text = await fleet3.post("/generate", crash)
-    # The request in flight is not stopped: both attempts were answered before either
-    # process was seen to exit, and the client gets TGI's answer.
+    # The request waited for the process's fate before any retry: it exited, with this
+    # request alone failing on it, so it was not handed to another replica; the client
+    # gets TGI's answer.
     assert status == 424, text
     assert json.loads(text)["error_type"] == "generation"
-    assert fleet3.count("seen") == 2
-    await wait_until(lambda: len(fleet3.quarantine) == 1, what="both exits seen")
-    assert fleet3.count("exited") == 2
+    assert fleet3.count("seen") == 1 and fleet3.count("exited") == 1
+    # The resend: its process exits too, one after the other: quarantined (not retried).
+    status, text = await fleet3.post("/generate", crash)
+    assert status == 422, text
+    assert fleet3.count("exited") == 2 and len(fleet3.quarantine) == 1
 
     status, text = await fleet3.post("/generate", crash)
     assert status == 422, text
     assert json.loads(text)["error_type"] == "quarantined"
-    assert fleet3.count("seen") == 2  # no replica saw the resend
+    assert fleet3.count("seen") == 2  # no replica saw the third send
     metrics = await _metrics(fleet3)
     assert metric_sum(metrics, "neuron_fleet_quarantines_total") == 1
+    assert metric_sum(metrics, "neuron_fleet_process_fates_total", fate="exited") == 2
 
     status, text = await fleet3.post("/generate", {"inputs": "hello"})
     assert status == 200, text
@@ -116,16 +120,16 @@ async def _metrics(fleet3: ScriptFleet) -> str:
 async def test_streamed_generation_error_events_count_once_the_process_exits(
     fleet3: ScriptFleet, prompt: str
 ) -> None:
-    """``crash``: the error event follows a token (committed: one process per request);
-    ``crash-first``: it is the first event (retried on a second process)."""
+    """``crash``: the error event follows a token (committed); ``crash-first``: it is the
+    first event (the request waits for the fate, which says: not retried). One process per
+    send either way, counted when its exit is seen."""
     doc = {"inputs": prompt, "parameters": {"max_new_tokens": 5}}
     status, text = await fleet3.post("/generate_stream", doc)
     assert status == 200 and '"error_type":"generation"' in text.replace(" ", ""), text
-    if prompt == "crash":
-        await wait_until(lambda: fleet3.quarantine._suspects != {}, what="the first exit seen")
-        assert len(fleet3.quarantine) == 0
-        status, text = await fleet3.post("/generate_stream", doc)
-        assert status == 200, text
+    await wait_until(lambda: fleet3.quarantine._suspects != {}, what="the first exit seen")
+    assert len(fleet3.quarantine) == 0
+    status, text = await fleet3.post("/generate_stream", doc)
+    assert status in (200, 422), text
     assert fleet3.count("seen") == 2
     await wait_until(lambda: len(fleet3.quarantine) == 1, what="both exits seen")
 
@@ -137,11 +141,14 @@ async def test_streamed_generation_error_events_count_once_the_process_exits(
 async def test_a_generation_error_from_a_process_that_lives_on_never_counts(
     fleet3: ScriptFleet,
 ) -> None:
-    """Like a request TGI fails on a healthy replica: however often it is sent."""
+    """Like a request TGI fails on a healthy replica: however often it is sent. Each
+    process survives its confirmation window, so the request is retried (once: retries 1)."""
     for path in ("/generate", "/generate_stream", "/generate"):
         status, text = await fleet3.post(path, {"inputs": "fail"})
         assert status in (200, 424), text
-    assert fleet3.quarantine.has_pending
+    # Each 424 was retried after its process survived (2 + 2); the stream's error came
+    # after a token (committed: 1).
+    assert fleet3.count("seen") == 5
     # An unrelated crash of another process confirms nothing of these.
     victim = fleet3.replicas[0]
     fleet3.server.balancer.registry.process_exited(victim, 1)
@@ -149,6 +156,8 @@ async def test_a_generation_error_from_a_process_that_lives_on_never_counts(
     status, text = await fleet3.post("/generate", {"inputs": "fail"})
     assert status == 424, text
     assert fleet3.count("exited") == 0
+    metrics = await _metrics(fleet3)
+    assert metric_sum(metrics, "neuron_fleet_process_fates_total", fate="survived") >= 2
 
 
 async def test_processes_stopped_on_purpose_after_a_generation_error_do_not_count(
@@ -161,59 +170,3 @@ async def test_processes_stopped_on_purpose_after_a_generation_error_do_not_coun
     await fleet3.fleet.stop(grace=1)
     assert all(r.stopping_pid in pids for r in fleet3.replicas)
     assert len(fleet3.quarantine) == 0 and fleet3.quarantine._suspects == {}
-    assert not fleet3.quarantine.has_pending
-
-
-# --------------------------------------------------------------------------- bookkeeping
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_pending_breaks_count_only_for_their_process_within_the_window() -> None:
-    clock = Clock()
-    q = Quarantine(after=2, ttl_s=60, clock=clock)
-    q.pending("d", "/generate", "a", 10, "a/pid 10")
-    q.pending("d", "/generate", "b", 20, "b/pid 20")
-    assert q.process_exited("a", 11, on_purpose=False) == []  # another process of a
-    assert q.process_exited("c", 10, on_purpose=False) == []  # another replica
-    [(verdict, _)] = q.process_exited("a", 10, on_purpose=False)
-    assert verdict is Verdict.SUSPECT
-    assert q.process_exited("a", 10, on_purpose=False) == []  # confirmed once
-    clock.now += PENDING_WINDOW_S  # b exits too late: not this request's doing
-    assert q.process_exited("b", 20, on_purpose=False) == []
-    assert not q.has_pending and len(q) == 0
-
-
-def test_a_pending_break_confirmed_on_a_second_process_quarantines() -> None:
-    q = Quarantine(after=2, ttl_s=60, clock=Clock())
-    q.pending("d", "/generate", "a", 10, "a/pid 10")
-    q.pending("d", "/generate", "b", 20, "b/pid 20")
-    q.process_exited("a", 10, on_purpose=False)
-    [(verdict, entry)] = q.process_exited("b", 20, on_purpose=False)
-    assert verdict is Verdict.QUARANTINED and entry.replicas == ["a", "b"]
-
-
-def test_stopped_on_purpose_or_served_in_full_drops_pending_breaks() -> None:
-    q = Quarantine(after=1, ttl_s=60, clock=Clock())
-    q.pending("d", "/generate", "a", 10, "a/pid 10")
-    assert q.process_exited("a", 10, on_purpose=True) == [] and not q.has_pending
-    q.pending("d", "/generate", "a", 11, "a/pid 11")
-    assert q.suspecting  # a response served in full is worth a digest now
-    q.passed("d")
-    assert not q.has_pending and q.process_exited("a", 11, on_purpose=False) == []
-
-
-def test_pending_breaks_are_bounded_and_off_with_the_quarantine() -> None:
-    q = Quarantine(after=2, ttl_s=60, clock=Clock())
-    for i in range(MAX_PENDING + 10):
-        q.pending(f"d{i}", "/generate", "a", 10, "a/pid 10")
-    assert len(q._pending) == MAX_PENDING and q._pending[0].digest == "d10"
-    off = Quarantine(after=0, ttl_s=60)
-    off.pending("d", "/generate", "a", 10, "a/pid 10")
-    assert not off.has_pending

@@ -25,6 +25,7 @@ from balancer.health import HealthChecker
 from balancer.metrics import BalancerMetrics
 from balancer.policy import LeastOutstanding
 from balancer.relay import Relay
+from balancer.retry import Attempts
 from balancer.server import BalancerServer
 from balancer.ticket import Ticket
 from balancer.upstream import EVERY_INCARNATION, Registry, Replica, ReplicaState, excluded
@@ -100,8 +101,8 @@ async def test_a_queued_retry_takes_a_replica_only_once_it_restarted() -> None:
 REPLICA = replica_script(
     """
     # A replica for this test. The first process to get a generation request answers it
-    # 429 (busy) and then dies (not of the request: it answered); the second dies under
-    # it. Once restarted (the supervisor starts the same command again) a replica answers.
+    # 429 (busy) and then dies (not of the request: it answered); so does the second, later.
+    # Once restarted (the supervisor starts the same command again) a replica answers.
 
     restarted = (folder / f"died-{name}").exists()
 
@@ -117,11 +118,16 @@ REPLICA = replica_script(
                     self.wfile.flush()
                     time.sleep(0.05)
                     os._exit(1)  # dies after answering: the request did not kill it
-                # The second death waits until the test says the first replica's death
-                # has been seen by the supervisor.
+                # The second waits until the test says the first replica's death has been
+                # seen by the supervisor, then is busy too and dies. (A process that died
+                # under the request, unanswered, would not be followed by a retry at all:
+                # tests/test_containment.py.)
                 while not (folder / "go").exists():
                     time.sleep(0.01)
-                os._exit(1)  # dies under the request: no answer, connection closed
+                self.send_json(429, b'{"error":"busy","error_type":"overloaded"}')
+                self.wfile.flush()
+                time.sleep(0.05)
+                os._exit(1)
             body = json.dumps({"generated_text": "ok", "replica": name, "pid": os.getpid()})
             self.send_json(200, body.encode())
 
@@ -161,7 +167,7 @@ async def test_overlapping_failures_the_retry_returns_to_the_restarted_busy_repl
         winner = by_name[served["replica"]]
         assert served["pid"] != first_pids[winner.name]
         assert winner.incarnation > incarnations[winner.name]
-        # Two retries: after the 429 and after the death; no third attempt, no error.
+        # Two retries: after each 429; no third attempt, no error.
         assert metric_sum(await _metrics(setup.server), "neuron_fleet_retries_total") == 2
 
 
@@ -195,31 +201,39 @@ def test_a_restart_counts_as_a_retry_target_only_if_expected_back_in_the_queue_t
     failed_here = {a: a.incarnation}
     ticket = Ticket()
 
+    def can_retry(
+        attempt: int, incarnation: int, tried: dict[Replica, int], harmless: bool
+    ) -> bool:
+        """The retry policy's "is there room for another attempt" (balancer/retry.py)."""
+        att = Attempts(None, "/generate", b"", "r1", ticket)  # type: ignore[arg-type]
+        att.attempt, att.replica, att.incarnation, att.tried = attempt, a, incarnation, tried
+        return relay.policy.room(att, harmless)
+
     # Failures the request cannot have caused (busy, never reached) from here on.
     # Same process, still READY (its death not seen yet): excluded, nothing else left.
-    assert not relay._can_retry(0, a, a.incarnation, failed_here, ticket, True)
+    assert not can_retry(0, a.incarnation, failed_here, True)
 
     # The supervisor restarts it: the last start took 5 s, it began 1 s ago.
     a.healthy = False
     registry.set_state(a, ReplicaState.STARTING)
     a.start_duration_s, a.started_at = 5.0, time.monotonic() - 1.0
-    assert relay._can_retry(0, a, 0, failed_here, ticket, True)
+    assert can_retry(0, 0, failed_here, True)
     # ... but not with 2 s of queue time left, nor with the retries used up.
     ticket.queued_s = 28.0
-    assert not relay._can_retry(0, a, 0, failed_here, ticket, True)
+    assert not can_retry(0, 0, failed_here, True)
     ticket.queued_s = 0.0
-    assert not relay._can_retry(2, a, 0, failed_here, ticket, True)
+    assert not can_retry(2, 0, failed_here, True)
     # A model that loads for 10 minutes is not worth a 30 s wait.
     a.start_duration_s = 600.0
-    assert not relay._can_retry(0, a, 0, failed_here, ticket, True)
+    assert not can_retry(0, 0, failed_here, True)
     # Nor a 40 s start whose process is not even running yet (restart backoff): all ahead.
     a.start_duration_s, a.started_at = 40.0, None
-    assert not relay._can_retry(0, a, 0, failed_here, ticket, True)
+    assert not can_retry(0, 0, failed_here, True)
     a.started_at = time.monotonic() - 20.0  # running, 20 s of 40 s left: fits in 30 s
-    assert relay._can_retry(0, a, 0, failed_here, ticket, True)
+    assert can_retry(0, 0, failed_here, True)
     # First start (duration unknown): counted, as a starting replica always was.
     a.start_duration_s = None
-    assert relay._can_retry(0, a, 0, failed_here, ticket, True)
+    assert can_retry(0, 0, failed_here, True)
     # The process died under the request (or answered it with a failure): not again.
-    assert not relay._can_retry(0, a, 0, failed_here, ticket, False)
-    assert not relay._can_retry(0, a, 0, {a: EVERY_INCARNATION}, ticket, True)
+    assert not can_retry(0, 0, failed_here, False)
+    assert not can_retry(0, 0, {a: EVERY_INCARNATION}, True)

@@ -375,3 +375,50 @@ def test_balance_cli_second_signal_stops_at_once(tmp_path: Path, phase: str) -> 
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=5)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/generate_stream", {"inputs": "Hello", "parameters": {"max_new_tokens": 5000}}),
+        ("/v1/chat/completions", {**CHAT, "max_tokens": 5000}),
+    ],
+)
+def test_a_drain_timeout_ends_a_stream_with_an_error_event(
+    tmp_path: Path, path: str, body: dict[str, object]
+) -> None:
+    """A stream still running when the drain timeout runs out gets an explicit error event
+    in its route's format and a clean end of the response (it was cut mid-chunk, which the
+    client saw as a chunked-encoding error, not as the end of the stream)."""
+    replica, balancer, base = _balance_in_front_of_a_replica("--drain-timeout", "1")
+    stream = None
+    try:
+        wait_for(lambda: _status(base) == 200, seconds=20, what="balancer ready")
+        stream = urllib.request.urlopen(
+            urllib.request.Request(
+                f"{base}{path}",
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            ),
+            timeout=30,
+        )
+        assert stream.status == 200
+        stream.read(1)
+        balancer.send_signal(signal.SIGTERM)
+        text = stream.read().decode()  # http.client.IncompleteRead on a cut chunked body
+        _, err = balancer.communicate(timeout=20)
+        assert balancer.returncode == 0, err[-3000:]
+        events = [e for e in text.split("\n\n") if e.strip()]
+        assert "drain timeout" in events[-2 if path.startswith("/v1") else -1], events[-3:]
+        if path.startswith("/v1"):
+            assert events[-1].replace(" ", "") == "data:[DONE]"
+            assert '"http_status_code":503' in events[-2].replace(" ", "")
+        else:
+            assert '"error_type":"incomplete_generation_stream"' in events[-1].replace(" ", "")
+    finally:
+        if stream is not None:
+            stream.close()
+        for proc in (balancer, replica):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=5)
