@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from balancer import access
 from balancer.admission import Admission
 from balancer.config import BalancerConfig
-from balancer.errors import expect_handler, json_error
+from balancer.errors import ENGINE_KEY, bind_engine, expect_handler, json_error
 from balancer.forecast import Forecast
 from balancer.metrics import BalancerMetrics, route_label
 from balancer.policy import make_policy
@@ -346,6 +346,7 @@ def _make_observer(balancer: Balancer) -> Any:
 
     @web.middleware
     async def observe(request: web.Request, handler: Any) -> web.StreamResponse:
+        bind_engine(request)  # every error below, ours or the relay's, in the engine's shape
         started = time.monotonic()
         route = route_label(request.path)
         code = "500"
@@ -452,6 +453,7 @@ def create_app(balancer: Balancer) -> web.Application:
         handler_args={"max_field_size": 16384, "max_line_size": 16384},
     )
     app[BALANCER_KEY] = balancer
+    app[ENGINE_KEY] = balancer.config.engine
     app.on_response_prepare.append(functools.partial(_before_head, balancer))
     post = functools.partial(app.router.add_post, expect_handler=expect_handler)
     get = functools.partial(app.router.add_get, allow_head=False, expect_handler=expect_handler)

@@ -26,8 +26,11 @@ REFUSE_AFTER_S = 1.0
 """How long a refused connection may take to send its request before we just close it."""
 
 
-def _refusal() -> bytes:
-    body = error_body("Too many open connections to the balancer; retry shortly", "overloaded")
+def refusal(engine: str) -> bytes:
+    """The whole 503 response a connection over the cap gets, in the engine's shape."""
+    body = error_body(
+        "Too many open connections to the balancer; retry shortly", "overloaded", 503, engine
+    )
     head = (
         "HTTP/1.1 503 Service Unavailable\r\n"
         "Content-Type: application/json\r\n"
@@ -37,9 +40,6 @@ def _refusal() -> bytes:
         f"Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
-
-
-REFUSAL = _refusal()
 
 
 FD_RESERVE = 128
@@ -79,13 +79,16 @@ class _Refuse(asyncio.Protocol):
     """Answer the first bytes of the request with the 503 (a response written before the
     request arrives can be lost to the client's TCP reset), then close."""
 
+    def __init__(self, response: bytes) -> None:
+        self.response = response
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         self._timer = asyncio.get_running_loop().call_later(REFUSE_AFTER_S, transport.close)
 
     def data_received(self, data: bytes) -> None:
         self._timer.cancel()
-        self.transport.write(REFUSAL)  # type: ignore[attr-defined]
+        self.transport.write(self.response)  # type: ignore[attr-defined]
         self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -95,10 +98,17 @@ class _Refuse(asyncio.Protocol):
 class CappedFactory:
     """The protocol factory of ``loop.create_server``: aiohttp's handler, or a refusal."""
 
-    def __init__(self, server: web.Server, limit: int, on_refuse: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        server: web.Server,
+        limit: int,
+        on_refuse: Callable[[], None],
+        engine: str = "tgi",
+    ) -> None:
         self.server = server
         self.limit = limit
         self.on_refuse = on_refuse
+        self.refusal = refusal(engine)
 
     def __call__(self) -> asyncio.Protocol:
         if self.limit and len(self.server.connections) >= self.limit:
@@ -108,14 +118,14 @@ class CappedFactory:
                 "refused a connection: %d open (max_connections)",
                 self.limit,
             )
-            return _Refuse()
+            return _Refuse(self.refusal)
         return self.server()  # type: ignore[return-value]
 
 
 class CappedTCPSite(web.BaseSite):
     """``web.TCPSite`` with a connection cap (0: none)."""
 
-    __slots__ = ("_host", "_limit", "_on_refuse", "_port")
+    __slots__ = ("_engine", "_host", "_limit", "_on_refuse", "_port")
 
     def __init__(
         self,
@@ -126,12 +136,14 @@ class CappedTCPSite(web.BaseSite):
         limit: int,
         on_refuse: Callable[[], None],
         backlog: int = 128,
+        engine: str = "tgi",
     ) -> None:
         super().__init__(runner, backlog=backlog)
         self._host = host
         self._port = port
         self._limit = limit
         self._on_refuse = on_refuse
+        self._engine = engine
 
     @property
     def name(self) -> str:
@@ -142,7 +154,7 @@ class CappedTCPSite(web.BaseSite):
         server = self._runner.server
         assert isinstance(server, web.Server)
         self._server = await asyncio.get_running_loop().create_server(
-            CappedFactory(server, effective_limit(self._limit), self._on_refuse),
+            CappedFactory(server, effective_limit(self._limit), self._on_refuse, self._engine),
             self._host,
             self._port,
             backlog=self._backlog,

@@ -110,6 +110,7 @@ class BalancerServer:
             limit=cfg.max_connections,
             on_refuse=balancer.metrics.rejected.labels(reason="too_many_connections").inc,
             backlog=1024,
+            engine=cfg.engine,
         )
         try:
             await site.start()
