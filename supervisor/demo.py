@@ -9,12 +9,15 @@ then prints how to talk to it. Ctrl-C stops everything.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
 import tempfile
 
+from balancer.config import ENGINES
 from balancer.logs import add_logging_arguments, configure_logging
+from supervisor.config import FleetConfig
 from supervisor.serve import FleetService, load, serve
 
 DEMO_TOML = """\
@@ -71,6 +74,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--replicas", type=int, default=3, metavar="N", help="simulated replicas (default 3)")
     add(
+        "--engine",
+        choices=ENGINES,
+        default="tgi",
+        help="what the simulated replicas are: TGI Neuron (default) or vLLM 0.11 on Neuron "
+        "(optimum-neuron's `optimum-cli neuron serve`)",
+    )
+    add(
         "--speed",
         type=float,
         metavar="X",
@@ -79,9 +89,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_logging_arguments(parser)
 
 
-def curl_line(url: str) -> str:
+def curl_line(url: str, model: str = "tgi") -> str:
+    """TGI takes any model name ("tgi" by convention); vLLM only the one it serves."""
     body = (
-        '{"model":"tgi","messages":[{"role":"user","content":"Hello"}],'
+        f'{{"model":"{model}","messages":[{{"role":"user","content":"Hello"}}],'
         '"stream":true,"max_tokens":32}'
     )
     return f"curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'"
@@ -103,9 +114,12 @@ def own_command(argv0: str | None = None) -> str:
 def _announce(service: FleetService) -> None:
     url = service.url
     n = len(service.registry)
+    vllm = service.config.balancer.engine == "vllm"
+    kind = "vLLM 0.11" if vllm else "TGI Neuron"
+    model = service.config.model.id if vllm else "tgi"
     print(
-        f"\nneuron-fleet demo: {n} simulated TGI Neuron replica(s) behind {url}\n"
-        f"  try it:   {curl_line(url)}\n"
+        f"\nneuron-fleet demo: {n} simulated {kind} replica(s) behind {url}\n"
+        f"  try it:   {curl_line(url, model)}\n"
         f"  metrics:  {url}/metrics\n"
         f"  status:   {own_command()} status --url {url}   ({url}/fleet/status with the admin\n"
         "            token that `neuron-fleet status` finds by itself; see docs/admin-api.md)\n"
@@ -136,4 +150,19 @@ def run(args: argparse.Namespace) -> int:
         os.unlink(path)
     if isinstance(config, int):
         return config
+    if getattr(args, "engine", "tgi") == "vllm":
+        config = with_vllm(config)
     return serve(config, on_ready=_announce)
+
+
+def with_vllm(config: FleetConfig) -> FleetConfig:
+    """The demo's fleet as vLLM replicas: each simulator speaks vLLM 0.11's wire
+    (``--engine vllm``; ``batch_size`` is its ``--max-num-seqs``) and the balancer writes
+    its own errors in vLLM's shape."""
+    sim = config.launcher.simulated
+    launcher = dataclasses.replace(
+        config.launcher,
+        simulated=dataclasses.replace(sim, extra_args=(*sim.extra_args, "--engine", "vllm")),
+    )
+    balancer = dataclasses.replace(config.balancer, engine="vllm")
+    return dataclasses.replace(config, launcher=launcher, balancer=balancer)

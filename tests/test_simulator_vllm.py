@@ -222,3 +222,28 @@ async def test_a_vllm_fleet_behind_the_balancer(balancer, http):
             text = await resp.text()
         assert metric_value(text, "neuron_fleet_retries_total", reason="generation_event") >= 1
         assert metric_value(text, "vllm:num_requests_running", replica="r1") == 0
+
+
+def test_demo_engine_vllm_runs_vllm_replicas(tmp_path):
+    """`demo --engine vllm`: every simulated replica is started with `--engine vllm` and
+    the balancer writes vLLM-shaped errors."""
+    import argparse
+
+    from supervisor import demo
+    from supervisor.config import load_config
+    from supervisor.launchers import launch_spec
+
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    assert parser.parse_args(["--engine", "vllm"]).engine == "vllm"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--engine", "sglang"])
+    path = tmp_path / "demo.toml"
+    path.write_text(demo.DEMO_TOML)
+    config = demo.with_vllm(load_config(str(path), env={}, check_host=False))
+    assert config.balancer.engine == "vllm"
+    assert len(config.plan.replicas) == 3
+    for plan in config.plan.replicas:
+        argv = launch_spec(plan, config).argv
+        assert argv[argv.index("--engine") + 1] == "vllm"
+    assert 'model":"m"' in demo.curl_line("http://x", "m")
