@@ -199,8 +199,31 @@ class VllmMetrics:
             buckets=E2E_BUCKETS,
         ).labels(*values)
 
+        top = engine.config.max_total_tokens
+        self.prompt_hist = Histogram(
+            "vllm:request_prompt_tokens",
+            "Number of prefill tokens processed.",
+            labels,
+            registry=reg,
+            buckets=_one_two_five(top),
+        ).labels(*values)
+
     def finished(self, reason: str) -> None:
         self.success.labels(*self.values, reason).inc()
+
+
+def _one_two_five(top: int) -> list[float]:
+    """``v1/metrics/loggers.py`` ``build_1_2_5_buckets(max_model_len)``: 1, 2, 5, 10, ...
+    up to the context length."""
+    out: list[float] = []
+    exponent = 0
+    while True:
+        for mantissa in (1, 2, 5):
+            value = mantissa * 10**exponent
+            if value > top:
+                return out
+            out.append(float(value))
+        exponent += 1
 
 
 class _Dead(Exception):
@@ -285,6 +308,7 @@ class VllmReplica:
         if self.dead:  # serving_chat.py: "If the engine is dead, raise the engine's DEAD_ERROR"
             raise BadRequest(ENGINE_DEAD_MESSAGE, "Internal Server Error", 500)
         self.metrics.prompt_tokens.inc(len(ids))
+        self.metrics.prompt_hist.observe(len(ids))
         return self.engine.submit(spec), ids
 
     async def _tokens(self, request: web.Request, generation: Any) -> Any:
