@@ -20,9 +20,11 @@ starts: batch (max-num-seqs) 8, 16,512-token context, inf2 timings / ``--speed``
 Scenarios, each on a fresh front (loopback only, every loop bounded, every process stopped
 by PID):
 
-- ``kill``: closed-loop streaming load; one replica process is SIGKILLed a third of the way
-  in. Counts requests ok / failed (by kind: HTTP status, error event, truncated, hung past
-  the client timeout, connection refused) and whether the service still answers afterwards.
+- ``kill``: open-loop streaming load at 60 % of capacity (the same Poisson schedule for each
+  front); one replica process is SIGKILLed a third of the way in. Counts requests ok /
+  failed (by kind: HTTP status, error event after tokens, cut stream, hung past the client
+  timeout, connection refused), those sent from 5 s after the kill that were served, and
+  whether the service still answers afterwards.
   optimum's front also without its manager (``proxy-only``: the proxy alone in front of
   replicas this script starts), as its proxy would behave under another supervisor.
 - ``load``: capacity (closed loop at the fleet's slot count), then an open loop (Poisson
@@ -272,35 +274,33 @@ async def _alive(url: str) -> tuple[int | str, bool]:
     return health, res[0].ok
 
 
-async def scenario_kill(front: Front, opts: argparse.Namespace) -> dict[str, Any]:
+async def scenario_kill(front: Front, opts: argparse.Namespace, rate: float) -> dict[str, Any]:
+    """Open loop (the same Poisson schedule for every front) at ``rate``; one replica is
+    SIGKILLed a third of the way in. A request that gets no answer within the client
+    timeout is *hung*."""
     _, loadgen = _harness()
-    reqs = loadgen.fixed_requests(_sampler, 2000, seed=11)
+    reqs = loadgen.poisson_schedule(_sampler, rate, int(rate * opts.duration), seed=11)
     victim = front.replica_pids()[1]
-    concurrency = int(0.8 * BATCH * opts.replicas)
+    kill_at = opts.duration / 3
 
     async def killer() -> None:
-        await asyncio.sleep(opts.duration / 3)
+        await asyncio.sleep(kill_at)
         os.kill(victim, signal.SIGKILL)  # a replica this script started (directly or not)
 
     kill = asyncio.create_task(killer())
-    results = await loadgen.run_closed(
-        front.url,
-        reqs,
-        concurrency=concurrency,
-        duration_s=opts.duration,
-        model=MODEL,
-        timeout_s=opts.client_timeout,
-        spread_s=1.0,
-    )
+    results = await loadgen.run_open(front.url, reqs, model=MODEL, timeout_s=opts.client_timeout)
     await kill
     summary = loadgen.summarize(results)
-    await asyncio.sleep(2)  # the supervisor (if any) notices the exit
+    errors = {("hung" if k == "TimeoutError" else k): v for k, v in summary["errors"].items()}
+    after = [r for r in results if r.scheduled >= kill_at + 5]  # once any restart is done
+    await asyncio.sleep(2)  # a supervisor (if any) notices the exit
     health, served = await _alive(front.url)
     return {
         "sent": summary["requests"],
         "ok": summary["ok"],
         "failed": summary["failed"],
-        "errors": summary["errors"],
+        "errors": errors,
+        "ok_from_5s_after_kill": f"{sum(r.ok for r in after)}/{len(after)}",
         "front_process_alive": front.root.alive(),
         "health_after": health,
         "fresh_request_ok": served,
@@ -387,14 +387,16 @@ async def main(opts: argparse.Namespace) -> None:
             front.stop()
 
     fronts = ("neuron-fleet", "optimum-dp")
-    if "kill" in opts.only:
-        for kind in (*fronts, "optimum-proxy-only"):
-            report[f"kill/{kind}"] = await on(kind, lambda f: scenario_kill(f, opts))
-            print(kind, "kill", report[f"kill/{kind}"], flush=True)
-    if "load" in opts.only:
+    if "kill" in opts.only or "load" in opts.only:
         cap = await on("neuron-fleet", lambda f: capacity(f, opts))
         report["capacity_req_per_s"] = cap
         print("capacity (neuron-fleet, closed loop at the slot count):", cap, flush=True)
+    if "kill" in opts.only:
+        for kind in (*fronts, "optimum-proxy-only"):
+            key = f"kill/{kind}"
+            report[key] = await on(kind, lambda f: scenario_kill(f, opts, 0.6 * cap))
+            print(kind, "kill at 60% load", report[key], flush=True)
+    if "load" in opts.only:
         for kind in fronts:
             key = f"load90/{kind}"
             report[key] = await on(kind, lambda f: scenario_load(f, opts, 0.9 * cap))
