@@ -45,7 +45,8 @@ GENERATION_ROUTES = (
     "/",
     "/invocations",
 )
-PASSTHROUGH_GET = ("/info", "/v1/models")
+PASSTHROUGH_GET = ("/info", "/v1/models", "/version")
+"""``/version``: vLLM's (``{"version": "0.11.0"}``, vllm 0.11.0 api_server.py); TGI has none."""
 PASSTHROUGH_POST = ("/tokenize", "/chat_tokenize")
 HANDLED_ROUTES = frozenset(GENERATION_ROUTES + PASSTHROUGH_GET + PASSTHROUGH_POST)
 """Routes whose handlers a drain waits for (``Balancer.handling``)."""

@@ -572,6 +572,9 @@ def main() -> None:
         doc.append("## Where neuron-fleet's CPU goes (py-spy, bench/profile_balancer.py)\n")
         for mode, head, body in profiles:
             doc.append(f"**{mode}** load: {head}\n\n```\n{body}\n```\n")
+    versus = BENCH / "vs_optimum_dp.md"  # hand-written from bench/vs_optimum_dp.py's runs
+    if versus.exists():
+        doc.append(versus.read_text())
     doc.append(DOC_TAIL)
     (ROOT / "BENCHMARKS.md").write_text("\n".join(doc))
     print(f"wrote {ROOT / 'BENCHMARKS.md'} and {len(plots)} plots in {RESULTS}")
@@ -651,6 +654,10 @@ DOC_TAIL = """
 - `bench/policy_sim.py`: the routing policies on the simulator's timing model in virtual
   time (hours of traffic in seconds), to separate policy effects from run noise.
 - `bench/relay_overhead.py`: the older single-balancer relay benchmark (TGI route).
+- `bench/vs_optimum_dp.py`: neuron-fleet vs optimum-neuron's data-parallel front (needs
+  optimum-neuron with `--data-parallel-size`, i.e. main after 2026-03-13, in a venv of its
+  own: `--optimum-python`); figures in `bench/results/vs_optimum_dp.json`, the section
+  above hand-written in `bench/vs_optimum_dp.md` (kept by `bench/report.py`).
 """
 
 

@@ -143,6 +143,7 @@ class Front:
     def __init__(self, kind: str, log_dir: Path, opts: argparse.Namespace) -> None:
         harness, _ = _harness()
         self.kind = kind
+        log_dir = log_dir / f"{kind}-{len(list(log_dir.glob(kind + '-*')))}"  # one per run
         self.procs: list[Any] = []
         port = _free_block(opts.replicas + 1)
         self.port = port
@@ -295,7 +296,11 @@ async def scenario_kill(front: Front, opts: argparse.Namespace, rate: float) -> 
     after = [r for r in results if r.scheduled >= kill_at + 5]  # once any restart is done
     await asyncio.sleep(2)  # a supervisor (if any) notices the exit
     health, served = await _alive(front.url)
+    restarts = 0.0
+    if front.kind == "neuron-fleet":
+        restarts = await _metric(front.url, "neuron_fleet_replica_restarts_total")
     return {
+        "replica_restarts": restarts,
         "sent": summary["requests"],
         "ok": summary["ok"],
         "failed": summary["failed"],
@@ -373,7 +378,7 @@ async def scenario_body(front: Front) -> list[dict[str, Any]]:
     return rows
 
 
-async def main(opts: argparse.Namespace) -> None:
+async def main(opts: argparse.Namespace) -> dict[str, Any]:
     log_dir = Path(tempfile.mkdtemp(prefix="vs-optimum-"))
     print(f"logs: {log_dir}", flush=True)
     report: dict[str, Any] = {}
@@ -409,7 +414,7 @@ async def main(opts: argparse.Namespace) -> None:
         for kind in fronts:
             report[f"body/{kind}"] = await on(kind, scenario_body)
             print(kind, "body", report[f"body/{kind}"], flush=True)
-    print(json.dumps(report, indent=1, default=str))
+    return report
 
 
 if __name__ == "__main__":
@@ -422,4 +427,9 @@ if __name__ == "__main__":
     parser.add_argument("--duration", type=float, default=30.0, help="seconds per load")
     parser.add_argument("--client-timeout", type=float, default=30.0)
     parser.add_argument("--only", nargs="*", default=["kill", "load", "metrics", "body"])
-    asyncio.run(main(parser.parse_args()))
+    parser.add_argument("--json", metavar="PATH", help="also write the figures here")
+    options = parser.parse_args()
+    figures = json.dumps(asyncio.run(main(options)), indent=1, default=str)
+    print(figures)
+    if options.json:
+        Path(options.json).write_text(figures + "\n")

@@ -144,3 +144,13 @@ def test_engine_is_validated():
     assert config_from_args(args).engine == "vllm"
     with pytest.raises(SystemExit):
         parser.parse_args(["--upstream", "http://127.0.0.1:1", "--engine", "sglang"])
+
+
+async def test_vllms_version_route_passes_through(simulator, balancer, http):
+    url = await simulator(engine="vllm", model_id="m")
+    server = await balancer([url], engine="vllm")
+    async with http.get(f"{server.url}/version") as resp:
+        assert resp.status == 200 and await resp.json() == {"version": "0.11.0"}
+    async with http.get(f"{server.url}/metrics") as resp:
+        text = await resp.text()
+    assert metric_value(text, "neuron_fleet_requests_total", route="/version", code="200") == 1
