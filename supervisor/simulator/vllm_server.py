@@ -303,10 +303,12 @@ class VllmReplica:
         )
 
     async def _start(self, prompt: str, max_tokens: Any) -> tuple[Any, list[int]]:
+        # serving_chat.py / serving_completion.py: after the model check, before any
+        # validation, "If the engine is dead, raise the engine's DEAD_ERROR" (-> 500).
+        if self.dead:
+            raise BadRequest(ENGINE_DEAD_MESSAGE, "Internal Server Error", 500)
         ids = [t["id"] for t in await self.engine.tokens.tokenize(prompt)]
         spec = self._spec(prompt, len(ids), max_tokens)
-        if self.dead:  # serving_chat.py: "If the engine is dead, raise the engine's DEAD_ERROR"
-            raise BadRequest(ENGINE_DEAD_MESSAGE, "Internal Server Error", 500)
         self.metrics.prompt_tokens.inc(len(ids))
         self.metrics.prompt_hist.observe(len(ids))
         return self.engine.submit(spec), ids
