@@ -154,3 +154,34 @@ async def test_vllms_version_route_passes_through(simulator, balancer, http):
     async with http.get(f"{server.url}/metrics") as resp:
         text = await resp.text()
     assert metric_value(text, "neuron_fleet_requests_total", route="/version", code="200") == 1
+
+
+async def test_expect_refusal_and_connection_cap_take_vllms_shape(scripted, balancer):
+    """The two refusals written outside any handler: the connection cap's 503 and the 413
+    before "100 Continue" (aiohttp runs the expect handler before the middlewares)."""
+    import asyncio
+
+    from tests.conftest import wait_until
+    from tests.test_balancer_review import _raw_exchange
+
+    replica, url = await scripted(Script(tokens=1, space=True))
+    server = await balancer([url], engine="vllm", max_connections=1)
+    host, port = server.url.removeprefix("http://").split(":")
+    _held_reader, held = await asyncio.open_connection(host, int(port))  # the one place
+    try:
+        await asyncio.sleep(0.1)
+        refused = await _raw_exchange(server.url, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    finally:
+        held.close()
+    assert refused.startswith(b"HTTP/1.1 503"), refused[:40]
+    assert_vllm_error(json.loads(refused.partition(b"\r\n\r\n")[2]), 503)
+    runner_server = server._runner.server  # the aiohttp server: its open connections
+    await wait_until(lambda: not runner_server.connections, what="the held connection closed")
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 3000000\r\nExpect: 100-continue\r\n\r\n"
+    )
+    answer = await _raw_exchange(server.url, head)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:40]
+    assert_vllm_error(json.loads(answer.partition(b"\r\n\r\n")[2]), 413)
+    assert replica.seen.requests == []
