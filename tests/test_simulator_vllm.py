@@ -247,3 +247,46 @@ def test_demo_engine_vllm_runs_vllm_replicas(tmp_path):
         argv = launch_spec(plan, config).argv
         assert argv[argv.index("--engine") + 1] == "vllm"
     assert 'model":"m"' in demo.curl_line("http://x", "m")
+
+
+VLLM_PROCESS = """
+import os, sys
+port = sys.argv[1]
+# A real vLLM-wire process per replica: a prompt with POISON kills its engine (the stream
+# gets vLLM's code-400 EngineCore event, the process exits at the watchdog's next check).
+os.execv(sys.executable, [
+    sys.executable, "-m", "supervisor.simulator", "--engine", "vllm", "--port", port,
+    "--model-id", "m", "--speed", "100", "--poison-prompt", "POISON",
+])
+"""
+
+
+async def test_a_prompt_that_kills_vllm_engines_is_quarantined(tmp_path):
+    """Supervised vLLM-wire processes: a prompt that kills every engine it reaches is retried
+    (its first event is the engine's death, code 400), breaks quarantine_after processes,
+    and is then refused with 422 without reaching a replica; other prompts are served."""
+    from tests.script_fleet import script_fleet
+
+    async with script_fleet(
+        tmp_path,
+        VLLM_PROCESS,
+        ("a", "b", "c"),
+        slot_cap=4,
+        engine="vllm",
+        retries=2,
+        quarantine_after=2,
+    ) as setup:
+        poison = {"model": "m", "messages": [{"role": "user", "content": "POISON"}]}
+        poison |= {"stream": True, "max_tokens": 4}
+        status, text = await setup.post("/v1/chat/completions", poison)
+        assert status in (200, 422), text  # the last engine's death, or the quarantine
+        await wait_until(
+            lambda: sum(r.restarts for r in setup.replicas) >= 2, what="two engines died"
+        )
+        status, text = await setup.post("/v1/chat/completions", poison)
+        assert status == 422, text
+        error = json.loads(text)["error"]
+        assert error["code"] == 422 and "without being sent to a replica" in error["message"]
+        ok = {**poison, "messages": [{"role": "user", "content": "hello"}]}
+        status, text = await setup.post("/v1/chat/completions", ok)
+        assert status == 200 and text.endswith("data: [DONE]\n\n"), text
