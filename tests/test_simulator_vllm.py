@@ -290,3 +290,34 @@ async def test_a_prompt_that_kills_vllm_engines_is_quarantined(tmp_path):
         ok = {**poison, "messages": [{"role": "user", "content": "hello"}]}
         status, text = await setup.post("/v1/chat/completions", ok)
         assert status == 200 and text.endswith("data: [DONE]\n\n"), text
+
+
+def test_continuous_batching_decodes_running_requests_in_a_prefill_step():
+    """optimum-neuron's vLLM runner: a step decodes the running requests, then prefills the
+    admitted ones; every one of them gets a token. TGI Neuron pauses the running ones."""
+    import random
+
+    from supervisor.simulator.engine import Job, NeuronBatcher, NeuronTiming
+    from supervisor.simulator.vllm_scheduler import ContinuousBatcher
+
+    timing = NeuronTiming()
+
+    def run(batcher_type: type[NeuronBatcher]) -> tuple[float, dict[int, int]]:
+        batcher = batcher_type(batch_size=2, max_concurrent_requests=10, timing=timing)
+        first = Job(1, 100, 50, random.Random(1))
+        batcher.add(first)
+        step = batcher.plan(0.0)
+        assert step is not None and step.kind == "prefill"
+        batcher.complete(step, 1.0)  # first is running, one token out
+        batcher.add(Job(2, 1000, 50, random.Random(2)))
+        step = batcher.plan(1.0)
+        assert step is not None and step.kind == "prefill"
+        events = batcher.complete(step, 2.0)
+        return step.duration, {job.ordinal: event.index for job, event in events}
+
+    duration, tokens = run(ContinuousBatcher)
+    assert tokens == {1: 2, 2: 1}  # the running request got its second token too
+    assert duration == pytest.approx(timing.prefill(1000) + timing.decode(1))
+    duration, tokens = run(NeuronBatcher)
+    assert tokens == {2: 1}  # TGI Neuron: the prefill paused it
+    assert duration == pytest.approx(timing.prefill(1000))

@@ -800,10 +800,18 @@ class Generation:
 class Engine:
     """Drives a ``NeuronBatcher`` on a clock and hands tokens to ``Generation`` handles."""
 
-    def __init__(self, config: SimConfig, *, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        config: SimConfig,
+        *,
+        clock: Clock | None = None,
+        batcher: type[NeuronBatcher] | None = None,
+    ) -> None:
+        """``batcher``: the scheduling policy (default TGI Neuron's ``NeuronBatcher``; vLLM's
+        is ``vllm_scheduler.ContinuousBatcher``)."""
         self.config = config
         self.clock: Clock = clock or MonotonicClock()
-        self.batcher = NeuronBatcher(
+        self.batcher = (batcher or NeuronBatcher)(
             batch_size=config.batch_size,
             max_concurrent_requests=config.max_concurrent_requests,
             timing=config.timing,

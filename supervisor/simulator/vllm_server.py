@@ -35,8 +35,10 @@ What optimum-neuron's vLLM plugin serves: ``python -m vllm.entrypoints.openai.ap
 - metrics (``v1/metrics/loggers.py`` ``PrometheusStatLogger``): ``vllm:*`` families with
   labels ``model_name`` and ``engine``.
 
-Scheduling is the shared ``Engine``: ``max-num-seqs`` (``batch_size``) slots, admission at
-step boundaries, and vLLM's unbounded waiting queue (no 429: vLLM has no concurrency cap).
+Scheduling: ``max-num-seqs`` (``batch_size``) slots filled at step boundaries from vLLM's
+unbounded waiting queue (no 429: vLLM has no concurrency cap), each step decoding the running
+requests and then prefilling the admitted ones (``vllm_scheduler.ContinuousBatcher``, as
+optimum-neuron's vLLM model runner does); durations from the shared timing model.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ from .engine import (
     SimConfig,
     SimError,
 )
+from .vllm_scheduler import ContinuousBatcher
 
 log = logging.getLogger("supervisor.simulator.vllm")
 
@@ -608,7 +611,11 @@ def _api_key_guard(api_key: str) -> Any:
 
 def create_app(config: SimConfig, *, clock: Clock | None = None) -> web.Application:
     """A simulated vLLM server's app (``--max-num-seqs`` = ``batch_size``)."""
-    engine = Engine(dataclasses.replace(config, max_concurrent_requests=UNBOUNDED), clock=clock)
+    engine = Engine(
+        dataclasses.replace(config, max_concurrent_requests=UNBOUNDED),
+        clock=clock,
+        batcher=ContinuousBatcher,
+    )
     replica = VllmReplica(config, engine)
     middlewares = [_api_key_guard(config.api_key)] if config.api_key else []
     app = web.Application(client_max_size=1 << 30, middlewares=middlewares)
