@@ -150,7 +150,17 @@ class Front:
         self.url = f"http://127.0.0.1:{port}"
         sim_extra = f"--speed {opts.speed:g} --seed 42"
         env = {"NF_SIM_PYTHON": sys.executable, "NF_SIM_EXTRA": sim_extra}
-        if kind == "neuron-fleet":
+        if kind.startswith("neuron-fleet-cap"):
+            # The balancer alone (no supervisor) with another slot cap, over replicas
+            # started here: `neuron-fleet balance --engine vllm --max-inflight-per-replica N`.
+            argv = [str(Path(sys.executable).parent / "neuron-fleet"), "balance", "--engine"]
+            argv += ["vllm", "--listen", f"127.0.0.1:{port}"]
+            argv += ["--max-inflight-per-replica", kind.removeprefix("neuron-fleet-cap")]
+            for i, p in enumerate(range(port + 1, port + 1 + opts.replicas)):
+                argv += ["--upstream", f"replica-{i}=http://127.0.0.1:{p}"]
+                self.procs.append(harness.Proc(f"{kind}-replica-{i}", _sim(p, sim_extra), log_dir))
+            self.root = harness.Proc(kind, argv, log_dir, env=env)
+        elif kind == "neuron-fleet":
             argv = [
                 str(Path(sys.executable).parent / "neuron-fleet"),
                 "demo",
@@ -185,10 +195,9 @@ class Front:
             if kind == "optimum-proxy-only":
                 ports = list(range(port + 1, port + 1 + opts.replicas))
                 for i, p in enumerate(ports):
-                    sim = [sys.executable, "-m", "supervisor.simulator", "--engine", "vllm"]
-                    sim += ["--port", str(p), "--model-id", MODEL, "--batch-size", str(BATCH)]
-                    sim += ["--max-model-len", str(MAX_MODEL_LEN), *sim_extra.split()]
-                    self.procs.append(harness.Proc(f"{kind}-replica-{i}", sim, log_dir))
+                    self.procs.append(
+                        harness.Proc(f"{kind}-replica-{i}", _sim(p, sim_extra), log_dir)
+                    )
                 front += ["--proxy-only", ",".join(map(str, ports))]
             else:
                 front += ["--", *vllm_args]
@@ -198,7 +207,7 @@ class Front:
     async def ready(self, replicas: int) -> None:
         harness, _ = _harness()
         await harness.wait_http(f"{self.url}/health", timeout=90, proc=self.root)
-        if self.kind == "neuron-fleet":  # /health says one replica is ready (min_ready)
+        if self.kind.startswith("neuron-fleet"):  # /health: one replica ready (min_ready)
             deadline = time.monotonic() + 60
             while await _metric(self.url, "neuron_fleet_replicas_ready") < replicas:
                 if time.monotonic() > deadline:
@@ -219,6 +228,13 @@ class Front:
     def stop(self) -> None:
         harness, _ = _harness()
         harness.stop_all(self.procs)
+
+
+def _sim(port: int, extra: str) -> list[str]:
+    """One vLLM-wire replica, as the stand-in runs it for optimum's manager."""
+    argv = [sys.executable, "-m", "supervisor.simulator", "--engine", "vllm", "--port", str(port)]
+    argv += ["--model-id", MODEL, "--batch-size", str(BATCH), "--max-model-len"]
+    return [*argv, str(MAX_MODEL_LEN), *extra.split()]
 
 
 def _free_block(size: int) -> int:
@@ -402,7 +418,7 @@ async def main(opts: argparse.Namespace) -> dict[str, Any]:
             report[key] = await on(kind, lambda f: scenario_kill(f, opts, 0.6 * cap))
             print(kind, "kill at 60% load", report[key], flush=True)
     if "load" in opts.only:
-        for kind in fronts:
+        for kind in (*fronts, *opts.extra_fronts):
             key = f"load90/{kind}"
             report[key] = await on(kind, lambda f: scenario_load(f, opts, 0.9 * cap))
             print(kind, "90% load", report[key], flush=True)
@@ -428,6 +444,13 @@ if __name__ == "__main__":
     parser.add_argument("--client-timeout", type=float, default=30.0)
     parser.add_argument("--only", nargs="*", default=["kill", "load", "metrics", "body"])
     parser.add_argument("--json", metavar="PATH", help="also write the figures here")
+    parser.add_argument(
+        "--extra-fronts",
+        nargs="*",
+        default=[],
+        metavar="neuron-fleet-capN",
+        help="also run the load scenario on `neuron-fleet balance` with slot cap N",
+    )
     options = parser.parse_args()
     figures = json.dumps(asyncio.run(main(options)), indent=1, default=str)
     print(figures)
