@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from balancer import access
 from balancer.admission import Admission
 from balancer.config import BalancerConfig
-from balancer.errors import expect_handler, json_error
+from balancer.errors import ENGINE_KEY, bind_engine, expect_handler, json_error
 from balancer.forecast import Forecast
 from balancer.health import probe_health
 from balancer.metrics import BalancerMetrics, route_label
@@ -46,7 +46,8 @@ GENERATION_ROUTES = (
     "/",
     "/invocations",
 )
-PASSTHROUGH_GET = ("/info", "/v1/models")
+PASSTHROUGH_GET = ("/info", "/v1/models", "/version")
+"""``/version``: vLLM's (``{"version": "0.11.0"}``, vllm 0.11.0 api_server.py); TGI has none."""
 PASSTHROUGH_POST = ("/tokenize", "/chat_tokenize")
 HANDLED_ROUTES = frozenset(GENERATION_ROUTES + PASSTHROUGH_GET + PASSTHROUGH_POST)
 """Routes whose handlers a drain waits for (``Balancer.handling``)."""
@@ -363,6 +364,7 @@ def _make_observer(balancer: Balancer) -> Any:
 
     @web.middleware
     async def observe(request: web.Request, handler: Any) -> web.StreamResponse:
+        bind_engine(request)  # every error below, ours or the relay's, in the engine's shape
         started = time.monotonic()
         route = route_label(request.path)
         code = "500"
@@ -476,6 +478,7 @@ def create_app(balancer: Balancer) -> web.Application:
         handler_args={"max_field_size": 16384, "max_line_size": 16384},
     )
     app[BALANCER_KEY] = balancer
+    app[ENGINE_KEY] = balancer.config.engine
     app.on_response_prepare.append(functools.partial(_before_head, balancer))
     post = functools.partial(app.router.add_post, expect_handler=expect_handler)
     get = functools.partial(app.router.add_get, allow_head=False, expect_handler=expect_handler)

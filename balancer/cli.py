@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from balancer.admission import QUEUE_ORDERS
 from balancer.client_address import parse_networks
-from balancer.config import BalancerConfig, UpstreamSpec
+from balancer.config import ENGINES, BalancerConfig, UpstreamSpec
 from balancer.logs import add_logging_arguments, configure_logging
 from balancer.policy import POLICIES
 from balancer.secrets_env import API_KEYS_VAR, secrets_from_env
@@ -99,6 +99,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         metavar="[NAME=]URL",
         help="a replica's base URL; repeat per replica",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=d.engine,
+        help="what the replicas are; the balancer's own errors take its shapes "
+        "(default %(default)s)",
     )
     parser.add_argument(
         "--policy",
@@ -275,6 +282,7 @@ def config_from_args(args: argparse.Namespace) -> BalancerConfig:
         host=host,
         port=port,
         upstreams=tuple(args.upstream),
+        engine=args.engine,
         policy=args.policy,
         max_inflight_per_replica=args.max_inflight_per_replica,
         max_queue=args.max_queue,

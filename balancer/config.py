@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+ENGINES = ("tgi", "vllm")
+"""The replicas' serving engine: it decides the shape of the balancer's own error bodies
+and error events (balancer/errors.py), so clients parse ours like a replica's."""
+
 
 @dataclass(frozen=True)
 class UpstreamSpec:
@@ -32,6 +36,7 @@ class BalancerConfig:
     upstreams: tuple[UpstreamSpec, ...] = ()
 
     engine: str = "tgi"
+    """``tgi`` | ``vllm``: what the replicas are (``ENGINES``)."""
     policy: str = "least-outstanding"
     """``least-outstanding`` | ``round-robin`` | ``least-work``."""
     max_inflight_per_replica: int = 8
@@ -160,3 +165,7 @@ class BalancerConfig:
     /tokenize; beyond it: 429. 0 = no limit."""
     tokenize_concurrency: int = 1
     """Prompts tokenized at once in worker threads (each can take a core)."""
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")

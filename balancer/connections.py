@@ -34,8 +34,9 @@ REFUSE_AFTER_S = 1.0
 """How long a refused connection may take to send its request before we just close it."""
 
 
-def _refusal(message: str) -> bytes:
-    body = error_body(message, "overloaded")
+def refusal(message: str, engine: str) -> bytes:
+    """The whole 503 response a refused connection gets, in the engine's shape."""
+    body = error_body(message, "overloaded", 503, engine)
     head = (
         "HTTP/1.1 503 Service Unavailable\r\n"
         "Content-Type: application/json\r\n"
@@ -47,8 +48,8 @@ def _refusal(message: str) -> bytes:
     return head.encode() + body
 
 
-REFUSAL = _refusal("Too many open connections to the balancer; retry shortly")
-PER_CLIENT_REFUSAL = _refusal(
+TOO_MANY = "Too many open connections to the balancer; retry shortly"
+TOO_MANY_FROM_YOU = (
     "Too many open connections from your address (max_connections_per_client); close idle "
     "ones or retry shortly"
 )
@@ -91,8 +92,10 @@ class _Refuse(asyncio.Protocol):
     """Answer the first bytes of the request with the 503 (a response written before the
     request arrives can be lost to the client's TCP reset), then close."""
 
-    answer = REFUSAL
     _timer: asyncio.TimerHandle | None = None
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -112,9 +115,8 @@ class _Refuse(asyncio.Protocol):
 class _Gate(_Refuse):
     """Admits a connection to aiohttp's handler unless its address holds its share."""
 
-    answer = PER_CLIENT_REFUSAL
-
     def __init__(self, factory: CappedFactory) -> None:
+        super().__init__(factory.client_refusal)
         self.factory = factory
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -141,8 +143,11 @@ class CappedFactory:
         per_client: int = 0,
         trusted: Sequence[Network] = (),
         on_refuse_client: Callable[[], None] | None = None,
+        engine: str = "tgi",
     ) -> None:
         self.server = server
+        self.refusal = refusal(TOO_MANY, engine)
+        self.client_refusal = refusal(TOO_MANY_FROM_YOU, engine)
         self.limit = limit
         self.on_refuse = on_refuse
         self.on_refuse_client = on_refuse_client or on_refuse
@@ -162,7 +167,7 @@ class CappedFactory:
                 "refused a connection: %d open (max_connections)",
                 self.limit,
             )
-            return _Refuse()
+            return _Refuse(self.refusal)
         if self.per_client:
             return _Gate(self)
         return self.server()  # type: ignore[return-value]
@@ -208,6 +213,7 @@ class CappedTCPSite(web.BaseSite):
     """``web.TCPSite`` with a connection cap (0: none)."""
 
     __slots__ = (
+        "_engine",
         "_host",
         "_limit",
         "_on_refuse",
@@ -228,6 +234,7 @@ class CappedTCPSite(web.BaseSite):
         per_client: int = 0,
         trusted: Sequence[Network] = (),
         on_refuse_client: Callable[[], None] | None = None,
+        engine: str = "tgi",
         backlog: int = 128,
     ) -> None:
         super().__init__(runner, backlog=backlog)
@@ -238,6 +245,7 @@ class CappedTCPSite(web.BaseSite):
         self._per_client = per_client
         self._trusted = tuple(trusted)
         self._on_refuse_client = on_refuse_client
+        self._engine = engine
 
     @property
     def name(self) -> str:
@@ -255,6 +263,7 @@ class CappedTCPSite(web.BaseSite):
                 self._per_client,
                 self._trusted,
                 self._on_refuse_client,
+                self._engine,
             ),
             self._host,
             self._port,

@@ -49,6 +49,7 @@ KNOWN_ROUTES = frozenset(
         "/chat_tokenize",
         "/info",
         "/v1/models",
+        "/version",
         "/health",
         "/ping",
         "/live",

@@ -8,6 +8,11 @@ The text is relabelled line by line rather than parsed and re-rendered, so every
 exactly as the replica wrote it (TGI's counters have no ``_total`` suffix; dashboards built
 for TGI keep working) and the samples of one family stay together across replicas, as the
 exposition format requires.
+
+Two gauges say the same thing for either engine, so one dashboard and one set of alerts
+serve both (``ENGINE_GAUGES``): ``neuron_fleet_replica_engine_running{replica}`` (requests
+in the engine's batch) and ``neuron_fleet_replica_engine_waiting{replica}`` (requests
+queued inside the replica), read from the same scrape.
 """
 
 from __future__ import annotations
@@ -21,6 +26,26 @@ from balancer.upstream import Registry, Replica, ReplicaState
 
 PREFIXES = ("tgi_", "vllm:")
 SCRAPE_TIMEOUT_S = 2.0
+ENGINE_GAUGES = {
+    # text-generation-inference v3.3.7 router/src/infer/mod.rs and queue.rs
+    "tgi_batch_current_size": "running",
+    "tgi_queue_size": "waiting",
+    # vllm 0.11.0 v1/metrics/loggers.py (labels model_name, engine: summed per replica)
+    "vllm:num_requests_running": "running",
+    "vllm:num_requests_waiting": "waiting",
+}
+NORMALISED = {
+    "running": (
+        "neuron_fleet_replica_engine_running",
+        "Requests in the replica engine's running batch (TGI's batch_current_size, vLLM's "
+        "num_requests_running), read when /metrics is scraped.",
+    ),
+    "waiting": (
+        "neuron_fleet_replica_engine_waiting",
+        "Requests queued inside the replica for a batch slot (TGI's queue_size, vLLM's "
+        "num_requests_waiting), read when /metrics is scraped.",
+    ),
+}
 
 
 @dataclass
@@ -30,8 +55,14 @@ class _Family:
     samples: list[str] = field(default_factory=list)
 
 
-def relabel(text: str, replica: str, families: dict[str, _Family]) -> None:
-    """Add ``replica="<name>"`` to every sample of the kept families of one replica."""
+def relabel(
+    text: str,
+    replica: str,
+    families: dict[str, _Family],
+    engine: dict[str, float] | None = None,
+) -> None:
+    """Add ``replica="<name>"`` to every sample of the kept families of one replica; sum
+    its ``ENGINE_GAUGES`` samples into ``engine`` (``running`` / ``waiting``)."""
     current: str | None = None
     label = f'replica="{replica}"'
     for line in text.splitlines():
@@ -55,12 +86,35 @@ def relabel(text: str, replica: str, families: dict[str, _Family]) -> None:
             current = name if name.startswith(PREFIXES) else None
         if current is None:
             continue
+        if engine is not None and name in ENGINE_GAUGES:
+            _add_value(engine, ENGINE_GAUGES[name], line, end == brace)
         if end == brace:
             inner = "" if line[brace + 1] == "}" else ","
             line = f"{name}{{{label}{inner}{line[brace + 1 :]}"
         else:
             line = f"{name}{{{label}}}{line[end:]}"
         families.setdefault(current, _Family()).samples.append(line)
+
+
+def _add_value(engine: dict[str, float], kind: str, line: str, labelled: bool) -> None:
+    """Add a sample's value (after its labels: a label value may hold spaces)."""
+    tail = line[line.rfind("}") + 1 :] if labelled else line[line.find(" ") :]
+    try:
+        value = float(tail.split()[0])
+    except (IndexError, ValueError):
+        return
+    engine[kind] = engine.get(kind, 0.0) + value
+
+
+def normalised(engines: dict[str, dict[str, float]]) -> list[str]:
+    """The two engine gauges' exposition lines, one sample per replica that reported."""
+    lines: list[str] = []
+    for kind, (name, help_text) in NORMALISED.items():
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+        for replica, values in engines.items():
+            if kind in values:
+                lines.append(f'{name}{{replica="{replica}"}} {values[kind]}')
+    return lines
 
 
 class ReplicaMetricsExporter:
@@ -76,14 +130,15 @@ class ReplicaMetricsExporter:
         ]
         texts = await asyncio.gather(*(self._scrape(r) for r in replicas))
         families: dict[str, _Family] = {}
+        engines: dict[str, dict[str, float]] = {}
         for replica, text in zip(replicas, texts, strict=True):
             if text:
-                relabel(text, replica.name, families)
-        lines: list[str] = []
+                relabel(text, replica.name, families, engines.setdefault(replica.name, {}))
+        lines = normalised(engines)
         for family in families.values():
             lines += family.meta
             lines += family.samples
-        return ("\n".join(lines) + "\n").encode() if lines else b""
+        return ("\n".join(lines) + "\n").encode()
 
     async def _scrape(self, replica: Replica) -> str:
         timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_S)

@@ -130,6 +130,7 @@ class BalancerServer:
                 reason="too_many_connections_per_client"
             ).inc,
             backlog=1024,
+            engine=cfg.engine,
         )
         try:
             await site.start()

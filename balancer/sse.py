@@ -23,7 +23,11 @@ The relay forwards a replica's bytes unparsed, but it must know two things about
   * vLLM's OpenAI server (``create_streaming_error_response`` in
     ``vllm/entrypoints/openai/serving_engine.py``, ``engine/serving.py`` in newer
     releases): ``data: {"error":{"message":..,"type":..,"param":..,"code":N}}``, with
-    the HTTP status it would have answered in ``code``.
+    the HTTP status it would have answered in ``code``. vLLM 0.11's stream generators
+    (``serving_chat.py`` ``chat_completion_stream_generator``, ``serving_completion.py``
+    ``completion_stream_generator``) catch every exception into such an event with the
+    default ``code`` 400 (``BadRequestError``), engine failures included: so a code-400
+    event is judged by its message (``_VLLM_GENERATION``), like TGI's 422.
 """
 
 from __future__ import annotations
@@ -55,6 +59,10 @@ _TGI_MESSAGES = (
     ("Incomplete generation", GENERATION),  # also "Incomplete generation stream"
     ("Stream event serialization error", GENERATION),
 )
+
+_VLLM_GENERATION = "EngineCore encountered an issue"
+"""vllm 0.11.0 ``v1/engine/exceptions.py`` ``EngineDeadError``: the engine process died
+(the server exits next); every request it held gets this, mid-stream or first."""
 
 
 def first_event_end(buf: bytes | bytearray) -> int:
@@ -246,4 +254,9 @@ def parse_error_event(event: bytes) -> ErrorEvent | None:
         for prefix, verdict in _TGI_MESSAGES:
             if message.startswith(prefix):
                 return ErrorEvent(verdict, message)
+    elif code == 400 and (message.startswith(_VLLM_GENERATION) or not message):
+        # vLLM's catch-all 400: an engine death, or (empty message) ``EngineGenerateError``,
+        # an unexpected failure in ``AsyncLLM.generate`` (vllm 0.11.0 v1/engine/async_llm.py,
+        # raised without a message). A bad request always says what is wrong.
+        return ErrorEvent(GENERATION, message)
     return ErrorEvent(CLIENT, message)

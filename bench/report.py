@@ -579,6 +579,9 @@ def main() -> None:
         doc.append("## Where neuron-fleet's CPU goes (py-spy, bench/profile_balancer.py)\n")
         for mode, head, body in profiles:
             doc.append(f"**{mode}** load: {head}\n\n```\n{body}\n```\n")
+    versus = BENCH / "vs_optimum_dp.md"  # hand-written from bench/vs_optimum_dp.py's runs
+    if versus.exists():
+        doc.append(versus.read_text())
     doc.append(DOC_TAIL)
     (ROOT / "BENCHMARKS.md").write_text("\n".join(doc))
     print(f"wrote {ROOT / 'BENCHMARKS.md'} and {len(plots)} plots in {RESULTS}")
@@ -662,6 +665,10 @@ DOC_TAIL = """
 - `bench/relay_overhead.py`: the older single-balancer relay benchmark (TGI route).
 - `bench/containment.py` (+ `bench/containment_replica.py`): poison requests, hangs and a
   fleet-wide SIGKILL under `neuron-fleet serve`; its section is `bench/containment.md`.
+- `bench/vs_optimum_dp.py`: neuron-fleet vs optimum-neuron's data-parallel front (needs
+  optimum-neuron with `--data-parallel-size`, i.e. main after 2026-03-13, in a venv of its
+  own: `--optimum-python`); figures in `bench/results/vs_optimum_dp.json`, the section
+  above hand-written in `bench/vs_optimum_dp.md` (kept by `bench/report.py`).
 """
 
 

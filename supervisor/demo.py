@@ -14,6 +14,7 @@ import shutil
 import sys
 import tempfile
 
+from balancer.config import ENGINES
 from balancer.logs import add_logging_arguments, configure_logging
 from supervisor.serve import FleetService, load, serve
 
@@ -71,6 +72,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--replicas", type=int, default=3, metavar="N", help="simulated replicas (default 3)")
     add(
+        "--engine",
+        choices=ENGINES,
+        default="tgi",
+        help="what the simulated replicas are: TGI Neuron (default) or vLLM 0.11 on Neuron "
+        "(optimum-neuron's `optimum-cli neuron serve`)",
+    )
+    add(
         "--speed",
         type=float,
         metavar="X",
@@ -86,17 +94,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_logging_arguments(parser)
 
 
-def demo_toml(model_size: float | None = None) -> str:
-    """The demo's config; with a model size the simulated replicas use the fitted timing."""
-    if model_size is None:
-        return DEMO_TOML
-    extra = f'extra_args = ["--model-size", "{model_size:g}", "--tp", "8"]\n\n'
-    return DEMO_TOML.replace("\n[balancer]\n", f"\n{extra}[balancer]\n", 1)
+def demo_toml(model_size: float | None = None, engine: str = "tgi") -> str:
+    """The demo's config; with a model size the simulated replicas use the fitted timing,
+    with engine vllm they speak vLLM 0.11's wire and the balancer answers in its shape."""
+    toml = DEMO_TOML
+    if engine != "tgi":
+        toml = toml.replace("\n[fleet]\n", f'\n[fleet]\nengine = "{engine}"\n', 1)
+    if model_size is not None:
+        extra = f'extra_args = ["--model-size", "{model_size:g}", "--tp", "8"]\n\n'
+        toml = toml.replace("\n[balancer]\n", f"\n{extra}[balancer]\n", 1)
+    return toml
 
 
-def curl_line(url: str) -> str:
+def curl_line(url: str, model: str = "tgi") -> str:
+    """TGI takes any model name ("tgi" by convention); vLLM only the one it serves."""
     body = (
-        '{"model":"tgi","messages":[{"role":"user","content":"Hello"}],'
+        f'{{"model":"{model}","messages":[{{"role":"user","content":"Hello"}}],'
         '"stream":true,"max_tokens":32}'
     )
     return f"curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'"
@@ -118,9 +131,12 @@ def own_command(argv0: str | None = None) -> str:
 def _announce(service: FleetService) -> None:
     url = service.url
     n = len(service.registry)
+    vllm = service.config.balancer.engine == "vllm"
+    kind = "vLLM 0.11" if vllm else "TGI Neuron"
+    model = service.config.model.id if vllm else "tgi"
     print(
-        f"\nneuron-fleet demo: {n} simulated TGI Neuron replica(s) behind {url}\n"
-        f"  try it:   {curl_line(url)}\n"
+        f"\nneuron-fleet demo: {n} simulated {kind} replica(s) behind {url}\n"
+        f"  try it:   {curl_line(url, model)}\n"
         f"  metrics:  {url}/metrics\n"
         f"  status:   {own_command()} status --url {url}   ({url}/fleet/status with the admin\n"
         "            token that `neuron-fleet status` finds by itself; see docs/admin-api.md)\n"
@@ -141,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     fd, path = tempfile.mkstemp(prefix="neuron-fleet-demo-", suffix=".toml")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(demo_toml(getattr(args, "model_size", None)))
+            handle.write(demo_toml(args.model_size, args.engine))
         # Replicas right after the balancer's port (8080 -> 8081..), like the compose file,
         # so a demo on another port does not collide with one on 8080.
         args.config = path

@@ -314,9 +314,7 @@ def simulated_spec(plan: ReplicaPlan, config: FleetConfig) -> LaunchSpec:
         if value is not None:
             argv += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
     if config.fleet.engine != "tgi":
-        # TODO(i19-wire): `simulate-replica --engine vllm` (vLLM 0.11's wire format) comes
-        # with the simulator work of issue 19 on the i19-wire branch; until that merges the
-        # simulator refuses this flag and a simulated vLLM fleet does not start.
+        # The simulator speaks vLLM 0.11's wire (supervisor/simulator/vllm_server.py).
         argv += ["--engine", config.fleet.engine]
     final = (*argv, *sim.extra_args)
     env = {"NEURON_RT_VISIBLE_CORES": plan.cores}

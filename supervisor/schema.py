@@ -18,12 +18,13 @@ import string
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from balancer.config import ENGINES
 from supervisor.model import NeuronModelInfo
 from supervisor.neuron import DEFAULT_CORES_PER_DEVICE
 
 LAUNCHERS = ("docker", "native", "simulated", "command")
-ENGINES = ("tgi", "vllm")
-"""What the replicas run: TGI's Neuron server, or vLLM with optimum-neuron's plugin."""
+# ENGINES (balancer/config.py): what the replicas run: TGI's Neuron server, or vLLM with
+# optimum-neuron's plugin.
 WHOLE_DEVICE_LAUNCHERS = frozenset({"docker"})
 """Launchers that hand a replica whole /dev/neuronN devices rather than a core range."""
 POLICIES = ("least-outstanding", "round-robin", "least-work")

@@ -269,6 +269,7 @@ def test_every_alert_has_a_firing_and_a_silent_unit_test() -> None:
         "NeuronFleetNoReadyReplica",
         "NeuronFleetReplicaDown",
         "NeuronFleetReplicaCrashLooping",
+        "NeuronFleetReplicaEngineQueueing",
         "NeuronFleetQueueSaturated",
         "NeuronFleetTimeToFirstTokenHigh",
         "NeuronFleetUpstreamErrorRatioHigh",
@@ -346,14 +347,16 @@ def test_dashboard_model() -> None:
         "neuron_fleet_replica_state",
         "neuron_fleet_replica_restarts_total",
         "neuron_fleet_output_tokens_total",
-        "tgi_queue_size",
-        "tgi_batch_current_size",
+        "neuron_fleet_replica_engine_waiting",  # TGI's tgi_queue_size or vLLM's, normalised
+        "neuron_fleet_replica_engine_running",
+        "tgi_request_queue_duration_bucket",
+        "vllm:request_queue_time_seconds_bucket",
         "neuron_fleet_ttft_slo_requests_total",
         "neuron_fleet_ttft_forecast_error_seconds_bucket",
     ):
         assert needle in exprs, needle
     assert "histogram_quantile(0.5," in exprs and "histogram_quantile(0.99," in exprs
-    assert "TGI" in titles
+    assert "TGI" in titles and "vLLM" in titles
 
 
 def test_dashboard_queries_parse_as_promql(tmp_path: Path) -> None:

@@ -141,11 +141,13 @@ class Demo:
 
 
 @contextmanager
-def running_demo(log: Path, env: dict[str, str] | None = None) -> Iterator[Demo]:
+def running_demo(
+    log: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+) -> Iterator[Demo]:
     """`neuron-fleet demo` on a free port, running once all its replicas are ready."""
     port = free_port_block(REPLICAS + 1)
     exe = Path(sys.executable).parent / "neuron-fleet"
-    argv = [str(exe), "demo", "--listen", f"{LOOPBACK}:{port}", "--speed", "50"]
+    argv = [str(exe), "demo", "--listen", f"{LOOPBACK}:{port}", "--speed", "50", *args]
     systemd = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
     env = {**{k: v for k, v in os.environ.items() if k not in systemd}, **(env or {})}
     with log.open("w") as out:
@@ -427,6 +429,58 @@ async def test_real_prometheus_scrapes_the_demo(tmp_path: Path) -> None:
                 "(rate(neuron_fleet_time_to_first_token_seconds_bucket[1m])))",
             ):
                 wait_for(lambda e=expr: prometheus_query(prom, e), f"data for {expr}")
+
+
+async def test_real_prometheus_scrapes_a_vllm_demo(tmp_path: Path) -> None:
+    """`demo --engine vllm`: the same dashboard and alerts over vLLM replicas. The engine
+    gauges come from vllm:num_requests_*; every vllm:* series the dashboard names is
+    exposed; every rule evaluates cleanly and none fires; every dashboard query runs."""
+    require_tool("prometheus")
+    with running_demo(tmp_path / "demo.log", args=("--engine", "vllm")) as demo:
+        chat = {
+            "model": "neuron-fleet/simulated-llama-3.1-8b",
+            "messages": [{"role": "user", "content": "Hello"}],
+            "stream": True,
+            "max_tokens": 4,
+        }
+        async with aiohttp.ClientSession() as session:
+            for _ in range(6):
+                async with session.post(f"{demo.url}/v1/chat/completions", json=chat) as resp:
+                    assert resp.status == 200
+                    assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+            async with session.get(f"{demo.url}/metrics") as resp:
+                text = await resp.text()
+        names = exposed_names(text)
+        used = {
+            name
+            for expr in dashboard_exprs() + alert_exprs()
+            for name in re.findall(r"\bvllm:\w+", expr)
+        }
+        assert used and sorted(used - names) == []
+        values = metric_values(text)
+        for gauge in ("neuron_fleet_replica_engine_running", "neuron_fleet_replica_engine_waiting"):
+            replicas = {dict(labels).get("replica") for name, labels in values if name == gauge}
+            assert replicas == {f"replica-{i}" for i in range(REPLICAS)}, gauge
+        assert "tgi_" not in text  # a vLLM fleet: only vllm:* re-exported
+
+        target = demo.url.removeprefix("http://")
+        with running_prometheus(tmp_path, target) as prom:
+            wait_for(
+                lambda: scalar(prom, "count(neuron_fleet_replica_engine_running)") == REPLICAS,
+                "the engine gauges in Prometheus",
+            )
+
+            def rules_evaluated() -> list[dict[str, Any]]:
+                groups = json.loads(http_get(f"{prom}/api/v1/rules"))["data"]["groups"]
+                rules = [r for g in groups for r in g["rules"]]
+                done = all(not r["lastEvaluation"].startswith("0001") for r in rules)
+                return rules if rules and done else []
+
+            rules = wait_for(rules_evaluated, "alert rules evaluated")
+            assert [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
+            assert [r["name"] for r in rules if r["state"] != "inactive"] == []
+            for expr in dashboard_exprs():
+                prometheus_query(prom, concrete(expr))
 
 
 # -- the unit's notify contract -----------------------------------------------------------

@@ -24,6 +24,14 @@ DEFAULT_MAX_TOTAL_TOKENS = SimConfig.max_total_tokens
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    add(
+        "--engine",
+        choices=("tgi", "vllm"),
+        default="tgi",
+        help="wire format: TGI 3.3.7's (default) or vLLM 0.11's OpenAI server",
+    )
+    add("--max-num-seqs", type=int, help="vLLM's name for --batch-size")
+    add("--max-model-len", type=int, help="vLLM's name for --max-total-tokens")
     add("--port", type=int, help=f"port to bind (env PORT, default {DEFAULT_PORT}; 0 = any)")
     add("--model-id", help="model name reported by /info (env MODEL_ID)")
     add("--batch-size", type=int, help="static batch slots (env MAX_BATCH_SIZE, default 8)")
@@ -121,6 +129,11 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
 
     max_input = pick(args.max_input_tokens, "MAX_INPUT_TOKENS")
     max_total = pick(args.max_total_tokens, "MAX_TOTAL_TOKENS")
+    if args.max_model_len is not None:
+        max_total = args.max_model_len
+        max_input = max_input if max_input is not None else max_total - 1
+    if args.max_num_seqs is not None:
+        args.batch_size = args.max_num_seqs
     if max_input is None and max_total is None:
         max_input, max_total = DEFAULT_MAX_INPUT_TOKENS, DEFAULT_MAX_TOTAL_TOKENS
     elif max_input is None:
@@ -155,6 +168,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
             eos_probability=args.eos_probability,
             api_key=env.get("API_KEY") or None,
             keepalive_interval=args.keepalive_interval,
+            engine=args.engine,
             timing=_timing(args, batch_size or SimConfig.batch_size, max_total),
             faults=FaultConfig(
                 crash_after_tokens=args.crash_after_tokens,

@@ -185,6 +185,10 @@ class SimConfig:
     api_key: str | None = field(default=None, repr=False)
     """TGI's ``--api-key`` / ``API_KEY``: the generation routes and /tokenize need
     ``Authorization: Bearer <key>`` (case-insensitive, as TGI compares), else 401."""
+    engine: str = "tgi"
+    """The wire it speaks: ``tgi`` (server.py) or ``vllm`` (vllm_server.py). With ``vllm``,
+    ``batch_size`` is ``--max-num-seqs``, ``max_total_tokens`` ``--max-model-len``, and a
+    device failure kills the engine (every request fails, the server exits)."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -203,6 +207,8 @@ class SimConfig:
             raise ValueError("eos_probability must be within [0, 1]")
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be within [0, 65535]")
+        if self.engine not in ("tgi", "vllm"):
+            raise ValueError(f"engine must be tgi or vllm, got {self.engine!r}")
 
 
 # --------------------------------------------------------------------------- errors
@@ -809,10 +815,18 @@ class Generation:
 class Engine:
     """Drives a ``NeuronBatcher`` on a clock and hands tokens to ``Generation`` handles."""
 
-    def __init__(self, config: SimConfig, *, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        config: SimConfig,
+        *,
+        clock: Clock | None = None,
+        batcher: type[NeuronBatcher] | None = None,
+    ) -> None:
+        """``batcher``: the scheduling policy (default TGI Neuron's ``NeuronBatcher``; vLLM's
+        is ``vllm_scheduler.ContinuousBatcher``)."""
         self.config = config
         self.clock: Clock = clock or MonotonicClock()
-        self.batcher = NeuronBatcher(
+        self.batcher = (batcher or NeuronBatcher)(
             batch_size=config.batch_size,
             max_concurrent_requests=config.max_concurrent_requests,
             timing=config.timing,
@@ -871,6 +885,20 @@ class Engine:
             gen = self._generations.pop(job.ordinal, None)
             if gen is not None:
                 gen._push(GenerationError("server shutting down"))
+
+    def die(self, error: SimError) -> None:
+        """The engine is gone for good (vLLM's EngineCore died): stop stepping, and every
+        request, running or waiting, gets ``error``."""
+        if self._task is not None:
+            self._task.cancel()
+        now = self.clock.now()
+        self.batcher.fail_all(now)
+        for job in self.batcher.queue:
+            job.failed = True
+        self.batcher.queue.clear()
+        generations, self._generations = self._generations, {}
+        for gen in generations.values():
+            gen._push(error)
 
     async def _run(self) -> None:
         while True:

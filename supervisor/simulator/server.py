@@ -903,7 +903,15 @@ def _api_key_guard(api_key: str) -> Any:
 
 def create_app(config: SimConfig, *, clock: Clock | None = None) -> web.Application:
     """The replica's aiohttp app. Run it with ``handler_cancellation=True`` (as ``start_server``
-    does) so that a client that leaves frees its slot."""
+    does) so that a client that leaves frees its slot. ``config.engine == "vllm"``: vLLM
+    0.11's wire instead (vllm_server.py)."""
+    if config.engine == "vllm":
+        from .vllm_server import VLLM_ENGINE
+        from .vllm_server import create_app as create_vllm_app
+
+        app = create_vllm_app(config, clock=clock)
+        app[ENGINE] = app[VLLM_ENGINE]
+        return app
     engine = Engine(config, clock=clock)
     metrics = TgiMetrics(engine)
     replica = _Replica(config, engine, metrics)
@@ -980,7 +988,8 @@ def ready_line(config: SimConfig, url: str) -> str:
         f"simulated replica ready on {url} (batch {config.batch_size}, "
         f"max_concurrent_requests {config.max_concurrent_requests}, "
         f"max_input_tokens {config.max_input_tokens}, max_total_tokens "
-        f"{config.max_total_tokens}, speed {config.speed:g}, model {config.model_id})"
+        f"{config.max_total_tokens}, speed {config.speed:g}, model {config.model_id}, "
+        f"engine {config.engine})"
     )
 
 
@@ -1007,6 +1016,14 @@ async def serve(
             except TimeoutError:
                 pass
         server = await start_server(config)
+        if config.engine == "vllm":
+            from .vllm_server import ON_ENGINE_DEATH, WATCHDOG_S
+
+            # vLLM's launcher stops the server at its watchdog's next check after the
+            # engine died (vllm 0.11.0 entrypoints/launcher.py watchdog_loop); exit 0.
+            server.app[ON_ENGINE_DEATH].append(
+                lambda: loop.call_later(WATCHDOG_S / config.speed, stop.set)
+            )
         log.info(ready_line(config, server.url))
         if on_ready is not None:
             on_ready(server)
