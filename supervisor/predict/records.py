@@ -132,6 +132,14 @@ def target(record: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def rounding_step(record: dict[str, Any], metric: str) -> float:
+    """How coarsely the source printed ``metric`` (0: precise). inf2-published.md: the
+    optimum-neuron chart labels round TTFT to 0.1 s and ITL to integer milliseconds."""
+    if str(record.get("value_precision", "")).startswith("chart bar labels"):
+        return {"ttft_s": 0.1, "itl_ms": 1.0}.get(metric, 0.0)
+    return 0.0
+
+
 def kind_of(record: dict[str, Any]) -> str:
     """``static`` or ``served``: the two families of goals."""
     return "static" if record["benchmark_kind"] == "static_batch" else "served"

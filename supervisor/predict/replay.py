@@ -20,6 +20,14 @@ completed 55-88 requests at 0.77-0.85 req/s, i.e. 65-115 s)."""
 SYNCHRONOUS_REQUESTS = 20
 LLMPERF_REQUESTS_PER_CLIENT = 8
 """The records' note: llmperf ran ``max completed requests = 8 x concurrency``."""
+LLMPERF_WAVES_UNTIL = "2024-12-09"
+"""llmperf ran its clients in waves until ray-project/llmperf f1d6bed (2024-12-09, "fix:
+subsequent requests cannot be sent until 'num_concurrent_requests' requests have all
+finished in non-block mode"): ``token_benchmark_ray.py`` called
+``RequestsLauncher.get_next_ready()`` every ``num_concurrent_requests`` launches, and that
+drained ``ActorPool.get_next_unordered()`` while ``has_next()``, i.e. waited for every request
+in flight. A wave of C requests on B-slot replicas runs ceil(C / replicas / B) batches one
+after the other; its median TTFT is ~C/2 requests' service on a batch-1 replica."""
 MAX_SIMULATED_REQUESTS = 1200
 """Past this a closed-loop run is in steady state; more only costs time."""
 
@@ -44,7 +52,10 @@ def workload_of(record: dict[str, Any], seed: int = 0) -> Workload:
     if load.kind == "concurrency":
         clients = int(load.value)
         total = min(LLMPERF_REQUESTS_PER_CLIENT * clients, max(MAX_SIMULATED_REQUESTS, clients))
-        return Workload(concurrency=clients, max_requests=total, duration_s=math.inf, **common)
+        waves = str(record.get("published_date", "")) < LLMPERF_WAVES_UNTIL
+        return Workload(
+            concurrency=clients, max_requests=total, waves=waves, duration_s=math.inf, **common
+        )
     if load.kind == "synchronous":
         return Workload(
             concurrency=1, max_requests=SYNCHRONOUS_REQUESTS, duration_s=math.inf, **common
@@ -57,7 +68,11 @@ def workload_of(record: dict[str, Any], seed: int = 0) -> Workload:
 
 
 def summarize(result: Result, statistic: str) -> dict[str, float]:
-    ttft, itl = result.ttft_s(), result.itl_ms()
+    """``p50``: llmperf's medians, with llmperf's ITL (TTFT included, see
+    ``Result.llmperf_itl_ms``); ``mean``: guidellm's means of TTFT and of the gaps after
+    the first token."""
+    ttft = result.ttft_s()
+    itl = result.llmperf_itl_ms() if statistic == "p50" else result.itl_ms()
     pick = (lambda v: percentile(v, 50)) if statistic == "p50" else mean
     return {
         "ttft_s": pick(ttft),
@@ -98,11 +113,22 @@ OVERHEADS_S = (0.0, 0.1, 0.2)
 ROUTER_RATIOS = (None, 0.3, 1.2)
 """TGI's ``waiting_served_ratio``: the router's default is 1.2, the launcher's 0.3; None =
 no router rule (vLLM)."""
+JOIN_STALLS_S = (0.0, 0.25, 0.5, 1.0, 2.0)
+FIT_ROUNDS = 2
+
+
+def _score(model: TimingModel, served: list[dict[str, Any]]) -> float:
+    errors = []
+    for record in served:
+        errors.extend(ape(predict_record(model, record), target(record)).values())
+    # capped so that one absurd record cannot pick the parameters alone
+    return sum(min(e, 200.0) for e in errors) / max(len(errors), 1)
 
 
 def fit(records: list[dict[str, Any]]) -> TimingModel:
     """Static coefficients, then per serving engine and software generation the serving
-    terms (grid search through the virtual-time host) that best fit its served records."""
+    terms that best fit its served records through the virtual-time host: a coordinate
+    search, one term's grid at a time with the others held, ``FIT_ROUNDS`` times over."""
     model = TimingModel.fit_static(records)
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in records:
@@ -114,22 +140,22 @@ def fit(records: list[dict[str, Any]]) -> TimingModel:
             key = f"{serving_engine(str(r.get('engine', '')))}|{Shape.of_record(r).generation}"
             groups.setdefault(key, []).append(r)
     for key, served in sorted(groups.items()):
-        best: tuple[float, TimingModel] | None = None
-        ratios = ROUTER_RATIOS if key.startswith("tgi|") else (None,)
-        for ratio in ratios:
-            for per_active in PER_ACTIVE_S:
-                for overhead in OVERHEADS_S:
-                    candidate = model.with_serving(key, per_active, overhead, ratio)
-                    errors = []
-                    for record in served:
-                        predicted = predict_record(candidate, record)
-                        errors.extend(ape(predicted, target(record)).values())
-                    # capped so that one absurd record cannot pick the parameters alone
-                    score = sum(min(e, 200.0) for e in errors) / max(len(errors), 1)
-                    if best is None or score < best[0]:
-                        best = (score, candidate)
-        assert best is not None
-        model = best[1]
+        grids: list[tuple[Any, ...]] = [
+            PER_ACTIVE_S,
+            OVERHEADS_S,
+            ROUTER_RATIOS if key.startswith("tgi|") else (None,),
+            JOIN_STALLS_S,
+        ]
+        terms: list[Any] = [0.0, 0.0, None, 0.0]
+        scores: dict[tuple[Any, ...], float] = {}
+        for _ in range(FIT_ROUNDS):
+            for i, grid in enumerate(grids):
+                trials = [(*terms[:i], value, *terms[i + 1 :]) for value in grid]
+                for trial in trials:
+                    if trial not in scores:
+                        scores[trial] = _score(model.with_serving(key, *trial), served)
+                terms = list(min(trials, key=scores.__getitem__))
+        model = model.with_serving(key, *terms)
     return model
 
 
