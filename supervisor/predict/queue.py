@@ -305,7 +305,8 @@ class HostSimulation:
             replica.admitted = batch
             replica.running.extend(batch)
             longest = max(r.input_tokens for r in batch)
-            duration = model.prefill_s(shape, len(batch), longest) + replica.step_stall
+            prefill = model.served_prefill_s(shape, len(batch), longest, replica.engine)
+            duration = prefill + replica.step_stall
             self._start(replica, "prefill", duration, 1)
             replica.last_was_prefill = True
             replica.waiting_steps = 1

@@ -53,13 +53,15 @@ def generation(engine: str, sdk_version: str) -> str:
     """Which software stack produced the steps: the coefficients differ per stack.
 
     - ``tnx``: AWS transformers-neuronx samples (the Neuron SDK performance tables);
-    - ``on-tnx``: optimum-neuron on Neuron SDK < 2.20 (its transformers-neuronx backend);
-    - ``on-nxd``: optimum-neuron on SDK >= 2.20 (NxD Inference backend), TGI 3.x and vLLM.
+    - ``on-tnx``: optimum-neuron on Neuron SDK < 2.21 (its transformers-neuronx backend: NxD
+      Inference first ships with SDK 2.21, awsdocs-neuron v2.21.0.beta
+      ``libraries/nxd-inference``);
+    - ``on-nxd``: optimum-neuron on SDK >= 2.21 (NxD Inference backend), TGI 3.x and vLLM.
     """
     if engine.startswith("transformers-neuronx"):
         return "tnx"
     version = sdk_tuple(sdk_version)
-    if version is not None and version < (2, 20):
+    if version is not None and version < (2, 21):
         return "on-tnx"
     return "on-nxd"
 

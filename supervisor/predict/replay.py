@@ -114,6 +114,7 @@ ROUTER_RATIOS = (None, 0.3, 1.2)
 """TGI's ``waiting_served_ratio``: the router's default is 1.2, the launcher's 0.3; None =
 no router rule (vLLM)."""
 JOIN_STALLS_S = (0.0, 0.25, 0.5, 1.0, 2.0)
+PREFILL_EXPONENTS = (1.0, 0.5, 0.25, 0.0)
 FIT_ROUNDS = 2
 
 
@@ -145,8 +146,9 @@ def fit(records: list[dict[str, Any]]) -> TimingModel:
             OVERHEADS_S,
             ROUTER_RATIOS if key.startswith("tgi|") else (None,),
             JOIN_STALLS_S,
+            PREFILL_EXPONENTS,
         ]
-        terms: list[Any] = [0.0, 0.0, None, 0.0]
+        terms: list[Any] = [0.0, 0.0, None, 0.0, 1.0]
         scores: dict[tuple[Any, ...], float] = {}
         for _ in range(FIT_ROUNDS):
             for i, grid in enumerate(grids):

@@ -224,6 +224,12 @@ class TimingModel:
     token is not delayed). Fitted: the published TGI guidellm runs' ITL nearly doubles at
     0.5 req/s on three replicas while their TTFT rises by 15 %, far more than the joining
     prefills (~0.3 s each) explain; see docs/predict.md."""
+    prefill_exponent: dict[str, float] = field(default_factory=dict)
+    """``engine|generation`` -> e: a server's prefill of n admitted requests takes the time
+    of one times n^e (1: one sequence after the other, as ``prefill_s``; 0: all in one
+    call). Fitted: the published llmperf runs of 2024 (TGI Neuron on transformers-neuronx)
+    median a TTFT of 0.3-1.1 s for waves of 11-32 simultaneous requests per replica, where
+    one-by-one prefills of 0.3 s would take 1.6-4.6 s."""
     coverage: Coverage = Coverage()
 
     def _eval(self, cols: dict[str, float]) -> float:
@@ -287,6 +293,15 @@ class TimingModel:
     def join_stall(self, shape: Shape, engine: str) -> float:
         return self.join_stall_s.get(self.serving_key(shape, engine), 0.0)
 
+    def served_prefill_s(
+        self, shape: Shape, sequences: int, input_tokens: int, engine: str = "tgi"
+    ) -> float:
+        """A server's prefill of ``sequences`` admitted requests (``prefill_exponent``)."""
+        exponent = self.prefill_exponent.get(self.serving_key(shape, engine), 1.0)
+        if exponent >= 1.0 or sequences <= 1:
+            return self.prefill_s(shape, sequences, input_tokens)
+        return self.prefill_s(shape, 1, input_tokens) * sequences**exponent
+
     def with_serving(
         self,
         key: str,
@@ -294,6 +309,7 @@ class TimingModel:
         overhead_s: float,
         ratio: float | None = None,
         join_stall_s: float = 0.0,
+        prefill_exponent: float = 1.0,
     ) -> TimingModel:
         return replace(
             self,
@@ -301,6 +317,7 @@ class TimingModel:
             overhead_s={**self.overhead_s, key: overhead_s},
             router_ratios={**self.router_ratios, key: ratio},
             join_stall_s={**self.join_stall_s, key: join_stall_s},
+            prefill_exponent={**self.prefill_exponent, key: prefill_exponent},
         )
 
     @classmethod
@@ -440,6 +457,7 @@ def model_to_json(model: TimingModel) -> dict[str, Any]:
         "overhead_s": model.overhead_s,
         "router_ratios": model.router_ratios,
         "join_stall_s": model.join_stall_s,
+        "prefill_exponent": model.prefill_exponent,
         "coverage": {
             "params_b": list(c.params_b),
             "tp": sorted(c.tp),
@@ -466,6 +484,7 @@ def model_from_json(data: dict[str, Any]) -> TimingModel:
             k: None if v is None else float(v) for k, v in data.get("router_ratios", {}).items()
         },
         join_stall_s={k: float(v) for k, v in data.get("join_stall_s", {}).items()},
+        prefill_exponent={k: float(v) for k, v in data.get("prefill_exponent", {}).items()},
         coverage=Coverage(
             params_b=(float(c["params_b"][0]), float(c["params_b"][1])),
             tp=frozenset(int(t) for t in c["tp"]),
