@@ -53,7 +53,12 @@ class Shape:
     """A model family of the calibration (``model_family``) gets its own correction."""
 
     def padded_input(self, input_tokens: int) -> int:
-        if self.generation == "tnx":
+        """The prompt length a prefill really computes. transformers-neuronx pads to a
+        power-of-two bucket: the AWS tables' TTFT grows with the input, and so do the
+        optimum-neuron charts' batch-1 TTFT before SDK 2.21 (0.1 s up to 768 tokens, 0.2 s
+        from 1024); batched optimum-neuron models and NxD ones are flat up to the compiled
+        sequence length (inf2-published.md, "Bucketing and padding")."""
+        if self.generation == "tnx" or (self.generation == "on-tnx" and self.batch_size == 1):
             return max(128, 1 << max(0, math.ceil(math.log2(max(input_tokens, 1)))))
         return self.sequence_length
 
