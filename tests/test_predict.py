@@ -401,3 +401,20 @@ def test_rounded_chart_values_weigh_less_in_the_fit() -> None:
     assert single == pytest.approx(10 ** (1 / (1 + SHRINK_RECORDS)))
     many, _ = _multipliers([((1.0, 0.0), 10.0, 10.0)] * 40)
     assert 8 < many < 10
+
+
+def test_cpu_sampling_records_are_told_apart_and_slow_the_decode() -> None:
+    """The chunked-prefill study's configs B and C sample on the CPU (config D only for the
+    prefill); their decode steps are the on-device steps times the fitted factor."""
+    from dataclasses import replace
+
+    from supervisor.predict.records import cpu_sampling
+
+    study = [r for r in load_records() if "chunked-prefill-study" in r["id"]]
+    flagged = {r["id"].split("/")[-2] for r in study if cpu_sampling(r)}
+    assert flagged == {"std-cpu-sampling", "chunked-cpu-sampling"}
+    shape = Shape(8.0, 8, 32, 4096, 131072, family="llama-3.1-8b")
+    model = replace(packaged_model(), cpu_sampling_factor=2.0)
+    on_cpu = replace(shape, cpu_sampling=True)
+    assert model.full_decode_s(on_cpu, 32) == pytest.approx(2 * model.full_decode_s(shape, 32))
+    assert packaged_model().cpu_sampling_factor > 1.2  # the shipped fit saw them

@@ -134,6 +134,14 @@ def target(record: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def cpu_sampling(record: dict[str, Any]) -> bool:
+    """The record's server sampled decode tokens on the CPU: the optimum-neuron vLLM
+    chunked-prefill study's configs B and C ("CPU sampling"); its config D samples decode
+    on the device ("on-device sampling for decode, CPU sampling for prefill")."""
+    detail = str(record.get("engine_detail", "")).lower()
+    return "cpu sampling" in detail and "on-device sampling" not in detail
+
+
 def rounding_step(record: dict[str, Any], metric: str) -> float:
     """How coarsely the source printed ``metric`` (0: precise). inf2-published.md: the
     optimum-neuron chart labels round TTFT to 0.1 s and ITL to integer milliseconds."""

@@ -8,10 +8,11 @@ a virtual-time run of its host (``queue.HostSimulation``) under its load.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 from .queue import HostSimulation, Result, Workload, mean, percentile
-from .records import kind_of, load_of, serving_engine, target
+from .records import cpu_sampling, kind_of, load_of, serving_engine, target
 from .timing import EXCLUDED_FAMILIES, Shape, TimingModel
 
 GUIDELLM_DURATION_S = 120.0
@@ -115,6 +116,7 @@ ROUTER_RATIOS = (None, 0.3, 1.2)
 no router rule (vLLM)."""
 JOIN_STALLS_S = (0.0, 0.25, 0.5, 1.0, 2.0)
 PREFILL_EXPONENTS = (1.0, 0.5, 0.25, 0.0)
+CPU_SAMPLING_FACTORS = (1.0, 1.5, 2.0, 2.5)
 FIT_ROUNDS = 2
 
 
@@ -132,12 +134,16 @@ def fit(records: list[dict[str, Any]]) -> TimingModel:
     search, one term's grid at a time with the others held, ``FIT_ROUNDS`` times over."""
     model = TimingModel.fit_static(records)
     groups: dict[str, list[dict[str, Any]]] = {}
+    cpu: list[dict[str, Any]] = []
     for r in records:
         if (
             kind_of(r) == "served"
             and target(r)
             and str(r.get("model_family", "")).lower() not in EXCLUDED_FAMILIES
         ):
+            if cpu_sampling(r):  # fitted last, on top of the serving terms
+                cpu.append(r)
+                continue
             key = f"{serving_engine(str(r.get('engine', '')))}|{Shape.of_record(r).generation}"
             groups.setdefault(key, []).append(r)
     for key, served in sorted(groups.items()):
@@ -158,6 +164,12 @@ def fit(records: list[dict[str, Any]]) -> TimingModel:
                         scores[trial] = _score(model.with_serving(key, *trial), served)
                 terms = list(min(trials, key=scores.__getitem__))
         model = model.with_serving(key, *terms)
+    if cpu:
+        factor = min(
+            CPU_SAMPLING_FACTORS,
+            key=lambda f: _score(replace(model, cpu_sampling_factor=f), cpu),
+        )
+        model = replace(model, cpu_sampling_factor=factor)
     return model
 
 

@@ -33,7 +33,15 @@ from typing import Any
 
 import numpy as np
 
-from .records import generation, kv_bytes_per_token, load_of, rounding_step, sdk_tuple, target
+from .records import (
+    cpu_sampling,
+    generation,
+    kv_bytes_per_token,
+    load_of,
+    rounding_step,
+    sdk_tuple,
+    target,
+)
 
 GENERATIONS = ("tnx", "on-tnx", "on-nxd")
 LATEST_GENERATION = "on-nxd"
@@ -51,6 +59,8 @@ class Shape:
     generation: str = LATEST_GENERATION
     family: str | None = None
     """A model family of the calibration (``model_family``) gets its own correction."""
+    cpu_sampling: bool = False
+    """Decode samples on the host CPU instead of on the device (``records.cpu_sampling``)."""
 
     def padded_input(self, input_tokens: int) -> int:
         """The prompt length a prefill really computes. transformers-neuronx pads to a
@@ -76,6 +86,7 @@ class Shape:
             kv_bytes=kv_bytes_per_token(family, params),
             generation=generation(record.get("engine", ""), str(record.get("sdk_version", ""))),
             family=(family or "").lower() or None,
+            cpu_sampling=cpu_sampling(record),
         )
 
 
@@ -235,6 +246,10 @@ class TimingModel:
     call). Fitted: the published llmperf runs of 2024 (TGI Neuron on transformers-neuronx)
     median a TTFT of 0.3-1.1 s for waves of 11-32 simultaneous requests per replica, where
     one-by-one prefills of 0.3 s would take 1.6-4.6 s."""
+    cpu_sampling_factor: float = 1.0
+    """Decode step with CPU sampling / with on-device sampling: fitted on the served records
+    that sample on the CPU (inf2-published.md: on-device sampling "roughly halves ITL");
+    1 when the calibration has none."""
     coverage: Coverage = Coverage()
 
     def _eval(self, cols: dict[str, float]) -> float:
@@ -274,7 +289,8 @@ class TimingModel:
     def full_decode_s(self, shape: Shape, batch: int) -> float:
         fixed, per_batch = self.decode_parts(shape, batch)
         f = self._factors(shape)
-        return fixed * f[2] + per_batch * f[3]
+        step = fixed * f[2] + per_batch * f[3]
+        return step * self.cpu_sampling_factor if shape.cpu_sampling else step
 
     def serving_key(self, shape: Shape, engine: str) -> str:
         """The fitted serving terms for this engine and software generation, else the
@@ -365,7 +381,9 @@ def step_records(
     """(shape, record, sequences per prefill, decode batch) of the records that time steps."""
     out = []
     for record in records:
-        if str(record.get("model_family", "")).lower() in EXCLUDED_FAMILIES:
+        if str(record.get("model_family", "")).lower() in EXCLUDED_FAMILIES or cpu_sampling(
+            record
+        ):  # CPU-sampling steps are fitted apart (TimingModel.cpu_sampling_factor)
             continue
         load = load_of(record)
         shape = Shape.of_record(record)
@@ -463,6 +481,7 @@ def model_to_json(model: TimingModel) -> dict[str, Any]:
         "router_ratios": model.router_ratios,
         "join_stall_s": model.join_stall_s,
         "prefill_exponent": model.prefill_exponent,
+        "cpu_sampling_factor": model.cpu_sampling_factor,
         "coverage": {
             "params_b": list(c.params_b),
             "tp": sorted(c.tp),
@@ -490,6 +509,7 @@ def model_from_json(data: dict[str, Any]) -> TimingModel:
         },
         join_stall_s={k: float(v) for k, v in data.get("join_stall_s", {}).items()},
         prefill_exponent={k: float(v) for k, v in data.get("prefill_exponent", {}).items()},
+        cpu_sampling_factor=float(data.get("cpu_sampling_factor", 1.0)),
         coverage=Coverage(
             params_b=(float(c["params_b"][0]), float(c["params_b"][1])),
             tp=frozenset(int(t) for t in c["tp"]),
