@@ -41,11 +41,16 @@ def static_prediction(model: TimingModel, shape: Shape, batch: int, record: dict
     return {"ttft_s": ttft, "itl_ms": itl * 1e3, "output_tok_per_s": throughput}
 
 
-def workload_of(record: dict[str, Any], seed: int = 0) -> Workload:
+def workload_of(record: dict[str, Any], seed: int = 0, output_fraction: float = 1.0) -> Workload:
+    """The record's load; a guidellm record's answers are ``output_fraction`` of the
+    requested length (``TimingModel.guidellm_output_fraction``)."""
     load = load_of(record)
+    output = int(record["output_tokens"])
+    if load.kind != "concurrency":  # guidellm
+        output = max(1, round(output * output_fraction))
     common = {
         "input_tokens": int(record["input_tokens"]),
-        "output_tokens": int(record["output_tokens"]),
+        "output_tokens": output,
         "input_stddev": float(record.get("input_tokens_stddev") or 0),
         "output_stddev": float(record.get("output_tokens_stddev") or 0),
         "seed": seed,
@@ -94,7 +99,7 @@ def predict_record(model: TimingModel, record: dict[str, Any]) -> dict[str, floa
     sim = HostSimulation(
         model, shape, int(record.get("replicas") or 1), engine=engine, policy="round-robin"
     )
-    result = sim.run(workload_of(record))
+    result = sim.run(workload_of(record, output_fraction=model.guidellm_output_fraction))
     statistic = "p50" if load.kind == "concurrency" else "mean"
     return summarize(result, statistic)
 
@@ -146,6 +151,10 @@ def fit(records: list[dict[str, Any]]) -> TimingModel:
                 continue
             key = f"{serving_engine(str(r.get('engine', '')))}|{Shape.of_record(r).generation}"
             groups.setdefault(key, []).append(r)
+    served = [r for group in groups.values() for r in group] + cpu
+    fractions = sorted(f for r in served if (f := realized_output_fraction(r)) is not None)
+    if fractions:
+        model = replace(model, guidellm_output_fraction=fractions[len(fractions) // 2])
     for key, served in sorted(groups.items()):
         grids: list[tuple[Any, ...]] = [
             PER_ACTIVE_S,
@@ -171,6 +180,16 @@ def fit(records: list[dict[str, Any]]) -> TimingModel:
         )
         model = replace(model, cpu_sampling_factor=factor)
     return model
+
+
+def realized_output_fraction(record: dict[str, Any]) -> float | None:
+    """Tokens a guidellm run's answers really had over those it asked for: its output
+    tokens/s over its requests/s (guidellm 0.1.0 counts the streamed tokens; the emulated
+    prompts let the model stop at EOS), capped at 1; None for other records."""
+    m = record.get("metrics") or {}
+    if kind_of(record) != "served" or not m.get("req_per_s") or not m.get("output_tok_per_s"):
+        return None
+    return min(1.0, m["output_tok_per_s"] / m["req_per_s"] / int(record["output_tokens"]))
 
 
 FITTED = "fitted-model.json"

@@ -250,6 +250,10 @@ class TimingModel:
     """Decode step with CPU sampling / with on-device sampling: fitted on the served records
     that sample on the CPU (inf2-published.md: on-device sampling "roughly halves ITL");
     1 when the calibration has none."""
+    guidellm_output_fraction: float = 1.0
+    """Median share of the requested answer length that the calibration's guidellm runs
+    really generated (``replay.realized_output_fraction``: their answers stop at EOS; the
+    blog's averaged 293 of 450 tokens). Only replays of guidellm records use it."""
     coverage: Coverage = Coverage()
 
     def _eval(self, cols: dict[str, float]) -> float:
@@ -482,6 +486,7 @@ def model_to_json(model: TimingModel) -> dict[str, Any]:
         "join_stall_s": model.join_stall_s,
         "prefill_exponent": model.prefill_exponent,
         "cpu_sampling_factor": model.cpu_sampling_factor,
+        "guidellm_output_fraction": model.guidellm_output_fraction,
         "coverage": {
             "params_b": list(c.params_b),
             "tp": sorted(c.tp),
@@ -510,6 +515,7 @@ def model_from_json(data: dict[str, Any]) -> TimingModel:
         join_stall_s={k: float(v) for k, v in data.get("join_stall_s", {}).items()},
         prefill_exponent={k: float(v) for k, v in data.get("prefill_exponent", {}).items()},
         cpu_sampling_factor=float(data.get("cpu_sampling_factor", 1.0)),
+        guidellm_output_fraction=float(data.get("guidellm_output_fraction", 1.0)),
         coverage=Coverage(
             params_b=(float(c["params_b"][0]), float(c["params_b"][1])),
             tp=frozenset(int(t) for t in c["tp"]),
