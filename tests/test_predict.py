@@ -418,3 +418,18 @@ def test_cpu_sampling_records_are_told_apart_and_slow_the_decode() -> None:
     on_cpu = replace(shape, cpu_sampling=True)
     assert model.full_decode_s(on_cpu, 32) == pytest.approx(2 * model.full_decode_s(shape, 32))
     assert packaged_model().cpu_sampling_factor > 1.2  # the shipped fit saw them
+
+
+def test_served_prefill_scales_with_the_fitted_exponent() -> None:
+    """prefill_exponent e: a server's prefill of n waiting requests takes one prefill times
+    n^e; e = 1 keeps prefill_s (one sequence after the other), e = 0 is one call for all."""
+    base = packaged_model()
+    shape = Shape(8.0, 8, 32, 4096, 131072, family="llama-3.1-8b")
+    one = base.prefill_s(shape, 1, 1500)
+    serial = base.with_serving("tgi|on-nxd", 0.0, 0.0, None, 0.0, 1.0)
+    batched = base.with_serving("tgi|on-nxd", 0.0, 0.0, None, 0.0, 0.0)
+    quarter = base.with_serving("tgi|on-nxd", 0.0, 0.0, None, 0.0, 0.25)
+    assert serial.served_prefill_s(shape, 16, 1500) == base.prefill_s(shape, 16, 1500)
+    assert batched.served_prefill_s(shape, 16, 1500) == pytest.approx(one)
+    assert quarter.served_prefill_s(shape, 16, 1500) == pytest.approx(2 * one)
+    assert base.served_prefill_s(shape, 16, 1500, "vllm") == base.prefill_s(shape, 16, 1500)
