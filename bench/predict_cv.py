@@ -7,12 +7,14 @@ whole group.
 
 Prints mean absolute percentage error per metric and kind against the issue's goals.
 Usage: python bench/predict_cv.py [--data FILE] [--write]   (--write refreshes the fit
-shipped in supervisor/predict/fitted-model.json from the full data.)
+shipped in supervisor/predict/fitted-model.json from the full data.) Every held-out
+prediction and its error goes to bench/results/predict_cv_records.csv.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import time
@@ -63,13 +65,16 @@ def main() -> int:
     errors: dict[tuple[str, str], list[float]] = defaultdict(list)
     precise: dict[tuple[str, str], list[float]] = defaultdict(list)
     static = [r for r in records if kind_of(r) == "static"]
+    rows: list[tuple[str, str, str, float, float, float]] = []
     for field in ("batch_size", "tp", "input_tokens"):
         for value in sorted({r[field] for r in static}):
             held = [r for r in static if r[field] == value]
             model = TimingModel.fit_static([r for r in records if r not in held])
             for r in held:
-                e = ape(predict_record(model, r), target(r))
-                for metric, v in e.items():
+                predicted, measured = predict_record(model, r), target(r)
+                for metric, v in ape(predicted, measured).items():
+                    rows.append((r["id"], f"{field}={value}", metric, measured[metric],
+                                 predicted[metric], v))  # fmt: skip
                     errors[(f"static/{field}", metric)].append(v)
                     errors[("static", metric)].append(v)
                     if not (metric == "ttft_s" and target(r)["ttft_s"] < 0.5):
@@ -80,9 +85,13 @@ def main() -> int:
         held = [r for r in served if load_level(r) == level]
         model = fit([r for r in records if r not in held])
         for r in held:
-            for metric, v in ape(predict_record(model, r), target(r)).items():
+            predicted, measured = predict_record(model, r), target(r)
+            tool = "llmperf" if load_of(r).kind == "concurrency" else "guidellm"
+            for metric, v in ape(predicted, measured).items():
                 errors[("served", metric)].append(v)
                 errors[(f"served/{level}", metric)].append(v)
+                errors[(f"served/{tool}", metric)].append(v)
+                rows.append((r["id"], level, metric, measured[metric], predicted[metric], v))
     print(f"leave-one-group-out over {len(records)} records ({time.monotonic() - started:.0f} s)")
     print("| kind | metric | records | MAPE | median APE | goal |")
     print("|---|---|---:|---:|---:|---:|")
@@ -100,6 +109,12 @@ def main() -> int:
             f"| static, measured TTFT >= 0.5 s | {key[1]} | {len(v)} | "
             f"{sum(v) / len(v):.1f} % | {v[len(v) // 2]:.1f} % | |"
         )
+    out_csv = Path(__file__).resolve().parent / "results" / "predict_cv_records.csv"
+    with out_csv.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "held_out_group", "metric", "measured", "predicted", "ape_pct"])
+        for row in rows:
+            writer.writerow([*row[:3], f"{row[3]:.6g}", f"{row[4]:.6g}", f"{row[5]:.1f}"])
     full = fit([r for r in records if r not in excluded])
     for r in excluded:  # out of the fit (inf2-published.md: inconsistent); shown, not scored
         e = ape(predict_record(full, r), target(r))

@@ -307,3 +307,129 @@ def test_tgi_router_waits_for_company_or_twenty_steps() -> None:
     assert eager <= step + prefill + 1e-9
     waits = ttft_of_late_request(1.2)
     assert waits >= (MAX_WAITING_TOKENS - 2) * step
+
+
+def _one_replica_run(model: TimingModel, shape: Shape, workload: Workload):
+    return HostSimulation(model, shape, 1, engine="tgi", policy="fleet").run(workload)
+
+
+def test_llmperf_itl_counts_the_wait_for_the_first_token() -> None:
+    """llmperf divides the whole request (TTFT included) by its output tokens; guidellm's
+    ITL is the gaps after the first token. On a batch-1 replica with 4 clients the queueing
+    dominates the first and is absent from the second."""
+    model = packaged_model()
+    shape = Shape(8.0, 8, 1, 4096, 131072, family="llama-3.1-8b")
+    result = _one_replica_run(
+        model, shape, Workload(input_tokens=500, output_tokens=50, concurrency=4, max_requests=12)
+    )
+    for r in result.completed:
+        llmperf = (r.finished_at - r.arrival) / r.output_tokens * 1e3
+        assert llmperf in result.llmperf_itl_ms()
+    decode_ms = model.decode_s(shape, 1, "tgi") * 1e3
+    assert max(result.itl_ms()) == pytest.approx(decode_ms, rel=0.05)
+    assert sorted(result.llmperf_itl_ms())[6] > 2 * decode_ms
+
+
+def test_llmperf_waves_wait_for_the_whole_wave() -> None:
+    """Before llmperf's 2024-12-09 fix a new wave of C requests starts only when all C of
+    the previous one finished: on a batch-1 replica the median TTFT is about half the
+    steady closed loop's (C - 1 services)."""
+    model = packaged_model()
+    shape = Shape(8.0, 8, 1, 4096, 131072, family="llama-3.1-8b")
+
+    def run(waves: bool):
+        workload = Workload(
+            input_tokens=500, output_tokens=50, concurrency=6, max_requests=36, waves=waves
+        )
+        return _one_replica_run(model, shape, workload)
+
+    waves, steady = run(True), run(False)
+    assert len(waves.completed) == len(steady.completed) == 36
+    by_arrival = sorted(waves.requests, key=lambda r: r.arrival)
+    for k in range(1, 6):  # wave k starts exactly when the last of wave k - 1 finished
+        previous, current = by_arrival[(k - 1) * 6 : k * 6], by_arrival[k * 6 : (k + 1) * 6]
+        assert {r.arrival for r in current} == {max(r.finished_at for r in previous)}
+    median = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    assert median(waves.ttft_s()) < 0.75 * median(steady.ttft_s())
+
+
+def test_llmperf_records_before_the_fix_run_in_waves() -> None:
+    from supervisor.predict.replay import workload_of
+
+    records = {r["id"]: r for r in load_records()}
+    old = records["tgi-llmperf/llama-3-70b/tp24-bs1/2024-06-05/c8"]
+    assert workload_of(old).waves
+    assert not workload_of({**old, "published_date": "2025-01-10"}).waves
+
+
+def test_a_join_pauses_the_running_not_the_joining() -> None:
+    """join_stall_s delays the tokens of the requests already decoding by the stall, and
+    leaves the joining request's first token at the end of its prefill."""
+    base = packaged_model()
+    shape = Shape(8.0, 8, 8, 4096, 131072, family="llama-3.1-8b")
+    light = Workload(input_tokens=500, output_tokens=200, rate=0.3, duration_s=90, seed=3)
+
+    def run(stall: float):
+        return _one_replica_run(
+            base.with_serving("tgi|on-nxd", 0.0, 0.0, None, stall), shape, light
+        )
+
+    calm, stalled = run(0.0), run(1.0)
+    assert len(stalled.completed) > 15
+    median = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    assert median(stalled.ttft_s()) < median(calm.ttft_s()) + 0.2
+    assert mean(stalled.itl_ms()) > mean(calm.itl_ms()) + 3
+
+
+def test_rounded_chart_values_weigh_less_in_the_fit() -> None:
+    """A chart TTFT of 0.1 s (rounded to 0.1 s) is 0.05-0.15 s: its relative residual is
+    scaled down; a precise value keeps its plain relative error; few records of a family
+    move its multiplier only part of the way (shrinkage)."""
+    from supervisor.predict.records import rounding_step
+    from supervisor.predict.timing import SHRINK_RECORDS, _multipliers, error_scale
+
+    records = load_records()
+    chart = next(r for r in records if str(r.get("value_precision", "")).startswith("chart"))
+    aws = next(r for r in records if r["id"].startswith("aws-inf2-perf"))
+    assert rounding_step(chart, "ttft_s") == 0.1 and rounding_step(aws, "ttft_s") == 0.0
+    assert error_scale(0.1, 0.0) == pytest.approx(0.1)
+    assert error_scale(0.1, 0.1) > 2 * error_scale(0.1, 0.0)
+    assert error_scale(8.0, 0.1) == pytest.approx(8.0, rel=0.01)
+    # one record 10x slower than the model: the multiplier is shrunk towards 1
+    single, _ = _multipliers([((1.0, 0.0), 10.0, 10.0)])
+    assert single == pytest.approx(10 ** (1 / (1 + SHRINK_RECORDS)))
+    many, _ = _multipliers([((1.0, 0.0), 10.0, 10.0)] * 40)
+    assert 8 < many < 10
+
+
+def test_cpu_sampling_records_are_told_apart_and_slow_the_decode() -> None:
+    """The chunked-prefill study's configs B and C sample on the CPU (config D only for the
+    prefill); their decode steps are the on-device steps times the fitted factor."""
+    from dataclasses import replace
+
+    from supervisor.predict.records import cpu_sampling
+
+    study = [r for r in load_records() if "chunked-prefill-study" in r["id"]]
+    flagged = {r["id"].split("/")[-2] for r in study if cpu_sampling(r)}
+    assert flagged == {"std-cpu-sampling", "chunked-cpu-sampling"}
+    shape = Shape(8.0, 8, 32, 4096, 131072, family="llama-3.1-8b")
+    model = replace(packaged_model(), cpu_sampling_factor=2.0)
+    on_cpu = replace(shape, cpu_sampling=True)
+    assert model.full_decode_s(on_cpu, 32) == pytest.approx(2 * model.full_decode_s(shape, 32))
+    assert packaged_model().cpu_sampling_factor > 1.2  # the shipped fit saw them
+
+
+def test_served_prefill_scales_with_the_fitted_exponent() -> None:
+    """prefill_exponent e: a server's prefill of n waiting requests takes one prefill times
+    n^e; e = 1 keeps prefill_s (one sequence after the other), e = 0 is one call for all."""
+    base = packaged_model()
+    shape = Shape(8.0, 8, 32, 4096, 131072, family="llama-3.1-8b")
+    one = base.prefill_s(shape, 1, 1500)
+    serial = base.with_serving("tgi|on-nxd", 0.0, 0.0, None, 0.0, 1.0)
+    batched = base.with_serving("tgi|on-nxd", 0.0, 0.0, None, 0.0, 0.0)
+    quarter = base.with_serving("tgi|on-nxd", 0.0, 0.0, None, 0.0, 0.25)
+    assert serial.served_prefill_s(shape, 16, 1500) == base.prefill_s(shape, 16, 1500)
+    assert batched.served_prefill_s(shape, 16, 1500) == pytest.approx(one)
+    assert quarter.served_prefill_s(shape, 16, 1500) == pytest.approx(2 * one)
+    assert base.served_prefill_s(shape, 16, 1500, "vllm") == base.prefill_s(shape, 16, 1500)

@@ -46,7 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shape.add_argument(
         "--engine", choices=ENGINES, default="tgi", help="tgi (TGI Neuron) or vllm (default tgi)"
     )
-    shape.add_argument("--sdk", default="2.24.0", help="Neuron SDK version (default 2.24.0)")
+    shape.add_argument(
+        "--sdk",
+        default="2.24.0",
+        help="Neuron SDK version (default 2.24.0; < 2.21: transformers-neuronx)",
+    )
     shape.add_argument(
         "--policy",
         choices=POLICIES,

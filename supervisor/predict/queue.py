@@ -61,6 +61,9 @@ class Workload:
     """Poisson arrivals per second (open loop), else closed loop with ``concurrency``."""
     concurrency: int = 1
     max_requests: int | None = None
+    waves: bool = False
+    """Closed loop in waves: the next ``concurrency`` requests start only once the whole
+    previous wave has finished (llmperf before its 2024-12-09 fix, ``replay.LLMPERF_WAVES``)."""
     duration_s: float = 120.0
     seed: int = 0
 
@@ -82,6 +85,17 @@ class Result:
         for r in self.completed:
             if r.output_tokens > 1:
                 out.append((r.finished_at - r.first_token_at) / (r.output_tokens - 1) * 1e3)  # type: ignore[operator]
+        return sorted(out)
+
+    def llmperf_itl_ms(self) -> list[float]:
+        """llmperf's "inter-token latency": the whole request (TTFT included) over its
+        output tokens. ray-project/llmperf ``openai_chat_completions_client.py`` sums every
+        gap from the request's start (``INTER_TOKEN_LAT = sum(time_to_next_token)``, the
+        first gap being the TTFT) and ``token_benchmark_ray.py`` divides it by the number
+        of output tokens; under load the queueing before the first token dominates it."""
+        out = []
+        for r in self.completed:
+            out.append((r.finished_at - r.arrival) / max(r.output_tokens, 1) * 1e3)  # type: ignore[operator]
         return sorted(out)
 
     def output_tok_per_s(self) -> float:
@@ -119,10 +133,13 @@ class _Replica:
     last_was_prefill: bool = False
     overhead_s: float = 0.0
     router_ratio: float | None = None
+    join_stall_s: float = 0.0
+    step_stall: float = 0.0
     waiting_steps: int = 0
 
     def __post_init__(self) -> None:
         self.overhead_s = self.model.serving_overhead_s(self.shape, self.engine)
+        self.join_stall_s = self.model.join_stall(self.shape, self.engine)
         if self.engine == "tgi":
             self.router_ratio = self.model.router_ratio(self.shape, self.engine)
 
@@ -198,6 +215,7 @@ class HostSimulation:
                 new_request(0.0, client)
 
         end = workload.duration_s
+        in_wave = len(requests)
         while self._heap:
             at, _, kind, payload = heapq.heappop(self._heap)
             self.now = at
@@ -208,8 +226,17 @@ class HostSimulation:
                 if version != replica.version:
                     continue
                 for done in self._end_step(replica):
-                    if done.client >= 0:
+                    if done.client < 0:
+                        continue
+                    if not workload.waves:
                         new_request(self.now, done.client)
+                        continue
+                    in_wave -= 1
+                    if in_wave == 0:  # the whole wave is back: the next one starts
+                        before = len(requests)
+                        for client in range(workload.concurrency):
+                            new_request(self.now, client)
+                        in_wave = len(requests) - before
                 self._plan(replica)
         finished = [r.finished_at for r in requests if r.finished_at is not None]
         if workload.rate is None and workload.max_requests is not None:
@@ -273,10 +300,13 @@ class HostSimulation:
                 admit = _tgi_admits(replica)
         if admit:
             batch = [replica.queue.popleft() for _ in range(min(admit, len(replica.queue)))]
+            # joining a running batch also pauses it (TimingModel.join_stall_s)
+            replica.step_stall = replica.join_stall_s if replica.running else 0.0
             replica.admitted = batch
             replica.running.extend(batch)
             longest = max(r.input_tokens for r in batch)
-            duration = model.prefill_s(shape, len(batch), longest)
+            prefill = model.served_prefill_s(shape, len(batch), longest, replica.engine)
+            duration = prefill + replica.step_stall
             self._start(replica, "prefill", duration, 1)
             replica.last_was_prefill = True
             replica.waiting_steps = 1
@@ -308,7 +338,7 @@ class HostSimulation:
         if replica.step_kind == "prefill":
             for r in replica.admitted:
                 r.generated = 1
-                r.first_token_at = self.now + replica.overhead_s
+                r.first_token_at = self.now - replica.step_stall + replica.overhead_s
             replica.admitted = []
         else:
             replica.waiting_steps += replica.steps_planned

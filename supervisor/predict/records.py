@@ -53,13 +53,15 @@ def generation(engine: str, sdk_version: str) -> str:
     """Which software stack produced the steps: the coefficients differ per stack.
 
     - ``tnx``: AWS transformers-neuronx samples (the Neuron SDK performance tables);
-    - ``on-tnx``: optimum-neuron on Neuron SDK < 2.20 (its transformers-neuronx backend);
-    - ``on-nxd``: optimum-neuron on SDK >= 2.20 (NxD Inference backend), TGI 3.x and vLLM.
+    - ``on-tnx``: optimum-neuron on Neuron SDK < 2.21 (its transformers-neuronx backend: NxD
+      Inference first ships with SDK 2.21, awsdocs-neuron v2.21.0.beta
+      ``libraries/nxd-inference``);
+    - ``on-nxd``: optimum-neuron on SDK >= 2.21 (NxD Inference backend), TGI 3.x and vLLM.
     """
     if engine.startswith("transformers-neuronx"):
         return "tnx"
     version = sdk_tuple(sdk_version)
-    if version is not None and version < (2, 20):
+    if version is not None and version < (2, 21):
         return "on-tnx"
     return "on-nxd"
 
@@ -130,6 +132,22 @@ def target(record: dict[str, Any]) -> dict[str, float]:
             out["output_tok_per_s"] = m[key]
             break
     return out
+
+
+def cpu_sampling(record: dict[str, Any]) -> bool:
+    """The record's server sampled decode tokens on the CPU: the optimum-neuron vLLM
+    chunked-prefill study's configs B and C ("CPU sampling"); its config D samples decode
+    on the device ("on-device sampling for decode, CPU sampling for prefill")."""
+    detail = str(record.get("engine_detail", "")).lower()
+    return "cpu sampling" in detail and "on-device sampling" not in detail
+
+
+def rounding_step(record: dict[str, Any], metric: str) -> float:
+    """How coarsely the source printed ``metric`` (0: precise). inf2-published.md: the
+    optimum-neuron chart labels round TTFT to 0.1 s and ITL to integer milliseconds."""
+    if str(record.get("value_precision", "")).startswith("chart bar labels"):
+        return {"ttft_s": 0.1, "itl_ms": 1.0}.get(metric, 0.0)
+    return 0.0
 
 
 def kind_of(record: dict[str, Any]) -> str:

@@ -8,10 +8,11 @@ a virtual-time run of its host (``queue.HostSimulation``) under its load.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 from .queue import HostSimulation, Result, Workload, mean, percentile
-from .records import kind_of, load_of, serving_engine, target
+from .records import cpu_sampling, kind_of, load_of, serving_engine, target
 from .timing import EXCLUDED_FAMILIES, Shape, TimingModel
 
 GUIDELLM_DURATION_S = 120.0
@@ -20,6 +21,14 @@ completed 55-88 requests at 0.77-0.85 req/s, i.e. 65-115 s)."""
 SYNCHRONOUS_REQUESTS = 20
 LLMPERF_REQUESTS_PER_CLIENT = 8
 """The records' note: llmperf ran ``max completed requests = 8 x concurrency``."""
+LLMPERF_WAVES_UNTIL = "2024-12-09"
+"""llmperf ran its clients in waves until ray-project/llmperf f1d6bed (2024-12-09, "fix:
+subsequent requests cannot be sent until 'num_concurrent_requests' requests have all
+finished in non-block mode"): ``token_benchmark_ray.py`` called
+``RequestsLauncher.get_next_ready()`` every ``num_concurrent_requests`` launches, and that
+drained ``ActorPool.get_next_unordered()`` while ``has_next()``, i.e. waited for every request
+in flight. A wave of C requests on B-slot replicas runs ceil(C / replicas / B) batches one
+after the other; its median TTFT is ~C/2 requests' service on a batch-1 replica."""
 MAX_SIMULATED_REQUESTS = 1200
 """Past this a closed-loop run is in steady state; more only costs time."""
 
@@ -32,11 +41,16 @@ def static_prediction(model: TimingModel, shape: Shape, batch: int, record: dict
     return {"ttft_s": ttft, "itl_ms": itl * 1e3, "output_tok_per_s": throughput}
 
 
-def workload_of(record: dict[str, Any], seed: int = 0) -> Workload:
+def workload_of(record: dict[str, Any], seed: int = 0, output_fraction: float = 1.0) -> Workload:
+    """The record's load; a guidellm record's answers are ``output_fraction`` of the
+    requested length (``TimingModel.guidellm_output_fraction``)."""
     load = load_of(record)
+    output = int(record["output_tokens"])
+    if load.kind != "concurrency":  # guidellm
+        output = max(1, round(output * output_fraction))
     common = {
         "input_tokens": int(record["input_tokens"]),
-        "output_tokens": int(record["output_tokens"]),
+        "output_tokens": output,
         "input_stddev": float(record.get("input_tokens_stddev") or 0),
         "output_stddev": float(record.get("output_tokens_stddev") or 0),
         "seed": seed,
@@ -44,7 +58,10 @@ def workload_of(record: dict[str, Any], seed: int = 0) -> Workload:
     if load.kind == "concurrency":
         clients = int(load.value)
         total = min(LLMPERF_REQUESTS_PER_CLIENT * clients, max(MAX_SIMULATED_REQUESTS, clients))
-        return Workload(concurrency=clients, max_requests=total, duration_s=math.inf, **common)
+        waves = str(record.get("published_date", "")) < LLMPERF_WAVES_UNTIL
+        return Workload(
+            concurrency=clients, max_requests=total, waves=waves, duration_s=math.inf, **common
+        )
     if load.kind == "synchronous":
         return Workload(
             concurrency=1, max_requests=SYNCHRONOUS_REQUESTS, duration_s=math.inf, **common
@@ -57,7 +74,11 @@ def workload_of(record: dict[str, Any], seed: int = 0) -> Workload:
 
 
 def summarize(result: Result, statistic: str) -> dict[str, float]:
-    ttft, itl = result.ttft_s(), result.itl_ms()
+    """``p50``: llmperf's medians, with llmperf's ITL (TTFT included, see
+    ``Result.llmperf_itl_ms``); ``mean``: guidellm's means of TTFT and of the gaps after
+    the first token."""
+    ttft = result.ttft_s()
+    itl = result.llmperf_itl_ms() if statistic == "p50" else result.itl_ms()
     pick = (lambda v: percentile(v, 50)) if statistic == "p50" else mean
     return {
         "ttft_s": pick(ttft),
@@ -78,7 +99,7 @@ def predict_record(model: TimingModel, record: dict[str, Any]) -> dict[str, floa
     sim = HostSimulation(
         model, shape, int(record.get("replicas") or 1), engine=engine, policy="round-robin"
     )
-    result = sim.run(workload_of(record))
+    result = sim.run(workload_of(record, output_fraction=model.guidellm_output_fraction))
     statistic = "p50" if load.kind == "concurrency" else "mean"
     return summarize(result, statistic)
 
@@ -98,39 +119,77 @@ OVERHEADS_S = (0.0, 0.1, 0.2)
 ROUTER_RATIOS = (None, 0.3, 1.2)
 """TGI's ``waiting_served_ratio``: the router's default is 1.2, the launcher's 0.3; None =
 no router rule (vLLM)."""
+JOIN_STALLS_S = (0.0, 0.25, 0.5, 1.0, 2.0)
+PREFILL_EXPONENTS = (1.0, 0.5, 0.25, 0.0)
+CPU_SAMPLING_FACTORS = (1.0, 1.5, 2.0, 2.5)
+FIT_ROUNDS = 2
+
+
+def _score(model: TimingModel, served: list[dict[str, Any]]) -> float:
+    errors = []
+    for record in served:
+        errors.extend(ape(predict_record(model, record), target(record)).values())
+    # capped so that one absurd record cannot pick the parameters alone
+    return sum(min(e, 200.0) for e in errors) / max(len(errors), 1)
 
 
 def fit(records: list[dict[str, Any]]) -> TimingModel:
     """Static coefficients, then per serving engine and software generation the serving
-    terms (grid search through the virtual-time host) that best fit its served records."""
+    terms that best fit its served records through the virtual-time host: a coordinate
+    search, one term's grid at a time with the others held, ``FIT_ROUNDS`` times over."""
     model = TimingModel.fit_static(records)
     groups: dict[str, list[dict[str, Any]]] = {}
+    cpu: list[dict[str, Any]] = []
     for r in records:
         if (
             kind_of(r) == "served"
             and target(r)
             and str(r.get("model_family", "")).lower() not in EXCLUDED_FAMILIES
         ):
+            if cpu_sampling(r):  # fitted last, on top of the serving terms
+                cpu.append(r)
+                continue
             key = f"{serving_engine(str(r.get('engine', '')))}|{Shape.of_record(r).generation}"
             groups.setdefault(key, []).append(r)
+    served = [r for group in groups.values() for r in group] + cpu
+    fractions = sorted(f for r in served if (f := realized_output_fraction(r)) is not None)
+    if fractions:
+        model = replace(model, guidellm_output_fraction=fractions[len(fractions) // 2])
     for key, served in sorted(groups.items()):
-        best: tuple[float, TimingModel] | None = None
-        ratios = ROUTER_RATIOS if key.startswith("tgi|") else (None,)
-        for ratio in ratios:
-            for per_active in PER_ACTIVE_S:
-                for overhead in OVERHEADS_S:
-                    candidate = model.with_serving(key, per_active, overhead, ratio)
-                    errors = []
-                    for record in served:
-                        predicted = predict_record(candidate, record)
-                        errors.extend(ape(predicted, target(record)).values())
-                    # capped so that one absurd record cannot pick the parameters alone
-                    score = sum(min(e, 200.0) for e in errors) / max(len(errors), 1)
-                    if best is None or score < best[0]:
-                        best = (score, candidate)
-        assert best is not None
-        model = best[1]
+        grids: list[tuple[Any, ...]] = [
+            PER_ACTIVE_S,
+            OVERHEADS_S,
+            ROUTER_RATIOS if key.startswith("tgi|") else (None,),
+            JOIN_STALLS_S,
+            PREFILL_EXPONENTS,
+        ]
+        terms: list[Any] = [0.0, 0.0, None, 0.0, 1.0]
+        scores: dict[tuple[Any, ...], float] = {}
+        for _ in range(FIT_ROUNDS):
+            for i, grid in enumerate(grids):
+                trials = [(*terms[:i], value, *terms[i + 1 :]) for value in grid]
+                for trial in trials:
+                    if trial not in scores:
+                        scores[trial] = _score(model.with_serving(key, *trial), served)
+                terms = list(min(trials, key=scores.__getitem__))
+        model = model.with_serving(key, *terms)
+    if cpu:
+        factor = min(
+            CPU_SAMPLING_FACTORS,
+            key=lambda f: _score(replace(model, cpu_sampling_factor=f), cpu),
+        )
+        model = replace(model, cpu_sampling_factor=factor)
     return model
+
+
+def realized_output_fraction(record: dict[str, Any]) -> float | None:
+    """Tokens a guidellm run's answers really had over those it asked for: its output
+    tokens/s over its requests/s (guidellm 0.1.0 counts the streamed tokens; the emulated
+    prompts let the model stop at EOS), capped at 1; None for other records."""
+    m = record.get("metrics") or {}
+    if kind_of(record) != "served" or not m.get("req_per_s") or not m.get("output_tok_per_s"):
+        return None
+    return min(1.0, m["output_tok_per_s"] / m["req_per_s"] / int(record["output_tokens"]))
 
 
 FITTED = "fitted-model.json"

@@ -33,7 +33,15 @@ from typing import Any
 
 import numpy as np
 
-from .records import generation, kv_bytes_per_token, load_of, sdk_tuple, target
+from .records import (
+    cpu_sampling,
+    generation,
+    kv_bytes_per_token,
+    load_of,
+    rounding_step,
+    sdk_tuple,
+    target,
+)
 
 GENERATIONS = ("tnx", "on-tnx", "on-nxd")
 LATEST_GENERATION = "on-nxd"
@@ -51,9 +59,16 @@ class Shape:
     generation: str = LATEST_GENERATION
     family: str | None = None
     """A model family of the calibration (``model_family``) gets its own correction."""
+    cpu_sampling: bool = False
+    """Decode samples on the host CPU instead of on the device (``records.cpu_sampling``)."""
 
     def padded_input(self, input_tokens: int) -> int:
-        if self.generation == "tnx":
+        """The prompt length a prefill really computes. transformers-neuronx pads to a
+        power-of-two bucket: the AWS tables' TTFT grows with the input, and so do the
+        optimum-neuron charts' batch-1 TTFT before SDK 2.21 (0.1 s up to 768 tokens, 0.2 s
+        from 1024); batched optimum-neuron models and NxD ones are flat up to the compiled
+        sequence length (inf2-published.md, "Bucketing and padding")."""
+        if self.generation == "tnx" or (self.generation == "on-tnx" and self.batch_size == 1):
             return max(128, 1 << max(0, math.ceil(math.log2(max(input_tokens, 1)))))
         return self.sequence_length
 
@@ -71,6 +86,7 @@ class Shape:
             kv_bytes=kv_bytes_per_token(family, params),
             generation=generation(record.get("engine", ""), str(record.get("sdk_version", ""))),
             family=(family or "").lower() or None,
+            cpu_sampling=cpu_sampling(record),
         )
 
 
@@ -126,6 +142,11 @@ def _prefill_columns(shape: Shape, sequences: int, input_tokens: int) -> dict[st
     }
 
 
+def layers_of(params_b: float) -> float:
+    """Decoder layers of a dense model of this size (Llama-2-7B 32, 13B 40, 70B 80)."""
+    return 32 * (max(params_b, 0.5) / 7.5) ** 0.4
+
+
 def _decode_columns(shape: Shape, batch: int) -> dict[str, float]:
     w = shape.params_b / shape.tp
     return {
@@ -133,13 +154,26 @@ def _decode_columns(shape: Shape, batch: int) -> dict[str, float]:
         "d1": w,
         "d2": batch * w,
         "d3": batch * shape.sequence_length * shape.kv_bytes / shape.tp / 1e9,
+        "d4": layers_of(shape.params_b) * shape.tp / 1e3,
     }
 
 
-def _solve(rows: list[tuple[dict[str, float], float]]) -> dict[str, float]:
-    names = sorted({k for cols, _ in rows for k in cols})
-    a = np.array([[cols.get(n, 0.0) / y for n in names] for cols, y in rows])
-    x = nnls(a, np.ones(len(rows)))
+RELATIVE_MISFIT = 0.1
+"""The model's typical relative error on a precise value: a rounded value weighs as if it
+were ``rounding_sd / RELATIVE_MISFIT`` large (``error_scale``)."""
+
+
+def error_scale(measured: float, step: float) -> float:
+    """What a residual is divided by in the fit: the value itself (relative error), or more
+    for a value rounded to ``step`` (a chart's 0.1 s TTFT is 0.05-0.15 s: a 50 % error on
+    it is only rounding). Uniform rounding has a standard deviation of step / sqrt(12)."""
+    return math.hypot(measured, step / math.sqrt(12) / RELATIVE_MISFIT)
+
+
+def _solve(rows: list[tuple[dict[str, float], float, float]]) -> dict[str, float]:
+    names = sorted({k for cols, _, _ in rows for k in cols})
+    a = np.array([[cols.get(n, 0.0) / s for n in names] for cols, _, s in rows])
+    x = nnls(a, np.array([y / s for _, y, s in rows]))
     return dict(zip(names, (float(v) for v in x), strict=True))
 
 
@@ -200,6 +234,26 @@ class TimingModel:
     router_ratios: dict[str, float | None] = field(default_factory=dict)
     """``tgi|generation`` -> the router's ``waiting_served_ratio`` that fits (None: new
     requests join at the next step, as in vLLM); see ``queue._tgi_admits``."""
+    join_stall_s: dict[str, float] = field(default_factory=dict)
+    """``engine|generation`` -> seconds an admission into a running batch pauses the
+    requests already decoding, beyond the prefill itself (the joining request's first
+    token is not delayed). Fitted: the published TGI guidellm runs' ITL nearly doubles at
+    0.5 req/s on three replicas while their TTFT rises by 15 %, far more than the joining
+    prefills (~0.3 s each) explain; see docs/predict.md."""
+    prefill_exponent: dict[str, float] = field(default_factory=dict)
+    """``engine|generation`` -> e: a server's prefill of n admitted requests takes the time
+    of one times n^e (1: one sequence after the other, as ``prefill_s``; 0: all in one
+    call). Fitted: the published llmperf runs of 2024 (TGI Neuron on transformers-neuronx)
+    median a TTFT of 0.3-1.1 s for waves of 11-32 simultaneous requests per replica, where
+    one-by-one prefills of 0.3 s would take 1.6-4.6 s."""
+    cpu_sampling_factor: float = 1.0
+    """Decode step with CPU sampling / with on-device sampling: fitted on the served records
+    that sample on the CPU (inf2-published.md: on-device sampling "roughly halves ITL");
+    1 when the calibration has none."""
+    guidellm_output_fraction: float = 1.0
+    """Median share of the requested answer length that the calibration's guidellm runs
+    really generated (``replay.realized_output_fraction``: their answers stop at EOS; the
+    blog's averaged 293 of 450 tokens). Only replays of guidellm records use it."""
     coverage: Coverage = Coverage()
 
     def _eval(self, cols: dict[str, float]) -> float:
@@ -225,7 +279,7 @@ class TimingModel:
     def decode_parts(self, shape: Shape, batch: int) -> tuple[float, float]:
         """(per step, per slot of the batch) before corrections."""
         cols = _decode_columns(shape, batch)
-        fixed = sum(self.coef.get(k, 0.0) * cols[k] for k in ("d0", "d1"))
+        fixed = sum(self.coef.get(k, 0.0) * cols[k] for k in ("d0", "d1", "d4"))
         per_batch = sum(self.coef.get(k, 0.0) * cols[k] for k in ("d2", "d3"))
         return fixed, per_batch
 
@@ -239,7 +293,8 @@ class TimingModel:
     def full_decode_s(self, shape: Shape, batch: int) -> float:
         fixed, per_batch = self.decode_parts(shape, batch)
         f = self._factors(shape)
-        return fixed * f[2] + per_batch * f[3]
+        step = fixed * f[2] + per_batch * f[3]
+        return step * self.cpu_sampling_factor if shape.cpu_sampling else step
 
     def serving_key(self, shape: Shape, engine: str) -> str:
         """The fitted serving terms for this engine and software generation, else the
@@ -260,14 +315,34 @@ class TimingModel:
     def router_ratio(self, shape: Shape, engine: str) -> float | None:
         return self.router_ratios.get(self.serving_key(shape, engine))
 
+    def join_stall(self, shape: Shape, engine: str) -> float:
+        return self.join_stall_s.get(self.serving_key(shape, engine), 0.0)
+
+    def served_prefill_s(
+        self, shape: Shape, sequences: int, input_tokens: int, engine: str = "tgi"
+    ) -> float:
+        """A server's prefill of ``sequences`` admitted requests (``prefill_exponent``)."""
+        exponent = self.prefill_exponent.get(self.serving_key(shape, engine), 1.0)
+        if exponent >= 1.0 or sequences <= 1:
+            return self.prefill_s(shape, sequences, input_tokens)
+        return self.prefill_s(shape, 1, input_tokens) * sequences**exponent
+
     def with_serving(
-        self, key: str, per_active_s: float, overhead_s: float, ratio: float | None = None
+        self,
+        key: str,
+        per_active_s: float,
+        overhead_s: float,
+        ratio: float | None = None,
+        join_stall_s: float = 0.0,
+        prefill_exponent: float = 1.0,
     ) -> TimingModel:
         return replace(
             self,
             per_active_s={**self.per_active_s, key: per_active_s},
             overhead_s={**self.overhead_s, key: overhead_s},
             router_ratios={**self.router_ratios, key: ratio},
+            join_stall_s={**self.join_stall_s, key: join_stall_s},
+            prefill_exponent={**self.prefill_exponent, key: prefill_exponent},
         )
 
     @classmethod
@@ -281,9 +356,14 @@ class TimingModel:
             measured = target(record)
             if measured.get("ttft_s"):
                 cols = _prefill_columns(shape, n_prefill, record["input_tokens"])
-                prefill_rows.append((cols, measured["ttft_s"]))
+                ttft = measured["ttft_s"]
+                prefill_rows.append(
+                    (cols, ttft, error_scale(ttft, rounding_step(record, "ttft_s")))
+                )
             if measured.get("itl_ms"):
-                decode_rows.append((_decode_columns(shape, n_decode), measured["itl_ms"] / 1e3))
+                itl = measured["itl_ms"] / 1e3
+                step = rounding_step(record, "itl_ms") / 1e3
+                decode_rows.append((_decode_columns(shape, n_decode), itl, error_scale(itl, step)))
         if not prefill_rows or not decode_rows:
             raise ValueError("the calibration holds no static-batch records with TTFT and ITL")
         coef = {**_solve(prefill_rows), **_solve(decode_rows)}
@@ -305,7 +385,9 @@ def step_records(
     """(shape, record, sequences per prefill, decode batch) of the records that time steps."""
     out = []
     for record in records:
-        if str(record.get("model_family", "")).lower() in EXCLUDED_FAMILIES:
+        if str(record.get("model_family", "")).lower() in EXCLUDED_FAMILIES or cpu_sampling(
+            record
+        ):  # CPU-sampling steps are fitted apart (TimingModel.cpu_sampling_factor)
             continue
         load = load_of(record)
         shape = Shape.of_record(record)
@@ -337,27 +419,41 @@ def _factors(
             f = model._factors(shape)
             if measured.get("ttft_s"):
                 single, batched = model.prefill_parts(shape, n_prefill, record["input_tokens"])
-                pre_rows.append(((single * f[0], batched * f[1]), measured["ttft_s"]))
+                ttft = measured["ttft_s"]
+                scale = error_scale(ttft, rounding_step(record, "ttft_s"))
+                pre_rows.append(((single * f[0], batched * f[1]), ttft, scale))
             if measured.get("itl_ms"):
                 fixed, per_batch = model.decode_parts(shape, n_decode)
-                dec_rows.append(((fixed * f[2], per_batch * f[3]), measured["itl_ms"] / 1e3))
+                itl = measured["itl_ms"] / 1e3
+                scale = error_scale(itl, rounding_step(record, "itl_ms") / 1e3)
+                dec_rows.append(((fixed * f[2], per_batch * f[3]), itl, scale))
         out[key] = (*_multipliers(pre_rows), *_multipliers(dec_rows))
     return out
 
 
-def _multipliers(rows: list[tuple[tuple[float, float], float]]) -> tuple[float, float]:
+SHRINK_RECORDS = 4
+"""Pseudo-records of "like the rest" that a generation's or family's own multipliers are
+weighed against (``_multipliers``)."""
+
+
+def _multipliers(rows: list[tuple[tuple[float, float], float, float]]) -> tuple[float, float]:
     if not rows:
         return 1.0, 1.0
-    a = np.array([[x / y for x in cols] for cols, y in rows])
+    a = np.array([[x / s for x in cols] for cols, _, s in rows])
+    b = np.array([y / s for _, y, s in rows])
     seen = a.sum(axis=0) > 0
     if not seen.any():
         return 1.0, 1.0
     # a part only seen in proportion to the other (all rows alike) cannot be told apart
     x = np.ones(2)
-    x[seen] = nnls(a[:, seen], np.ones(len(rows)))
+    x[seen] = nnls(a[:, seen], b)
     if (x[seen] <= 0).any():  # the fit dropped a part: keep the global model's shape
-        ratio = float(np.exp(np.median(np.log(1.0 / a.sum(axis=1)))))
-        return ratio, ratio
+        ratio = float(np.exp(np.median(np.log(b / a.sum(axis=1)))))
+        x = np.array([ratio, ratio])
+    # shrinkage: a multiplier seen in n records moves n / (n + SHRINK_RECORDS) of the way
+    # (in log space) from 1 to its fit, so two records cannot make a stack 10x slower
+    n = (a > 0).sum(axis=0)
+    x = np.exp(np.log(x) * n / (n + SHRINK_RECORDS))
     return float(x[0]), float(x[1])
 
 
@@ -387,6 +483,10 @@ def model_to_json(model: TimingModel) -> dict[str, Any]:
         "per_active_s": model.per_active_s,
         "overhead_s": model.overhead_s,
         "router_ratios": model.router_ratios,
+        "join_stall_s": model.join_stall_s,
+        "prefill_exponent": model.prefill_exponent,
+        "cpu_sampling_factor": model.cpu_sampling_factor,
+        "guidellm_output_fraction": model.guidellm_output_fraction,
         "coverage": {
             "params_b": list(c.params_b),
             "tp": sorted(c.tp),
@@ -412,6 +512,10 @@ def model_from_json(data: dict[str, Any]) -> TimingModel:
         router_ratios={
             k: None if v is None else float(v) for k, v in data.get("router_ratios", {}).items()
         },
+        join_stall_s={k: float(v) for k, v in data.get("join_stall_s", {}).items()},
+        prefill_exponent={k: float(v) for k, v in data.get("prefill_exponent", {}).items()},
+        cpu_sampling_factor=float(data.get("cpu_sampling_factor", 1.0)),
+        guidellm_output_fraction=float(data.get("guidellm_output_fraction", 1.0)),
         coverage=Coverage(
             params_b=(float(c["params_b"][0]), float(c["params_b"][1])),
             tp=frozenset(int(t) for t in c["tp"]),
