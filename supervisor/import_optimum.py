@@ -40,7 +40,7 @@ from supervisor.import_common import (
     written_header,
 )
 from supervisor.import_toml import TomlWriter
-from supervisor.model import normalize_dtype
+from supervisor.model import normalize_dtype, read_model_info
 from supervisor.neuron import format_core_range, parse_core_range
 from supervisor.vllm import SM_ON_PREFIX, VLLM_IMAGE_PORT
 
@@ -190,9 +190,31 @@ def _vllm_values(args: list[str], notes: Notes) -> tuple[dict[str, str], list[st
     return values, carried
 
 
+def _export_tp(model: str) -> int | None:
+    """The export's tp_degree, which optimum-cli uses when --tensor_parallel_size is not
+    given (serve.py ``run``: ``tensor_parallel_size = neuron_config.tp_degree``)."""
+    if not os.path.isdir(model):
+        return None
+    try:
+        info = read_model_info(model)
+    except (OSError, ValueError):  # ModelInfoError is a ValueError
+        return None
+    return info.tp_degree if info is not None else None
+
+
 def _core_groups(command: ServeCommand, tp: int | None, notes: Notes) -> list[str]:
     """The ranges VLLMServerManager gives the ranks when NEURON_RT_VISIBLE_CORES is set."""
-    if command.visible_cores is None or tp is None:
+    if command.visible_cores is None:
+        return []
+    if tp is None:
+        # Without the tensor-parallel degree the ranks' cores are unknown; writing nothing
+        # would put the replicas on cores from 0, which NEURON_RT_VISIBLE_CORES kept them off.
+        notes.add(
+            f"NEURON_RT_VISIBLE_CORES={command.visible_cores} is not applied: the "
+            "tensor-parallel degree is unknown (no --tensor_parallel_size, and --model is not "
+            "a local export here); set [fleet] core_groups to its ranges, one per rank of "
+            "tp_degree cores, or the replicas start on cores from 0"
+        )
         return []
     try:
         cores = list(parse_core_range(command.visible_cores))
@@ -239,6 +261,7 @@ def import_serve(
     vllm, carried = _vllm_values(command.vllm_args, notes)
     n = command.data_parallel_size
     tp = command.tensor_parallel_size
+    export_tp = None if tp is not None else _export_tp(command.model)
 
     model: dict[str, Any] = {"id": command.model}
     if command.served_model_name and command.served_model_name != command.model:
@@ -279,6 +302,7 @@ def import_serve(
             "--tensor_parallel_size not given: [fleet] cores_per_replica is read from the "
             "export's neuron_config.json (tp_degree) when the fleet loads"
         )
+    groups = _core_groups(command, tp or export_tp, notes)
     host = PUBLIC_HOST if n > 1 else vllm.get("host", PUBLIC_HOST)
     listen = f"[{host}]:{command.port}" if ":" in host else f"{host}:{command.port}"
     if host == PUBLIC_HOST:
@@ -289,7 +313,6 @@ def import_serve(
             "allow_public_without_api_keys = true)"
         )
     base_port = command.port + 1  # _allocate_internal_ports: user port + 1 + rank
-    groups = _core_groups(command, tp, notes)
     launcher = "docker" if command.from_image else "native"
     if n > 1:
         notes.add(

@@ -261,3 +261,25 @@ def test_compose_of_vllm_image_services_becomes_a_vllm_fleet(
     assert "SM_ON_MAX_NUM_BATCHED_TOKENS=8192" in argv  # carried as it was
     assert "SM_ON_BATCH_SIZE=32" in argv and "SM_ON_TENSOR_PARALLEL_SIZE=8" in argv
     assert "vllm-3           replica-2  16-23" in out
+
+
+def test_visible_cores_without_tensor_parallel_size_are_kept(export: Path) -> None:
+    """optimum-cli takes tp from the export's neuron_config.json and splits
+    NEURON_RT_VISIBLE_CORES by it (serve.py ``run``, server_manager.py ``_core_range``):
+    the import does the same, and never drops the variable silently (the replicas would
+    start on cores from 0, which another service may hold)."""
+    from supervisor.import_optimum import import_serve
+
+    result = import_serve(
+        f"NEURON_RT_VISIBLE_CORES=8-23 optimum-cli neuron serve --model {export} "
+        "--data-parallel-size 2"
+    )
+    fleet = tomllib.loads(result.toml)["fleet"]
+    assert fleet["core_groups"] == ["8-15", "16-23"]  # the export's tp_degree is 8
+    assert "cores_per_replica" not in fleet  # still read from the export when it loads
+    hub = import_serve(
+        "NEURON_RT_VISIBLE_CORES=8-23 optimum-cli neuron serve --model org/llama "
+        "--data-parallel-size 2"
+    )
+    assert "core_groups" not in tomllib.loads(hub.toml)["fleet"]
+    assert any("NEURON_RT_VISIBLE_CORES=8-23 is not applied" in n for n in hub.notes)
