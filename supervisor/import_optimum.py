@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -102,6 +103,10 @@ def sm_on_arguments(env: Mapping[str, str]) -> list[str]:
 def parse_serve(command_line: str, sm_env: Mapping[str, str] | None = None) -> ServeCommand:
     """``command_line`` (``optimum-cli neuron serve ...``, maybe after VAR=value words) and the
     image's SM_ON_* variables -> ServeCommand; raises ImportProblem."""
+    # A shell drops backslash-newline (POSIX, Shell Command Language 2.2.1): the command as
+    # optimum-neuron's docs print it, over several lines, is one command. shlex would keep
+    # each newline as a word of its own, and vLLM would refuse them as arguments.
+    command_line = re.sub(r"\\\r?\n", "", command_line)
     try:
         words = shlex.split(command_line)
     except ValueError as exc:
@@ -182,7 +187,8 @@ def _vllm_values(args: list[str], notes: Notes) -> tuple[dict[str, str], list[st
             notes.add(
                 f"{flag} is a secret: not copied; clients' keys go in NEURON_FLEET_API_KEYS "
                 f"({SERVICE_ENV_FILE}), and the replicas get a key of their own per run "
-                "([fleet] replica_auth)"
+                "([fleet] replica_auth); to keep it out of `ps` next time, give the command on "
+                "standard input: --optimum-serve - < serve.sh"
             )
         else:
             carried += args[i : i + step]

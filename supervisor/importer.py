@@ -69,8 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--optimum-serve",
         metavar="COMMAND",
         help='an optimum-cli neuron serve command line, quoted as one argument (e.g. "optimum-cli '
-        'neuron serve --model /models/llama --data-parallel-size 3"); SM_ON_* variables of '
-        "optimum-neuron's vLLM image come from --env-file",
+        'neuron serve --model /models/llama --data-parallel-size 3"), or - to read it from '
+        "standard input (a command with --api-key then stays out of `ps`); SM_ON_* variables "
+        "of optimum-neuron's vLLM image come from --env-file",
     )
     add(
         "--nginx",
@@ -157,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.optimum_serve is not None:
-            result = _import_optimum(args.optimum_serve, env_file)
+            command_line = sys.stdin.read() if args.optimum_serve == "-" else args.optimum_serve
+            result = _import_optimum(command_line, env_file)
         else:
             inputs = [os.path.basename(args.compose)]
             if args.nginx:

@@ -283,3 +283,38 @@ def test_visible_cores_without_tensor_parallel_size_are_kept(export: Path) -> No
     )
     assert "core_groups" not in tomllib.loads(hub.toml)["fleet"]
     assert any("NEURON_RT_VISIBLE_CORES=8-23 is not applied" in n for n in hub.notes)
+
+
+DOCS_COMMAND = """NEURON_RT_VISIBLE_CORES=8-23 optimum-cli neuron serve \\
+    --model="{model}" \\
+    --batch_size=8 \\
+    --sequence_length=4096 \\
+    --tensor_parallel_size=8 \\
+    --data-parallel-size 2 --api-key {key} \\
+"""
+"""optimum-neuron's docs/source/guides/vllm_plugin.mdx prints the serve command over several
+lines with backslash continuations (and a trailing one)."""
+
+
+def test_the_docs_multiline_command_from_stdin(
+    export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    """Pasted as the docs print it, the command is one command, as the shell runs it: no
+    newline words carried to vLLM (which would refuse them: every replica would fail to
+    start); given on stdin (--optimum-serve -), its --api-key stays out of `ps`."""
+    import io
+
+    command = DOCS_COMMAND.format(model=export, key=API_KEY)
+    monkeypatch.setattr("sys.stdin", io.StringIO(command))
+    output = tmp_path / "fleet.toml"
+    code, out, err = run_import(capsys, "--optimum-serve", "-", "-o", str(output))
+    assert code == 0, err
+    text = output.read_text()
+    assert API_KEY not in text + out + err
+    document = tomllib.loads(text)
+    assert "launcher" not in document or "extra_args" not in document["launcher"]["native"]
+    assert document["fleet"]["core_groups"] == ["8-15", "16-23"]
+    config = load_config(str(output), env={}, inventory=INF2_48, check_host=False)
+    spec = launch_spec(config.plan.replicas[0], config)
+    assert all(word.strip() == word and word for word in spec.argv), spec.argv
+    assert spec.argv[-4:] == ("--max-model-len", "4096", "--dtype", "bfloat16")
