@@ -217,3 +217,26 @@ async def test_vllm_errors_reach_the_openai_sdk_as_the_right_exceptions(balancer
     finally:
         for runner in runners:
             await runner.cleanup()
+
+
+async def test_our_validation_refusals_are_vllms_400(balancer, scripted) -> None:
+    """vLLM 0.11 answers every request it will not serve with 400 (BadRequestError), never
+    422: the balancer's own validation refusals do too with engine vllm (TGI keeps 422)."""
+    from tests.upstreams import Script
+
+    _, url = await scripted(Script(tokens=2, space=True))
+    for engine, status, kind in (
+        ("vllm", 400, openai.BadRequestError),
+        ("tgi", 422, openai.UnprocessableEntityError),
+    ):
+        server = await balancer([url], engine=engine)
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        try:
+            with pytest.raises(kind) as raised:
+                await client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=-1)
+            assert raised.value.status_code == status
+            assert "max tokens must be a non-negative integer" in str(raised.value.body)
+            with pytest.raises(kind):
+                await client.post("/chat/completions", body=[1, 2], cast_to=object)
+        finally:
+            await client.close()
