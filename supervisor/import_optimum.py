@@ -269,9 +269,16 @@ def import_serve(
     tp = command.tensor_parallel_size
     export_tp = None if tp is not None else _export_tp(command.model)
 
-    model: dict[str, Any] = {"id": command.model}
-    if command.served_model_name and command.served_model_name != command.model:
-        model["served_model_name"] = command.served_model_name
+    local = os.path.isabs(command.model) or command.model.startswith(".")
+    # optimum-cli resolved a relative --model against the directory it ran in; the service
+    # runs elsewhere (systemd: /), so the folder is written absolute, resolved here. Clients
+    # keep sending what optimum-cli served it as: --served_model_name, else --model as typed.
+    relative = local and not os.path.isabs(command.model) and not command.from_image
+    model_id = os.path.abspath(command.model) if relative else command.model
+    model: dict[str, Any] = {"id": model_id}
+    served = command.served_model_name or command.model
+    if served != model_id:
+        model["served_model_name"] = served
     if vllm.get("revision"):
         model["revision"] = vllm["revision"]
     # optimum-cli's own flags decide what it checks; vLLM's, appended after, decide what
@@ -285,7 +292,11 @@ def import_serve(
     if vllm.get("auto_cast_type"):
         model["auto_cast_type"] = normalize_dtype(vllm["auto_cast_type"])
 
-    local = os.path.isabs(command.model) or command.model.startswith(".")
+    if model_id != command.model:
+        notes.add(
+            f"--model {command.model} is relative: written as {model_id}, resolved against "
+            "this directory (run the import where optimum-cli ran)"
+        )
     if not local:
         notes.add(
             f"--model {command.model} is a Hub id: optimum-cli exports it (or fetches a cached "
@@ -346,7 +357,7 @@ def import_serve(
     if not local:
         w.commented_key("source", command.model, "then id = a local folder: neuron-fleet export")
     comments = {
-        "served_model_name": "--served_model_name: what clients send as model",
+        "served_model_name": "what clients send as model (--served_model_name, else --model)",
         "revision": "--revision",
         "batch_size": "--batch_size = vLLM --max-num-seqs",
         "max_total_tokens": "--sequence_length = vLLM --max-model-len",

@@ -16,6 +16,7 @@ from supervisor.import_optimum import parse_serve, sm_on_arguments
 from supervisor.import_toml import TomlWriter
 from supervisor.launchers import launch_spec
 from supervisor.neuron import read_neuron_ls_file
+from tests.test_launchers import flag
 
 INF2_48 = read_neuron_ls_file(
     str(Path(__file__).resolve().parent / "fixtures" / "neuron-ls" / "inf2.48xlarge.json")
@@ -318,3 +319,23 @@ def test_the_docs_multiline_command_from_stdin(
     spec = launch_spec(config.plan.replicas[0], config)
     assert all(word.strip() == word and word for word in spec.argv), spec.argv
     assert spec.argv[-4:] == ("--max-model-len", "4096", "--dtype", "bfloat16")
+
+
+def test_a_relative_model_is_written_absolute(
+    export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """optimum-cli resolved ``--model ./llama`` in the directory it ran in; the service runs
+    from / (systemd): the fleet.toml must still load there, and clients keep the name."""
+    from supervisor.import_optimum import import_serve
+
+    monkeypatch.chdir(export.parent)
+    result = import_serve("optimum-cli neuron serve --model ./llama --data-parallel-size 2")
+    path = tmp_path / "fleet.toml"
+    path.write_text(result.toml)
+    monkeypatch.chdir("/")
+    config = load_config(str(path), env={}, inventory=INF2_48, check_host=False)
+    assert config.model.id == str(export)
+    assert config.fleet.cores_per_replica == 8  # read from the export, found from /
+    spec = launch_spec(config.plan.replicas[0], config)
+    assert flag(spec.argv, "--served-model-name") == "./llama"
+    assert flag(spec.argv, "--model") == str(export)
