@@ -69,6 +69,8 @@ class ServeCommand:
     """What optimum-cli passes on to vLLM untouched (its ``_unknown_args``)."""
     visible_cores: str | None = None
     """NEURON_RT_VISIBLE_CORES=... written before the command, if any."""
+    assignments: dict[str, str] = field(default_factory=dict)
+    """Every VAR=value written before the command (NEURON_RT_VISIBLE_CORES included)."""
     from_image: bool = False
     """Configured by SM_ON_* variables (optimum-neuron's vLLM image) rather than a shell."""
 
@@ -155,6 +157,7 @@ def parse_serve(command_line: str, sm_env: Mapping[str, str] | None = None) -> S
         allow_non_cached_model=known.allow_non_cached_model,
         vllm_args=unknown,
         visible_cores=assignments.get("NEURON_RT_VISIBLE_CORES"),
+        assignments=assignments,
         from_image=from_image,
     )
 
@@ -264,6 +267,14 @@ def import_serve(
     notes = Notes()
     command = parse_serve(command_line, sm_env)
     secret_notes(sm_env or {}, env_source, notes)
+    prefixed = {k: v for k, v in command.assignments.items() if k != "NEURON_RT_VISIBLE_CORES"}
+    secret_notes(prefixed, "the command line", notes)
+    others = sorted(name for name in prefixed if not is_secret(name))
+    if others:
+        notes.add(
+            f"{', '.join(others)} set before the command: not carried over; put them in the "
+            f"service's environment ({SERVICE_ENV_FILE}), which native replicas inherit"
+        )
     vllm, carried = _vllm_values(command.vllm_args, notes)
     n = command.data_parallel_size
     tp = command.tensor_parallel_size

@@ -339,3 +339,15 @@ def test_a_relative_model_is_written_absolute(
     spec = launch_spec(config.plan.replicas[0], config)
     assert flag(spec.argv, "--served-model-name") == "./llama"
     assert flag(spec.argv, "--model") == str(export)
+
+
+def test_variables_before_the_command_are_named_never_copied(export: Path) -> None:
+    from supervisor.import_optimum import import_serve
+
+    result = import_serve(
+        f"HF_TOKEN={TOKEN} NEURON_CC_FLAGS=-O1 optimum-cli neuron serve --model {export}"
+    )
+    notes = "\n".join(result.notes)
+    assert TOKEN not in result.toml + notes
+    assert "HF_TOKEN is set in the command line" in notes
+    assert "NEURON_CC_FLAGS set before the command: not carried over" in notes
