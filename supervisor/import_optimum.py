@@ -190,8 +190,7 @@ def _vllm_values(args: list[str], notes: Notes) -> tuple[dict[str, str], list[st
             notes.add(
                 f"{flag} is a secret: not copied; clients' keys go in NEURON_FLEET_API_KEYS "
                 f"({SERVICE_ENV_FILE}), and the replicas get a key of their own per run "
-                "([fleet] replica_auth); to keep it out of `ps` next time, give the command on "
-                "standard input: --optimum-serve - < serve.sh"
+                "([fleet] replica_auth)"
             )
         else:
             carried += args[i : i + step]
@@ -262,6 +261,7 @@ def import_serve(
     *,
     sources: str = "",
     env_source: str = "the env file",
+    on_argv: bool = True,
 ) -> ImportResult:
     """The fleet.toml of an ``optimum-cli neuron serve`` deployment; raises ImportProblem."""
     notes = Notes()
@@ -354,8 +354,19 @@ def import_serve(
             "batch slot ([balancer] max_inflight_per_replica = batch_size), a queue, and "
             "retries on another replica before the first token"
         )
-    if carried:
+    image_args = sm_on_pairs(carried) if command.from_image else []
+    if carried and not command.from_image:
         notes.add("carried into [launcher.native] extra_args: " + shlex.join(carried))
+    elif image_args:
+        notes.add(
+            "carried into [launcher.docker] extra_args as the image takes them (SM_ON_*): "
+            + shlex.join(image_args)
+        )
+    if on_argv and _secret_in_argv(command_line):
+        notes.add(
+            "the command line held a secret, which `ps` showed while this import ran: next "
+            "time give the command on standard input (--optimum-serve - < serve.sh)"
+        )
     if command.from_image:
         notes.add(
             'configured by SM_ON_* variables: launcher = "docker" runs optimum-neuron\'s '
@@ -412,14 +423,11 @@ def import_serve(
                 "[launcher.docker] data_dir (and data_mount, default /data) to the host folder "
                 "mounted there"
             )
+        if image_args:
+            w.key("extra_args", image_args, "vLLM arguments, as SM_ON_* (the image's only way)")
         notes.add(
             f"the image listened on {VLLM_IMAGE_PORT} inside its container: set [balancer] "
             "listen to the host port clients used (docker run -p HOST_PORT:8080)"
-        )
-    if carried and command.from_image:
-        notes.add(
-            "the image takes vLLM arguments only through SM_ON_*: add them to "
-            "[launcher.docker] extra_args as -e SM_ON_NAME=value"
         )
     w.table("balancer")
     w.key("listen", listen, "--port: where clients connect")
@@ -431,6 +439,33 @@ def import_serve(
         listen=listen,
         replaces="OPTIMUM SERVER",
     )
+
+
+def sm_on_pairs(args: list[str]) -> list[str]:
+    """vLLM arguments as ``docker run -e SM_ON_NAME=value`` pairs: the entry point turns each
+    back into ``--name value`` (lower-cased; vLLM's parser takes ``_`` for ``-``), a flag
+    without a value from an empty one (docker/vllm/Dockerfile, entrypoint.sh)."""
+    pairs: list[str] = []
+    i = 0
+    while i < len(args):
+        word = args[i]
+        i += 1
+        if not word.startswith("--"):
+            continue  # a value already taken, or a positional: no SM_ON_* spelling
+        name, eq, value = word[2:].partition("=")
+        if not eq and i < len(args) and not args[i].startswith("-"):
+            value = args[i]
+            i += 1
+        pairs += ["-e", f"{SM_ON_PREFIX}{name.replace('-', '_').upper()}={value}"]
+    return pairs
+
+
+def _secret_in_argv(command_line: str) -> bool:
+    """A ``--flag`` named like a secret on the command line itself (not from SM_ON_*)."""
+    for word in command_line.split():
+        if word.startswith("--") and is_secret(word[2:].partition("=")[0].replace("-", "_")):
+            return True
+    return False
 
 
 def secret_notes(env: Mapping[str, str], source: str, notes: Notes) -> None:

@@ -126,7 +126,7 @@ def _summary(config: FleetConfig, services: list[str], replaces: str) -> list[st
     ]
 
 
-def _import_optimum(command_line: str, env_file: str | None) -> ImportResult:
+def _import_optimum(command_line: str, env_file: str | None, on_argv: bool) -> ImportResult:
     sm_env: dict[str, str] = {}
     if env_file is not None:
         try:
@@ -136,7 +136,9 @@ def _import_optimum(command_line: str, env_file: str | None) -> ImportResult:
     sources = "an optimum-cli neuron serve command" + (
         f" and the SM_ON_* variables of {os.path.basename(env_file)}" if env_file else ""
     )
-    return import_serve(command_line, sm_env, sources=sources, env_source=str(env_file))
+    return import_serve(
+        command_line, sm_env, sources=sources, env_source=str(env_file), on_argv=on_argv
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -158,8 +160,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.optimum_serve is not None:
-            command_line = sys.stdin.read() if args.optimum_serve == "-" else args.optimum_serve
-            result = _import_optimum(command_line, env_file)
+            on_argv = args.optimum_serve != "-"
+            command_line = args.optimum_serve if on_argv else sys.stdin.read()
+            result = _import_optimum(command_line, env_file, on_argv)
         else:
             inputs = [os.path.basename(args.compose)]
             if args.nginx:

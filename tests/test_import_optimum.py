@@ -312,6 +312,7 @@ def test_the_docs_multiline_command_from_stdin(
     assert code == 0, err
     text = output.read_text()
     assert API_KEY not in text + out + err
+    assert "the command line held a secret" not in out  # it came on stdin, not in `ps`
     document = tomllib.loads(text)
     assert "launcher" not in document or "extra_args" not in document["launcher"]["native"]
     assert document["fleet"]["core_groups"] == ["8-15", "16-23"]
@@ -351,3 +352,31 @@ def test_variables_before_the_command_are_named_never_copied(export: Path) -> No
     assert TOKEN not in result.toml + notes
     assert "HF_TOKEN is set in the command line" in notes
     assert "NEURON_CC_FLAGS set before the command: not carried over" in notes
+
+
+def test_sm_on_vllm_arguments_stay_sm_on_for_the_image(
+    export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The image takes vLLM arguments only as SM_ON_* (entrypoint.sh): an SM_ON_ENABLE_PREFIX_
+    CACHING= of the env file is carried as ``-e SM_ON_ENABLE_PREFIX_CACHING=`` on each
+    replica's docker run, not dropped, and not as a native flag the docker launcher ignores."""
+    env = tmp_path / "sm.env"
+    env.write_text(
+        f"SM_ON_MODEL=/data/llama\nSM_ON_TENSOR_PARALLEL_SIZE=8\nSM_ON_API_KEY={API_KEY}\n"
+        "SM_ON_ENABLE_PREFIX_CACHING=\nSM_ON_MAX_NUM_BATCHED_TOKENS=256\n"
+    )
+    output = tmp_path / "fleet.toml"
+    code, out, err = run_import(
+        capsys, "--optimum-serve", "", "--env-file", str(env), "-o", str(output)
+    )
+    assert code == 0, err
+    text = output.read_text()
+    assert API_KEY not in text + out
+    assert "[launcher.native]" not in out and "the command line held a secret" not in out
+    extra = tomllib.loads(text)["launcher"]["docker"]["extra_args"]
+    assert extra == [
+        "-e",
+        "SM_ON_ENABLE_PREFIX_CACHING=",
+        "-e",
+        "SM_ON_MAX_NUM_BATCHED_TOKENS=256",
+    ]
