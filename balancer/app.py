@@ -54,7 +54,8 @@ GENERATION_ROUTES = (
 )
 PASSTHROUGH_GET = ("/info", "/v1/models", "/version")
 """``/version``: vLLM's (``{"version": "0.11.0"}``, vllm 0.11.0 api_server.py); TGI has none."""
-PASSTHROUGH_POST = ("/tokenize", "/chat_tokenize")
+PASSTHROUGH_POST = ("/tokenize", "/chat_tokenize", "/detokenize")
+"""``/detokenize``: vLLM's (token ids -> ``{"prompt": text}``, vllm 0.11.0 api_server.py)."""
 HANDLED_ROUTES = frozenset(GENERATION_ROUTES + PASSTHROUGH_GET + PASSTHROUGH_POST)
 """Routes whose handlers a drain waits for (``Balancer.handling``)."""
 OPEN_ROUTES = frozenset({"/health", "/ping", "/live", "/metrics"})

@@ -240,3 +240,34 @@ async def test_our_validation_refusals_are_vllms_400(balancer, scripted) -> None
                 await client.post("/chat/completions", body=[1, 2], cast_to=object)
         finally:
             await client.close()
+
+
+async def test_vllms_detokenize_passes_through(balancer) -> None:
+    """optimum-neuron's proxy forwarded every path; vLLM's stateless /detokenize
+    (vllm 0.11.0 api_server.py) goes through neuron-fleet too, as /tokenize does."""
+    seen = []
+
+    async def detokenize(request: web.Request) -> web.Response:
+        doc = await request.json()
+        seen.append(doc)
+        return web.json_response({"prompt": " ".join(str(t) for t in doc["tokens"])})
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/detokenize", detokenize)
+    app.router.add_get("/health", health)
+    runner, url = await start_app(app)
+    try:
+        server = await balancer([url], engine="vllm")
+        client = openai.AsyncOpenAI(base_url=server.url, api_key="x", max_retries=0)
+        try:
+            doc = await client.post(
+                "/detokenize", body={"model": "m", "tokens": [1, 2]}, cast_to=object
+            )
+        finally:
+            await client.close()
+        assert doc == {"prompt": "1 2"} and seen == [{"model": "m", "tokens": [1, 2]}]
+    finally:
+        await runner.cleanup()
