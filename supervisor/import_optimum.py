@@ -210,6 +210,14 @@ def _export_tp(model: str) -> int | None:
     return info.tp_degree if info is not None else None
 
 
+def _is_plain_checkpoint(model: str) -> bool:
+    """A local folder here with no Neuron metadata (optimum-cli exports it at each start)."""
+    try:
+        return os.path.isdir(model) and read_model_info(model) is None
+    except (OSError, ValueError):
+        return False
+
+
 def _core_groups(command: ServeCommand, tp: int | None, notes: Notes) -> list[str]:
     """The ranges VLLMServerManager gives the ranks when NEURON_RT_VISIBLE_CORES is set."""
     if command.visible_cores is None:
@@ -314,6 +322,13 @@ def import_serve(
             "export) at every start, once per server; with neuron-fleet export it once: set "
             f'[model] source = "{command.model}" and id to a local folder, then run '
             "`neuron-fleet export`; every replica, and every restart, loads that folder"
+        )
+    elif not command.from_image and _is_plain_checkpoint(model_id):
+        notes.add(
+            f"--model {command.model} is a checkpoint, not a Neuron export (no "
+            "neuron_config.json): every server compiles it at every start; with neuron-fleet "
+            f'export it once: [model] source = "{model_id}", id = a new folder, then '
+            "`neuron-fleet export`"
         )
     if command.allow_non_cached_model:
         notes.add(

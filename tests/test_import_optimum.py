@@ -380,3 +380,17 @@ def test_sm_on_vllm_arguments_stay_sm_on_for_the_image(
         "-e",
         "SM_ON_MAX_NUM_BATCHED_TOKENS=256",
     ]
+
+
+def test_a_local_checkpoint_is_noted_for_a_one_time_export(tmp_path: Path) -> None:
+    """optimum-cli compiles a plain checkpoint folder at every start of every server: the
+    import says so, as it does for a Hub id."""
+    from supervisor.import_optimum import import_serve
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text('{"model_type": "llama"}')
+    result = import_serve(
+        f"optimum-cli neuron serve --model {plain} --tensor_parallel_size 2 --data-parallel-size 2"
+    )
+    assert any("is a checkpoint, not a Neuron export" in note for note in result.notes)
