@@ -139,6 +139,12 @@ def parse_serve(command_line: str, sm_env: Mapping[str, str] | None = None) -> S
             ["no --model in the serve command (nor SM_ON_MODEL): the model to serve is needed"]
         )
     problems = []
+    if known.task != "generate":
+        # A fleet.toml would start vLLM with --task generate on it: refuse, not rewrite.
+        problems.append(
+            f"--task {known.task}: neuron-fleet starts vLLM with --task generate and balances "
+            "the generation routes only; keep serving an embedding model with optimum-cli"
+        )
     for name in ("data_parallel_size", "tensor_parallel_size", "batch_size", "sequence_length"):
         value = getattr(known, name)
         if value is not None and value < 1:
@@ -334,11 +340,6 @@ def import_serve(
         notes.add(
             "--allow_non_cached_model: compiles a model the Hub cache lacks at every start; "
             "`neuron-fleet export` compiles it once instead (not carried over)"
-        )
-    if command.task != "generate":
-        notes.add(
-            f"--task {command.task}: neuron-fleet starts vLLM with --task generate and balances "
-            "generation routes; serve embedding models with optimum-cli"
         )
     if tp is None:
         notes.add(

@@ -174,6 +174,8 @@ def test_hub_model_is_noted_for_a_one_time_export(
         ("optimum-cli neuron serve --batch_size 4", "no --model"),
         ("optimum-cli neuron serve --model m --data-parallel-size 0", "must be at least 1"),
         ("optimum-cli neuron serve --model 'm", "cannot be split"),
+        # was written with a note, as a fleet starting vLLM with --task generate on it
+        ("optimum-cli neuron serve --model m --task embed", "--task embed: neuron-fleet"),
     ],
 )
 def test_bad_serve_commands_exit_2(
