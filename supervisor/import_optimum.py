@@ -38,6 +38,7 @@ from supervisor.import_common import (
     ImportResult,
     Notes,
     is_secret,
+    names_a_secret,
     written_header,
 )
 from supervisor.import_toml import TomlWriter
@@ -192,7 +193,7 @@ def _vllm_values(args: list[str], notes: Notes) -> tuple[dict[str, str], list[st
         step = 1 if eq or not has_value else 2
         if flag in _VLLM_KEYS and has_value:
             values[_VLLM_KEYS[flag]] = value
-        elif is_secret(flag.lstrip("-").replace("-", "_")):
+        elif names_a_secret(flag):
             notes.add(
                 f"{flag} is a secret: not copied; clients' keys go in NEURON_FLEET_API_KEYS "
                 f"({SERVICE_ENV_FILE}), and the replicas get a key of their own per run "
@@ -479,7 +480,7 @@ def sm_on_pairs(args: list[str]) -> list[str]:
 def _secret_in_argv(command_line: str) -> bool:
     """A ``--flag`` named like a secret on the command line itself (not from SM_ON_*)."""
     for word in command_line.split():
-        if word.startswith("--") and is_secret(word[2:].partition("=")[0].replace("-", "_")):
+        if word.startswith("--") and names_a_secret(word.partition("=")[0]):
             return True
     return False
 

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from balancer.config import ENGINES
-from supervisor.import_common import SERVICE_ENV_FILE, is_secret
+from supervisor.import_common import SERVICE_ENV_FILE, names_a_secret
 from supervisor.model import NeuronModelInfo
 from supervisor.neuron import DEFAULT_CORES_PER_DEVICE
 
@@ -313,7 +313,7 @@ def secret_arguments(args: Iterable[str]) -> list[str]:
             word = "-e" + word[len("--env=") :]
         if word.startswith("--") and word not in ("--env", "--env-file"):
             name = word[2:].partition("=")[0]
-            if is_secret(name.replace("-", "_").upper()):
+            if names_a_secret(name):
                 found.append("--" + name)
             continue
         if word in ("-e", "--env") and i + 1 < len(words):
@@ -323,7 +323,7 @@ def secret_arguments(args: Iterable[str]) -> list[str]:
         else:
             continue
         name, eq, _ = assignment.partition("=")
-        if eq and is_secret(name.upper()):
+        if eq and names_a_secret(name):
             found.append(f"-e {name}=...")
     return found
 

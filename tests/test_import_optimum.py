@@ -396,3 +396,25 @@ def test_a_local_checkpoint_is_noted_for_a_one_time_export(tmp_path: Path) -> No
         f"optimum-cli neuron serve --model {plain} --tensor_parallel_size 2 --data-parallel-size 2"
     )
     assert any("is a checkpoint, not a Neuron export" in note for note in result.notes)
+
+
+def test_vllm_flags_named_with_token_are_carried_not_taken_for_secrets(export: Path) -> None:
+    """vLLM 0.11 has --long-prefill-token-threshold, --return-tokens-as-token-ids and
+    --allow-credentials (engine/arg_utils.py, entrypoints/openai/cli_args.py): arguments, not
+    secrets. They were dropped as secrets; --api-key and --hf-token still are."""
+    from supervisor.import_optimum import import_serve
+
+    result = import_serve(
+        f"optimum-cli neuron serve --model {export} --long-prefill-token-threshold 512 "
+        f"--return-tokens-as-token-ids --allow-credentials --hf-token {TOKEN} --api-key {API_KEY}"
+    )
+    carried = tomllib.loads(result.toml)["launcher"]["native"]["extra_args"]
+    assert carried == [
+        "--long-prefill-token-threshold",
+        "512",
+        "--return-tokens-as-token-ids",
+        "--allow-credentials",
+    ]
+    assert TOKEN not in result.toml and API_KEY not in result.toml
+    notes = "\n".join(result.notes)
+    assert "--hf-token is a secret" in notes and "--api-key is a secret" in notes

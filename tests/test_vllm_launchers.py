@@ -330,3 +330,13 @@ def test_a_secret_in_extra_args_is_refused(
     # Named without a value, docker reads it from its own environment: fine.
     config = vllm_config(tmp_path, "docker", 'extra_args = ["-e", "HF_TOKEN"]\n')
     assert "HF_TOKEN" in launch_spec(config.plan.replicas[0], config).argv
+
+
+def test_vllm_flags_named_with_token_are_no_secret(tmp_path: Path) -> None:
+    extra = '["--long-prefill-token-threshold", "512", "--return-tokens-as-token-ids"]'
+    config = vllm_config(tmp_path, "native", f"[launcher.native]\nextra_args = {extra}\n")
+    assert launch_spec(config.plan.replicas[0], config).argv[-3:] == (
+        "--long-prefill-token-threshold",
+        "512",
+        "--return-tokens-as-token-ids",
+    )
