@@ -37,6 +37,10 @@ class ImportResult:
 
 
 def is_secret(name: str) -> bool:
+    """An environment variable that holds a secret. ``SM_ON_*`` ones are vLLM flags for
+    optimum-neuron's image (``SM_ON_API_KEY`` is ``--api_key``): judged as flags are."""
+    if name.upper().startswith("SM_ON_"):
+        return names_a_secret(name)
     return name in HF_TOKEN_NAMES or bool(SECRET_WORDS & set(name.upper().split("_")))
 
 

@@ -223,6 +223,8 @@ VLLM_SERVICE = """
       - SM_ON_BATCH_SIZE=${{MAX_BATCH_SIZE}}
       - SM_ON_SEQUENCE_LENGTH=${{MAX_TOTAL_TOKENS}}
       - SM_ON_MAX_NUM_BATCHED_TOKENS=8192
+      - SM_ON_LONG_PREFILL_TOKEN_THRESHOLD=512
+      - SM_ON_API_KEY=sk-in-compose
       - HF_TOKEN=${{HF_TOKEN}}
     devices:
 {devices}
@@ -262,6 +264,9 @@ def test_compose_of_vllm_image_services_becomes_a_vllm_fleet(
     assert "127.0.0.1:8083:8080" in argv  # the image's port, not the compose's SM_ON_PORT
     assert not any(a.startswith("SM_ON_PORT") for a in argv)
     assert "SM_ON_MAX_NUM_BATCHED_TOKENS=8192" in argv  # carried as it was
+    # a vLLM flag with "token" in its name is no secret (it was carried by name only)
+    assert "SM_ON_LONG_PREFILL_TOKEN_THRESHOLD=512" in argv
+    assert "sk-in-compose" not in output.read_text() + out + " ".join(argv)
     assert "SM_ON_BATCH_SIZE=32" in argv and "SM_ON_TENSOR_PARALLEL_SIZE=8" in argv
     assert "vllm-3           replica-2  16-23" in out
 
