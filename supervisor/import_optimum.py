@@ -103,6 +103,14 @@ def sm_on_arguments(env: Mapping[str, str]) -> list[str]:
     return args
 
 
+_PREFIX_COMMANDS = frozenset({"env", "exec", "sudo", "nohup"})
+
+
+def _is_assignment(word: str) -> bool:
+    name, eq, _ = word.partition("=")
+    return bool(eq) and name.isidentifier()
+
+
 def parse_serve(command_line: str, sm_env: Mapping[str, str] | None = None) -> ServeCommand:
     """``command_line`` (``optimum-cli neuron serve ...``, maybe after VAR=value words) and the
     image's SM_ON_* variables -> ServeCommand; raises ImportProblem."""
@@ -116,9 +124,15 @@ def parse_serve(command_line: str, sm_env: Mapping[str, str] | None = None) -> S
         problem = f"the serve command line cannot be split like a shell's: {exc}"
         raise ImportProblem([problem]) from None
     assignments: dict[str, str] = {}
-    while words and "=" in words[0] and not words[0].startswith("-"):
-        name, _, value = words.pop(0).partition("=")
-        assignments[name] = value
+    while words and (words[0] in _PREFIX_COMMANDS or _is_assignment(words[0])):
+        # VAR=value words, and what runs the command with them: `env VAR=value optimum-cli`,
+        # `exec optimum-cli` (the image's entrypoint.sh), `sudo`, `nohup`.
+        word = words.pop(0)
+        if _is_assignment(word):
+            name, _, value = word.partition("=")
+            assignments[name] = value
+    if words and os.path.basename(words[0]) == "optimum-cli":
+        words[0] = "optimum-cli"  # /opt/aws_neuronx_venv_pytorch_2_7/bin/optimum-cli
     if words[:3] == ["optimum-cli", "neuron", "serve"]:
         words = words[3:]
     elif words and not words[0].startswith("-"):

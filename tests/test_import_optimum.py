@@ -423,3 +423,19 @@ def test_vllm_flags_named_with_token_are_carried_not_taken_for_secrets(export: P
     assert TOKEN not in result.toml and API_KEY not in result.toml
     notes = "\n".join(result.notes)
     assert "--hf-token is a secret" in notes and "--api-key is a secret" in notes
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        "env NEURON_RT_VISIBLE_CORES=8-23 optimum-cli",
+        "NEURON_RT_VISIBLE_CORES=8-23 exec /opt/aws_neuronx_venv_pytorch_2_7/bin/optimum-cli",
+        "sudo env NEURON_RT_VISIBLE_CORES=8-23 optimum-cli",
+    ],
+)
+def test_serve_commands_as_systemd_units_and_scripts_write_them(export: Path, prefix: str) -> None:
+    """`env VAR=value optimum-cli ...`, `exec` (the image's entrypoint.sh), a full path to
+    optimum-cli: the same command. They were refused as "not an optimum-cli command line"."""
+    command = parse_serve(f"{prefix} neuron serve --model {export} --data-parallel-size 2")
+    assert (command.model, command.visible_cores) == (str(export), "8-23")
+    assert command.data_parallel_size == 2
