@@ -317,7 +317,9 @@ def import_serve(
     model_id = os.path.abspath(command.model) if relative else command.model
     model: dict[str, Any] = {"id": model_id}
     served = command.served_model_name or command.model
-    if served != model_id:
+    if served != model_id or command.from_image:
+        # From the image, id is a path inside its container that [launcher.docker] data_dir
+        # may lead to rewrite: the name clients send is pinned.
         model["served_model_name"] = served
     if vllm.get("revision"):
         model["revision"] = vllm["revision"]

@@ -439,3 +439,43 @@ def test_serve_commands_as_systemd_units_and_scripts_write_them(export: Path, pr
     command = parse_serve(f"{prefix} neuron serve --model {export} --data-parallel-size 2")
     assert (command.model, command.visible_cores) == (str(export), "8-23")
     assert command.data_parallel_size == 2
+
+
+def test_a_local_export_in_the_image_keeps_the_name_clients_sent(
+    export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """optimum-cli serves --model under its own name (serve.py: model_id =
+    served_model_name or model): clients of the image sent model="/data/llama". The fleet's
+    [model] id becomes the host folder; the replicas must still answer to "/data/llama" (vLLM
+    answers 404 to any other name)."""
+    compose = tmp_path / "docker-compose.yaml"
+    service = """
+  vllm-{k}:
+    image: optimum-neuron-vllm:latest
+    ports: ["{port}:8080"]
+    volumes: ["{models}:/data"]
+    environment:
+      - SM_ON_MODEL=/data/llama
+      - SM_ON_TENSOR_PARALLEL_SIZE=8
+    devices: ["/dev/neuron{d0}", "/dev/neuron{d1}", "/dev/neuron{d2}", "/dev/neuron{d3}"]
+"""
+    services = "".join(
+        service.format(
+            k=k,
+            port=8081 + k,
+            models=export.parent,
+            d0=4 * k,
+            d1=4 * k + 1,
+            d2=4 * k + 2,
+            d3=4 * k + 3,
+        )
+        for k in range(2)
+    )
+    compose.write_text(VLLM_COMPOSE.format(services=services, names="vllm-0, vllm-1"))
+    output = tmp_path / "fleet.toml"
+    code, _, err = run_import(capsys, "--compose", str(compose), "-o", str(output))
+    assert code == 0, err
+    config = load_config(str(output), env={}, inventory=INF2_48, check_host=False)
+    assert config.model.id == str(export)
+    argv = launch_spec(config.plan.replicas[0], config).argv
+    assert "SM_ON_SERVED_MODEL_NAME=/data/llama" in argv, argv
