@@ -23,7 +23,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from balancer import access
 from balancer.admission import Admission
 from balancer.config import BalancerConfig
-from balancer.errors import ENGINE_KEY, bind_engine, expect_handler, json_error
+from balancer.errors import (
+    ENGINE_KEY,
+    bind_engine,
+    expect_handler,
+    json_error,
+    validation_status,
+)
 from balancer.forecast import Forecast
 from balancer.health import probe_health
 from balancer.metrics import BalancerMetrics, route_label
@@ -48,7 +54,8 @@ GENERATION_ROUTES = (
 )
 PASSTHROUGH_GET = ("/info", "/v1/models", "/version")
 """``/version``: vLLM's (``{"version": "0.11.0"}``, vllm 0.11.0 api_server.py); TGI has none."""
-PASSTHROUGH_POST = ("/tokenize", "/chat_tokenize")
+PASSTHROUGH_POST = ("/tokenize", "/chat_tokenize", "/detokenize")
+"""``/detokenize``: vLLM's (token ids -> ``{"prompt": text}``, vllm 0.11.0 api_server.py)."""
 HANDLED_ROUTES = frozenset(GENERATION_ROUTES + PASSTHROUGH_GET + PASSTHROUGH_POST)
 """Routes whose handlers a drain waits for (``Balancer.handling``)."""
 OPEN_ROUTES = frozenset({"/health", "/ping", "/live", "/metrics"})
@@ -295,7 +302,7 @@ class _Invalid(Exception):
         error_type: str | None = None,
     ) -> None:
         super().__init__(message)
-        self.status = status
+        self.status = validation_status(status)
         self.message = message
         self.reason = reason or f"invalid_{status}"
         self.headers = headers

@@ -60,6 +60,16 @@ def error_body(message: str, error_type: str, status: int, engine: str | None = 
     return json.dumps({"error": message, "error_type": error_type}).encode()
 
 
+def validation_status(status: int) -> int:
+    """The status of a refused request as the engine writes it: TGI answers a request it
+    will not serve with 422 (``router/src/server.rs``, ``InferError::ValidationError``);
+    vLLM 0.11 with 400 for every validation failure, its own 422s included
+    (``entrypoints/openai/api_server.py`` ``validation_exception_handler``;
+    ``serving_engine.py`` ``create_error_response`` defaults to BAD_REQUEST), so the openai
+    SDK raises ``BadRequestError`` for ours as for a vLLM replica's."""
+    return 400 if status == 422 and _ENGINE.get() == "vllm" else status
+
+
 def json_error(
     status: int,
     message: str,

@@ -47,6 +47,7 @@ KNOWN_ROUTES = frozenset(
         "/invocations",
         "/tokenize",
         "/chat_tokenize",
+        "/detokenize",
         "/info",
         "/v1/models",
         "/version",

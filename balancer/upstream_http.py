@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import select
 import ssl
 import time
 from collections.abc import Callable
@@ -52,6 +53,22 @@ MAX_FIELD_BYTES = 8190
 MAX_HEADERS = 128
 """As aiohttp's client (aiohttp 3.14.5, client.py ClientSession: max_line_size=8190,
 max_field_size=8190, max_headers=128)."""
+
+
+def _readable(transport: asyncio.BaseTransport) -> bool:
+    """An idle connection with something to read: bytes, or the replica's FIN (it closed the
+    connection, or its process died), which the kernel holds before our loop reads it. On
+    loopback a killed process's FIN is queued as it dies, so a request that finds none was
+    sent before the death. ``poll`` (not ``select``): descriptors above 1023."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return True
 
 
 class ResponseState(enum.Enum):
@@ -429,8 +446,11 @@ class UpstreamPool:
             transport = conn.transport
             if transport is None or transport.is_closing():
                 continue
-            if conn.got_bytes or now - conn.idle_since > IDLE_KEEPALIVE_S:
+            if conn.got_bytes or now - conn.idle_since > IDLE_KEEPALIVE_S or _readable(transport):
                 # Bytes while idle are not an answer to anything: the connection is unusable.
+                # So is one whose end the kernel already holds and our loop has not read yet
+                # (a replica killed a moment ago): the request must not go out on it, or it
+                # would fail as if the death were its doing.
                 transport.close()
                 continue
             return conn

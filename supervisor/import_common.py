@@ -3,6 +3,7 @@ and which environment variables hold secrets."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 SERVICE_ENV_FILE = "/etc/neuron-fleet/neuron-fleet.env"
@@ -36,7 +37,23 @@ class ImportResult:
 
 
 def is_secret(name: str) -> bool:
+    """An environment variable that holds a secret. ``SM_ON_*`` ones are vLLM flags for
+    optimum-neuron's image (``SM_ON_API_KEY`` is ``--api_key``): judged as flags are."""
+    if name.upper().startswith("SM_ON_"):
+        return names_a_secret(name)
     return name in HF_TOKEN_NAMES or bool(SECRET_WORDS & set(name.upper().split("_")))
+
+
+_SECRET_LAST_WORDS = frozenset({"TOKEN", "KEY", "APIKEY", "SECRET", "PASSWORD", "PASSWD"})
+
+
+def names_a_secret(flag: str) -> bool:
+    """A command-line flag (or ``SM_ON_*`` name) whose value is a secret: its last word says
+    so (``--api-key``, ``--hf-token``, ``SM_ON_API_KEY``). Stricter than ``is_secret``, which
+    would also take vLLM's ``--long-prefill-token-threshold``,
+    ``--return-tokens-as-token-ids`` and ``--allow-credentials`` (vllm 0.11.0
+    engine/arg_utils.py, entrypoints/openai/cli_args.py) for secrets."""
+    return re.split(r"[-_]", flag.lstrip("-").upper())[-1] in _SECRET_LAST_WORDS
 
 
 def _group(nodes: list[str]) -> str:

@@ -84,7 +84,7 @@ MODEL_COMMENTS = {
     "auto_cast_type": "HF_AUTO_CAST_TYPE",
     "max_concurrent_requests": "MAX_CONCURRENT_REQUESTS per replica (queued + running)",
     "revision": "REVISION",
-    "served_model_name": "SM_ON_SERVED_MODEL_NAME: what clients send as model",
+    "served_model_name": "what clients sent as model (SM_ON_SERVED_MODEL_NAME, else SM_ON_MODEL)",
 }
 # Set per replica by neuron-fleet's docker launcher.
 LAUNCHER_ENV = frozenset({"PORT", "PROMETHEUS_PORT", "HF_NUM_CORES"})
@@ -755,6 +755,16 @@ def _build(
     base_port, metrics_base = _port_layout(replicas, listen, notes)
     container_model_id = str(model.get("id", ""))
     image, data_mount, extra_args = _docker_settings(replicas, model, compose_name, base, notes)
+    if (
+        engine == "vllm"
+        and "served_model_name" not in model
+        and container_model_id
+        and model.get("id") != container_model_id
+    ):
+        # optimum-cli serves --model under its own name when no --served_model_name is given
+        # (optimum-neuron serve.py: model_id = served_model_name or model): clients sent the
+        # path inside the container, and vLLM answers 404 to any other name.
+        model["served_model_name"] = container_model_id
     if model.get("id"):
         notes.add(
             "[model] source is not set: set it to the Hub model you compiled into [model] id "
@@ -1083,7 +1093,8 @@ def _render(
     w.key("launcher", "docker", "one `docker run` per replica, as compose did")
     w.key("replicas", n_replicas, "from " + ", ".join(services))
     if cores_per_replica:
-        w.key("cores_per_replica", cores_per_replica, "HF_NUM_CORES (tensor parallel)")
+        where = "SM_ON_TENSOR_PARALLEL_SIZE" if engine == "vllm" else "HF_NUM_CORES"
+        w.key("cores_per_replica", cores_per_replica, f"{where} (tensor parallel)")
     if core_groups:
         w.key("core_groups", core_groups, "the compose file's devices")
     elif default_groups:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,10 +38,11 @@ from supervisor.import_common import (
     ImportResult,
     Notes,
     is_secret,
+    names_a_secret,
     written_header,
 )
 from supervisor.import_toml import TomlWriter
-from supervisor.model import normalize_dtype
+from supervisor.model import normalize_dtype, read_model_info
 from supervisor.neuron import format_core_range, parse_core_range
 from supervisor.vllm import SM_ON_PREFIX, VLLM_IMAGE_PORT
 
@@ -68,6 +70,8 @@ class ServeCommand:
     """What optimum-cli passes on to vLLM untouched (its ``_unknown_args``)."""
     visible_cores: str | None = None
     """NEURON_RT_VISIBLE_CORES=... written before the command, if any."""
+    assignments: dict[str, str] = field(default_factory=dict)
+    """Every VAR=value written before the command (NEURON_RT_VISIBLE_CORES included)."""
     from_image: bool = False
     """Configured by SM_ON_* variables (optimum-neuron's vLLM image) rather than a shell."""
 
@@ -99,18 +103,36 @@ def sm_on_arguments(env: Mapping[str, str]) -> list[str]:
     return args
 
 
+_PREFIX_COMMANDS = frozenset({"env", "exec", "sudo", "nohup"})
+
+
+def _is_assignment(word: str) -> bool:
+    name, eq, _ = word.partition("=")
+    return bool(eq) and name.isidentifier()
+
+
 def parse_serve(command_line: str, sm_env: Mapping[str, str] | None = None) -> ServeCommand:
     """``command_line`` (``optimum-cli neuron serve ...``, maybe after VAR=value words) and the
     image's SM_ON_* variables -> ServeCommand; raises ImportProblem."""
+    # A shell drops backslash-newline (POSIX, Shell Command Language 2.2.1): the command as
+    # optimum-neuron's docs print it, over several lines, is one command. shlex would keep
+    # each newline as a word of its own, and vLLM would refuse them as arguments.
+    command_line = re.sub(r"\\\r?\n", "", command_line)
     try:
         words = shlex.split(command_line)
     except ValueError as exc:
         problem = f"the serve command line cannot be split like a shell's: {exc}"
         raise ImportProblem([problem]) from None
     assignments: dict[str, str] = {}
-    while words and "=" in words[0] and not words[0].startswith("-"):
-        name, _, value = words.pop(0).partition("=")
-        assignments[name] = value
+    while words and (words[0] in _PREFIX_COMMANDS or _is_assignment(words[0])):
+        # VAR=value words, and what runs the command with them: `env VAR=value optimum-cli`,
+        # `exec optimum-cli` (the image's entrypoint.sh), `sudo`, `nohup`.
+        word = words.pop(0)
+        if _is_assignment(word):
+            name, _, value = word.partition("=")
+            assignments[name] = value
+    if words and os.path.basename(words[0]) == "optimum-cli":
+        words[0] = "optimum-cli"  # /opt/aws_neuronx_venv_pytorch_2_7/bin/optimum-cli
     if words[:3] == ["optimum-cli", "neuron", "serve"]:
         words = words[3:]
     elif words and not words[0].startswith("-"):
@@ -132,6 +154,12 @@ def parse_serve(command_line: str, sm_env: Mapping[str, str] | None = None) -> S
             ["no --model in the serve command (nor SM_ON_MODEL): the model to serve is needed"]
         )
     problems = []
+    if known.task != "generate":
+        # A fleet.toml would start vLLM with --task generate on it: refuse, not rewrite.
+        problems.append(
+            f"--task {known.task}: neuron-fleet starts vLLM with --task generate and balances "
+            "the generation routes only; keep serving an embedding model with optimum-cli"
+        )
     for name in ("data_parallel_size", "tensor_parallel_size", "batch_size", "sequence_length"):
         value = getattr(known, name)
         if value is not None and value < 1:
@@ -150,6 +178,7 @@ def parse_serve(command_line: str, sm_env: Mapping[str, str] | None = None) -> S
         allow_non_cached_model=known.allow_non_cached_model,
         vllm_args=unknown,
         visible_cores=assignments.get("NEURON_RT_VISIBLE_CORES"),
+        assignments=assignments,
         from_image=from_image,
     )
 
@@ -178,7 +207,7 @@ def _vllm_values(args: list[str], notes: Notes) -> tuple[dict[str, str], list[st
         step = 1 if eq or not has_value else 2
         if flag in _VLLM_KEYS and has_value:
             values[_VLLM_KEYS[flag]] = value
-        elif is_secret(flag.lstrip("-").replace("-", "_")):
+        elif names_a_secret(flag):
             notes.add(
                 f"{flag} is a secret: not copied; clients' keys go in NEURON_FLEET_API_KEYS "
                 f"({SERVICE_ENV_FILE}), and the replicas get a key of their own per run "
@@ -190,9 +219,39 @@ def _vllm_values(args: list[str], notes: Notes) -> tuple[dict[str, str], list[st
     return values, carried
 
 
+def _export_tp(model: str) -> int | None:
+    """The export's tp_degree, which optimum-cli uses when --tensor_parallel_size is not
+    given (serve.py ``run``: ``tensor_parallel_size = neuron_config.tp_degree``)."""
+    if not os.path.isdir(model):
+        return None
+    try:
+        info = read_model_info(model)
+    except (OSError, ValueError):  # ModelInfoError is a ValueError
+        return None
+    return info.tp_degree if info is not None else None
+
+
+def _is_plain_checkpoint(model: str) -> bool:
+    """A local folder here with no Neuron metadata (optimum-cli exports it at each start)."""
+    try:
+        return os.path.isdir(model) and read_model_info(model) is None
+    except (OSError, ValueError):
+        return False
+
+
 def _core_groups(command: ServeCommand, tp: int | None, notes: Notes) -> list[str]:
     """The ranges VLLMServerManager gives the ranks when NEURON_RT_VISIBLE_CORES is set."""
-    if command.visible_cores is None or tp is None:
+    if command.visible_cores is None:
+        return []
+    if tp is None:
+        # Without the tensor-parallel degree the ranks' cores are unknown; writing nothing
+        # would put the replicas on cores from 0, which NEURON_RT_VISIBLE_CORES kept them off.
+        notes.add(
+            f"NEURON_RT_VISIBLE_CORES={command.visible_cores} is not applied: the "
+            "tensor-parallel degree is unknown (no --tensor_parallel_size, and --model is not "
+            "a local export here); set [fleet] core_groups to its ranges, one per rank of "
+            "tp_degree cores, or the replicas start on cores from 0"
+        )
         return []
     try:
         cores = list(parse_core_range(command.visible_cores))
@@ -231,18 +290,37 @@ def import_serve(
     *,
     sources: str = "",
     env_source: str = "the env file",
+    on_argv: bool = True,
 ) -> ImportResult:
     """The fleet.toml of an ``optimum-cli neuron serve`` deployment; raises ImportProblem."""
     notes = Notes()
     command = parse_serve(command_line, sm_env)
     secret_notes(sm_env or {}, env_source, notes)
+    prefixed = {k: v for k, v in command.assignments.items() if k != "NEURON_RT_VISIBLE_CORES"}
+    secret_notes(prefixed, "the command line", notes)
+    others = sorted(name for name in prefixed if not is_secret(name))
+    if others:
+        notes.add(
+            f"{', '.join(others)} set before the command: not carried over; put them in the "
+            f"service's environment ({SERVICE_ENV_FILE}), which native replicas inherit"
+        )
     vllm, carried = _vllm_values(command.vllm_args, notes)
     n = command.data_parallel_size
     tp = command.tensor_parallel_size
+    export_tp = None if tp is not None else _export_tp(command.model)
 
-    model: dict[str, Any] = {"id": command.model}
-    if command.served_model_name and command.served_model_name != command.model:
-        model["served_model_name"] = command.served_model_name
+    local = os.path.isabs(command.model) or command.model.startswith(".")
+    # optimum-cli resolved a relative --model against the directory it ran in; the service
+    # runs elsewhere (systemd: /), so the folder is written absolute, resolved here. Clients
+    # keep sending what optimum-cli served it as: --served_model_name, else --model as typed.
+    relative = local and not os.path.isabs(command.model) and not command.from_image
+    model_id = os.path.abspath(command.model) if relative else command.model
+    model: dict[str, Any] = {"id": model_id}
+    served = command.served_model_name or command.model
+    if served != model_id or command.from_image:
+        # From the image, id is a path inside its container that [launcher.docker] data_dir
+        # may lead to rewrite: the name clients send is pinned.
+        model["served_model_name"] = served
     if vllm.get("revision"):
         model["revision"] = vllm["revision"]
     # optimum-cli's own flags decide what it checks; vLLM's, appended after, decide what
@@ -256,7 +334,11 @@ def import_serve(
     if vllm.get("auto_cast_type"):
         model["auto_cast_type"] = normalize_dtype(vllm["auto_cast_type"])
 
-    local = os.path.isabs(command.model) or command.model.startswith(".")
+    if model_id != command.model:
+        notes.add(
+            f"--model {command.model} is relative: written as {model_id}, resolved against "
+            "this directory (run the import where optimum-cli ran)"
+        )
     if not local:
         notes.add(
             f"--model {command.model} is a Hub id: optimum-cli exports it (or fetches a cached "
@@ -264,21 +346,24 @@ def import_serve(
             f'[model] source = "{command.model}" and id to a local folder, then run '
             "`neuron-fleet export`; every replica, and every restart, loads that folder"
         )
+    elif not command.from_image and _is_plain_checkpoint(model_id):
+        notes.add(
+            f"--model {command.model} is a checkpoint, not a Neuron export (no "
+            "neuron_config.json): every server compiles it at every start; with neuron-fleet "
+            f'export it once: [model] source = "{model_id}", id = a new folder, then '
+            "`neuron-fleet export`"
+        )
     if command.allow_non_cached_model:
         notes.add(
             "--allow_non_cached_model: compiles a model the Hub cache lacks at every start; "
             "`neuron-fleet export` compiles it once instead (not carried over)"
-        )
-    if command.task != "generate":
-        notes.add(
-            f"--task {command.task}: neuron-fleet starts vLLM with --task generate and balances "
-            "generation routes; serve embedding models with optimum-cli"
         )
     if tp is None:
         notes.add(
             "--tensor_parallel_size not given: [fleet] cores_per_replica is read from the "
             "export's neuron_config.json (tp_degree) when the fleet loads"
         )
+    groups = _core_groups(command, tp or export_tp, notes)
     host = PUBLIC_HOST if n > 1 else vllm.get("host", PUBLIC_HOST)
     listen = f"[{host}]:{command.port}" if ":" in host else f"{host}:{command.port}"
     if host == PUBLIC_HOST:
@@ -289,7 +374,6 @@ def import_serve(
             "allow_public_without_api_keys = true)"
         )
     base_port = command.port + 1  # _allocate_internal_ports: user port + 1 + rank
-    groups = _core_groups(command, tp, notes)
     launcher = "docker" if command.from_image else "native"
     if n > 1:
         notes.add(
@@ -303,8 +387,19 @@ def import_serve(
             "batch slot ([balancer] max_inflight_per_replica = batch_size), a queue, and "
             "retries on another replica before the first token"
         )
-    if carried:
+    image_args = sm_on_pairs(carried) if command.from_image else []
+    if carried and not command.from_image:
         notes.add("carried into [launcher.native] extra_args: " + shlex.join(carried))
+    elif image_args:
+        notes.add(
+            "carried into [launcher.docker] extra_args as the image takes them (SM_ON_*): "
+            + shlex.join(image_args)
+        )
+    if on_argv and _secret_in_argv(command_line):
+        notes.add(
+            "the command line held a secret, which `ps` showed while this import ran: next "
+            "time give the command on standard input (--optimum-serve - < serve.sh)"
+        )
     if command.from_image:
         notes.add(
             'configured by SM_ON_* variables: launcher = "docker" runs optimum-neuron\'s '
@@ -317,7 +412,7 @@ def import_serve(
     if not local:
         w.commented_key("source", command.model, "then id = a local folder: neuron-fleet export")
     comments = {
-        "served_model_name": "--served_model_name: what clients send as model",
+        "served_model_name": "what clients send as model (--served_model_name, else --model)",
         "revision": "--revision",
         "batch_size": "--batch_size = vLLM --max-num-seqs",
         "max_total_tokens": "--sequence_length = vLLM --max-model-len",
@@ -361,14 +456,11 @@ def import_serve(
                 "[launcher.docker] data_dir (and data_mount, default /data) to the host folder "
                 "mounted there"
             )
+        if image_args:
+            w.key("extra_args", image_args, "vLLM arguments, as SM_ON_* (the image's only way)")
         notes.add(
             f"the image listened on {VLLM_IMAGE_PORT} inside its container: set [balancer] "
             "listen to the host port clients used (docker run -p HOST_PORT:8080)"
-        )
-    if carried and command.from_image:
-        notes.add(
-            "the image takes vLLM arguments only through SM_ON_*: add them to "
-            "[launcher.docker] extra_args as -e SM_ON_NAME=value"
         )
     w.table("balancer")
     w.key("listen", listen, "--port: where clients connect")
@@ -380,6 +472,33 @@ def import_serve(
         listen=listen,
         replaces="OPTIMUM SERVER",
     )
+
+
+def sm_on_pairs(args: list[str]) -> list[str]:
+    """vLLM arguments as ``docker run -e SM_ON_NAME=value`` pairs: the entry point turns each
+    back into ``--name value`` (lower-cased; vLLM's parser takes ``_`` for ``-``), a flag
+    without a value from an empty one (docker/vllm/Dockerfile, entrypoint.sh)."""
+    pairs: list[str] = []
+    i = 0
+    while i < len(args):
+        word = args[i]
+        i += 1
+        if not word.startswith("--"):
+            continue  # a value already taken, or a positional: no SM_ON_* spelling
+        name, eq, value = word[2:].partition("=")
+        if not eq and i < len(args) and not args[i].startswith("-"):
+            value = args[i]
+            i += 1
+        pairs += ["-e", f"{SM_ON_PREFIX}{name.replace('-', '_').upper()}={value}"]
+    return pairs
+
+
+def _secret_in_argv(command_line: str) -> bool:
+    """A ``--flag`` named like a secret on the command line itself (not from SM_ON_*)."""
+    for word in command_line.split():
+        if word.startswith("--") and names_a_secret(word.partition("=")[0]):
+            return True
+    return False
 
 
 def secret_notes(env: Mapping[str, str], source: str, notes: Notes) -> None:

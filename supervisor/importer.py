@@ -69,8 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--optimum-serve",
         metavar="COMMAND",
         help='an optimum-cli neuron serve command line, quoted as one argument (e.g. "optimum-cli '
-        'neuron serve --model /models/llama --data-parallel-size 3"); SM_ON_* variables of '
-        "optimum-neuron's vLLM image come from --env-file",
+        'neuron serve --model /models/llama --data-parallel-size 3"), or - to read it from '
+        "standard input (a command with --api-key then stays out of `ps`); SM_ON_* variables "
+        "of optimum-neuron's vLLM image come from --env-file",
     )
     add(
         "--nginx",
@@ -125,7 +126,7 @@ def _summary(config: FleetConfig, services: list[str], replaces: str) -> list[st
     ]
 
 
-def _import_optimum(command_line: str, env_file: str | None) -> ImportResult:
+def _import_optimum(command_line: str, env_file: str | None, on_argv: bool) -> ImportResult:
     sm_env: dict[str, str] = {}
     if env_file is not None:
         try:
@@ -135,7 +136,9 @@ def _import_optimum(command_line: str, env_file: str | None) -> ImportResult:
     sources = "an optimum-cli neuron serve command" + (
         f" and the SM_ON_* variables of {os.path.basename(env_file)}" if env_file else ""
     )
-    return import_serve(command_line, sm_env, sources=sources, env_source=str(env_file))
+    return import_serve(
+        command_line, sm_env, sources=sources, env_source=str(env_file), on_argv=on_argv
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -157,7 +160,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.optimum_serve is not None:
-            result = _import_optimum(args.optimum_serve, env_file)
+            on_argv = args.optimum_serve != "-"
+            command_line = args.optimum_serve if on_argv else sys.stdin.read()
+            result = _import_optimum(command_line, env_file, on_argv)
         else:
             inputs = [os.path.basename(args.compose)]
             if args.nginx:

@@ -78,8 +78,9 @@ class NeuronModelInfo:
             f"batch {self.batch_size}",
             f"sequence {self.sequence_length}",
             f"tp {self.tp_degree}",
-            str(self.dtype),
         ]
+        if self.dtype:
+            parts.append(str(self.dtype))
         if self.optimum_neuron_version:
             parts.append(f"optimum-neuron {self.optimum_neuron_version}")
         return ", ".join(parts)

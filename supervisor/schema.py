@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from balancer.config import ENGINES
+from supervisor.import_common import SERVICE_ENV_FILE, names_a_secret
 from supervisor.model import NeuronModelInfo
 from supervisor.neuron import DEFAULT_CORES_PER_DEVICE
 
@@ -280,6 +281,16 @@ def check_fleet_values(fleet: FleetSettings, launcher: LauncherConfig) -> list[s
         errors.append(
             f"[launcher.simulated] speed = {launcher.simulated.speed} must be greater than 0"
         )
+    if fleet.launcher in ("native", "docker"):
+        extra = getattr(launcher, fleet.launcher).extra_args
+        for name in secret_arguments(extra):
+            errors.append(
+                f"[launcher.{fleet.launcher}] extra_args: {name} carries a secret, which `ps` "
+                "and `neuron-fleet plan` would show (and a replica --api-key would refuse the "
+                "balancer's own key): remove it; clients' keys go in NEURON_FLEET_API_KEYS, "
+                f"HF_TOKEN in the environment or {SERVICE_ENV_FILE}, and the replicas get a "
+                "key of their own per run ([fleet] replica_auth)"
+            )
     if fleet.launcher == "docker":
         try:
             ipaddress.ip_address(fleet.host)
@@ -289,6 +300,32 @@ def check_fleet_values(fleet: FleetSettings, launcher: LauncherConfig) -> list[s
                 'not a name: use "127.0.0.1"'
             )
     return errors
+
+
+def secret_arguments(args: Iterable[str]) -> list[str]:
+    """The secrets written into a command line: ``--api-key K`` / ``--hf-token=T`` (a flag
+    named like a secret) and docker's ``-e NAME=value`` with a secret NAME. ``-e NAME``
+    alone is fine: docker reads the value from its own environment."""
+    found: list[str] = []
+    words = list(args)
+    for i, word in enumerate(words):
+        if word.startswith("--env="):
+            word = "-e" + word[len("--env=") :]
+        if word.startswith("--") and word not in ("--env", "--env-file"):
+            name = word[2:].partition("=")[0]
+            if names_a_secret(name):
+                found.append("--" + name)
+            continue
+        if word in ("-e", "--env") and i + 1 < len(words):
+            assignment = words[i + 1]
+        elif word.startswith("-e") and len(word) > 2:
+            assignment = word[2:]
+        else:
+            continue
+        name, eq, _ = assignment.partition("=")
+        if eq and names_a_secret(name):
+            found.append(f"-e {name}=...")
+    return found
 
 
 def docker_image(fleet: FleetSettings, docker: DockerLauncherConfig) -> str:

@@ -16,6 +16,7 @@ from supervisor.import_optimum import parse_serve, sm_on_arguments
 from supervisor.import_toml import TomlWriter
 from supervisor.launchers import launch_spec
 from supervisor.neuron import read_neuron_ls_file
+from tests.test_launchers import flag
 
 INF2_48 = read_neuron_ls_file(
     str(Path(__file__).resolve().parent / "fixtures" / "neuron-ls" / "inf2.48xlarge.json")
@@ -173,6 +174,8 @@ def test_hub_model_is_noted_for_a_one_time_export(
         ("optimum-cli neuron serve --batch_size 4", "no --model"),
         ("optimum-cli neuron serve --model m --data-parallel-size 0", "must be at least 1"),
         ("optimum-cli neuron serve --model 'm", "cannot be split"),
+        # was written with a note, as a fleet starting vLLM with --task generate on it
+        ("optimum-cli neuron serve --model m --task embed", "--task embed: neuron-fleet"),
     ],
 )
 def test_bad_serve_commands_exit_2(
@@ -220,6 +223,8 @@ VLLM_SERVICE = """
       - SM_ON_BATCH_SIZE=${{MAX_BATCH_SIZE}}
       - SM_ON_SEQUENCE_LENGTH=${{MAX_TOTAL_TOKENS}}
       - SM_ON_MAX_NUM_BATCHED_TOKENS=8192
+      - SM_ON_LONG_PREFILL_TOKEN_THRESHOLD=512
+      - SM_ON_API_KEY=sk-in-compose
       - HF_TOKEN=${{HF_TOKEN}}
     devices:
 {devices}
@@ -259,5 +264,218 @@ def test_compose_of_vllm_image_services_becomes_a_vllm_fleet(
     assert "127.0.0.1:8083:8080" in argv  # the image's port, not the compose's SM_ON_PORT
     assert not any(a.startswith("SM_ON_PORT") for a in argv)
     assert "SM_ON_MAX_NUM_BATCHED_TOKENS=8192" in argv  # carried as it was
+    # a vLLM flag with "token" in its name is no secret (it was carried by name only)
+    assert "SM_ON_LONG_PREFILL_TOKEN_THRESHOLD=512" in argv
+    assert "sk-in-compose" not in output.read_text() + out + " ".join(argv)
     assert "SM_ON_BATCH_SIZE=32" in argv and "SM_ON_TENSOR_PARALLEL_SIZE=8" in argv
     assert "vllm-3           replica-2  16-23" in out
+
+
+def test_visible_cores_without_tensor_parallel_size_are_kept(export: Path) -> None:
+    """optimum-cli takes tp from the export's neuron_config.json and splits
+    NEURON_RT_VISIBLE_CORES by it (serve.py ``run``, server_manager.py ``_core_range``):
+    the import does the same, and never drops the variable silently (the replicas would
+    start on cores from 0, which another service may hold)."""
+    from supervisor.import_optimum import import_serve
+
+    result = import_serve(
+        f"NEURON_RT_VISIBLE_CORES=8-23 optimum-cli neuron serve --model {export} "
+        "--data-parallel-size 2"
+    )
+    fleet = tomllib.loads(result.toml)["fleet"]
+    assert fleet["core_groups"] == ["8-15", "16-23"]  # the export's tp_degree is 8
+    assert "cores_per_replica" not in fleet  # still read from the export when it loads
+    hub = import_serve(
+        "NEURON_RT_VISIBLE_CORES=8-23 optimum-cli neuron serve --model org/llama "
+        "--data-parallel-size 2"
+    )
+    assert "core_groups" not in tomllib.loads(hub.toml)["fleet"]
+    assert any("NEURON_RT_VISIBLE_CORES=8-23 is not applied" in n for n in hub.notes)
+
+
+DOCS_COMMAND = """NEURON_RT_VISIBLE_CORES=8-23 optimum-cli neuron serve \\
+    --model="{model}" \\
+    --batch_size=8 \\
+    --sequence_length=4096 \\
+    --tensor_parallel_size=8 \\
+    --data-parallel-size 2 --api-key {key} \\
+"""
+"""optimum-neuron's docs/source/guides/vllm_plugin.mdx prints the serve command over several
+lines with backslash continuations (and a trailing one)."""
+
+
+def test_the_docs_multiline_command_from_stdin(
+    export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    """Pasted as the docs print it, the command is one command, as the shell runs it: no
+    newline words carried to vLLM (which would refuse them: every replica would fail to
+    start); given on stdin (--optimum-serve -), its --api-key stays out of `ps`."""
+    import io
+
+    command = DOCS_COMMAND.format(model=export, key=API_KEY)
+    monkeypatch.setattr("sys.stdin", io.StringIO(command))
+    output = tmp_path / "fleet.toml"
+    code, out, err = run_import(capsys, "--optimum-serve", "-", "-o", str(output))
+    assert code == 0, err
+    text = output.read_text()
+    assert API_KEY not in text + out + err
+    assert "the command line held a secret" not in out  # it came on stdin, not in `ps`
+    document = tomllib.loads(text)
+    assert "launcher" not in document or "extra_args" not in document["launcher"]["native"]
+    assert document["fleet"]["core_groups"] == ["8-15", "16-23"]
+    config = load_config(str(output), env={}, inventory=INF2_48, check_host=False)
+    spec = launch_spec(config.plan.replicas[0], config)
+    assert all(word.strip() == word and word for word in spec.argv), spec.argv
+    assert spec.argv[-4:] == ("--max-model-len", "4096", "--dtype", "bfloat16")
+
+
+def test_a_relative_model_is_written_absolute(
+    export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """optimum-cli resolved ``--model ./llama`` in the directory it ran in; the service runs
+    from / (systemd): the fleet.toml must still load there, and clients keep the name."""
+    from supervisor.import_optimum import import_serve
+
+    monkeypatch.chdir(export.parent)
+    result = import_serve("optimum-cli neuron serve --model ./llama --data-parallel-size 2")
+    path = tmp_path / "fleet.toml"
+    path.write_text(result.toml)
+    monkeypatch.chdir("/")
+    config = load_config(str(path), env={}, inventory=INF2_48, check_host=False)
+    assert config.model.id == str(export)
+    assert config.fleet.cores_per_replica == 8  # read from the export, found from /
+    spec = launch_spec(config.plan.replicas[0], config)
+    assert flag(spec.argv, "--served-model-name") == "./llama"
+    assert flag(spec.argv, "--model") == str(export)
+
+
+def test_variables_before_the_command_are_named_never_copied(export: Path) -> None:
+    from supervisor.import_optimum import import_serve
+
+    result = import_serve(
+        f"HF_TOKEN={TOKEN} NEURON_CC_FLAGS=-O1 optimum-cli neuron serve --model {export}"
+    )
+    notes = "\n".join(result.notes)
+    assert TOKEN not in result.toml + notes
+    assert "HF_TOKEN is set in the command line" in notes
+    assert "NEURON_CC_FLAGS set before the command: not carried over" in notes
+
+
+def test_sm_on_vllm_arguments_stay_sm_on_for_the_image(
+    export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The image takes vLLM arguments only as SM_ON_* (entrypoint.sh): an SM_ON_ENABLE_PREFIX_
+    CACHING= of the env file is carried as ``-e SM_ON_ENABLE_PREFIX_CACHING=`` on each
+    replica's docker run, not dropped, and not as a native flag the docker launcher ignores."""
+    env = tmp_path / "sm.env"
+    env.write_text(
+        f"SM_ON_MODEL=/data/llama\nSM_ON_TENSOR_PARALLEL_SIZE=8\nSM_ON_API_KEY={API_KEY}\n"
+        "SM_ON_ENABLE_PREFIX_CACHING=\nSM_ON_MAX_NUM_BATCHED_TOKENS=256\n"
+    )
+    output = tmp_path / "fleet.toml"
+    code, out, err = run_import(
+        capsys, "--optimum-serve", "", "--env-file", str(env), "-o", str(output)
+    )
+    assert code == 0, err
+    text = output.read_text()
+    assert API_KEY not in text + out
+    assert "[launcher.native]" not in out and "the command line held a secret" not in out
+    extra = tomllib.loads(text)["launcher"]["docker"]["extra_args"]
+    assert extra == [
+        "-e",
+        "SM_ON_ENABLE_PREFIX_CACHING=",
+        "-e",
+        "SM_ON_MAX_NUM_BATCHED_TOKENS=256",
+    ]
+
+
+def test_a_local_checkpoint_is_noted_for_a_one_time_export(tmp_path: Path) -> None:
+    """optimum-cli compiles a plain checkpoint folder at every start of every server: the
+    import says so, as it does for a Hub id."""
+    from supervisor.import_optimum import import_serve
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text('{"model_type": "llama"}')
+    result = import_serve(
+        f"optimum-cli neuron serve --model {plain} --tensor_parallel_size 2 --data-parallel-size 2"
+    )
+    assert any("is a checkpoint, not a Neuron export" in note for note in result.notes)
+
+
+def test_vllm_flags_named_with_token_are_carried_not_taken_for_secrets(export: Path) -> None:
+    """vLLM 0.11 has --long-prefill-token-threshold, --return-tokens-as-token-ids and
+    --allow-credentials (engine/arg_utils.py, entrypoints/openai/cli_args.py): arguments, not
+    secrets. They were dropped as secrets; --api-key and --hf-token still are."""
+    from supervisor.import_optimum import import_serve
+
+    result = import_serve(
+        f"optimum-cli neuron serve --model {export} --long-prefill-token-threshold 512 "
+        f"--return-tokens-as-token-ids --allow-credentials --hf-token {TOKEN} --api-key {API_KEY}"
+    )
+    carried = tomllib.loads(result.toml)["launcher"]["native"]["extra_args"]
+    assert carried == [
+        "--long-prefill-token-threshold",
+        "512",
+        "--return-tokens-as-token-ids",
+        "--allow-credentials",
+    ]
+    assert TOKEN not in result.toml and API_KEY not in result.toml
+    notes = "\n".join(result.notes)
+    assert "--hf-token is a secret" in notes and "--api-key is a secret" in notes
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        "env NEURON_RT_VISIBLE_CORES=8-23 optimum-cli",
+        "NEURON_RT_VISIBLE_CORES=8-23 exec /opt/aws_neuronx_venv_pytorch_2_7/bin/optimum-cli",
+        "sudo env NEURON_RT_VISIBLE_CORES=8-23 optimum-cli",
+    ],
+)
+def test_serve_commands_as_systemd_units_and_scripts_write_them(export: Path, prefix: str) -> None:
+    """`env VAR=value optimum-cli ...`, `exec` (the image's entrypoint.sh), a full path to
+    optimum-cli: the same command. They were refused as "not an optimum-cli command line"."""
+    command = parse_serve(f"{prefix} neuron serve --model {export} --data-parallel-size 2")
+    assert (command.model, command.visible_cores) == (str(export), "8-23")
+    assert command.data_parallel_size == 2
+
+
+def test_a_local_export_in_the_image_keeps_the_name_clients_sent(
+    export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """optimum-cli serves --model under its own name (serve.py: model_id =
+    served_model_name or model): clients of the image sent model="/data/llama". The fleet's
+    [model] id becomes the host folder; the replicas must still answer to "/data/llama" (vLLM
+    answers 404 to any other name)."""
+    compose = tmp_path / "docker-compose.yaml"
+    service = """
+  vllm-{k}:
+    image: optimum-neuron-vllm:latest
+    ports: ["{port}:8080"]
+    volumes: ["{models}:/data"]
+    environment:
+      - SM_ON_MODEL=/data/llama
+      - SM_ON_TENSOR_PARALLEL_SIZE=8
+    devices: ["/dev/neuron{d0}", "/dev/neuron{d1}", "/dev/neuron{d2}", "/dev/neuron{d3}"]
+"""
+    services = "".join(
+        service.format(
+            k=k,
+            port=8081 + k,
+            models=export.parent,
+            d0=4 * k,
+            d1=4 * k + 1,
+            d2=4 * k + 2,
+            d3=4 * k + 3,
+        )
+        for k in range(2)
+    )
+    compose.write_text(VLLM_COMPOSE.format(services=services, names="vllm-0, vllm-1"))
+    output = tmp_path / "fleet.toml"
+    code, _, err = run_import(capsys, "--compose", str(compose), "-o", str(output))
+    assert code == 0, err
+    config = load_config(str(output), env={}, inventory=INF2_48, check_host=False)
+    assert config.model.id == str(export)
+    argv = launch_spec(config.plan.replicas[0], config).argv
+    assert "SM_ON_SERVED_MODEL_NAME=/data/llama" in argv, argv

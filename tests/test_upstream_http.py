@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -387,3 +388,50 @@ async def test_replicas_answering_garbage_do_not_quarantine_the_request(
         async with http.post(f"{server.url}/generate", json={"inputs": "x"}) as resp:
             assert resp.status == 502, await resp.text()
     assert len(server.balancer.quarantine) == 0
+
+
+async def test_a_connection_a_killed_replica_closed_before_the_request_is_not_used() -> None:
+    """A replica killed while idle (SIGKILL, the OOM killer): the kernel holds the FIN of its
+    kept-alive connection before the balancer's loop reads it. A request must not go out on
+    that connection: it would fail "disconnected", as if it had killed the process, and the
+    retry rule would blame it (a 502, not retried; a break towards its quarantine). It gets
+    ``connect_error`` (never reached: retried at once elsewhere). The server runs in a thread
+    so that the death happens without the test's loop seeing it."""
+    import threading
+
+    from multidict import CIMultiDict
+
+    from balancer.upstream_http import UpstreamError, UpstreamPool
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    die, dead = threading.Event(), threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        data = b""
+        while not data.endswith(b"{}"):
+            data += conn.recv(4096)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        die.wait(5)
+        conn.close()  # the process dies: its connections and its port close together
+        listener.close()
+        dead.set()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    pool = UpstreamPool(connect_timeout_s=2)
+    headers: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json"})
+    try:
+        conn = await pool.request(url, "POST", "/v1/completions", headers, b"{}")
+        await conn.wait()
+        conn.release()  # kept alive for the next request
+        die.set()
+        assert dead.wait(5)  # not awaited: the loop has not read the FIN
+        time.sleep(0.05)  # noqa: ASYNC251 - on purpose: the FIN reaches the kernel, not the loop
+        with pytest.raises(UpstreamError) as failed:
+            await pool.request(url, "POST", "/v1/completions", headers, b"{}")
+        assert failed.value.kind == "connect_error", failed.value
+    finally:
+        pool.close()
+        thread.join(5)

@@ -304,3 +304,39 @@ def test_a_hub_id_under_vllm_is_told_to_export_once(tmp_path: Path) -> None:
     path.write_text(tgi)
     config = load_config(str(path), env={}, inventory=INF2_48, check_host=False)
     assert not any("Hub id" in w for w in config.warnings)
+
+
+@pytest.mark.parametrize(
+    ("launcher", "extra_args", "shown"),
+    [
+        ("native", '["--api-key", "sk-in-argv", "--max-num-batched-tokens", "4096"]', "--api-key"),
+        ("native", '["--hf-token=hf_in_argv"]', "--hf-token"),
+        ("docker", '["-e", "SM_ON_API_KEY=sk-in-argv"]', "-e SM_ON_API_KEY=..."),
+        ("docker", '["--env=HF_TOKEN=hf_in_argv"]', "-e HF_TOKEN=..."),
+    ],
+)
+def test_a_secret_in_extra_args_is_refused(
+    tmp_path: Path, launcher: str, extra_args: str, shown: str
+) -> None:
+    """A vLLM command copied with its --api-key into extra_args would put the key in `ps` and
+    `plan`, and (vllm 0.11.0 api_server.py: ``args.api_key or [envs.VLLM_API_KEY]``) override
+    the replica key the balancer sends, so every request would get 401: refused at load."""
+    table = "[launcher.native]\n" if launcher == "native" else ""  # docker's is open
+    with pytest.raises(ConfigError) as raised:
+        vllm_config(tmp_path, launcher, f"{table}extra_args = {extra_args}\n")
+    message = str(raised.value)
+    assert f"[launcher.{launcher}] extra_args: {shown} carries a secret" in message
+    assert "in_argv" not in message and "in-argv" not in message
+    # Named without a value, docker reads it from its own environment: fine.
+    config = vllm_config(tmp_path, "docker", 'extra_args = ["-e", "HF_TOKEN"]\n')
+    assert "HF_TOKEN" in launch_spec(config.plan.replicas[0], config).argv
+
+
+def test_vllm_flags_named_with_token_are_no_secret(tmp_path: Path) -> None:
+    extra = '["--long-prefill-token-threshold", "512", "--return-tokens-as-token-ids"]'
+    config = vllm_config(tmp_path, "native", f"[launcher.native]\nextra_args = {extra}\n")
+    assert launch_spec(config.plan.replicas[0], config).argv[-3:] == (
+        "--long-prefill-token-threshold",
+        "512",
+        "--return-tokens-as-token-ids",
+    )

@@ -76,6 +76,10 @@ def test_vllm_fleet_serves_and_restarts_the_replica_that_died(
         victim = next(r for r in fleet_status(base)["replicas"] if r["name"] == "replica-1")
         os.kill(victim["pid"], signal.SIGKILL)  # a child of the service this test started
         wait_for(lambda: not pid_alive(victim["pid"]), what="replica-1 gone")
+        # A killed process is a zombie while its other threads still hold its sockets open
+        # for a moment: a request sent then is accepted and cut, as if it had killed it. Wait
+        # for the supervisor to have seen the exit, as any later request would.
+        wait_for(lambda: replica_pid(base, "replica-1") != victim["pid"], what="exit seen")
         # The service stays up on replica-0 while replica-1 comes back.
         status, _ = get(f"{base}/health")
         assert status == 200
@@ -97,6 +101,10 @@ def test_vllm_fleet_serves_and_restarts_the_replica_that_died(
         if proc.poll() is None:
             proc.kill()
             proc.communicate(timeout=5)
+
+
+def replica_pid(base: str, name: str) -> int | None:
+    return next(r["pid"] for r in fleet_status(base)["replicas"] if r["name"] == name)
 
 
 def fleet_ready(base: str) -> int:
