@@ -70,6 +70,9 @@ class Suspect:
     """When it failed (the error read, the cut, the timeout)."""
     timed_out: bool = False
     """It got no answer within its first-byte or response timeout."""
+    answered: bool = False
+    """The replica failed it in words (an error status or a generation error event), not by
+    a cut or silence: what TGI does to a query of death before its shard exits."""
 
 
 @dataclass(eq=False)

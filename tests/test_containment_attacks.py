@@ -1,0 +1,209 @@
+"""Attacks on containment (issue 18) in forms its first tests did not take: a poison whose
+error answer is slow (so the one more attempt is still on its way when the first exit is
+seen), exits after more or less than the confirmation window, sends at once, the OpenAI SDK's
+own retries, a frozen replica (SIGSTOP) under unrelated traffic, a replica that fails every
+request fast but stays healthy.
+
+Each replica program fails by a word in the request body, like tests/test_containment.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import wait_until
+from tests.script_fleet import ScriptFleet, replica_script, script_fleet
+
+pytestmark = pytest.mark.timeout(60)
+
+REPLICA = replica_script(
+    """
+    # "slow-424": 424 after 0.8 s, exit 50-200 ms later; "late-exit-N": 424, exit N ms later;
+    # "chat-500": an OpenAI-shaped 500, then exit (vLLM's engine death);
+    # "fail-fast" on replica "a" only: 500 at once, and a lives on (misconfigured).
+    import random, re
+
+    ERROR = {"error": "Request failed during generation: Server error: shard died",
+             "error_type": "generation"}
+
+    def die_in(seconds):
+        time.sleep(seconds)
+        (folder / f"died-{name}-{os.getpid()}").touch()
+        os._exit(1)
+
+    class Handler(Replica):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            (folder / f"seen-{name}-{uuid.uuid4().hex}").touch()
+            if b"slow-424" in body:
+                time.sleep(0.8)
+                self.send_json(424, json.dumps(ERROR).encode())
+                self.wfile.flush()
+                die_in(random.uniform(0.05, 0.2))
+            if m := re.search(rb"late-exit-(\\d+)", body):
+                self.send_json(424, json.dumps(ERROR).encode())
+                self.wfile.flush()
+                die_in(int(m.group(1)) / 1000 * random.uniform(0.9, 1.1))
+            if b"chat-500" in body:
+                error = {"error": {"message": "EngineCore encountered an issue",
+                                   "type": "InternalServerError", "code": 500}}
+                self.send_json(500, json.dumps(error).encode())
+                self.wfile.flush()
+                die_in(random.uniform(0.05, 0.2))
+            if name == "a" and b"fail-fast" in body:
+                self.send_json(500, b'{"error":"misconfigured","error_type":"generation"}')
+                return
+            self.send_json(200, b'{"generated_text":"ok"}')
+
+    """
+)
+
+SETTINGS: dict[str, object] = {
+    "retries": 2,
+    "eject_after_failures": 100,
+    "first_byte_timeout_s": 1.5,
+    "health_timeout_s": 0.5,
+    "confirm_window_s": 0.5,
+}
+
+
+@pytest.fixture
+async def fleet3(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[ScriptFleet]:
+    settings = {**SETTINGS, **getattr(request, "param", {})}
+    async with script_fleet(tmp_path, REPLICA, ("a", "b", "c"), slot_cap=4, **settings) as f:
+        yield f
+
+
+async def _all_up(fleet: ScriptFleet) -> None:
+    await wait_until(
+        lambda: all(r.routable for r in fleet.replicas), timeout=20, what="every replica up"
+    )
+
+
+async def test_resends_while_the_one_more_attempt_is_still_on_its_way_kill_no_third(
+    fleet3: ScriptFleet,
+) -> None:
+    """The first send's process exits while the one more attempt (a resend) is still
+    waiting for its slow 424: the other resend must not go out then (it did: 3 deaths)."""
+    doc = {"inputs": "slow-424"}
+    fates = fleet3.server.balancer.relay.policy.fates
+    async with aiohttp.ClientSession() as http:
+
+        async def send() -> int:
+            async with http.post(f"{fleet3.url}/generate", json=doc) as r:
+                await r.read()
+                return r.status
+
+        first = asyncio.ensure_future(send())
+        await wait_until(lambda: fates.watching, timeout=5, what="the first 424 under watch")
+        resends = await asyncio.gather(send(), send())
+        assert await first == 424
+    await asyncio.sleep(0.5)
+    assert fleet3.count("died") == 2, (resends, fleet3.count("seen"))
+    assert sorted(resends) in ([422, 424], [422, 422]), resends
+
+
+@pytest.mark.parametrize("exit_ms", [300, 800])
+async def test_an_exit_later_than_tgis_within_the_window_still_counts(
+    tmp_path: Path, exit_ms: int
+) -> None:
+    """Exits 300 and 800 ms after the 424, with the default 1 s confirmation window."""
+    settings = {**SETTINGS, "confirm_window_s": 1.0}
+    async with script_fleet(tmp_path, REPLICA, ("a", "b", "c"), slot_cap=4, **settings) as f:
+        statuses = []
+        for _ in range(3):
+            await _all_up(f)
+            status, _ = await f.post("/generate", {"inputs": f"late-exit-{exit_ms}"})
+            statuses.append(status)
+        await asyncio.sleep(1.0)
+        assert f.count("died") <= 2, statuses
+        assert statuses[-1] == 422, statuses
+
+
+async def test_three_sends_at_once_are_quarantined_by_what_each_replica_said(
+    fleet3: ScriptFleet,
+) -> None:
+    """Three identical sends at once, before anything failed: nothing yet tells them from a
+    popular request, so each reaches a replica (3 deaths: a known limit). Each replica
+    answered that request alone with a failure, then exited: evidence specific to it, so it
+    is quarantined now, although the three were in flight together (it was not: a fourth
+    send killed a fourth replica)."""
+    doc = {"inputs": "late-exit-100"}
+    statuses = await asyncio.gather(*(fleet3.post("/generate", doc) for _ in range(3)))
+    await wait_until(lambda: fleet3.count("died") == 3, what="the exits")
+    await asyncio.sleep(0.3)
+    await _all_up(fleet3)
+    status, _ = await fleet3.post("/generate", doc)
+    assert status == 422, (statuses, status, fleet3.count("died"))
+    assert fleet3.count("died") == 3
+
+
+async def test_the_openai_sdks_own_retries_kill_at_most_two(fleet3: ScriptFleet) -> None:
+    """vLLM-shaped: 500 then exit. The SDK resends 5xx twice by itself (max_retries=2); the
+    balancer's 422 stops it."""
+    openai = pytest.importorskip("openai")
+    client = openai.AsyncOpenAI(base_url=f"{fleet3.url}/v1", api_key="x", max_retries=2)
+    with pytest.raises(openai.APIStatusError) as caught:
+        await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "chat-500"}]
+        )
+    await asyncio.sleep(0.5)
+    assert fleet3.count("died") <= 2, caught.value.status_code
+    assert caught.value.status_code == 422
+    await client.close()
+
+
+async def test_a_frozen_replica_costs_unrelated_requests_no_error(fleet3: ScriptFleet) -> None:
+    """SIGSTOP one replica (a host stall, a debugger) under unrelated traffic: requests on
+    it time out, none is to blame; each is retried and served, and the frozen replica is
+    taken out of rotation."""
+    frozen = fleet3.replicas[0]
+    assert frozen.pid is not None
+    os.kill(frozen.pid, signal.SIGSTOP)
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def send(i: int) -> tuple[int, float]:
+                began = time.monotonic()
+                doc = {"inputs": f"hello {i}"}
+                async with http.post(f"{fleet3.url}/generate", json=doc) as r:
+                    await r.read()
+                    return r.status, time.monotonic() - began
+
+            first = await asyncio.gather(*(send(i) for i in range(9)))
+            later = await asyncio.gather(*(send(i) for i in range(9, 18)))
+    finally:
+        os.kill(frozen.pid, signal.SIGCONT)
+    assert [s for s, _ in first + later] == [200] * 18, (first, later)
+    assert len(fleet3.quarantine) == 0
+    limit = SETTINGS["first_byte_timeout_s"] + 2 * SETTINGS["confirm_window_s"] + 1.0  # type: ignore[operator]
+    assert max(t for _, t in first) < limit, first
+    assert max(t for _, t in later) < 1.0, later  # the frozen one is out of rotation
+
+
+async def test_a_replica_failing_fast_but_healthy_is_avoided(fleet3: ScriptFleet) -> None:
+    """Replica a answers 500 to everything at once and stays healthy. Requests on it wait
+    one confirmation window, then are served elsewhere; nobody is quarantined."""
+    async with aiohttp.ClientSession() as http:
+
+        async def send(i: int) -> tuple[int, float]:
+            began = time.monotonic()
+            async with http.post(f"{fleet3.url}/generate", json={"inputs": f"fail-fast {i}"}) as r:
+                await r.read()
+                return r.status, time.monotonic() - began
+
+        results = [await send(i) for i in range(12)]
+    assert [s for s, _ in results] == [200] * 12, results
+    assert len(fleet3.quarantine) == 0
+    slow = sum(1 for _, t in results if t > SETTINGS["confirm_window_s"])  # type: ignore[operator]
+    print("fail-fast: slow", slow, [round(t, 2) for _, t in results])
