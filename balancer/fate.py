@@ -96,6 +96,9 @@ class Watch:
 
     failures: list[Suspect] = field(default_factory=list)
     """Every attempt that failed on it (identical requests included), in order."""
+    let_out: set[str] = field(default_factory=set)
+    """Digests of which one more attempt went to another replica while this fate was
+    unknown (balancer/retry.py ``before_attempt``): no second one."""
 
     def prime(self, suspect: Suspect) -> bool:
         """Whether ``suspect`` is the prime suspect of the process breaking: the request

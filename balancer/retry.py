@@ -171,7 +171,8 @@ class RetryPolicy:
 
     async def before_attempt(self, att: Attempts) -> None:
         """Raise ``Quarantined`` if the request is now; while an identical request's fate is
-        unknown, let at most one more attempt of it out, and make the others wait for it.
+        unknown, let at most one more attempt of it out (once per unknown fate), and make
+        the others wait for the fates.
 
         Unknown means a watched process it failed on, *or* the one more attempt still in
         flight without an answer: its outcome is a fate not known yet either. (Waiting only
@@ -185,7 +186,10 @@ class RetryPolicy:
                 out = self._exposed.get(digest, 0)
                 if not unknown and not out:
                     break
-                if not out:
+                if not out and len(unknown) == 1 and digest not in unknown[0].let_out:
+                    # The one more, once per unknown fate (not one at a time: a second
+                    # one more, once the first failed, would make three processes).
+                    unknown[0].let_out.add(digest)
                     self._exposed[digest] = 1
                     att.exposed = digest
                     break

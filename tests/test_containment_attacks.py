@@ -50,6 +50,15 @@ REPLICA = replica_script(
                 self.send_json(424, json.dumps(ERROR).encode())
                 self.wfile.flush()
                 die_in(random.uniform(0.05, 0.2))
+            if b"first-exits-last" in body:  # the first process to get it dies last
+                try:
+                    (folder / "first-taken").touch(exist_ok=False)
+                    wait = 0.4
+                except FileExistsError:
+                    wait = 0.05
+                self.send_json(424, json.dumps(ERROR).encode())
+                self.wfile.flush()
+                die_in(wait)
             if m := re.search(rb"late-exit-(\\d+)", body):
                 self.send_json(424, json.dumps(ERROR).encode())
                 self.wfile.flush()
@@ -111,6 +120,26 @@ async def test_resends_while_the_one_more_attempt_is_still_on_its_way_kill_no_th
     await asyncio.sleep(0.5)
     assert fleet3.count("died") == 2, (resends, fleet3.count("seen"))
     assert sorted(resends) in ([422, 424], [422, 422]), resends
+
+
+async def test_when_the_one_more_dies_before_the_first_both_count(
+    fleet3: ScriptFleet,
+) -> None:
+    """The resend's process exits before the first send's: the first send's break was in
+    flight before the counted one failed, and did not count (1 break: a third send killed
+    a third replica). Each process failed it in words, alone: both count."""
+    doc = {"inputs": "first-exits-last"}
+    fates = fleet3.server.balancer.relay.policy.fates
+    first = asyncio.ensure_future(fleet3.post("/generate", doc))
+    await wait_until(lambda: fates.watching, timeout=5, what="the first 424 under watch")
+    resend = await fleet3.post("/generate", doc)
+    await first
+    await wait_until(lambda: fleet3.count("died") == 2, what="both exits")
+    await asyncio.sleep(0.3)
+    await _all_up(fleet3)
+    status, _ = await fleet3.post("/generate", doc)
+    assert status == 422, (resend[0], status)
+    assert fleet3.count("died") == 2
 
 
 @pytest.mark.parametrize("exit_ms", [300, 800])
