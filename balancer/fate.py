@@ -44,6 +44,11 @@ TOGETHER_S = 0.25
 in flight within milliseconds; TGI answers a whole batch when a shard crashes)."""
 EXIT_MEMORY_S = 30.0
 """How long a seen exit concludes a watch opened after it."""
+LATE_EXIT_S = 10.0
+"""How long after a process was found alive (``SURVIVED``) its exit still counts against
+the requests that failed on it, for the quarantine only (the retry was decided): a poison
+whose process dies later than ``window_s`` after answering (a slow shard teardown) would
+otherwise kill every replica on every send, for ever."""
 
 
 class Fate(enum.Enum):
@@ -96,6 +101,8 @@ class Watch:
 
     failures: list[Suspect] = field(default_factory=list)
     """Every attempt that failed on it (identical requests included), in order."""
+    concluded: float = 0.0
+    """When its fate was known (time.monotonic())."""
     let_out: set[str] = field(default_factory=set)
     """Digests of which one more attempt went to another replica while this fate was
     unknown (balancer/retry.py ``before_attempt``): no second one."""
@@ -225,8 +232,27 @@ class Fates:
         on_purpose = pid == replica.stopping_pid
         self._exits.append((replica.name, pid, on_purpose, time.monotonic()))
         watch = self._watches.get(process_key(replica, pid, 0))
-        if watch is not None and not watch.known:
+        if watch is None:
+            return
+        if not watch.known:
             self._conclude(watch, Fate.STOPPED if on_purpose else Fate.EXITED)
+        elif (
+            not on_purpose
+            and watch.fate.result() is Fate.SURVIVED
+            and time.monotonic() - watch.concluded <= LATE_EXIT_S
+        ):
+            log.warning(
+                "%s exited %.1f s after it was found alive: counted against the %d "
+                "request(s) that failed on it",
+                watch.key,
+                time.monotonic() - watch.concluded,
+                len(watch.suspects),
+            )
+            watch.concluded = float("-inf")  # once
+            try:
+                self.on_fate(watch, Fate.EXITED, list(watch.suspects.values()))
+            except Exception:
+                log.exception("attributing the late exit of %s failed", watch.key)
 
     def _seen_exit(self, replica: Replica, pid: int | None) -> bool | None:
         """Whether ``pid`` was seen to exit lately: None if not, else whether on purpose."""
@@ -245,6 +271,7 @@ class Fates:
             watch.probing = False
             self._open -= 1
         watch.fate.set_result(fate)
+        watch.concluded = time.monotonic()
         level = logging.WARNING if fate.broke else logging.INFO
         log.log(
             level,

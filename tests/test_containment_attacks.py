@@ -236,3 +236,60 @@ async def test_a_replica_failing_fast_but_healthy_is_avoided(fleet3: ScriptFleet
     assert len(fleet3.quarantine) == 0
     slow = sum(1 for _, t in results if t > SETTINGS["confirm_window_s"])  # type: ignore[operator]
     print("fail-fast: slow", slow, [round(t, 2) for _, t in results])
+
+
+async def test_an_exit_after_the_confirmation_window_still_counts(fleet3: ScriptFleet) -> None:
+    """The process answers 424 and exits 1.5 s later, after the 0.5 s window: it looked
+    alive, so the first send goes on to every replica (a known limit: a window shorter
+    than the engine's exit delay); the late exits must still count, or every send kills
+    every replica for ever (it did: 9 deaths over 3 sends, no quarantine)."""
+    doc = {"inputs": "late-exit-1500"}
+    statuses = []
+    for _ in range(3):
+        await _all_up(fleet3)
+        status, _ = await fleet3.post("/generate", doc)
+        statuses.append(status)
+        await wait_until(lambda: fleet3.count("died") >= 3, what="the late exits")
+        await asyncio.sleep(0.3)
+    assert fleet3.count("died") == 3, statuses
+    assert statuses == [424, 422, 422], statuses
+
+
+@pytest.mark.parametrize("different", [True, False], ids=["9-different", "3-identical"])
+async def test_every_replica_killed_under_streams_quarantines_nothing(
+    tmp_path: Path, different: bool
+) -> None:
+    """A host-level event (every replica SIGKILLed together) under many different streams,
+    or one identical stream per replica (each alone on its process: no crowd to hide in).
+    Nobody's fault: 0 quarantined, and the same requests are served once the fleet is back."""
+    from tests.test_containment import REPLICA as STREAMER
+    from tests.test_containment import SETTINGS as STREAMER_SETTINGS
+
+    n = 9 if different else 3
+    docs = [
+        {"inputs": f"popular {i if different else 0}", "parameters": {"max_new_tokens": 100}}
+        for i in range(n)
+    ]
+    async with (
+        script_fleet(tmp_path, STREAMER, ("a", "b", "c"), slot_cap=4, **STREAMER_SETTINGS) as f,
+        aiohttp.ClientSession() as http,
+    ):
+
+        async def stream(doc: dict[str, object]) -> str:
+            async with http.post(f"{f.url}/generate_stream", json=doc) as r:
+                return await r.text()
+
+        calls = [asyncio.ensure_future(stream(d)) for d in docs]
+        await wait_until(lambda: f.count("seen") == n, what="all in flight")
+        assert all(r.inflight for r in f.replicas)  # every replica has one
+        await asyncio.sleep(0.2)
+        for r in f.replicas:
+            assert r.pid is not None
+            os.kill(r.pid, signal.SIGKILL)
+        bodies = await asyncio.gather(*calls)
+        assert all("incomplete_generation_stream" in b for b in bodies)
+        await _all_up(f)
+        await asyncio.sleep(1.0)
+        assert len(f.quarantine) == 0
+        served = await asyncio.gather(*(f.post("/generate", doc) for doc in docs[:3]))
+        assert [status for status, _ in served] == [200] * 3, served
