@@ -101,6 +101,8 @@ class Watch:
 
     failures: list[Suspect] = field(default_factory=list)
     """Every attempt that failed on it (identical requests included), in order."""
+    last_joined: float = 0.0
+    """When the last failure joined it (each gets a whole window)."""
     concluded: float = 0.0
     """When its fate was known (time.monotonic())."""
     let_out: set[str] = field(default_factory=set)
@@ -176,6 +178,17 @@ class Fates:
         one) and return it."""
         key = process_key(replica, pid, incarnation)
         watch = self._watches.get(key)
+        if (
+            watch is not None
+            and watch.known
+            and watch.fate.result() is Fate.SURVIVED
+            and suspect.started > watch.concluded
+        ):
+            # Found alive before this attempt was even sent: that says nothing of what
+            # this request does to it (a query of death on a process that once survived
+            # another request's failure must not be passed on at once). A new watch.
+            del self._watches[key]
+            watch = None
         if watch is None:
             loop = asyncio.get_running_loop()
             watch = Watch(replica, pid, key, time.monotonic(), loop.create_future())
@@ -187,6 +200,7 @@ class Fates:
                 self._watches.popitem(last=False)
             watch.suspects[suspect.digest] = suspect
             watch.failures.append(suspect)
+            watch.last_joined = time.monotonic()
             seen = self._seen_exit(replica, pid)
             if seen is not None:
                 self._conclude(watch, Fate.STOPPED if seen else Fate.EXITED)
@@ -202,6 +216,7 @@ class Fates:
         first = suspect.digest not in watch.suspects
         watch.suspects.setdefault(suspect.digest, suspect)
         watch.failures.append(suspect)
+        watch.last_joined = time.monotonic()
         if watch.known and first:
             # Read after the fate was known (a slow client held the error back): it counts
             # as if it had been there (the quarantine records each process once).
@@ -209,11 +224,14 @@ class Fates:
         return watch
 
     async def _watch(self, watch: Watch) -> None:
-        try:
-            await asyncio.wait_for(asyncio.shield(watch.fate), self.window_s)
-            return  # an exit notice concluded it
-        except TimeoutError:
-            pass
+        # Every failure gets a whole window: one that joined late (another request's
+        # failure opened the watch) must not be found alive a moment before its exit.
+        while (left := watch.last_joined + self.window_s - time.monotonic()) > 0:
+            try:
+                await asyncio.wait_for(asyncio.shield(watch.fate), left)
+                return  # an exit notice concluded it
+            except TimeoutError:
+                pass
         replica = watch.replica
         ok = await self.probe(replica)
         if watch.known:
@@ -240,6 +258,7 @@ class Fates:
             not on_purpose
             and watch.fate.result() is Fate.SURVIVED
             and time.monotonic() - watch.concluded <= LATE_EXIT_S
+            and len(watch.suspects) == 1  # else nothing says which of them, if any
         ):
             log.warning(
                 "%s exited %.1f s after it was found alive: counted against the %d "

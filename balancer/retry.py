@@ -376,8 +376,9 @@ class RetryPolicy:
             return
         for s in suspects:
             # Evidence specific to the request counts even if it was in flight together
-            # with another of its breaks: the process failed it in words, alone, then broke.
-            specific = s.answered and watch.prime(s)
+            # with another of its breaks: the process failed it in words, alone (the only
+            # request that failed there), then broke.
+            specific = s.answered and len(watch.suspects) == 1 and watch.prime(s)
             verdict, entry = self.quarantine.record(
                 s.digest, s.route, replica.name, watch.key, s.started, s.failed, specific
             )
