@@ -341,6 +341,7 @@ async def test_a_process_that_survived_another_failure_does_not_pass_a_poison_on
     status, _ = await fleet3.post("/generate", {"inputs": "harmless-424"})
     assert status == 424
     assert fleet3.count("seen") == 3  # it went round: every process was found alive
+    await asyncio.sleep(1.0)  # every verdict in
     statuses = []
     for _ in range(3):
         await _all_up(fleet3)
