@@ -31,15 +31,20 @@ does about a failure comes from here. **When is a request retried?**
    - its fate stays unknown (no answer within the window and the probe): at most one more
      replica.
 
-   Resends follow the same rule: while an identical request's fate is unknown, at most one
-   more attempt of that request is in flight (``before_attempt``).
+   Resends follow the same rule: while an identical request's fate is unknown, one more
+   attempt of it goes out per unknown fate, and others wait until that attempt's outcome
+   and every fate are known (``before_attempt``).
 3. **Attribution.** Each process that broke is a break for every request that failed on it
    (``Quarantine.record``), also when the exit is seen after the answer went out (retries 0,
    a committed stream). Breaks add up only one after the other (an attempt sent after the
    last counted failure): a host-level event that kills every replica under the same popular
-   request quarantines nothing. ``quarantine_after`` of them, and identical requests are
-   refused before any replica (422, ``x-should-retry: false``) for ``quarantine_ttl_s``,
-   unless an identical request is served in full meanwhile, or an operator lifts it.
+   request quarantines nothing. A break specific to the request (its process failed it in
+   words, no other request failed there, then broke) counts even so. An exit seen up to
+   ``fate.LATE_EXIT_S`` after the process was found alive counts too (for the quarantine:
+   the retry was decided), if one request alone failed there. ``quarantine_after`` of
+   them, and identical requests are refused before any replica (422, ``x-should-retry:
+   false``) for ``quarantine_ttl_s``, unless an identical request is served in full
+   meanwhile, or an operator lifts it.
 4. **Outliers** (balancer/outlier.py): transport failures and timeouts count against the
    replica at once; an answered failure only once the same request succeeded elsewhere.
 
