@@ -351,3 +351,20 @@ async def test_a_process_that_survived_another_failure_does_not_pass_a_poison_on
     assert fleet3.count("died") <= 2, statuses
     assert statuses[-1] == 422, statuses
     assert len(fleet3.quarantine) == 1  # the poison; not the request that harmed nobody
+
+
+async def test_a_hanging_request_sent_three_times_wedges_at_most_two(tmp_path: Path) -> None:
+    """The request that hangs its replica (``/health`` too), sent 3 times one after the
+    other: each send wedges one replica at most, the third is refused."""
+    from tests.test_containment import REPLICA as HANGER
+    from tests.test_containment import SETTINGS as HANGER_SETTINGS
+
+    async with script_fleet(tmp_path, HANGER, ("a", "b", "c"), slot_cap=4, **HANGER_SETTINGS) as f:
+        statuses = []
+        for _ in range(3):
+            status, _ = await f.post("/generate", {"inputs": "hang", "stream": True})
+            statuses.append(status)
+        assert f.count("hung") <= 2, statuses
+        assert statuses[-1] == 422, statuses
+        status, _ = await f.post("/generate", {"inputs": "unrelated"})
+        assert status == 200
