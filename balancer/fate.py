@@ -44,6 +44,11 @@ TOGETHER_S = 0.25
 in flight within milliseconds; TGI answers a whole batch when a shard crashes)."""
 EXIT_MEMORY_S = 30.0
 """How long a seen exit concludes a watch opened after it."""
+LATE_EXIT_S = 10.0
+"""How long after a process was found alive (``SURVIVED``) its exit still counts against
+the requests that failed on it, for the quarantine only (the retry was decided): a poison
+whose process dies later than ``window_s`` after answering (a slow shard teardown) would
+otherwise kill every replica on every send, for ever."""
 
 
 class Fate(enum.Enum):
@@ -70,6 +75,9 @@ class Suspect:
     """When it failed (the error read, the cut, the timeout)."""
     timed_out: bool = False
     """It got no answer within its first-byte or response timeout."""
+    answered: bool = False
+    """The replica failed it in words (an error status or a generation error event), not by
+    a cut or silence: what TGI does to a query of death before its shard exits."""
 
 
 @dataclass(eq=False)
@@ -93,6 +101,13 @@ class Watch:
 
     failures: list[Suspect] = field(default_factory=list)
     """Every attempt that failed on it (identical requests included), in order."""
+    last_joined: float = 0.0
+    """When the last failure joined it (each gets a whole window)."""
+    concluded: float = 0.0
+    """When its fate was known (time.monotonic())."""
+    let_out: set[str] = field(default_factory=set)
+    """Digests of which one more attempt went to another replica while this fate was
+    unknown (balancer/retry.py ``before_attempt``): no second one."""
 
     def prime(self, suspect: Suspect) -> bool:
         """Whether ``suspect`` is the prime suspect of the process breaking: the request
@@ -163,6 +178,17 @@ class Fates:
         one) and return it."""
         key = process_key(replica, pid, incarnation)
         watch = self._watches.get(key)
+        if (
+            watch is not None
+            and watch.known
+            and watch.fate.result() is Fate.SURVIVED
+            and suspect.started > watch.concluded
+        ):
+            # Found alive before this attempt was even sent: that says nothing of what
+            # this request does to it (a query of death on a process that once survived
+            # another request's failure must not be passed on at once). A new watch.
+            del self._watches[key]
+            watch = None
         if watch is None:
             loop = asyncio.get_running_loop()
             watch = Watch(replica, pid, key, time.monotonic(), loop.create_future())
@@ -174,6 +200,7 @@ class Fates:
                 self._watches.popitem(last=False)
             watch.suspects[suspect.digest] = suspect
             watch.failures.append(suspect)
+            watch.last_joined = time.monotonic()
             seen = self._seen_exit(replica, pid)
             if seen is not None:
                 self._conclude(watch, Fate.STOPPED if seen else Fate.EXITED)
@@ -189,6 +216,7 @@ class Fates:
         first = suspect.digest not in watch.suspects
         watch.suspects.setdefault(suspect.digest, suspect)
         watch.failures.append(suspect)
+        watch.last_joined = time.monotonic()
         if watch.known and first:
             # Read after the fate was known (a slow client held the error back): it counts
             # as if it had been there (the quarantine records each process once).
@@ -196,11 +224,14 @@ class Fates:
         return watch
 
     async def _watch(self, watch: Watch) -> None:
-        try:
-            await asyncio.wait_for(asyncio.shield(watch.fate), self.window_s)
-            return  # an exit notice concluded it
-        except TimeoutError:
-            pass
+        # Every failure gets a whole window: one that joined late (another request's
+        # failure opened the watch) must not be found alive a moment before its exit.
+        while (left := watch.last_joined + self.window_s - time.monotonic()) > 0:
+            try:
+                await asyncio.wait_for(asyncio.shield(watch.fate), left)
+                return  # an exit notice concluded it
+            except TimeoutError:
+                pass
         replica = watch.replica
         ok = await self.probe(replica)
         if watch.known:
@@ -219,8 +250,28 @@ class Fates:
         on_purpose = pid == replica.stopping_pid
         self._exits.append((replica.name, pid, on_purpose, time.monotonic()))
         watch = self._watches.get(process_key(replica, pid, 0))
-        if watch is not None and not watch.known:
+        if watch is None:
+            return
+        if not watch.known:
             self._conclude(watch, Fate.STOPPED if on_purpose else Fate.EXITED)
+        elif (
+            not on_purpose
+            and watch.fate.result() is Fate.SURVIVED
+            and time.monotonic() - watch.concluded <= LATE_EXIT_S
+            and len(watch.suspects) == 1  # else nothing says which of them, if any
+        ):
+            log.warning(
+                "%s exited %.1f s after it was found alive: counted against the %d "
+                "request(s) that failed on it",
+                watch.key,
+                time.monotonic() - watch.concluded,
+                len(watch.suspects),
+            )
+            watch.concluded = float("-inf")  # once
+            try:
+                self.on_fate(watch, Fate.EXITED, list(watch.suspects.values()))
+            except Exception:
+                log.exception("attributing the late exit of %s failed", watch.key)
 
     def _seen_exit(self, replica: Replica, pid: int | None) -> bool | None:
         """Whether ``pid`` was seen to exit lately: None if not, else whether on purpose."""
@@ -239,6 +290,7 @@ class Fates:
             watch.probing = False
             self._open -= 1
         watch.fate.set_result(fate)
+        watch.concluded = time.monotonic()
         level = logging.WARNING if fate.broke else logging.INFO
         log.log(
             level,

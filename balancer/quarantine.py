@@ -163,11 +163,13 @@ class Quarantine:
         process: str,
         started: float = float("inf"),
         failed: float | None = None,
+        specific: bool = False,
     ) -> tuple[Verdict, Entry]:
         """The request ``digest`` broke ``process`` (a key unique to one process of
         ``replica``): its attempt was sent at ``started`` and failed at ``failed`` (the
         clock's time). Counted only if sent after the last counted break's failure (the
-        defaults: always; failed now)."""
+        defaults: always; failed now), or if the break is ``specific`` to the request (the
+        process answered it alone with a failure, then broke: balancer/retry.py)."""
         now = self.clock()
         if failed is None:
             failed = now
@@ -185,7 +187,7 @@ class Quarantine:
         if entry is None:
             entry = Entry(digest, route, now + self.ttl_s)
         if process not in entry.broke:
-            if started >= entry.last_failed:
+            if specific or started >= entry.last_failed:
                 entry.broke[process] = replica
                 entry.last_failed = max(entry.last_failed, failed)
             else:

@@ -31,15 +31,20 @@ does about a failure comes from here. **When is a request retried?**
    - its fate stays unknown (no answer within the window and the probe): at most one more
      replica.
 
-   Resends follow the same rule: while an identical request's fate is unknown, at most one
-   more attempt of that request is in flight (``before_attempt``).
+   Resends follow the same rule: while an identical request's fate is unknown, one more
+   attempt of it goes out per unknown fate, and others wait until that attempt's outcome
+   and every fate are known (``before_attempt``).
 3. **Attribution.** Each process that broke is a break for every request that failed on it
    (``Quarantine.record``), also when the exit is seen after the answer went out (retries 0,
    a committed stream). Breaks add up only one after the other (an attempt sent after the
    last counted failure): a host-level event that kills every replica under the same popular
-   request quarantines nothing. ``quarantine_after`` of them, and identical requests are
-   refused before any replica (422, ``x-should-retry: false``) for ``quarantine_ttl_s``,
-   unless an identical request is served in full meanwhile, or an operator lifts it.
+   request quarantines nothing. A break specific to the request (its process failed it in
+   words, no other request failed there, then broke) counts even so. An exit seen up to
+   ``fate.LATE_EXIT_S`` after the process was found alive counts too (for the quarantine:
+   the retry was decided), if one request alone failed there. ``quarantine_after`` of
+   them, and identical requests are refused before any replica (422, ``x-should-retry:
+   false``) for ``quarantine_ttl_s``, unless an identical request is served in full
+   meanwhile, or an operator lifts it.
 4. **Outliers** (balancer/outlier.py): transport failures and timeouts count against the
    replica at once; an answered failure only once the same request succeeded elsewhere.
 
@@ -151,6 +156,8 @@ class RetryPolicy:
         it all but the earliest (which may be what hung it)."""
         self._exposed: dict[str, int] = {}
         """Digests with an unknown fate -> attempts of them in flight since."""
+        self._exposure_ended: asyncio.Future[None] | None = None
+        """Done when an exposed attempt ended (made by the first waiter after that)."""
         self.fate_wait_s = config.confirm_window_s + config.health_timeout_s + FATE_WAIT_MARGIN_S
 
     def begin(
@@ -169,19 +176,36 @@ class RetryPolicy:
 
     async def before_attempt(self, att: Attempts) -> None:
         """Raise ``Quarantined`` if the request is now; while an identical request's fate is
-        unknown, let at most one more attempt of it out, and make the others wait for it."""
-        if self.fates.watching:
+        unknown, let at most one more attempt of it out (once per unknown fate), and make
+        the others wait for the fates.
+
+        Unknown means a watched process it failed on, *or* the one more attempt still in
+        flight without an answer: its outcome is a fate not known yet either. (Waiting only
+        for the watch let a third send out the moment the first process's exit was seen,
+        while the second was still on its way to killing another replica.)"""
+        if self.fates.watching or self._exposed:
             digest = att.digest
             deadline = time.monotonic() + self.fate_wait_s
-            while unknown := self.fates.unknown_for(digest):
-                if self._exposed.get(digest, 0) == 0:
+            while True:
+                unknown = self.fates.unknown_for(digest) if self.fates.watching else []
+                out = self._exposed.get(digest, 0)
+                if not unknown and not out:
+                    break
+                if not out and len(unknown) == 1 and digest not in unknown[0].let_out:
+                    # The one more, once per unknown fate (not one at a time: a second
+                    # one more, once the first failed, would make three processes).
+                    unknown[0].let_out.add(digest)
                     self._exposed[digest] = 1
                     att.exposed = digest
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                await asyncio.wait([w.fate for w in unknown], timeout=left)
+                ended = self._exposure_ended
+                if ended is None or ended.done():
+                    ended = self._exposure_ended = asyncio.get_running_loop().create_future()
+                waits = [w.fate for w in unknown] + [ended]
+                await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
         if self.quarantine.holding and (att.attempt >= 0 or att._digest is not None):
             unsent = att.attempt < 0  # a refusal like one on arrival: counted
             q = self.quarantine
@@ -196,6 +220,8 @@ class RetryPolicy:
         att.suspect = None
 
     def attempt_ended(self, att: Attempts) -> None:
+        """The attempt is over, or its outcome is known (a good answer; a failure, already
+        under watch): identical requests waiting for it may go."""
         digest, att.exposed = att.exposed, None
         if digest is not None:
             left = self._exposed.get(digest, 1) - 1
@@ -203,6 +229,9 @@ class RetryPolicy:
                 self._exposed[digest] = left
             else:
                 self._exposed.pop(digest, None)
+            ended = self._exposure_ended
+            if ended is not None and not ended.done():
+                ended.set_result(None)
 
     # ------------------------------------------------------------ after a failure
     def room(self, att: Attempts, harmless: bool) -> bool:
@@ -298,6 +327,7 @@ class RetryPolicy:
             att.failures.add(replica, kind)
             self._suspect(att, kind)
         att.failures.settle(self.outliers, kind is None)
+        self.attempt_ended(att)  # its outcome is known (a failure is under watch now)
 
     def ended_well(self, att: Attempts) -> None:
         """A response ended well: clears the replica's failure count and the request's
@@ -320,7 +350,10 @@ class RetryPolicy:
             return None
         if att.suspect is not None:  # counted already (e.g. a 424 relayed after its wait)
             return self.fates.suspect(replica, att.pid, att.incarnation, att.suspect)
-        suspect = Suspect(att.digest, att.route, att.started, time.monotonic(), kind in TIMEOUTS)
+        answered = kind.startswith("status_") or kind == "generation_event"
+        suspect = Suspect(
+            att.digest, att.route, att.started, time.monotonic(), kind in TIMEOUTS, answered
+        )
         att.suspect = suspect
         return self.fates.suspect(replica, att.pid, att.incarnation, suspect)
 
@@ -347,8 +380,12 @@ class RetryPolicy:
         if watch.pid is not None and watch.pid == replica.stopping_pid:
             return
         for s in suspects:
+            # Evidence specific to the request counts even if it was in flight together
+            # with another of its breaks: the process failed it in words, alone (the only
+            # request that failed there), then broke.
+            specific = s.answered and len(watch.suspects) == 1 and watch.prime(s)
             verdict, entry = self.quarantine.record(
-                s.digest, s.route, replica.name, watch.key, s.started, s.failed
+                s.digest, s.route, replica.name, watch.key, s.started, s.failed, specific
             )
             if verdict is Verdict.SUSPECT and entry.together:
                 log.info(

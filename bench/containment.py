@@ -12,6 +12,10 @@ marks, not the balancer's view):
                              replicas wedged, unrelated ones served and their slowest time
     hang, every slot busy    the same with 12 unrelated 5 s streams, some of which land on
                              the wedged replica
+    poison, exit after window  424, exit 1.5 s later (after confirm_window_s = 1 s)
+    poison, 3 sends at once  3 identical sends together, then 2 more: deaths
+    poison after a survival  each replica first lives through an unrelated 424
+    resends in flight        2 resends while the first (slow 424) process is dying
     fleet-wide SIGKILL       9 identical popular streams in flight, every replica SIGKILLed
                              together; once back: requests quarantined (false quarantines)
                              and identical requests refused out of 5
@@ -168,10 +172,55 @@ async def poison(service: Service, http: aiohttp.ClientSession, path: str, word:
         await service.all_ready(http)
         before = service.count("died")
         status, _, _ = await service.post(http, path, {"inputs": word})
-        await asyncio.sleep(1.5)  # every exit seen
+        await asyncio.sleep(2.5)  # every exit seen (1.5 s late ones too)
         statuses.append(status)
         deaths.append(service.count("died") - before)
     return f"replica deaths {sum(deaths)} over 3 sends (per send {deaths}), answers {statuses}"
+
+
+async def poison_at_once(service: Service, http: aiohttp.ClientSession) -> str:
+    """3 identical poison sends at once (before anything failed), then a 4th and 5th."""
+    await service.all_ready(http)
+    first = await asyncio.gather(
+        *(service.post(http, "/generate", {"inputs": "answer-then-exit"}) for _ in range(3))
+    )
+    await asyncio.sleep(1.5)
+    at_once = service.count("died")
+    later = []
+    for _ in range(2):
+        await service.all_ready(http)
+        status, _, _ = await service.post(http, "/generate", {"inputs": "answer-then-exit"})
+        later.append(status)
+        await asyncio.sleep(1.5)
+    return (
+        f"replica deaths {at_once} from 3 sends at once (answers {[s for s, _, _ in first]}), "
+        f"{service.count('died') - at_once} more from 2 later sends (answers {later})"
+    )
+
+
+async def poison_after_survival(service: Service, http: aiohttp.ClientSession) -> str:
+    """Every replica first lives through an unrelated failure (a 424, found alive), then
+    the poison is sent 3 times."""
+    await service.post(http, "/generate", {"inputs": "harmless-424"})
+    await asyncio.sleep(2.0)
+    return await poison(service, http, "/generate", "answer-then-exit")
+
+
+async def resends_in_flight(service: Service, http: aiohttp.ClientSession) -> str:
+    """A client resends a poison whose 424 is slow (1.5 s) twice while the first send's
+    process has answered but not exited."""
+    await service.all_ready(http)
+    doc = {"inputs": "slow-424-exit"}
+    first = asyncio.ensure_future(service.post(http, "/generate", doc))
+    await until(lambda: service.count("seen") > 0)
+    await asyncio.sleep(1.6)  # the first 424 is out, its process about to exit
+    resends = await asyncio.gather(*(service.post(http, "/generate", doc) for _ in range(2)))
+    status, _, _ = await first
+    await asyncio.sleep(2.0)
+    return (
+        f"replica deaths {service.count('died')} over 3 sends "
+        f"(answers {[status, *(s for s, _, _ in resends)]})"
+    )
 
 
 async def hang(service: Service, http: aiohttp.ClientSession) -> str:
@@ -264,6 +313,10 @@ SCENARIOS: dict[str, Callable[[Service, aiohttp.ClientSession], Awaitable[str]]]
     "poison 424-then-exit": lambda s, h: poison(s, h, "/generate", "answer-then-exit"),
     "poison event-then-exit": lambda s, h: poison(s, h, "/generate_stream", "event-then-exit"),
     "exit mid-event": lambda s, h: poison(s, h, "/generate_stream", "mid-event"),
+    "poison, exit after window": lambda s, h: poison(s, h, "/generate", "late-exit"),
+    "poison, 3 sends at once": poison_at_once,
+    "poison after a survival": poison_after_survival,
+    "resends in flight": resends_in_flight,
     "hang (+ /health)": hang,
     "hang, every slot busy": hang_under_load,
     "fleet-wide SIGKILL": fleet_kill,

@@ -7,6 +7,9 @@ form; every POST leaves a ``seen-*`` mark in FOLDER, every death a ``died-*``, e
 
 - ``answer-then-exit``: 424 ``generation`` error, then the process exits 50-200 ms later
   (TGI when a shard crashes under the batch);
+- ``late-exit``: 424, then the exit 1.5 s later (after the default 1 s window);
+- ``slow-424-exit``: the 424 after 1.5 s, then the exit 50-200 ms later;
+- ``harmless-424``: 424, and the process lives on;
 - ``event-then-exit``: a 200 stream whose first event is that error, then the exit;
 - ``mid-event``: one token event, half of the next, then the exit;
 - ``hang``: no answer ever, and nothing else (``/health`` included) is answered after it;
@@ -82,6 +85,18 @@ class Handler(BaseHTTPRequestHandler):
         if b"answer-then-exit" in body:
             self.send_json(424, json.dumps(ERROR).encode())
             die_soon()
+        if b"late-exit" in body:  # the exit comes 1.5 s later: after the 1 s window
+            self.send_json(424, json.dumps(ERROR).encode())
+            time.sleep(1.5)
+            mark("died")
+            os._exit(1)
+        if b"slow-424-exit" in body:  # the 424 takes 1.5 s, then the exit
+            time.sleep(1.5)
+            self.send_json(424, json.dumps(ERROR).encode())
+            die_soon()
+        if b"harmless-424" in body:  # a failure the process lives through
+            self.send_json(424, json.dumps(ERROR).encode())
+            return
         if b"event-then-exit" in body:
             self.start_stream()
             self.chunk(b"data:" + json.dumps(ERROR).encode() + b"\n\n")

@@ -301,8 +301,11 @@ async def test_while_a_fate_is_unknown_at_most_one_more_replica_gets_the_request
         await wait_until(lambda: fates.watching, timeout=5, what="the first 424 under watch")
         resends = await asyncio.gather(send(), send())
         status = await first
-    assert status == 424
-    assert sorted(resends) in ([422, 424], [422, 422]), resends
+    # Who gets 424 and who 422 depends on which of the two processes is seen to exit first
+    # (on a loaded machine, either): a request whose own process's fate quarantined it
+    # gets 422 too. What may not vary: two processes, and the third send refused.
+    statuses = sorted([status, *resends])
+    assert statuses in ([422, 424, 424], [422, 422, 424], [422, 422, 422]), statuses
     await asyncio.sleep(1.0)
     assert fleet3.count("seen") == 2 and fleet3.count("died") == 2
     assert len(fleet3.quarantine) == 1
