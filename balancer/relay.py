@@ -290,11 +290,7 @@ class Relay:
                         policy.ended_well(att)
                     return response
                 except _Retry as retry:
-                    if stream.upstream is not None:
-                        # Release the failed attempt's connection now: a replica still
-                        # working on it (first-byte timeout) must see the request cancelled.
-                        stream.upstream.abort()
-                        stream.upstream = None
+                    self._abort_attempt(stream)
                     self.metrics.retries.labels(reason=retry.reason).inc()
                     log.info(
                         "retrying %s %s on another replica: %s from %s",
