@@ -452,10 +452,10 @@ class Relay:
                 )
                 status = upstream.status
                 self.metrics.upstream_responses.labels(replica=replica.name, code=str(status)).inc()
+                is_sse = _content_type(upstream.headers) == SSE
                 if status == BUSY_STATUS or status in FAILED_STATUS:
                     failed = f"status_{status}"
                 else:
-                    is_sse = _content_type(upstream.headers) == SSE
                     first = await upstream.read_first(is_sse, FIRST_EVENT_LIMIT)
         except TimeoutError:
             stream.expired = timeout_kind
@@ -480,7 +480,6 @@ class Relay:
                 raise _Retry(failed)
             try:  # not retried: the client gets the replica's answer, as it came
                 async with asyncio.timeout(limit_s):
-                    is_sse = _content_type(upstream.headers) == SSE
                     first = await upstream.read_first(is_sse, FIRST_EVENT_LIMIT)
             except (TimeoutError, UpstreamError):
                 stream.expired = "unreachable"
