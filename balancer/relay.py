@@ -70,12 +70,11 @@ from balancer.upstream_http import ReplicaConnection, UpstreamError, UpstreamPoo
 log = logging.getLogger("neuron_fleet.relay")
 
 BUSY_STATUS = 429
-GENERATION_STATUS = 424
-"""TGI's answer to a request whose generation failed (``InferError::GenerationError``:
-v3.3.7 ``router/src/server.rs`` ``impl From<InferError>``): also what every request of a
-batch gets when a shard dies under it, just before the server exits."""
 FAILED_STATUS = frozenset({424, 500, 502, 503, 504})
-"""Answers that say the replica could not serve this request (TGI: 424 generation error)."""
+"""Answers that say the replica could not serve this request. 424: TGI's answer to a
+request whose generation failed (``InferError::GenerationError``: v3.3.7
+``router/src/server.rs`` ``impl From<InferError>``), also what every request of a batch gets
+when a shard dies under it, just before the server exits."""
 HOP_BY_HOP = frozenset(
     {
         "connection",
