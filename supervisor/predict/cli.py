@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     if args.sweep:
-        return _sweep(args, model, layout, base, warnings)
+        return _sweep(args, model, layout, base)
     return _one(args, model, layout, base, warnings)
 
 
@@ -261,7 +261,7 @@ def _one(args, model, layout: Layout, base: Workload, warnings: list[str]) -> in
     return 0
 
 
-def _sweep(args, model, layout: Layout, base: Workload, warnings: list[str]) -> int:
+def _sweep(args, model, layout: Layout, base: Workload) -> int:
     if args.ttft_slo is None:
         return _fail("--sweep needs --ttft-slo SECONDS")
     started = time.monotonic()
