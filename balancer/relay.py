@@ -237,7 +237,6 @@ class Relay:
         )
         """When a request is retried, and whom failures are blamed on (balancer/retry.py)."""
         self.policy.on_wedged = self._cut_waiting
-        self.outliers = self.policy.outliers
         self._streams: set[_Stream] = set()
         self._any_turn = 0
         self.score: SloScore | None = None
