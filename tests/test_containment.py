@@ -179,7 +179,7 @@ async def test_every_replica_killed_at_once_under_a_popular_request_quarantines_
     for _ in range(3):
         status, text = await fleet3.post("/generate", popular)
         assert status == 200, text
-    metrics = await _metrics(fleet3)
+    metrics = await fleet3.metrics()
     assert metric_sum(metrics, "neuron_fleet_rejected_requests_total", reason="quarantined") == 0
     assert metric_sum(metrics, "neuron_fleet_process_fates_total", fate="exited") >= 3
 
@@ -202,17 +202,12 @@ async def test_the_admin_api_lists_and_lifts_a_quarantined_request(fleet3: Scrip
         async with http.delete(f"{fleet3.url}/fleet/quarantine/{digest}") as r:
             assert r.status == 404  # lifted already
     assert len(fleet3.quarantine) == 0
-    metrics = await _metrics(fleet3)
+    metrics = await fleet3.metrics()
     assert metric_sum(metrics, "neuron_fleet_quarantine_lifts_total") == 1
     await _all_up(fleet3)
     seen = fleet3.count("seen")
     status, _ = await fleet3.post("/generate", doc)
     assert status == 424 and fleet3.count("seen") == seen + 1  # admitted again
-
-
-async def _metrics(fleet: ScriptFleet) -> str:
-    async with aiohttp.ClientSession() as http, http.get(f"{fleet.url}/metrics") as r:
-        return await r.text()
 
 
 async def test_while_a_fate_is_unknown_at_most_one_more_replica_gets_the_request(
