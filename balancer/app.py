@@ -307,8 +307,8 @@ class _Invalid(Exception):
         self.reason = reason or f"invalid_{status}"
         self.headers = headers
         self.close = close
-        self.error_type = error_type or ERROR_TYPES.get(status, "validation")
         """Close the connection after the answer: the rest of a refused body is not read."""
+        self.error_type = error_type or ERROR_TYPES.get(status, "validation")
 
 
 def _request_id(request: web.Request) -> str:

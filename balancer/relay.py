@@ -70,12 +70,11 @@ from balancer.upstream_http import ReplicaConnection, UpstreamError, UpstreamPoo
 log = logging.getLogger("neuron_fleet.relay")
 
 BUSY_STATUS = 429
-GENERATION_STATUS = 424
-"""TGI's answer to a request whose generation failed (``InferError::GenerationError``:
-v3.3.7 ``router/src/server.rs`` ``impl From<InferError>``): also what every request of a
-batch gets when a shard dies under it, just before the server exits."""
 FAILED_STATUS = frozenset({424, 500, 502, 503, 504})
-"""Answers that say the replica could not serve this request (TGI: 424 generation error)."""
+"""Answers that say the replica could not serve this request. 424: TGI's answer to a
+request whose generation failed (``InferError::GenerationError``: v3.3.7
+``router/src/server.rs`` ``impl From<InferError>``), also what every request of a batch gets
+when a shard dies under it, just before the server exits."""
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -238,7 +237,6 @@ class Relay:
         )
         """When a request is retried, and whom failures are blamed on (balancer/retry.py)."""
         self.policy.on_wedged = self._cut_waiting
-        self.outliers = self.policy.outliers
         self._streams: set[_Stream] = set()
         self._any_turn = 0
         self.score: SloScore | None = None
@@ -290,11 +288,7 @@ class Relay:
                         policy.ended_well(att)
                     return response
                 except _Retry as retry:
-                    if stream.upstream is not None:
-                        # Release the failed attempt's connection now: a replica still
-                        # working on it (first-byte timeout) must see the request cancelled.
-                        stream.upstream.abort()
-                        stream.upstream = None
+                    self._abort_attempt(stream)
                     self.metrics.retries.labels(reason=retry.reason).inc()
                     log.info(
                         "retrying %s %s on another replica: %s from %s",
@@ -456,10 +450,10 @@ class Relay:
                 )
                 status = upstream.status
                 self.metrics.upstream_responses.labels(replica=replica.name, code=str(status)).inc()
+                is_sse = _content_type(upstream.headers) == SSE
                 if status == BUSY_STATUS or status in FAILED_STATUS:
                     failed = f"status_{status}"
                 else:
-                    is_sse = _content_type(upstream.headers) == SSE
                     first = await upstream.read_first(is_sse, FIRST_EVENT_LIMIT)
         except TimeoutError:
             stream.expired = timeout_kind
@@ -484,7 +478,6 @@ class Relay:
                 raise _Retry(failed)
             try:  # not retried: the client gets the replica's answer, as it came
                 async with asyncio.timeout(limit_s):
-                    is_sse = _content_type(upstream.headers) == SSE
                     first = await upstream.read_first(is_sse, FIRST_EVENT_LIMIT)
             except (TimeoutError, UpstreamError):
                 stream.expired = "unreachable"

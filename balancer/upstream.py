@@ -11,7 +11,7 @@ One `Replica` object per upstream server is the single source of truth:
 A replica gets traffic only when it is ``routable``: lifecycle state READY *and* healthy.
 Each time it becomes routable again (a supervised restart, health checks re-admitting it) it
 starts a new ``incarnation``: a request that failed on it without reaching the process, or
-was told it was busy, excludes it only for the incarnation it failed in (balancer/relay.py),
+was told it was busy, excludes it only for the incarnation it failed in (balancer/retry.py),
 so a retry may return to a restarted replica; any other failure excludes it for good.
 """
 

@@ -166,8 +166,8 @@ class ReplicaConnection(asyncio.Protocol):
             self.abort()
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             # Not "payload_error" (the replica cut the response): a replica that answers
-            # garbage (a misconfigured URL) is not a process dying under the request, and
-            # must not get requests quarantined (balancer/relay.py BROKE_KINDS).
+            # garbage (a misconfigured URL) is not a process dying under the request (whether
+            # a request broke its process is the process's fate, balancer/fate.py).
             self._fail("bad_response", f"malformed or upgraded response: {exc!r}")
             self.abort()
 
@@ -386,7 +386,7 @@ class UpstreamPool:
                 except UpstreamError:
                     # Nothing listens any more: the process closed the connection as it
                     # died, perhaps of this very request. Say so, not "never reached": the
-                    # request may not go back to its restart (balancer/relay.py), and
+                    # request may not go back to its restart (balancer/retry.py), and
                     # counts towards its quarantine (balancer/quarantine.py).
                     raise closed from None
                 conn.send(raw)

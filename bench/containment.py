@@ -31,7 +31,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
+from harness import consecutive_free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 REPLICA = Path(__file__).with_name("containment_replica.py")
@@ -72,24 +72,6 @@ first_byte_timeout_s = {first_byte}
 """
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` consecutive free ports (replicas use base_port + k)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n >= 65535:
-            continue
-        try:
-            for k in range(n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", base + k))
-        except OSError:
-            continue
-        return list(range(base, base + n))
-    raise RuntimeError("no free ports")
-
-
 class Service:
     """One ``neuron-fleet serve`` in a temporary folder."""
 
@@ -97,7 +79,7 @@ class Service:
         self.folder = folder
         self.marks = folder / "marks"
         self.marks.mkdir()
-        port, *replica_ports = free_ports(4)
+        port, *replica_ports = consecutive_free_ports(4)
         self.url = f"http://127.0.0.1:{port}"
         config = folder / "fleet.toml"
         config.write_text(

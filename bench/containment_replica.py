@@ -1,7 +1,8 @@
-"""A replica program for bench/containment.py that fails the way TGI and vLLM fail.
+"""A replica program for bench/containment.py (and tests/test_containment.py) that fails the
+way TGI and vLLM fail.
 
-Run by ``neuron-fleet serve`` through the ``command`` launcher as
-``python containment_replica.py PORT NAME FOLDER``. A word in the request body picks the
+Run by ``neuron-fleet serve`` through the ``command`` launcher (the tests: ``script_fleet``)
+as ``python containment_replica.py PORT NAME FOLDER``. A word in the request body picks the
 form; every POST leaves a ``seen-*`` mark in FOLDER, every death a ``died-*``, every hang a
 ``hung-*``, so the bench counts what happened to the processes, not what the balancer says:
 

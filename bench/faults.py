@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+from harness import consecutive_free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = secrets.token_urlsafe(32)
@@ -51,24 +52,6 @@ SLOTS = REPLICAS * BATCH
 
 
 # --------------------------------------------------------------------------- service
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` consecutive free ports (replicas use base_port + k)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n > 65535:
-            continue
-        try:
-            for port in range(base, base + n):
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return list(range(base, base + n))
-    raise RuntimeError("no free port range")
 
 
 def write_config(
@@ -130,7 +113,7 @@ async def service(
     extra_args: list[str] | None = None,
 ):
     folder = Path(tempfile.mkdtemp(prefix="nf-faults-"))
-    listen, *replica_ports = free_ports(REPLICAS + 1)
+    listen, *replica_ports = consecutive_free_ports(REPLICAS + 1)
     fleet = {"restart_backoff_initial_s": 0.1, "stop_grace_s": 5, **(fleet or {})}
     config = write_config(folder, replica_ports[0], speed, fleet, balancer or {}, extra_args or [])
     log = folder / "serve.log"

@@ -47,6 +47,24 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def consecutive_free_ports(n: int) -> list[int]:
+    """``n`` consecutive free ports (replicas use base_port + k)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n > 65535:
+            continue
+        try:
+            for port in range(base, base + n):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return list(range(base, base + n))
+    raise RuntimeError("no free port range")
+
+
 # --------------------------------------------------------------------------- /proc
 
 

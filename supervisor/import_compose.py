@@ -439,7 +439,7 @@ def _load_yaml(path: str) -> Any:
         raise ImportProblem([f"{path} is not valid YAML: {problem}{where}"]) from None
 
 
-def _kind(name: str, svc: Mapping[str, Any]) -> str:
+def _kind(svc: Mapping[str, Any]) -> str:
     image = str(svc.get("image") or "").lower()
     volumes = " ".join(str(v) for v in svc.get("volumes") or [])
     if "nginx" in image or "nginx.conf" in volumes or "/etc/nginx" in volumes:
@@ -503,7 +503,7 @@ def import_deployment(
     for name, svc in services.items():
         if not isinstance(svc, dict):
             raise ImportProblem([f"{compose_path}: service {name!r} is not a mapping"])
-        kind = _kind(name, svc)
+        kind = _kind(svc)
         if kind == "replica":
             replica = _replica(name, svc, base, environ, notes)
             replica.from_variables = referenced.get(name, set())

@@ -59,6 +59,11 @@ class ScriptFleet:
         """Marks named ``PREFIX-...`` left by the scripts (one per POST seen, per death)."""
         return sum(1 for _ in self.folder.glob(f"{prefix}-*"))
 
+    async def metrics(self) -> str:
+        """The balancer's ``/metrics`` text."""
+        async with aiohttp.ClientSession() as http, http.get(self.url + "/metrics") as r:
+            return await r.text()
+
     async def post(self, path: str, doc: dict[str, object]) -> tuple[int, str]:
         async with aiohttp.ClientSession() as http, http.post(self.url + path, json=doc) as r:
             return r.status, await r.text()

@@ -26,84 +26,17 @@ import aiohttp
 import pytest
 
 from tests.conftest import wait_until
-from tests.script_fleet import ScriptFleet, replica_script, script_fleet
+from tests.script_fleet import ScriptFleet, script_fleet
 from tests.test_hardening_input import metric_sum
 
 pytestmark = pytest.mark.timeout(90)
 
 ADMIN_TOKEN = "containment-test-admin"
 
-REPLICA = replica_script(
-    """
-    # One replica program for every failure form, chosen by a word in the request body.
-    # Every POST leaves a "seen" mark, every death a "died" mark, every hang a "hung" one.
-    import random, threading
-
-    HUNG = threading.Event()
-    ERROR = {"error": "Request failed during generation: Server error: shard died",
-             "error_type": "generation"}
-    TOKEN = b'data:{"token":{"id":1,"text":"a","logprob":0,"special":false}}\\n\\n'
-
-    def die_soon():
-        time.sleep(random.uniform(0.05, 0.2))  # the launcher sees the shard crash
-        (folder / f"died-{name}-{os.getpid()}").touch()
-        os._exit(1)
-
-    class Handler(Replica):
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self):
-            if HUNG.is_set():  # a wedged engine answers nothing, /health included
-                time.sleep(3600)
-            super().do_GET()
-
-        def chunk(self, data):
-            self.wfile.write(b"%x\\r\\n%b\\r\\n" % (len(data), data))
-            self.wfile.flush()
-
-        def start_stream(self):
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-
-        def do_POST(self):
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            (folder / f"seen-{name}-{uuid.uuid4().hex}").touch()
-            if b"answer-then-exit" in body:
-                self.send_json(424, json.dumps(ERROR).encode())
-                self.wfile.flush()
-                die_soon()
-            if b"event-then-exit" in body:
-                self.start_stream()
-                self.chunk(b"data:" + json.dumps(ERROR).encode() + b"\\n\\n")
-                self.wfile.write(b"0\\r\\n\\r\\n")
-                self.wfile.flush()
-                die_soon()
-            if HUNG.is_set():  # wedged: nothing is answered any more
-                time.sleep(3600)
-            if b"hang" in body:
-                HUNG.set()
-                (folder / f"hung-{name}-{os.getpid()}").touch()
-                time.sleep(3600)
-            if b"mid-event" in body:
-                self.start_stream()
-                self.chunk(TOKEN)
-                self.chunk(b'data:{"token":{"id":2,"te')
-                time.sleep(0.05)
-                (folder / f"died-{name}-{os.getpid()}").touch()
-                os._exit(1)
-            if b"popular" in body:  # a long stream: 100 tokens, 50 ms apart
-                self.start_stream()
-                for _ in range(100):
-                    self.chunk(TOKEN)
-                    time.sleep(0.05)
-                self.wfile.write(b"0\\r\\n\\r\\n")
-                return
-            self.send_json(200, b'{"generated_text":"ok"}')
-
-    """
-)
+REPLICA = (Path(__file__).resolve().parents[1] / "bench" / "containment_replica.py").read_text()
+"""One replica program for every failure form, chosen by a word in the request body, shared
+with bench/containment.py: every POST leaves a "seen" mark, every death a "died" mark, every
+hang a "hung" one (``ScriptFleet.count``)."""
 
 SETTINGS: dict[str, object] = {
     "retries": 2,
@@ -246,7 +179,7 @@ async def test_every_replica_killed_at_once_under_a_popular_request_quarantines_
     for _ in range(3):
         status, text = await fleet3.post("/generate", popular)
         assert status == 200, text
-    metrics = await _metrics(fleet3)
+    metrics = await fleet3.metrics()
     assert metric_sum(metrics, "neuron_fleet_rejected_requests_total", reason="quarantined") == 0
     assert metric_sum(metrics, "neuron_fleet_process_fates_total", fate="exited") >= 3
 
@@ -269,17 +202,12 @@ async def test_the_admin_api_lists_and_lifts_a_quarantined_request(fleet3: Scrip
         async with http.delete(f"{fleet3.url}/fleet/quarantine/{digest}") as r:
             assert r.status == 404  # lifted already
     assert len(fleet3.quarantine) == 0
-    metrics = await _metrics(fleet3)
+    metrics = await fleet3.metrics()
     assert metric_sum(metrics, "neuron_fleet_quarantine_lifts_total") == 1
     await _all_up(fleet3)
     seen = fleet3.count("seen")
     status, _ = await fleet3.post("/generate", doc)
     assert status == 424 and fleet3.count("seen") == seen + 1  # admitted again
-
-
-async def _metrics(fleet: ScriptFleet) -> str:
-    async with aiohttp.ClientSession() as http, http.get(f"{fleet.url}/metrics") as r:
-        return await r.text()
 
 
 async def test_while_a_fate_is_unknown_at_most_one_more_replica_gets_the_request(

@@ -21,6 +21,7 @@ import pytest
 
 from tests.conftest import wait_until
 from tests.script_fleet import ScriptFleet, replica_script, script_fleet
+from tests.test_containment import _all_up
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -104,12 +105,6 @@ async def fleet3(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterato
     settings = {**SETTINGS, **getattr(request, "param", {})}
     async with script_fleet(tmp_path, REPLICA, ("a", "b", "c"), slot_cap=4, **settings) as f:
         yield f
-
-
-async def _all_up(fleet: ScriptFleet) -> None:
-    await wait_until(
-        lambda: all(r.routable for r in fleet.replicas), timeout=20, what="every replica up"
-    )
 
 
 async def test_resends_while_the_one_more_attempt_is_still_on_its_way_kill_no_third(

@@ -3,16 +3,14 @@ timeout runs out with an explicit error event in the route's format, then a clea
 
 from __future__ import annotations
 
-import json
 import signal
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import free_ports
 from tests.test_serve import CHAT, demo_config, start_serve, wait_for
-from tests.test_shutdown import _status
+from tests.test_shutdown import _open_stream, _status
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -35,16 +33,7 @@ def test_serve_drain_timeout_ends_a_stream_with_an_error_event(
     stream = None
     try:
         wait_for(lambda: _status(base) == 200, seconds=30, what="ready")
-        stream = urllib.request.urlopen(
-            urllib.request.Request(
-                f"{base}{path}",
-                data=json.dumps(body).encode(),
-                headers={"Content-Type": "application/json"},
-            ),
-            timeout=30,
-        )
-        assert stream.status == 200
-        stream.read(1)
+        stream = _open_stream(f"{base}{path}", body)
         proc.send_signal(signal.SIGTERM)
         text = stream.read().decode()  # http.client.IncompleteRead on a cut chunked body
         _, err = proc.communicate(timeout=30)

@@ -11,24 +11,18 @@ from pathlib import Path
 import pytest
 
 from supervisor.cli import main
-from supervisor.config import DEFAULT_VLLM_IMAGE, ENV_VARS, load_config
+from supervisor.config import DEFAULT_VLLM_IMAGE, load_config
 from supervisor.import_optimum import parse_serve, sm_on_arguments
 from supervisor.import_toml import TomlWriter
 from supervisor.launchers import launch_spec
-from supervisor.neuron import read_neuron_ls_file
-from tests.test_launchers import flag
-
-INF2_48 = read_neuron_ls_file(
-    str(Path(__file__).resolve().parent / "fixtures" / "neuron-ls" / "inf2.48xlarge.json")
+from tests.test_launchers import (
+    INF2_48,
+    clean_environ,  # noqa: F401 - autouse fixture: no ENV_VARS from the outer environment
+    flag,
 )
+
 API_KEY = "sk-optimum-secret-42"
 TOKEN = "hf_SmOnSecret"
-
-
-@pytest.fixture(autouse=True)
-def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ENV_VARS:
-        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture

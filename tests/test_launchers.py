@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -228,6 +230,40 @@ def child_env(spec: LaunchSpec, logs: Path) -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def running(spec: LaunchSpec, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """``spec``'s command in a session of its own, as the supervisor starts it; killed on
+    the way out if the test left it running (only the process this test started)."""
+    proc = subprocess.Popen(
+        spec.argv,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def stop(spec: LaunchSpec, env: dict[str, str], proc: subprocess.Popen[bytes]) -> None:
+    """Stop it as the supervisor does (the spec's stop command, else SIGTERM to its
+    session); it must be gone within 15 s."""
+    if spec.stop_argv:
+        stopped = subprocess.run(
+            spec.stop_argv, env=env, capture_output=True, text=True, timeout=30
+        )
+        assert stopped.returncode == 0, stopped.stderr
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=15) is not None
+
+
 @pytest.mark.skipif(not SIMULATOR_READY, reason="supervisor/simulator/__main__.py not written yet")
 @pytest.mark.parametrize("kind", ["docker", "native"])
 def test_launch_spec_runs_and_stops_end_to_end(tmp_path: Path, kind: str) -> None:
@@ -250,14 +286,7 @@ def test_launch_spec_runs_and_stops_end_to_end(tmp_path: Path, kind: str) -> Non
     env = child_env(spec, logs)
     if spec.cleanup_argv:  # nothing left from a previous run: must succeed all the same
         assert subprocess.run(spec.cleanup_argv, env=env, timeout=30).returncode == 0
-    proc = subprocess.Popen(
-        spec.argv,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
+    with running(spec, env) as proc:
         wait_health(port, proc)
         call = json.loads((logs / "calls.jsonl").read_text().splitlines()[0])
         assert SECRET not in json.dumps(call["argv"])
@@ -267,20 +296,7 @@ def test_launch_spec_runs_and_stops_end_to_end(tmp_path: Path, kind: str) -> Non
             assert call["env"]["NEURON_RT_VISIBLE_CORES"] == "0-7"
             assert call["env"]["MAX_BATCH_SIZE"] == "8"
 
-        if spec.stop_argv:
-            stopped = subprocess.run(
-                spec.stop_argv, env=env, capture_output=True, text=True, timeout=30
-            )
-            assert stopped.returncode == 0, stopped.stderr
-        else:
-            os.killpg(proc.pid, signal.SIGTERM)
-        assert proc.wait(timeout=15) is not None
+        stop(spec, env, proc)
         if spec.stop_argv:  # the container is gone: a second stop fails like docker's
             again = subprocess.run(spec.stop_argv, env=env, capture_output=True, text=True)
             assert again.returncode != 0 and "No such container" in again.stderr
-    finally:
-        if proc.poll() is None:  # only the process this test started
-            proc.kill()
-            proc.wait(timeout=5)
-        if proc.stderr:
-            proc.stderr.close()

@@ -15,7 +15,6 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from tests.conftest import wait_until
@@ -103,17 +102,12 @@ async def test_generation_errors_from_processes_that_then_exit_quarantine_the_re
     assert status == 422, text
     assert json.loads(text)["error_type"] == "quarantined"
     assert fleet3.count("seen") == 2  # no replica saw the third send
-    metrics = await _metrics(fleet3)
+    metrics = await fleet3.metrics()
     assert metric_sum(metrics, "neuron_fleet_quarantines_total") == 1
     assert metric_sum(metrics, "neuron_fleet_process_fates_total", fate="exited") == 2
 
     status, text = await fleet3.post("/generate", {"inputs": "hello"})
     assert status == 200, text
-
-
-async def _metrics(fleet3: ScriptFleet) -> str:
-    async with aiohttp.ClientSession() as http, http.get(f"{fleet3.server.url}/metrics") as r:
-        return await r.text()
 
 
 @pytest.mark.parametrize("prompt", ["crash", "crash-first"])
@@ -156,7 +150,7 @@ async def test_a_generation_error_from_a_process_that_lives_on_never_counts(
     status, text = await fleet3.post("/generate", {"inputs": "fail"})
     assert status == 424, text
     assert fleet3.count("exited") == 0
-    metrics = await _metrics(fleet3)
+    metrics = await fleet3.metrics()
     assert metric_sum(metrics, "neuron_fleet_process_fates_total", fate="survived") >= 2
 
 

@@ -10,7 +10,7 @@ from balancer.upstream import Replica, ReplicaState
 from tests.conftest import wait_until
 from tests.script_fleet import ScriptFleet
 from tests.test_hardening_input import metric_sum
-from tests.test_pending_breaks import _metrics, fleet3  # noqa: F401 (a fixture)
+from tests.test_pending_breaks import fleet3  # noqa: F401 (a fixture)
 from tests.upstreams import Script
 
 pytestmark = pytest.mark.timeout(60)
@@ -55,7 +55,7 @@ async def test_generation_errors_read_after_their_processes_were_seen_to_exit_co
     assert fleet3.count("seen") == 1
     [entry] = fleet3.quarantine._suspects.values()
     assert len(entry.broke) == 1
-    metrics = await _metrics(fleet3)
+    metrics = await fleet3.metrics()
     assert metric_sum(metrics, "neuron_fleet_process_fates_total", fate="exited") == 1
 
 

@@ -105,6 +105,14 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 20.0) -> None:
             proc.wait(10)
 
 
+def rules_evaluated(prom: str) -> list[dict[str, Any]]:
+    """Prometheus's alert rules once it has evaluated every one of them, else []."""
+    groups = json.loads(http_get(f"{prom}/api/v1/rules"))["data"]["groups"]
+    rules = [r for g in groups for r in g["rules"]]
+    done = all(not r["lastEvaluation"].startswith("0001") for r in rules)
+    return rules if rules and done else []
+
+
 def wait_for(predicate: Any, what: str, timeout: float = WAIT_S, log: Path | None = None) -> Any:
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -401,13 +409,7 @@ async def test_real_prometheus_scrapes_the_demo(tmp_path: Path) -> None:
             assert all(r["metric"]["job"] == "neuron-fleet" for r in per_replica)
 
             # Every alert rule loaded and evaluates cleanly against the live series...
-            def rules_evaluated() -> list[dict[str, Any]]:
-                groups = json.loads(http_get(f"{prom}/api/v1/rules"))["data"]["groups"]
-                rules = [r for g in groups for r in g["rules"]]
-                done = all(not r["lastEvaluation"].startswith("0001") for r in rules)
-                return rules if rules and done else []
-
-            rules = wait_for(rules_evaluated, "alert rules evaluated")
+            rules = wait_for(lambda: rules_evaluated(prom), "alert rules evaluated")
             assert {r["name"] for r in rules} == {
                 r["alert"]
                 for g in yaml.safe_load((DEPLOY / "alerts.yml").read_text())["groups"]
@@ -470,13 +472,7 @@ async def test_real_prometheus_scrapes_a_vllm_demo(tmp_path: Path) -> None:
                 "the engine gauges in Prometheus",
             )
 
-            def rules_evaluated() -> list[dict[str, Any]]:
-                groups = json.loads(http_get(f"{prom}/api/v1/rules"))["data"]["groups"]
-                rules = [r for g in groups for r in g["rules"]]
-                done = all(not r["lastEvaluation"].startswith("0001") for r in rules)
-                return rules if rules and done else []
-
-            rules = wait_for(rules_evaluated, "alert rules evaluated")
+            rules = wait_for(lambda: rules_evaluated(prom), "alert rules evaluated")
             assert [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
             assert [r["name"] for r in rules if r["state"] != "inactive"] == []
             for expr in dashboard_exprs():

@@ -89,11 +89,6 @@ async def fleet3(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterato
         yield f
 
 
-async def _metrics(url: str) -> str:
-    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as r:
-        return await r.text()
-
-
 async def _post(url: str, path: str, doc: dict[str, object]) -> tuple[int, str, dict[str, str]]:
     async with aiohttp.ClientSession() as http, http.post(f"{url}{path}", json=doc) as r:
         return r.status, await r.text(), dict(r.headers)
@@ -132,7 +127,7 @@ async def test_a_query_of_death_kills_quarantine_after_processes_then_is_refused
     assert status == 200, text
     seen += 1
 
-    metrics = await _metrics(fleet3.url)
+    metrics = await fleet3.metrics()
     assert metric_sum(metrics, "neuron_fleet_quarantines_total") == 1
     assert metric_sum(metrics, "neuron_fleet_quarantined_requests") == 1
     assert metric_sum(metrics, "neuron_fleet_rejected_requests_total", reason="quarantined") == 1

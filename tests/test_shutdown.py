@@ -9,6 +9,7 @@ with ``--shutdown-delay`` signalled by PID, and its logs on stdout (a container'
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import signal
 import subprocess
@@ -274,6 +275,19 @@ def _status(base: str) -> int:
         return 0
 
 
+def _open_stream(url: str, body: dict[str, object]) -> http.client.HTTPResponse:
+    """A streaming request whose response has begun (its first byte read)."""
+    stream = urllib.request.urlopen(
+        urllib.request.Request(
+            url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        ),
+        timeout=30,
+    )
+    assert stream.status == 200
+    stream.read(1)
+    return stream
+
+
 def _refused(base: str) -> bool:
     request_body = json.dumps(CHAT).encode()
     request = urllib.request.Request(
@@ -350,16 +364,7 @@ def test_balance_cli_second_signal_stops_at_once(tmp_path: Path, phase: str) -> 
         wait_for(lambda: _status(base) == 200, seconds=20, what="balancer ready")
         if phase == "drain":  # a long stream keeps the drain busy
             body = {"inputs": "Hello", "parameters": {"max_new_tokens": 5000}}
-            stream = urllib.request.urlopen(
-                urllib.request.Request(
-                    f"{base}/generate_stream",
-                    data=json.dumps(body).encode(),
-                    headers={"Content-Type": "application/json"},
-                ),
-                timeout=30,
-            )
-            assert stream.status == 200
-            stream.read(1)
+            stream = _open_stream(f"{base}/generate_stream", body)
         balancer.send_signal(signal.SIGTERM)
         wait_for(lambda: _status(base) != 200, seconds=5, what="the stop began")
         with pytest.raises(subprocess.TimeoutExpired):
@@ -394,16 +399,7 @@ def test_a_drain_timeout_ends_a_stream_with_an_error_event(
     stream = None
     try:
         wait_for(lambda: _status(base) == 200, seconds=20, what="balancer ready")
-        stream = urllib.request.urlopen(
-            urllib.request.Request(
-                f"{base}{path}",
-                data=json.dumps(body).encode(),
-                headers={"Content-Type": "application/json"},
-            ),
-            timeout=30,
-        )
-        assert stream.status == 200
-        stream.read(1)
+        stream = _open_stream(f"{base}{path}", body)
         balancer.send_signal(signal.SIGTERM)
         text = stream.read().decode()  # http.client.IncompleteRead on a cut chunked body
         _, err = balancer.communicate(timeout=20)

@@ -15,24 +15,18 @@ import aiohttp
 import openai
 import pytest
 
-from supervisor.simulator.engine import FaultConfig, SimConfig
-from supervisor.simulator.server import SimServer, start_server
+from supervisor.simulator.engine import FaultConfig
+from supervisor.simulator.server import SimServer
 from tests.conftest import metric_value, wait_until
-from tests.test_simulator_http import subprocess_replica
+from tests.test_simulator_http import replica, split_events, subprocess_replica
 
 MODEL = "sim/llama"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello there"}]}
 
 
-@contextlib.asynccontextmanager
-async def vllm(**overrides: Any) -> AsyncIterator[SimServer]:
-    options: dict[str, Any] = {"port": 0, "speed": 1000.0, "engine": "vllm", "model_id": MODEL}
-    options.update(overrides)
-    server = await start_server(SimConfig(**options))
-    try:
-        yield server
-    finally:
-        await server.stop()
+def vllm(**overrides: Any) -> contextlib.AbstractAsyncContextManager[SimServer]:
+    """A simulated vLLM server on a free loopback port (test_simulator_http's ``replica``)."""
+    return replica(**{"engine": "vllm", "model_id": MODEL, **overrides})
 
 
 @pytest.fixture
@@ -42,8 +36,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 def events(body: bytes) -> list[bytes]:
-    assert body.endswith(b"\n\n"), body[-80:]
-    out = body[:-2].split(b"\n\n")
+    out = split_events(body)
     assert all(e.startswith(b"data: ") for e in out), out  # vLLM's spelling, with a space
     return [e[len(b"data: ") :] for e in out]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,8 @@ from tests.test_launchers import (
     clean_environ,  # noqa: F401 - autouse fixture: no ENV_VARS from the outer environment
     flag,
     make_config,
+    running,
+    stop,
     wait_health,
 )
 
@@ -247,14 +248,7 @@ def test_vllm_replica_runs_and_stops_end_to_end(tmp_path: Path, kind: str) -> No
     logs = tmp_path / "logs"
     logs.mkdir()
     env = child_env(spec, logs)
-    proc = subprocess.Popen(
-        spec.argv,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
+    with running(spec, env) as proc:
         wait_health(port, proc)  # answers on the planned host port, also from the image's 8080
         call = json.loads((logs / "calls.jsonl").read_text().splitlines()[0])
         assert SECRET not in json.dumps(call["argv"])
@@ -266,18 +260,7 @@ def test_vllm_replica_runs_and_stops_end_to_end(tmp_path: Path, kind: str) -> No
             assert (logs / f"vllm-{port}.HF_TOKEN").read_text() == SECRET
         else:
             assert call["image"] == DEFAULT_VLLM_IMAGE and call["hf_token_in_container"]
-        if spec.stop_argv:
-            stopped = subprocess.run(spec.stop_argv, env=env, capture_output=True, timeout=30)
-            assert stopped.returncode == 0
-        else:
-            os.killpg(proc.pid, signal.SIGTERM)
-        assert proc.wait(timeout=15) is not None
-    finally:
-        if proc.poll() is None:  # only the process this test started
-            proc.kill()
-            proc.wait(timeout=5)
-        if proc.stderr:
-            proc.stderr.close()
+        stop(spec, env, proc)
 
 
 def test_fake_vllm_python_refuses_unknown_flags(tmp_path: Path) -> None:

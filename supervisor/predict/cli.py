@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     if args.sweep:
-        return _sweep(args, model, layout, base, warnings)
+        return _sweep(args, model, layout, base)
     return _one(args, model, layout, base, warnings)
 
 
@@ -204,15 +204,10 @@ def _one(args, model, layout: Layout, base: Workload, warnings: list[str]) -> in
     if args.rate is not None and args.concurrency is not None:
         return _fail("give --rate or --concurrency, not both")
     if args.concurrency is not None:
-        workload = Workload(
-            input_tokens=base.input_tokens,
-            output_tokens=base.output_tokens,
-            input_stddev=base.input_stddev,
-            output_stddev=base.output_stddev,
+        workload = base.with_load(
             concurrency=args.concurrency,
             max_requests=max(8 * args.concurrency, 100),
             duration_s=math.inf,
-            seed=base.seed,
         )
         figs = simulate(model, layout, workload)
         load = f"{args.concurrency} concurrent clients"
@@ -261,7 +256,7 @@ def _one(args, model, layout: Layout, base: Workload, warnings: list[str]) -> in
     return 0
 
 
-def _sweep(args, model, layout: Layout, base: Workload, warnings: list[str]) -> int:
+def _sweep(args, model, layout: Layout, base: Workload) -> int:
     if args.ttft_slo is None:
         return _fail("--sweep needs --ttft-slo SECONDS")
     started = time.monotonic()

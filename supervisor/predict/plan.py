@@ -77,30 +77,14 @@ def simulate(model: TimingModel, layout: Layout, workload: Workload) -> Figures:
 
 
 def at_rate(model: TimingModel, layout: Layout, base: Workload, rate: float) -> Figures:
-    workload = Workload(
-        input_tokens=base.input_tokens,
-        output_tokens=base.output_tokens,
-        input_stddev=base.input_stddev,
-        output_stddev=base.output_stddev,
-        rate=rate,
-        duration_s=RATE_RUN_S,
-        seed=base.seed,
-    )
-    return simulate(model, layout, workload)
+    return simulate(model, layout, base.with_load(rate=rate, duration_s=RATE_RUN_S))
 
 
 def capacity(model: TimingModel, layout: Layout, base: Workload) -> float:
     """Requests/s the host completes when saturated (closed loop, twice the slots)."""
     clients = 2 * layout.replicas * layout.shape.batch_size
-    workload = Workload(
-        input_tokens=base.input_tokens,
-        output_tokens=base.output_tokens,
-        input_stddev=base.input_stddev,
-        output_stddev=base.output_stddev,
-        concurrency=clients,
-        max_requests=max(4 * clients, 60),
-        duration_s=math.inf,
-        seed=base.seed,
+    workload = base.with_load(
+        concurrency=clients, max_requests=max(4 * clients, 60), duration_s=math.inf
     )
     return simulate(model, layout, workload).req_per_s
 

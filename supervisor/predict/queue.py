@@ -28,6 +28,7 @@ import math
 import random
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from .timing import Shape, TimingModel
 
@@ -66,6 +67,18 @@ class Workload:
     previous wave has finished (llmperf before its 2024-12-09 fix, ``replay.LLMPERF_WAVES``)."""
     duration_s: float = 120.0
     seed: int = 0
+
+    def with_load(self, **load: Any) -> Workload:
+        """The same token lengths and seed under another load (``rate``, ``concurrency``,
+        ``max_requests``, ``waves``, ``duration_s``; those not given at their defaults)."""
+        return Workload(
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            input_stddev=self.input_stddev,
+            output_stddev=self.output_stddev,
+            seed=self.seed,
+            **load,
+        )
 
 
 @dataclass

@@ -256,9 +256,6 @@ class TimingModel:
     blog's averaged 293 of 450 tokens). Only replays of guidellm records use it."""
     coverage: Coverage = Coverage()
 
-    def _eval(self, cols: dict[str, float]) -> float:
-        return sum(self.coef.get(k, 0.0) * v for k, v in cols.items())
-
     def _factors(self, shape: Shape) -> tuple[float, float, float, float]:
         """The generation's corrections times the family's (1 when the fit never saw it)."""
         out = [1.0, 1.0, 1.0, 1.0]

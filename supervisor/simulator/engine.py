@@ -665,8 +665,8 @@ class NeuronBatcher:
         except ValueError:
             pass
 
-    def plan(self, now: float) -> Step | None:
-        """Admit queued requests into free slots (-> prefill), else decode, else idle."""
+    def admit(self, now: float) -> list[Job]:
+        """Move queued requests (skipping cancelled ones) into free slots; return them."""
         admitted: list[Job] = []
         while self.queue and len(self.running) < self.batch_size:
             job = self.queue.popleft()
@@ -675,6 +675,11 @@ class NeuronBatcher:
             job.started_at = now
             admitted.append(job)
             self.running.append(job)
+        return admitted
+
+    def plan(self, now: float) -> Step | None:
+        """Admit queued requests into free slots (-> prefill), else decode, else idle."""
+        admitted = self.admit(now)
         if admitted:
             tokens = sum(j.input_length for j in admitted)
             duration = self.timing.prefill(tokens, len(admitted)) / self.speed

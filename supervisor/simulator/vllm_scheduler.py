@@ -15,20 +15,13 @@ vLLM: ``vllm_server.create_app`` sets no concurrency cap).
 
 from __future__ import annotations
 
-from .engine import Job, NeuronBatcher, Step
+from .engine import NeuronBatcher, Step
 
 
 class ContinuousBatcher(NeuronBatcher):
     def plan(self, now: float) -> Step | None:
         running = list(self.running)
-        admitted: list[Job] = []
-        while self.queue and len(self.running) < self.batch_size:
-            job = self.queue.popleft()
-            if job.cancelled:
-                continue
-            job.started_at = now
-            admitted.append(job)
-            self.running.append(job)
+        admitted = self.admit(now)
         if admitted:
             duration = self.timing.prefill(sum(j.input_length for j in admitted), len(admitted))
             if running:

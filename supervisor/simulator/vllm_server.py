@@ -51,7 +51,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -139,6 +139,9 @@ class VllmMetrics:
         def gauge(name: str, doc: str, read: Callable[[], float]) -> None:
             Gauge(name, doc, labels, registry=reg).labels(*values).set_function(read)
 
+        def histogram(name: str, doc: str, buckets: Sequence[float]) -> Any:
+            return Histogram(name, doc, labels, registry=reg, buckets=buckets).labels(*values)
+
         gauge(
             "vllm:num_requests_running",
             "Number of requests in model execution batches.",
@@ -173,43 +176,31 @@ class VllmMetrics:
         for reason in ("stop", "length", "abort"):
             self.success.labels(*values, reason)
         self.values = values
-        self.ttft = Histogram(
+        self.ttft = histogram(
             "vllm:time_to_first_token_seconds",
             "Histogram of time to first token in seconds.",
-            labels,
-            registry=reg,
-            buckets=TTFT_BUCKETS,
-        ).labels(*values)
-        self.itl = Histogram(
+            TTFT_BUCKETS,
+        )
+        self.itl = histogram(
             "vllm:inter_token_latency_seconds",
             "Histogram of inter-token latency in seconds.",
-            labels,
-            registry=reg,
-            buckets=ITL_BUCKETS,
-        ).labels(*values)
-        self.e2e = Histogram(
+            ITL_BUCKETS,
+        )
+        self.e2e = histogram(
             "vllm:e2e_request_latency_seconds",
             "Histogram of e2e request latency in seconds.",
-            labels,
-            registry=reg,
-            buckets=E2E_BUCKETS,
-        ).labels(*values)
-        self.queue_time = Histogram(
+            E2E_BUCKETS,
+        )
+        self.queue_time = histogram(
             "vllm:request_queue_time_seconds",
             "Histogram of time spent in WAITING phase for request.",
-            labels,
-            registry=reg,
-            buckets=E2E_BUCKETS,
-        ).labels(*values)
-
-        top = engine.config.max_total_tokens
-        self.prompt_hist = Histogram(
+            E2E_BUCKETS,
+        )
+        self.prompt_hist = histogram(
             "vllm:request_prompt_tokens",
             "Number of prefill tokens processed.",
-            labels,
-            registry=reg,
-            buckets=_one_two_five(top),
-        ).labels(*values)
+            _one_two_five(engine.config.max_total_tokens),
+        )
 
     def finished(self, reason: str) -> None:
         self.success.labels(*self.values, reason).inc()
