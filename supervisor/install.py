@@ -83,6 +83,17 @@ After=docker.service
 # never hit systemd's default 5 starts in 10 s: count failures over a longer window.
 StartLimitIntervalSec=2h
 StartLimitBurst=5
+# Boot is not held for the model load. With default dependencies, multi-user.target (which
+# WantedBy= below pulls this unit into) is ordered after it (systemd.target(5): a target
+# gets After= on the units it wants unless they set DefaultDependencies=no), so a reboot
+# would reach multi-user.target, and start what is ordered after it (cloud-init's final
+# stage), only at READY=1: up to TimeoutStartSec. So no default dependencies, and the ones a
+# service gets by default written out (systemd.service(5), "Default Dependencies").
+DefaultDependencies=no
+Requires=sysinit.target
+After=sysinit.target basic.target
+Conflicts=shutdown.target
+Before=shutdown.target
 
 [Service]
 # READY=1 is sent once the balancer listens AND [fleet] min_ready replicas serve; STATUS=

@@ -406,3 +406,21 @@ def test_ci_requirements_script_is_valid_bash() -> None:
     assert rc == 0, out
     text = script.read_text()
     assert "prometheus" in text and "apt-get install" in text
+
+
+def test_unit_does_not_hold_the_boot_for_the_model_load() -> None:
+    """A target is ordered after the units it wants unless they set DefaultDependencies=no
+    (systemd.target(5)): with defaults, multi-user.target (and cloud-init's final stage after
+    it) would wait for READY=1, up to TimeoutStartSec, at every boot. The defaults a service
+    gets (systemd.service(5), "Default Dependencies") are written out instead."""
+    unit = unit_directives(UNIT.read_text())
+    values = {k: v for s, k, v in unit if s == "Unit" and k == "DefaultDependencies"}
+    assert values == {"DefaultDependencies": "no"}
+    ordering = {
+        k: {w for s, kk, v in unit if s == "Unit" and kk == k for w in v.split()}
+        for k in ("Requires", "After", "Conflicts", "Before")
+    }
+    assert "sysinit.target" in ordering["Requires"]
+    assert {"sysinit.target", "basic.target"} <= ordering["After"]
+    assert "shutdown.target" in ordering["Conflicts"] and "shutdown.target" in ordering["Before"]
+    assert ("Install", "WantedBy", "multi-user.target") in unit
