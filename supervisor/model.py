@@ -193,23 +193,20 @@ def check_model(
             f"but each replica gets {cores_per_replica}: set [fleet] cores_per_replica = "
             f"{info.tp_degree}, or re-export with --num-cores {cores_per_replica}"
         )
-    compiled_batch = info.batch_size
-    if compiled_batch is not None and batch_size is not None:
-        if batch_size > compiled_batch or (vllm and batch_size != compiled_batch):
+    # TGI may run below the compiled value; optimum-cli neuron serve (vLLM) only at it.
+    for name, value, compiled, what in (
+        ("batch_size", batch_size, info.batch_size, "batch size"),
+        ("max_total_tokens", max_total_tokens, info.sequence_length, "sequence length"),
+    ):
+        if compiled is None or value is None:
+            continue
+        if value > compiled or (vllm and value != compiled):
             errors.append(
-                f"{names['batch_size']} = {batch_size} "
-                f"{'differs from' if vllm else 'exceeds'} the compiled batch size "
-                f"{compiled_batch} ({where}): "
-                f"{'set it to' if vllm else 'lower it to'} {compiled_batch} or re-export"
+                f"{names[name]} = {value} "
+                f"{'differs from' if vllm else 'exceeds'} the compiled {what} {compiled} "
+                f"({where}): {'set it to' if vllm else 'lower it to'} {compiled} or re-export"
             )
     seq = info.sequence_length
-    if seq is not None and max_total_tokens is not None:
-        if max_total_tokens > seq or (vllm and max_total_tokens != seq):
-            errors.append(
-                f"{names['max_total_tokens']} = {max_total_tokens} "
-                f"{'differs from' if vllm else 'exceeds'} the compiled sequence length {seq} "
-                f"({where}): {'set it to' if vllm else 'lower it to'} {seq} or re-export"
-            )
     if seq is not None and max_input_tokens is not None and max_input_tokens >= seq:
         default = seq - 1 if vllm else seq // 2
         errors.append(
