@@ -540,7 +540,8 @@ def main() -> None:
         doc.append(GUIDELLM_NOTES)
     sims = {}
     for p in sorted(RESULTS.glob("policy_sim_*.json")):
-        sims.update(json.loads(p.read_text()))
+        if p.name != "policy_sim_slo.json":  # the SLO gate's runs: their own section
+            sims.update(json.loads(p.read_text()))
     if sims:
         doc.append("## Routing policies in virtual time (bench/policy_sim.py)\n")
         doc.append(

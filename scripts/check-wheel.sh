@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The wheel is what users install, so the wheel is what CI runs: build it, install it in a
 # fresh venv (no editable install, no checkout on sys.path) and, from a folder outside the
-# checkout, run every subcommand's --help, `--version`, `plan` on a neuron-ls fixture and
-# `demo` with one streamed request, then SIGTERM: exit 0 and no replica process left.
+# checkout, run every subcommand's --help, `--version`, `plan` on a neuron-ls fixture,
+# `predict` on the packaged calibration and `demo` with one streamed request, then
+# SIGTERM: exit 0 and no replica process left.
 # Called by scripts/run-tests.sh (skip with NEURON_FLEET_SKIP_WHEEL_CHECK=1). Uses pip's
 # cache; nothing but loopback traffic once the dependencies are cached.
 set -euo pipefail
@@ -53,6 +54,17 @@ cp "$REPO/tests/fixtures/neuron-ls/inf2.48xlarge.json" neuron-ls.json
 "$NF" plan --neuron-ls neuron-ls.json --cores-per-replica 8 \
     --no-host-checks >plan.txt 2>&1 || { cat plan.txt >&2; fail "neuron-fleet plan"; }
 grep -q "16-23" plan.txt || { cat plan.txt >&2; fail "plan does not show cores 16-23"; }
+
+step "predict from the packaged calibration (its data and fit ship in the wheel)"
+"$NF" predict --model-size 8 --model-family llama-3.1-8b --replicas 3 --tp 8 --batch-size 8 \
+    --input-tokens 1500 --output-tokens 250 --rate 1 --json >predict.json 2>predict.err ||
+    { cat predict.err >&2; fail "neuron-fleet predict"; }
+"$WORK/venv/bin/python" -c '
+import json, math, sys
+out = json.load(open("predict.json"))
+ok = out["layout"] == "3 x tp8 x batch 8" and 0 < out["ttft_p99_s"] < math.inf
+sys.exit(0 if ok and out["output_tok_per_s"] > 0 and out["extrapolating"] == [] else out)
+' || fail "predict printed no figures"
 
 step "demo: one streamed request, then SIGTERM"
 PORT=$("$WORK/venv/bin/python" - <<'EOF'

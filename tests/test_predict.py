@@ -433,3 +433,54 @@ def test_served_prefill_scales_with_the_fitted_exponent() -> None:
     assert batched.served_prefill_s(shape, 16, 1500) == pytest.approx(one)
     assert quarter.served_prefill_s(shape, 16, 1500) == pytest.approx(2 * one)
     assert base.served_prefill_s(shape, 16, 1500, "vllm") == base.prefill_s(shape, 16, 1500)
+
+
+@pytest.mark.parametrize(
+    ("family", "tp", "per_core"),
+    [
+        ("llama-3-70b", 24, 1),  # 8 KV heads replicated to one per core (tp % 8 == 0)
+        ("llama-3.1-8b", 8, 1),
+        ("llama-3.1-8b", 2, 4),  # 8 KV heads sharded over 2 cores
+        ("llama-3.1-8b", 12, 3),  # 12 % 8 != 0: converted to MHA, 32 heads padded to 36
+        ("mistral-small-22b", 12, 4),  # 48 heads, converted to MHA
+        ("llama-2-7b", 8, 4),  # MHA: 32 heads over 8 cores
+        ("llama-2-13b", 24, 2),  # MHA: 40 heads padded to 48
+        ("qwen2.5-7b", 8, 1),  # 4 KV heads replicated
+    ],
+)
+def test_a_core_keeps_whole_kv_heads_as_nxd_shards_them(
+    family: str, tp: int, per_core: int
+) -> None:
+    """neuronx-distributed-inference modules/attention/gqa.py: REPLICATE_TO_TP_DEGREE
+    when tp is a multiple of the KV heads, else CONVERT_TO_MHA; MHA pads to tp."""
+    from supervisor.predict.records import heads, kv_bytes_per_token, kv_heads_per_core
+
+    attention, kv = heads(family)
+    assert kv_heads_per_core(attention, kv, tp) == per_core
+    shape = Shape(8.0, tp, 8, 4096, kv_bytes_per_token(family, 8.0), heads=(attention, kv))
+    assert shape.kv_bytes_per_core == pytest.approx(shape.kv_bytes / kv * per_core)
+
+
+def test_replicated_kv_heads_cost_decode_time_and_memory() -> None:
+    """A grouped-query 8B model at tp 24 keeps a whole KV head per core: each decode slot
+    reads more cache than at a 1/24 share, and batch 64 of 16k tokens no longer fits."""
+    from supervisor.predict.plan import Layout
+
+    model = packaged_model()
+    gqa = Shape(8.0, 24, 64, 16512, 131072, heads=(32, 8))
+    as_if_sharded = Shape(8.0, 24, 64, 16512, 131072, heads=(24, 24))
+    assert gqa.kv_bytes_per_core == 3 * as_if_sharded.kv_bytes_per_core
+    assert model.full_decode_s(gqa, 64) > model.full_decode_s(as_if_sharded, 64)
+    assert not Layout(1, gqa).fits() and Layout(1, as_if_sharded).fits()
+
+
+def test_slo_runs_are_long_enough_for_a_monotone_p99() -> None:
+    """p99 of a 300 s run at 0.5 req/s is its second-largest TTFT: the blog's layout gave
+    6.3 s at 0.55 req/s and 4.9 s at 0.65. Runs of 2,000 arrivals make it rise with load."""
+    from supervisor.predict.plan import Layout, at_rate
+
+    model = packaged_model()
+    shape = Shape(8.0, 8, 8, 16512, 131072, family="llama-3.1-8b")
+    base = Workload(input_tokens=15900, output_tokens=450, input_stddev=100, output_stddev=50)
+    p99 = [at_rate(model, Layout(3, shape), base, r).ttft_p99_s for r in (0.45, 0.55, 0.65)]
+    assert p99 == sorted(p99), p99

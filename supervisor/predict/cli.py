@@ -23,7 +23,7 @@ from typing import Any
 
 from .plan import Layout, at_rate, layouts, max_rate_within_slo, plot, simulate, sweep
 from .queue import ENGINES, POLICIES, Workload
-from .records import generation, kv_bytes_per_token, load_records
+from .records import generation, heads, kv_bytes_per_token, load_records
 from .replay import fit, packaged_model, predict_record
 from .timing import Shape, TimingModel
 
@@ -137,6 +137,7 @@ def build_layout(args: argparse.Namespace) -> Layout:
         kv_bytes=kv_bytes_per_token(args.model_family, size),
         generation=generation(engine_name, args.sdk),
         family=args.model_family.lower() if args.model_family else None,
+        heads=heads(args.model_family),
     )
     return Layout(int(replicas), shape, args.engine, args.policy)
 

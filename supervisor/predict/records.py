@@ -40,6 +40,46 @@ KV_BYTES_PER_TOKEN: dict[str, int] = {
 }
 
 
+# (attention heads, key/value heads) of those architectures (config.json
+# ``num_attention_heads``, ``num_key_value_heads``): how many KV heads one core keeps
+# (``kv_heads_per_core``). A family not listed is taken as Llama-3-like (32, 8).
+HEADS: dict[str, tuple[int, int]] = {
+    "llama-2-7b": (32, 32),
+    "llama-2-13b": (40, 40),
+    "codellama-13b": (40, 40),
+    "llama-2-70b": (64, 8),
+    "llama-3-70b": (64, 8),
+    "llama-3.3-70b": (64, 8),
+    "llama-3-70b-arch (deepseek-r1-distill)": (64, 8),
+    "mistral-small-22b": (48, 8),
+    "qwen2.5-7b": (28, 4),
+    "qwen3-30b-a3b-moe": (32, 4),
+}
+
+
+def heads(family: str | None) -> tuple[int, int]:
+    return HEADS.get((family or "").lower(), (32, 8))
+
+
+def kv_heads_per_core(attention_heads: int, kv_heads: int, tp: int) -> int:
+    """KV heads one core holds, as NxD Inference shards them
+    (aws-neuron/neuronx-distributed-inference, src/neuronx_distributed_inference/modules/
+    attention/gqa.py: ``determine_sharding_strategy``, ``get_shardable_head_counts``):
+    multi-head attention pads the heads to a multiple of tp; grouped-query attention
+    with tp a multiple of the KV heads replicates them to one per core
+    (REPLICATE_TO_TP_DEGREE), otherwise converts to multi-head (CONVERT_TO_MHA: as many
+    KV heads as padded attention heads). So Llama-3-70B at tp 24 keeps a whole KV head per
+    core (3x the cache of a 1/24 share), Mistral-Small (8 KV heads) at tp 12 four."""
+    padded = -(-attention_heads // tp) * tp
+    if kv_heads == attention_heads:
+        return padded // tp
+    if kv_heads >= tp and kv_heads % tp == 0:
+        return kv_heads // tp
+    if tp % kv_heads == 0:
+        return 1
+    return padded // tp
+
+
 def kv_bytes_per_token(family: str | None, params_b: float) -> int:
     """Known families from the table; otherwise a GQA model of that size (Llama-3-like)."""
     if family is not None:

@@ -6,20 +6,31 @@ Two steps, as in TGI Neuron and vLLM on Neuron (see ``supervisor/simulator/engin
   padded to the compiled length (``inf2-published.md``: TTFT ~linear in batch and flat in
   input length); the AWS transformers-neuronx samples pad to a power-of-two bucket::
 
-      prefill = a0 + n * (a1 if B == 1 else a3) * work
+      prefill = a0 + n * a1 * work
       work = w * Lp * (1 + Lp / L0)     w = params / tp, L0: ``attention_length``
+
+  A batch-1 model is not faster per sequence than a batched one, it pads less
+  (``Shape.padded_input``).
 
 * **decode**: one token for every slot of the compiled batch ``B`` (static Neuron graphs run
   the whole batch), weights and the KV cache of the compiled sequence length ``S`` read
   once per step::
 
-      decode(B) = d0[g] + d1[g] * w + d2[g] * B * w + d3[g] * B * S * kv / tp
+      decode(B) = d0 + d1 * w + d2 * B * w + d3 * B * S * kv_core + d4 * layers * tp
+
+  ``kv_core``: KV bytes per token on one core. A core keeps whole KV heads, so a
+  grouped-query model over more cores than KV heads keeps more than ``kv / tp``
+  (``records.kv_heads_per_core``, after NxD Inference's sharding): Llama-3-70B at tp 24
+  reads 3x the cache a 1/24 share would, and the fit sees it (static ITL error in
+  leave-one-tp-out 28 -> 14 %, docs/predict.md).
 
   A server adds ``per_active_s`` per running request to every step (the router and the
   Python server handle each slot's token: the blog's ITL goes from 29.8 ms with one
   request to 39.1 ms with eight), fitted on the served records.
 
-``g`` is the software generation (``records.generation``). The fit minimises *relative*
+Each software generation (``records.generation``) and model family gets multipliers of
+the fixed and per-sequence prefill and of the per-step and per-slot decode, shrunk
+towards 1 (``_multipliers``). The fit minimises *relative*
 squared error with non-negative coefficients (each term is a cost), on the static-batch
 records; the served records fit ``per_active_s`` and a per-request serving overhead through
 the virtual-time simulator (``replay.fit``).
@@ -36,7 +47,9 @@ import numpy as np
 from .records import (
     cpu_sampling,
     generation,
+    heads,
     kv_bytes_per_token,
+    kv_heads_per_core,
     load_of,
     rounding_step,
     sdk_tuple,
@@ -61,15 +74,27 @@ class Shape:
     """A model family of the calibration (``model_family``) gets its own correction."""
     cpu_sampling: bool = False
     """Decode samples on the host CPU instead of on the device (``records.cpu_sampling``)."""
+    heads: tuple[int, int] = (32, 8)
+    """(attention heads, KV heads): ``records.HEADS``."""
+
+    @property
+    def kv_bytes_per_core(self) -> float:
+        """KV cache bytes per token on one core (``records.kv_heads_per_core``)."""
+        attention, kv = self.heads
+        return self.kv_bytes / kv * kv_heads_per_core(attention, kv, self.tp)
 
     def padded_input(self, input_tokens: int) -> int:
         """The prompt length a prefill really computes. transformers-neuronx pads to a
-        power-of-two bucket: the AWS tables' TTFT grows with the input, and so do the
-        optimum-neuron charts' batch-1 TTFT before SDK 2.21 (0.1 s up to 768 tokens, 0.2 s
-        from 1024); batched optimum-neuron models and NxD ones are flat up to the compiled
-        sequence length (inf2-published.md, "Bucketing and padding")."""
-        if self.generation == "tnx" or (self.generation == "on-tnx" and self.batch_size == 1):
+        power-of-two bucket: the AWS tables' TTFT grows with the input. The optimum-neuron
+        charts' batch-1 TTFT before SDK 2.21 grows with the input too, but linearly (0.1 s
+        up to 768 tokens, 0.2 s from 1024 to 1792, chart labels rounded to 0.1 s: a
+        power-of-two bucket would double it at 1280), so it is taken as padded to 128;
+        batched optimum-neuron models and NxD ones are flat up to the compiled sequence
+        length (inf2-published.md, "Bucketing and padding")."""
+        if self.generation == "tnx":
             return max(128, 1 << max(0, math.ceil(math.log2(max(input_tokens, 1)))))
+        if self.generation == "on-tnx" and self.batch_size == 1:
+            return 128 * math.ceil(max(input_tokens, 1) / 128)
         return self.sequence_length
 
     @classmethod
@@ -87,6 +112,7 @@ class Shape:
             generation=generation(record.get("engine", ""), str(record.get("sdk_version", ""))),
             family=(family or "").lower() or None,
             cpu_sampling=cpu_sampling(record),
+            heads=heads(family),
         )
 
 
@@ -129,17 +155,12 @@ def attention_length(params_b: float) -> float:
 
 
 def _prefill_columns(shape: Shape, sequences: int, input_tokens: int) -> dict[str, float]:
+    """One fixed part and one per sequence, of the padded length (``Shape.padded_input``):
+    a batch-1 model is not faster per sequence, it pads less (the charts' batch-1 TTFT is
+    0.1-0.3 s, a batch-4 model's ~0.27 s per sequence padded to 4096)."""
     lp = shape.padded_input(input_tokens)
     work = shape.params_b / shape.tp * lp * (1 + lp / attention_length(shape.params_b)) / 1e3
-    # A model compiled for batch 1 prefills faster per sequence than one compiled for a
-    # batch (the charts' batch-1 TTFT is ~0.1-0.3 s, a batch-4+ model's ~0.29 s/sequence,
-    # and a served batch-32 model takes ~0.3 s for one request alone).
-    single = shape.batch_size == 1
-    return {
-        "a0": 1.0,
-        "a1": sequences * work if single else 0.0,
-        "a3": 0.0 if single else sequences * work,
-    }
+    return {"a0": 1.0, "a1": sequences * work}
 
 
 def layers_of(params_b: float) -> float:
@@ -153,7 +174,7 @@ def _decode_columns(shape: Shape, batch: int) -> dict[str, float]:
         "d0": 1.0,
         "d1": w,
         "d2": batch * w,
-        "d3": batch * shape.sequence_length * shape.kv_bytes / shape.tp / 1e9,
+        "d3": batch * shape.sequence_length * shape.kv_bytes_per_core / 1e9,
         "d4": layers_of(shape.params_b) * shape.tp / 1e3,
     }
 
@@ -223,8 +244,8 @@ class TimingModel:
 
     coef: dict[str, float] = field(default_factory=dict)
     family_factor: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
-    """``generation`` and ``family|generation`` -> multipliers of (prefill of a batch-1
-    model, prefill of a batched model, per-step decode, per-slot decode): what a size-only
+    """``generation`` and ``family|generation`` -> multipliers of (fixed prefill,
+    per-sequence prefill, per-step decode, per-slot decode): what a size-only
     model misses of a software stack or a model family (kernels, GQA, vocabulary)."""
     per_active_s: dict[str, float] = field(default_factory=dict)
     """``engine|generation`` (e.g. ``tgi|on-nxd``) -> seconds per running request per
@@ -266,12 +287,9 @@ class TimingModel:
         return out[0], out[1], out[2], out[3]
 
     def prefill_parts(self, shape: Shape, sequences: int, input_tokens: int) -> tuple[float, float]:
-        """(batch-1 model, batched model) prefill before corrections: one of them is 0."""
+        """(fixed, per-sequence work) of a prefill before corrections."""
         cols = _prefill_columns(shape, sequences, input_tokens)
-        base = self.coef.get("a0", 0.0)
-        if shape.batch_size == 1:
-            return base + self.coef.get("a1", 0.0) * cols["a1"], 0.0
-        return 0.0, base + self.coef.get("a3", 0.0) * cols["a3"]
+        return self.coef.get("a0", 0.0), self.coef.get("a1", 0.0) * cols["a1"]
 
     def decode_parts(self, shape: Shape, batch: int) -> tuple[float, float]:
         """(per step, per slot of the batch) before corrections."""
@@ -283,9 +301,9 @@ class TimingModel:
     def prefill_s(self, shape: Shape, sequences: int, input_tokens: int) -> float:
         if sequences <= 0:
             return 0.0
-        single, batched = self.prefill_parts(shape, sequences, input_tokens)
+        fixed, per_sequence = self.prefill_parts(shape, sequences, input_tokens)
         f = self._factors(shape)
-        return single * f[0] + batched * f[1]
+        return fixed * f[0] + per_sequence * f[1]
 
     def full_decode_s(self, shape: Shape, batch: int) -> float:
         fixed, per_batch = self.decode_parts(shape, batch)
@@ -415,10 +433,10 @@ def _factors(
             measured = target(record)
             f = model._factors(shape)
             if measured.get("ttft_s"):
-                single, batched = model.prefill_parts(shape, n_prefill, record["input_tokens"])
+                fixed, per_seq = model.prefill_parts(shape, n_prefill, record["input_tokens"])
                 ttft = measured["ttft_s"]
                 scale = error_scale(ttft, rounding_step(record, "ttft_s"))
-                pre_rows.append(((single * f[0], batched * f[1]), ttft, scale))
+                pre_rows.append(((fixed * f[0], per_seq * f[1]), ttft, scale))
             if measured.get("itl_ms"):
                 fixed, per_batch = model.decode_parts(shape, n_decode)
                 itl = measured["itl_ms"] / 1e3

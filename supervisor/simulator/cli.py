@@ -194,7 +194,7 @@ def _timing(args: argparse.Namespace, batch_size: int, max_total: int) -> StepTi
             decode_base_s=args.decode_base_ms / 1e3,
             decode_s_per_slot=args.decode_ms_per_slot / 1e3,
         )
-    from supervisor.predict.records import generation, kv_bytes_per_token
+    from supervisor.predict.records import generation, heads, kv_bytes_per_token
     from supervisor.predict.replay import packaged_model
     from supervisor.predict.timing import Shape, SimulatorTiming
 
@@ -206,6 +206,7 @@ def _timing(args: argparse.Namespace, batch_size: int, max_total: int) -> StepTi
         kv_bytes=kv_bytes_per_token(args.model_family, args.model_size),
         generation=generation("optimum-neuron", args.sdk),
         family=args.model_family.lower() if args.model_family else None,
+        heads=heads(args.model_family),
     )
     return SimulatorTiming(packaged_model(), shape)
 
