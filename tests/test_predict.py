@@ -96,6 +96,27 @@ def test_bad_records_file_is_a_clear_error(tmp_path: Path) -> None:
     assert done.stdout == ""
 
 
+def test_a_null_engine_reads_like_an_absent_one(tmp_path: Path) -> None:
+    """One's own records may say ``"engine": null`` (engine unknown): the CLI predicts it
+    as if the key were absent (optimum-neuron by SDK, TGI serving) instead of crashing."""
+    records = load_records()
+    picked = [
+        next(r for r in records if r["benchmark_kind"] == "static_batch"),
+        next(r for r in records if r["concurrency_or_rate"].get("mode") == "synchronous"),
+    ]
+    absent = [{k: v for k, v in r.items() if k != "engine"} for r in picked]
+    null = [{**r, "engine": None} for r in absent]
+    path_absent, path_null = tmp_path / "absent.json", tmp_path / "null.json"
+    path_absent.write_text(json.dumps(absent))
+    path_null.write_text(json.dumps(null))
+    done_null = predict_cli("--records", str(path_null), "--json")
+    assert done_null.returncode == 0, done_null.stderr
+    done_absent = predict_cli("--records", str(path_absent), "--json")
+    assert done_absent.returncode == 0, done_absent.stderr
+    assert json.loads(done_null.stdout) == json.loads(done_absent.stdout)
+    assert [row["id"] for row in json.loads(done_null.stdout)] == [r["id"] for r in picked]
+
+
 def test_shipped_fit_is_the_fit_of_the_shipped_data() -> None:
     fresh = TimingModel.fit_static(load_records())
     shipped = packaged_model()

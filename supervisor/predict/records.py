@@ -89,7 +89,7 @@ def kv_bytes_per_token(family: str | None, params_b: float) -> int:
     return int(2 * 32 * 1024 * 2 * math.sqrt(max(params_b, 0.5) / 8.0))
 
 
-def generation(engine: str, sdk_version: str) -> str:
+def generation(engine: str | None, sdk_version: str) -> str:
     """Which software stack produced the steps: the coefficients differ per stack.
 
     - ``tnx``: AWS transformers-neuronx samples (the Neuron SDK performance tables);
@@ -97,8 +97,10 @@ def generation(engine: str, sdk_version: str) -> str:
       Inference first ships with SDK 2.21, awsdocs-neuron v2.21.0.beta
       ``libraries/nxd-inference``);
     - ``on-nxd``: optimum-neuron on SDK >= 2.21 (NxD Inference backend), TGI 3.x and vLLM.
+
+    An unknown engine (``"engine": null`` in one's own records) reads like an absent one.
     """
-    if engine.startswith("transformers-neuronx"):
+    if (engine or "").startswith("transformers-neuronx"):
         return "tnx"
     version = sdk_tuple(sdk_version)
     if version is not None and version < (2, 21):
