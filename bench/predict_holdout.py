@@ -22,8 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from supervisor.predict.records import kind_of, load_records, target
-from supervisor.predict.replay import ape, packaged_model, predict_record
-from supervisor.predict.timing import Shape
+from supervisor.predict.replay import ape, packaged_model, predict_record, record_warnings
 
 HERE = Path(__file__).resolve().parent
 METRICS = ("ttft_s", "itl_ms", "output_tok_per_s")
@@ -58,10 +57,7 @@ def main() -> int:
     errors: dict[tuple[str, str], list[float]] = defaultdict(list)
     lines: list[str] = []
     for record in records:
-        shape = Shape.of_record(record)
-        warnings = model.coverage.warnings(
-            shape, int(record["input_tokens"]), str(record.get("sdk_version", ""))
-        )
+        warnings = record_warnings(model, record)
         predicted, measured = predict_record(model, record), target(record)
         errs = ape(predicted, measured)
         kind = kind_of(record)

@@ -562,9 +562,10 @@ def main() -> None:
         )
         doc.append(policy_table(sims) + "\n")
     # `neuron-fleet predict` (bench/predict_cv.py): hand-written around its printed table
-    predict = BENCH / "predict_findings.md"
-    if predict.exists():
-        doc.append(predict.read_text())
+    for name in ("predict_findings.md", "predict_holdout.md"):  # + its out-of-sample check
+        predict = BENCH / name
+        if predict.exists():
+            doc.append(predict.read_text())
     profiles = []
     for mode in ("stream", "requests"):
         raw = RESULTS / f"profile_{mode}.collapsed"
@@ -663,6 +664,8 @@ DOC_TAIL = """
   time (hours of traffic in seconds), to separate policy effects from run noise.
 - `bench/predict_cv.py`: `neuron-fleet predict`'s leave-one-group-out cross-validation
   (`--write` refreshes the shipped fit); its section lives in `bench/predict_findings.md`.
+- `bench/predict_holdout.py`: `neuron-fleet predict` on 61 published figures that are not
+  in its calibration (`bench/predict_holdout.json`); its section is `bench/predict_holdout.md`.
 - `bench/relay_overhead.py`: the older single-balancer relay benchmark (TGI route).
 - `bench/containment.py` (+ `bench/containment_replica.py`): poison requests, hangs and a
   fleet-wide SIGKILL under `neuron-fleet serve`; its section is `bench/containment.md`.

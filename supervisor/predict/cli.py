@@ -24,7 +24,7 @@ from typing import Any
 from .plan import Layout, at_rate, layouts, max_rate_within_slo, plot, simulate, sweep
 from .queue import ENGINES, POLICIES, Workload
 from .records import generation, heads, kv_bytes_per_token, load_records
-from .replay import fit, packaged_model, predict_record
+from .replay import fit, packaged_model, predict_record, record_warnings
 from .timing import Shape, TimingModel
 
 INF2_48XLARGE_CORES = 24
@@ -146,20 +146,17 @@ def _records(args: argparse.Namespace, model: TimingModel) -> int:
     records = load_records(args.records)
     out = []
     for record in records:
-        shape = Shape.of_record(record)
-        for warning in model.coverage.warnings(
-            shape, int(record["input_tokens"]), str(record.get("sdk_version", ""))
-        ):
+        warnings = record_warnings(model, record)
+        for warning in warnings:
             print(f"predict: {record['id']}: extrapolating: {warning}", file=sys.stderr)
         predicted = predict_record(model, record)
-        out.append(
-            {
-                "id": record["id"],
-                "predicted": {
-                    k: _num(predicted[k]) for k in ("ttft_s", "itl_ms", "output_tok_per_s")
-                },
-            }
-        )
+        row: dict[str, Any] = {
+            "id": record["id"],
+            "predicted": {k: _num(predicted[k]) for k in ("ttft_s", "itl_ms", "output_tok_per_s")},
+        }
+        if warnings:  # the issue's {"id", "predicted"} as is when the calibration covers it
+            row["extrapolating"] = warnings
+        out.append(row)
     if args.json:
         print(json.dumps(out, indent=1))
     else:

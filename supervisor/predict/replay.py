@@ -104,6 +104,17 @@ def predict_record(model: TimingModel, record: dict[str, Any]) -> dict[str, floa
     return summarize(result, statistic)
 
 
+def record_warnings(model: TimingModel, record: dict[str, Any]) -> list[str]:
+    """Where predicting this record leaves the calibration (``Coverage.warnings``), and the
+    guesses made for what it does not say."""
+    out = []
+    if not record.get("model_params_b"):
+        out.append("the record gives no model_params_b: taken as an 8B model")
+    shape = Shape.of_record(record)
+    sdk = str(record.get("sdk_version") or "")
+    return out + model.coverage.warnings(shape, int(record["input_tokens"]), sdk)
+
+
 def ape(predicted: dict[str, float], measured: dict[str, float]) -> dict[str, float]:
     """Absolute percentage error per metric present in both."""
     out = {}

@@ -6,8 +6,10 @@ Two steps, as in TGI Neuron and vLLM on Neuron (see ``supervisor/simulator/engin
   padded to the compiled length (``inf2-published.md``: TTFT ~linear in batch and flat in
   input length); the AWS transformers-neuronx samples pad to a power-of-two bucket::
 
-      prefill = a0 + n * a1 * work
+      prefill = a0 + n * (a1 * work + a2 * Lp * layers * hidden)
       work = w * Lp * (1 + Lp / L0)     w = params / tp, L0: ``attention_length``
+
+  ``a2``: what every core repeats whatever the tp (``_prefill_columns``).
 
   A batch-1 model is not faster per sequence than a batched one, it pads less
   (``Shape.padded_input``).
@@ -141,26 +143,36 @@ def nnls(a: np.ndarray, b: np.ndarray, iterations: int = 500) -> np.ndarray:
     return x
 
 
+def layers_hidden(params_b: float) -> float:
+    """layers x hidden of a dense model of this size: ~131072 (P / 8B)^0.73 fits
+    Llama-2-7B/13B, Llama-3-8B/70B (32 x 4096, 40 x 5120, 80 x 8192)."""
+    return 131072 * (max(params_b, 0.5) / 8.0) ** 0.73
+
+
 def attention_length(params_b: float) -> float:
     """The prompt length at which attention costs as much as the weights in a prefill.
 
     Per token, the weights cost ~2 P FLOPs and attention ~2 L layers hidden (scores and
     values over L earlier tokens), so prefill work ~ P L (1 + L / L0), L0 = P / (2 layers
-    hidden). layers x hidden ~ 131072 (P / 8B)^0.73 fits Llama-2-7B/13B, Llama-3-8B/70B
-    (32 x 4096, 40 x 5120, 80 x 8192). At 16k tokens an 8B prefill costs 5.4x its 4k
-    prefill, not 4x (the blog: 1.585 s against ~0.29 s per sequence at 4096).
+    hidden). At 16k tokens an 8B prefill costs 5.4x its 4k prefill, not 4x (the blog:
+    1.585 s against ~0.29 s per sequence at 4096).
     """
-    layers_hidden = 131072 * (max(params_b, 0.5) / 8.0) ** 0.73
-    return params_b * 1e9 / (2 * layers_hidden)
+    return params_b * 1e9 / (2 * layers_hidden(params_b))
 
 
 def _prefill_columns(shape: Shape, sequences: int, input_tokens: int) -> dict[str, float]:
-    """One fixed part and one per sequence, of the padded length (``Shape.padded_input``):
-    a batch-1 model is not faster per sequence, it pads less (the charts' batch-1 TTFT is
+    """A fixed part, the matmul work tp shares (``a1``), and the work every core repeats
+    (``a2``): tensor parallelism shards the matmuls only; the norms, residual adds and
+    rotary embedding over the whole L x hidden activations of each layer, and the two
+    all-reduces of them per layer, do not shrink with tp. Without ``a2`` the fit took tp 24
+    to prefill 3x faster than tp 8; published optimum-neuron charts of Llama-2-13B at both
+    show 1.8x (bench/predict_holdout.md). A batch-1 model is not faster per sequence than a
+    batched one, it pads less (``Shape.padded_input``; the charts' batch-1 TTFT is
     0.1-0.3 s, a batch-4 model's ~0.27 s per sequence padded to 4096)."""
     lp = shape.padded_input(input_tokens)
     work = shape.params_b / shape.tp * lp * (1 + lp / attention_length(shape.params_b)) / 1e3
-    return {"a0": 1.0, "a1": sequences * work}
+    repeated = lp * layers_hidden(shape.params_b) / 1e9
+    return {"a0": 1.0, "a1": sequences * work, "a2": sequences * repeated}
 
 
 def layers_of(params_b: float) -> float:
@@ -209,6 +221,7 @@ class Coverage:
     sequence_length: tuple[int, int] = (0, 0)
     generations: frozenset[str] = frozenset()
     sdk_max: tuple[int, ...] = ()
+    sdk_min: tuple[int, ...] = ()
 
     def warnings(self, shape: Shape, input_tokens: int, sdk: str | None = None) -> list[str]:
         out = []
@@ -235,6 +248,11 @@ class Coverage:
         if version is not None and self.sdk_max and version > self.sdk_max:
             top = ".".join(str(v) for v in self.sdk_max)
             out.append(f"Neuron SDK {sdk} is newer than any calibration point ({top})")
+        if version is not None and self.sdk_min and version < self.sdk_min:
+            # older stacks were slower in ways the fit cannot know: the SDK 2.17 table's
+            # Llama-2-70B runs 3.2x slower than 2.18's (bench/predict_holdout.md)
+            low = ".".join(str(v) for v in self.sdk_min)
+            out.append(f"Neuron SDK {sdk} is older than any calibration point ({low})")
         return out
 
 
@@ -289,7 +307,8 @@ class TimingModel:
     def prefill_parts(self, shape: Shape, sequences: int, input_tokens: int) -> tuple[float, float]:
         """(fixed, per-sequence work) of a prefill before corrections."""
         cols = _prefill_columns(shape, sequences, input_tokens)
-        return self.coef.get("a0", 0.0), self.coef.get("a1", 0.0) * cols["a1"]
+        per_sequence = sum(self.coef.get(k, 0.0) * cols[k] for k in ("a1", "a2"))
+        return self.coef.get("a0", 0.0), per_sequence
 
     def decode_parts(self, shape: Shape, batch: int) -> tuple[float, float]:
         """(per step, per slot of the batch) before corrections."""
@@ -487,6 +506,7 @@ def coverage_of(records: list[dict[str, Any]]) -> Coverage:
         ),
         generations=frozenset(s.generation for s in shapes),
         sdk_max=max(sdks) if sdks else (),
+        sdk_min=min(sdks) if sdks else (),
     )
 
 
@@ -510,6 +530,7 @@ def model_to_json(model: TimingModel) -> dict[str, Any]:
             "sequence_length": list(c.sequence_length),
             "generations": sorted(c.generations),
             "sdk_max": list(c.sdk_max),
+            "sdk_min": list(c.sdk_min),
         },
     }
 
@@ -539,6 +560,7 @@ def model_from_json(data: dict[str, Any]) -> TimingModel:
             sequence_length=(int(c["sequence_length"][0]), int(c["sequence_length"][1])),
             generations=frozenset(c["generations"]),
             sdk_max=tuple(int(v) for v in c["sdk_max"]),
+            sdk_min=tuple(int(v) for v in c.get("sdk_min", ())),
         ),
     )
 
