@@ -21,13 +21,56 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from .plan import Layout, at_rate, layouts, max_rate_within_slo, plot, simulate, sweep
+from .plan import Layout, at_rate, capacity, layouts, max_rate_within_slo, plot, simulate, sweep
 from .queue import ENGINES, POLICIES, Workload
-from .records import generation, heads, kv_bytes_per_token, load_records
+from .records import (
+    KV_BYTES_PER_TOKEN,
+    generation,
+    heads,
+    kv_bytes_per_token,
+    load_records,
+    sdk_tuple,
+)
 from .replay import fit, packaged_model, predict_record, record_warnings
 from .timing import Shape, TimingModel
 
 INF2_48XLARGE_CORES = 24
+
+
+def _positive(kind: type) -> Any:
+    """An argparse type: a number of ``kind`` above 0 (0 tokens, a rate of 0 or a negative
+    tp have no meaning and would divide by zero or hang the simulation)."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value > 0 or (kind is float and not math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _spread(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _sdk(text: str) -> str:
+    if sdk_tuple(text) is None:
+        raise argparse.ArgumentTypeError(f"expected a Neuron SDK version like 2.24.0, got {text!r}")
+    return text
+
+
+DEFAULT_SEQUENCE_LENGTH = 4096
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,19 +78,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--config", help="fleet.toml: replicas, cores_per_replica, batch_size, max_total_tokens")
     add("--records", help="JSON list of records (inf2-published.json schema) to predict")
     add("--json", action="store_true", help="print JSON")
-    add("--calibration", help="records (same schema) to fit on instead of the packaged data")
+    add(
+        "--calibration",
+        help="your own measured records (same schema): added to the packaged ones, then refit",
+    )
+    add(
+        "--calibration-only",
+        action="store_true",
+        help="fit on --calibration alone, without the packaged records",
+    )
     shape = parser.add_argument_group("layout (flags win over --config)")
-    shape.add_argument("--model-size", type=float, help="parameters, in billions (e.g. 8)")
+    shape.add_argument("--model-size", type=_positive(float), help="parameters, in billions")
     shape.add_argument("--model-family", help="e.g. llama-3.1-8b: uses that family's fit")
-    shape.add_argument("--replicas", type=int, help="replicas on the host (default: fill --cores)")
-    shape.add_argument("--tp", type=int, help="NeuronCores per replica")
-    shape.add_argument("--batch-size", type=int, help="compiled batch (max-num-seqs)")
-    shape.add_argument("--sequence-length", type=int, help="compiled max total tokens")
+    shape.add_argument(
+        "--replicas", type=_positive(int), help="replicas on the host (default: fill --cores)"
+    )
+    shape.add_argument("--tp", type=_positive(int), help="NeuronCores per replica (default 8)")
+    shape.add_argument(
+        "--batch-size", type=_positive(int), help="compiled batch (max-num-seqs; default 8)"
+    )
+    shape.add_argument(
+        "--sequence-length",
+        type=_positive(int),
+        help=f"compiled max total tokens (default {DEFAULT_SEQUENCE_LENGTH}, or the config's "
+        "max_total_tokens)",
+    )
     shape.add_argument(
         "--engine", choices=ENGINES, default="tgi", help="tgi (TGI Neuron) or vllm (default tgi)"
     )
     shape.add_argument(
         "--sdk",
+        type=_sdk,
         default="2.24.0",
         help="Neuron SDK version (default 2.24.0; < 2.21: transformers-neuronx)",
     )
@@ -59,18 +120,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     shape.add_argument(
         "--cores",
-        type=int,
+        type=_positive(int),
         default=INF2_48XLARGE_CORES,
         help="host NeuronCores (default 24 = inf2.48xlarge)",
     )
     load = parser.add_argument_group("workload")
-    load.add_argument("--input-tokens", type=int, help="prompt length (mean), tokens")
-    load.add_argument("--output-tokens", type=int, help="answer length (mean), tokens")
-    load.add_argument("--input-stddev", type=float, default=0.0, help="prompt length spread")
-    load.add_argument("--output-stddev", type=float, default=0.0, help="answer length spread")
-    load.add_argument("--rate", type=float, help="Poisson arrivals per second")
-    load.add_argument("--concurrency", type=int, help="closed-loop clients")
-    load.add_argument("--ttft-slo", type=float, help="p99 TTFT target, seconds")
+    load.add_argument("--input-tokens", type=_positive(int), help="prompt length (mean), tokens")
+    load.add_argument("--output-tokens", type=_positive(int), help="answer length (mean), tokens")
+    load.add_argument("--input-stddev", type=_spread, default=0.0, help="prompt length spread")
+    load.add_argument("--output-stddev", type=_spread, default=0.0, help="answer length spread")
+    load.add_argument("--rate", type=_positive(float), help="Poisson arrivals per second")
+    load.add_argument("--concurrency", type=_positive(int), help="closed-loop clients")
+    load.add_argument("--ttft-slo", type=_positive(float), help="p99 TTFT target, seconds")
     load.add_argument("--sweep", action="store_true", help="rank every layout that fits")
     load.add_argument("--plot", help="--sweep: write TTFT p99 curves to this PNG")
     load.add_argument("--seed", type=int, default=0, help="seed of arrivals and lengths")
@@ -81,14 +142,29 @@ def _fail(message: str) -> int:
     return 2
 
 
+FEW_RECORDS = 20
+
+
 def _model(args: argparse.Namespace) -> TimingModel:
-    if args.calibration:
-        records = load_records(args.calibration)
+    if args.calibration_only and not args.calibration:
+        raise ValueError("--calibration-only needs --calibration FILE")
+    if not args.calibration:
+        return packaged_model()
+    mine = load_records(args.calibration)
+    records = mine if args.calibration_only else load_records() + mine
+    what = "alone" if args.calibration_only else "with the packaged ones"
+    print(
+        f"predict: fitting on {len(mine)} records of {args.calibration} {what} "
+        f"({len(records)} in all) ...",
+        file=sys.stderr,
+    )
+    if len(records) < FEW_RECORDS:
         print(
-            f"predict: fitting on {len(records)} records of {args.calibration} ...", file=sys.stderr
+            f"predict: warning: a fit on {len(records)} records knows little beyond them; "
+            "drop --calibration-only to fit them with the published ones",
+            file=sys.stderr,
         )
-        return fit(records)
-    return packaged_model()
+    return fit(records)
 
 
 def _from_config(path: str) -> dict[str, Any]:
@@ -124,10 +200,15 @@ def build_layout(args: argparse.Namespace) -> Layout:
         size = _size_from_name(str(cfg["model_id"]))
     if size is None:
         raise ValueError("give --model-size (billions of parameters), e.g. --model-size 8")
-    tp = args.tp or cfg.get("tp") or 8
+    tp = int(args.tp or cfg.get("tp") or 8)
     batch = args.batch_size or cfg.get("batch_size") or 8
-    seq = args.sequence_length or cfg.get("sequence_length") or 4096
-    replicas = args.replicas or cfg.get("replicas") or max(1, args.cores // tp)
+    seq = args.sequence_length or cfg.get("sequence_length") or DEFAULT_SEQUENCE_LENGTH
+    replicas = int(args.replicas or cfg.get("replicas") or max(1, args.cores // tp))
+    if replicas * tp > args.cores and not args.sweep:
+        raise ValueError(
+            f"{replicas} x tp{tp} needs {replicas * tp} NeuronCores; the host has {args.cores} "
+            "(--cores; an inf2.48xlarge has 24)"
+        )
     engine_name = "vllm" if args.engine == "vllm" else "optimum-neuron"
     shape = Shape(
         params_b=size,
@@ -174,6 +255,14 @@ def _num(value: float) -> float | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.records:
+        given = [f for f, v in (("--sweep", args.sweep), ("--plot", args.plot),
+                                ("--rate", args.rate), ("--concurrency", args.concurrency),
+                                ("--ttft-slo", args.ttft_slo)) if v]  # fmt: skip
+        if given:
+            return _fail(f"--records predicts each record's own layout and load: drop {given[0]}")
+    elif args.plot and not args.sweep:
+        return _fail("--plot draws the curves of a --sweep: add --sweep")
     try:
         model = _model(args)
         if args.records:
@@ -183,7 +272,22 @@ def run(args: argparse.Namespace) -> int:
         layout = build_layout(args)
     except ValueError as exc:
         return _fail(str(exc))
+    needed = args.input_tokens + args.output_tokens
+    if needed > layout.shape.sequence_length:
+        return _fail(
+            f"{args.input_tokens} prompt + {args.output_tokens} answer tokens do not fit the "
+            f"compiled sequence length {layout.shape.sequence_length}: the server would refuse "
+            f"them. Give --sequence-length {needed} or more (or [model] max_total_tokens in "
+            "--config)"
+        )
     warnings = model.coverage.warnings(layout.shape, args.input_tokens, args.sdk)
+    if args.model_family and args.model_family.lower() not in KV_BYTES_PER_TOKEN:
+        known = ", ".join(sorted(KV_BYTES_PER_TOKEN))
+        warnings.insert(
+            0,
+            f"model family {args.model_family!r} is not in the calibration ({known}): "
+            "its size's fit with Llama-3-like heads is used",
+        )
     for warning in warnings:
         print(f"predict: extrapolating: {warning}", file=sys.stderr)
     base = Workload(
@@ -194,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     if args.sweep:
-        return _sweep(args, model, layout, base)
+        return _sweep(args, model, layout, base, warnings)
     return _one(args, model, layout, base, warnings)
 
 
@@ -216,6 +320,8 @@ def _one(args, model, layout: Layout, base: Workload, warnings: list[str]) -> in
     result: dict[str, Any] = {
         "layout": layout.label(),
         "engine": layout.engine,
+        "policy": layout.policy,
+        "sequence_length": layout.shape.sequence_length,
         "load": load,
         "ttft_p50_s": _num(figs.ttft_p50_s),
         "ttft_p99_s": _num(figs.ttft_p99_s),
@@ -225,10 +331,18 @@ def _one(args, model, layout: Layout, base: Workload, warnings: list[str]) -> in
         "req_per_s": _num(figs.req_per_s),
         "extrapolating": warnings,
     }
+    if args.rate is not None:
+        most = capacity(model, layout, base)
+        if args.rate > 0.98 * most:
+            result["overloaded"] = (
+                f"{args.rate:g} req/s is more than this layout serves (~{most:.3g} req/s): "
+                "the queue grows for the whole run, so its TTFT is the run's length, not a "
+                "steady state"
+            )
     if args.ttft_slo is not None:
-        rate, _ = max_rate_within_slo(model, layout, base, args.ttft_slo)
+        found = max_rate_within_slo(model, layout, base, args.ttft_slo)
         result["ttft_slo_s"] = args.ttft_slo
-        result["max_rate_within_slo"] = round(rate, 3)
+        result["max_rate_within_slo"] = math.floor(found.rate * 1000) / 1000
     if not layout.fits():
         result["warning"] = (
             f"{layout.memory_per_core_gb():.1f} GB per NeuronCore (weights + KV cache) "
@@ -238,7 +352,8 @@ def _one(args, model, layout: Layout, base: Workload, warnings: list[str]) -> in
         print(json.dumps(result, indent=1))
         return 0
     print(
-        f"{result['layout']} ({layout.engine}), {load}, "
+        f"{result['layout']} ({layout.engine}, compiled for {layout.shape.sequence_length} "
+        f"tokens, {layout.policy} routing), {load}, "
         f"{base.input_tokens} in / {base.output_tokens} out tokens"
     )
     print(f"  TTFT p50 {result['ttft_p50_s']} s, p99 {result['ttft_p99_s']} s")
@@ -251,10 +366,12 @@ def _one(args, model, layout: Layout, base: Workload, warnings: list[str]) -> in
         )
     if "warning" in result:
         print(f"  WARNING: {result['warning']}")
+    if "overloaded" in result:
+        print(f"  OVERLOADED: {result['overloaded']}")
     return 0
 
 
-def _sweep(args, model, layout: Layout, base: Workload) -> int:
+def _sweep(args, model, layout: Layout, base: Workload, warnings: list[str]) -> int:
     if args.ttft_slo is None:
         return _fail("--sweep needs --ttft-slo SECONDS")
     started = time.monotonic()
@@ -276,7 +393,9 @@ def _sweep(args, model, layout: Layout, base: Workload) -> int:
                 "output_tok_per_s": _num(at.output_tok_per_s) if at else None,
                 "ttft_p99_s": _num(at.ttft_p99_s) if at else None,
                 "itl_p50_ms": _num(at.itl_p50_ms) if at else None,
-                "extrapolating": model.coverage.warnings(row.layout.shape, base.input_tokens),
+                "extrapolating": model.coverage.warnings(
+                    row.layout.shape, base.input_tokens, args.sdk
+                ),
             }
         )
     plot_note = None
@@ -286,8 +405,9 @@ def _sweep(args, model, layout: Layout, base: Workload) -> int:
             plot_note = f"plot written to {args.plot}"
         except ImportError:
             plot_note = "no plot: matplotlib is missing (pip install 'neuron-fleet[plot]')"
-            print(f"predict: {plot_note}", file=sys.stderr)
     if args.json:
+        if plot_note and not plot_note.startswith("plot written"):
+            print(f"predict: {plot_note}", file=sys.stderr)
         print(
             json.dumps({"ttft_slo_s": args.ttft_slo, "layouts": table, "plot": plot_note}, indent=1)
         )

@@ -17,12 +17,16 @@ TP_DEGREES = (1, 2, 4, 8, 12, 24)
 """The NxD Inference feature guide lists TP 1, 2, 4, 8 and 24 on Inf2; 12 comes from
 transformers-neuronx-era optimum-neuron (inf2-published.md)."""
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
-RATE_RUN_S = 300.0
-RATE_RUN_REQUESTS = 2000
-"""A Poisson run lasts ``RATE_RUN_S`` or long enough for this many arrivals, whichever is
-longer: p99 of 150 requests (300 s at 0.5 req/s) is their second largest, so noisy that
-p99 was not monotone in the rate (3 x tp8 x batch 8 on the blog's workload: 6.3 s at
-0.55 req/s, 4.9 s at 0.65) and the SLO bisection landed anywhere; of 2,000 it is the 20th."""
+RATE_RUN_REQUESTS = 1000
+RATE_RUN_SEEDS = 3
+"""A Poisson "run" is ``RATE_RUN_SEEDS`` runs of ``RATE_RUN_REQUESTS`` arrivals (seeds
+``seed``, ``seed + 1``, ...), every request counted to its end, pooled. One seed's arrivals
+are the same draws at every rate, scaled by 1 / rate, so two rates compare the same
+requests. Near the knee a TGI batch's tail is chaotic (which prompts share an admission):
+one run of 2,000 gave 6/tp4/batch-16 on the blog's workload p99 6.3 s at 0.600 req/s and
+4.9 s at 0.613; three seeds pooled smooth that. The first runs were timed (300 s): p99 of
+150 requests was their second largest TTFT, and requests still queued at the end were
+dropped."""
 
 
 @dataclass(frozen=True)
@@ -82,8 +86,19 @@ def simulate(model: TimingModel, layout: Layout, workload: Workload) -> Figures:
 
 
 def at_rate(model: TimingModel, layout: Layout, base: Workload, rate: float) -> Figures:
-    duration = max(RATE_RUN_S, RATE_RUN_REQUESTS / rate) if rate > 0 else RATE_RUN_S
-    return simulate(model, layout, base.with_load(rate=rate, duration_s=duration))
+    requests, duration = [], 0.0
+    for k in range(RATE_RUN_SEEDS):
+        workload = replace(
+            base.with_load(rate=rate, max_requests=RATE_RUN_REQUESTS, duration_s=math.inf),
+            seed=base.seed + k,
+        )
+        sim = HostSimulation(
+            model, layout.shape, layout.replicas, engine=layout.engine, policy=layout.policy
+        )
+        result = sim.run(workload)
+        requests += result.requests
+        duration += result.duration_s
+    return figures(Result(requests, duration))
 
 
 def capacity(model: TimingModel, layout: Layout, base: Workload) -> float:
@@ -95,22 +110,34 @@ def capacity(model: TimingModel, layout: Layout, base: Workload) -> float:
     return simulate(model, layout, workload).req_per_s
 
 
+@dataclass(frozen=True)
+class SloSearch:
+    rate: float
+    """The highest rate found whose p99 TTFT meets the SLO (0: none)."""
+    at_rate: Figures | None
+    tried: tuple[tuple[float, float], ...]
+    """(rate, TTFT p99) of every run of the search, by rate: the sweep's plot."""
+
+
 def max_rate_within_slo(
     model: TimingModel, layout: Layout, base: Workload, ttft_slo_s: float, steps: int = 8
-) -> tuple[float, Figures | None]:
-    """The highest Poisson rate whose p99 TTFT meets the SLO (bisection below capacity)."""
+) -> SloSearch:
+    """The highest Poisson rate whose p99 TTFT meets the SLO (bisection below capacity).
+    Near the knee p99 moves in steps of one prefill (a request waits behind none, one or
+    two admissions), so the rate is known to a few percent (docs/predict.md)."""
     hi = capacity(model, layout, base)
     if hi <= 0:
-        return 0.0, None
-    lo, best = 0.0, None
+        return SloSearch(0.0, None, ())
+    lo, best, tried = 0.0, None, []
     for _ in range(steps):
         rate = (lo + hi) / 2
         result = at_rate(model, layout, base, rate)
+        tried.append((rate, result.ttft_p99_s))
         if result.ttft_p99_s <= ttft_slo_s and result.completed > 0:
             lo, best = rate, result
         else:
             hi = rate
-    return lo, best
+    return SloSearch(lo, best, tuple(sorted(tried)))
 
 
 @dataclass(frozen=True)
@@ -119,7 +146,7 @@ class SweepRow:
     max_rate: float
     at_max: Figures | None
     curve: tuple[tuple[float, float], ...]
-    """(rate, TTFT p99) points for the plot."""
+    """(rate, TTFT p99) points for the plot: the runs of its SLO search."""
 
 
 def layouts(
@@ -142,17 +169,12 @@ def sweep(
     candidates: list[Layout],
     base: Workload,
     ttft_slo_s: float,
-    curve_points: int = 6,
 ) -> list[SweepRow]:
+    """Every candidate's SLO rate, best first; its search's runs are its plotted curve."""
     rows = []
     for layout in candidates:
-        rate, best = max_rate_within_slo(model, layout, base, ttft_slo_s, steps=7)
-        top = max(rate * 1.5, 0.05)
-        curve = []
-        for i in range(1, curve_points + 1):
-            r = top * i / curve_points
-            curve.append((r, at_rate(model, layout, base, r).ttft_p99_s))
-        rows.append(SweepRow(layout, rate, best, tuple(curve)))
+        found = max_rate_within_slo(model, layout, base, ttft_slo_s, steps=7)
+        rows.append(SweepRow(layout, found.rate, found.at_rate, found.tried))
     rows.sort(key=lambda row: row.max_rate, reverse=True)
     return rows
 

@@ -252,8 +252,9 @@ class HostSimulation:
                         in_wave = len(requests) - before
                 self._plan(replica)
         finished = [r.finished_at for r in requests if r.finished_at is not None]
-        if workload.rate is None and workload.max_requests is not None:
-            # a fixed number of requests (llmperf, guidellm synchronous): until the last ends
+        if math.isinf(workload.duration_s):
+            # a fixed number of requests (llmperf, guidellm synchronous, an SLO search's
+            # Poisson run): until the last ends, every request counted
             return Result(requests, max(finished, default=0.0))
         for r in requests:  # a timed run (guidellm) counts what completed within it
             if r.finished_at is not None and r.finished_at > end:

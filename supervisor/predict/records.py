@@ -2,7 +2,8 @@
 
 The calibration data ships inside the package (``supervisor/predict/inf2-published.json``,
 a copy of the team's ``shared/reference/inf2-published.json``: 380 cited records, all on
-inf2.48xlarge) so an installed wheel can predict without the repository.
+inf2.48xlarge) so an installed wheel can predict without the repository; beside it
+``inf2-published.md`` describes the schema and every source.
 
 A record is plain JSON; this module reads the few fields the timing model uses and knows
 which statistic each kind of record measures (``target``).
@@ -216,9 +217,14 @@ def load_records(path: str | Path | None = None) -> list[dict[str, Any]]:
         raise ValueError(f"{source}: expected a JSON list of records (objects)")
     required = ("id", "tp", "batch_size", "input_tokens", "output_tokens", "concurrency_or_rate")
     for i, record in enumerate(data):
+        name = f"{source}: record #{i} ({record.get('id', 'no id')})"
         missing = [k for k in required if k not in record]
         if missing:
-            raise ValueError(
-                f"{source}: record #{i} ({record.get('id', 'no id')}) lacks {', '.join(missing)}"
-            )
+            raise ValueError(f"{name} lacks {', '.join(missing)}")
+        for key in ("tp", "batch_size", "input_tokens", "output_tokens"):
+            value = record[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: {key} must be a whole number above 0, not {value!r}")
+        if not isinstance(record["concurrency_or_rate"], dict):
+            raise ValueError(f"{name}: concurrency_or_rate must be an object (see the schema)")
     return data
