@@ -234,6 +234,9 @@ class HostSimulation:
             self.now = at
             if kind == "arrive":
                 self._route(payload)  # type: ignore[arg-type]
+            elif kind == "wake":
+                if not payload.busy:  # type: ignore[attr-defined]
+                    self._plan(payload)  # type: ignore[arg-type]
             else:
                 replica, version = payload  # type: ignore[misc]
                 if version != replica.version:
@@ -283,9 +286,14 @@ class HostSimulation:
         self._wake(target)
 
     def _wake(self, replica: _Replica) -> None:
-        """A request waits on this replica: plan now if idle, else stop a decode run early."""
+        """A request waits on this replica: plan if idle, else stop a decode run early.
+        An idle replica plans after every arrival of this instant is routed (an event at
+        the same time, queued behind them): requests that arrive together are admitted
+        together, as TGI's router takes all that is queued when its loop next runs (an
+        llmperf wave of 8 clients on 3 idle replicas got its first tokens in one prefill's
+        time, 0.31 s against 0.29 s alone)."""
         if not replica.busy:
-            self._plan(replica)
+            self._push(self.now, "wake", replica)
             return
         if replica.step_kind != "decode" or replica.free <= 0 or replica.steps_planned <= 1:
             return
