@@ -18,6 +18,7 @@ import re
 import sys
 import time
 import tomllib
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +33,12 @@ from .records import (
     sdk_tuple,
 )
 from .replay import fit, packaged_model, predict_record, record_warnings
-from .timing import Shape, TimingModel
+from .timing import OWN, Shape, TimingModel
 
 INF2_48XLARGE_CORES = 24
 
 
-def _positive(kind: type) -> Any:
+def _positive(kind: type, most: float = 1e9) -> Any:
     """An argparse type: a number of ``kind`` above 0 (0 tokens, a rate of 0 or a negative
     tp have no meaning and would divide by zero or hang the simulation)."""
 
@@ -45,9 +46,12 @@ def _positive(kind: type) -> Any:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
         if not value > 0 or (kind is float and not math.isfinite(value)):
             raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        if value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most:g}, got {text}")
         return value
 
     parse.__name__ = f"positive {kind.__name__}"
@@ -59,8 +63,8 @@ def _spread(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    if not 0 <= value <= 1e6:
+        raise argparse.ArgumentTypeError(f"must be 0 to 1e6 tokens, got {text}")
     return value
 
 
@@ -71,6 +75,9 @@ def _sdk(text: str) -> str:
 
 
 DEFAULT_SEQUENCE_LENGTH = 4096
+MAX_CORES = 4096
+"""A bound on --cores: 24 is an inf2.48xlarge, 64 a trn2.48xlarge; 10^5 cores took minutes
+of simulation for a question no host asks."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,7 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     shape.add_argument(
         "--cores",
-        type=_positive(int),
+        type=_positive(int, most=MAX_CORES),
         default=INF2_48XLARGE_CORES,
         help="host NeuronCores (default 24 = inf2.48xlarge)",
     )
@@ -129,7 +136,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--output-tokens", type=_positive(int), help="answer length (mean), tokens")
     load.add_argument("--input-stddev", type=_spread, default=0.0, help="prompt length spread")
     load.add_argument("--output-stddev", type=_spread, default=0.0, help="answer length spread")
-    load.add_argument("--rate", type=_positive(float), help="Poisson arrivals per second")
+    load.add_argument(
+        "--rate", type=_positive(float), help="Poisson arrivals per second (default: 1)"
+    )
     load.add_argument("--concurrency", type=_positive(int), help="closed-loop clients")
     load.add_argument("--ttft-slo", type=_positive(float), help="p99 TTFT target, seconds")
     load.add_argument("--sweep", action="store_true", help="rank every layout that fits")
@@ -164,7 +173,24 @@ def _model(args: argparse.Namespace) -> TimingModel:
             "drop --calibration-only to fit them with the published ones",
             file=sys.stderr,
         )
-    return fit(records)
+    if args.calibration_only:
+        return fit(records)
+    model = fit(records, own=mine)
+    own = model.family_factor.get(OWN)
+    if own is None:
+        print(
+            "predict: none of your records times a step (a static batch, or a run of one "
+            "request at a time): the published step times stand",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            f"predict: your records against the published fit: prefill x{own[0]:.2f} fixed, "
+            f"x{own[1]:.2f} per sequence; decode x{own[2]:.2f} per step, x{own[3]:.2f} per "
+            "slot (shrunk towards 1 by how few they are)",
+            file=sys.stderr,
+        )
+    return model
 
 
 def _from_config(path: str) -> dict[str, Any]:
@@ -175,16 +201,25 @@ def _from_config(path: str) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path} is not TOML: {exc}") from None
     model, fleet = data.get("model", {}), data.get("fleet", {})
+    if not isinstance(model, dict) or not isinstance(fleet, dict):
+        raise ValueError(f"{path}: [model] and [fleet] must be tables")
     out: dict[str, Any] = {}
-    for key, value in (
-        ("replicas", fleet.get("replicas")),
-        ("tp", fleet.get("cores_per_replica")),
-        ("batch_size", model.get("batch_size")),
-        ("sequence_length", model.get("max_total_tokens")),
-        ("model_id", model.get("id")),
+    for key, table, name in (
+        ("replicas", "fleet", "replicas"),
+        ("tp", "fleet", "cores_per_replica"),
+        ("batch_size", "model", "batch_size"),
+        ("sequence_length", "model", "max_total_tokens"),
     ):
-        if value is not None:
-            out[key] = value
+        value = (fleet if table == "fleet" else model).get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"{path}: [{table}] {name} must be a whole number above 0, not {value!r}"
+            )
+        out[key] = value
+    if isinstance(model.get("id"), str):
+        out["model_id"] = model["id"]
     return out
 
 
@@ -226,10 +261,15 @@ def build_layout(args: argparse.Namespace) -> Layout:
 def _records(args: argparse.Namespace, model: TimingModel) -> int:
     records = load_records(args.records)
     out = []
+    seen: set[str] = set()
     for record in records:
+        name = _printable(str(record["id"]))
+        if name in seen:
+            print(f"predict: {name}: a second record with this id", file=sys.stderr)
+        seen.add(name)
         warnings = record_warnings(model, record)
         for warning in warnings:
-            print(f"predict: {record['id']}: extrapolating: {warning}", file=sys.stderr)
+            print(f"predict: {name}: extrapolating: {warning}", file=sys.stderr)
         predicted = predict_record(model, record)
         row: dict[str, Any] = {
             "id": record["id"],
@@ -244,14 +284,23 @@ def _records(args: argparse.Namespace, model: TimingModel) -> int:
         for row in out:
             p = row["predicted"]
             print(
-                f"{row['id']}: TTFT {p['ttft_s']} s, ITL {p['itl_ms']} ms, "
+                f"{_printable(str(row['id']))}: TTFT {p['ttft_s']} s, ITL {p['itl_ms']} ms, "
                 f"{p['output_tok_per_s']} tok/s"
             )
     return 0
 
 
+def _printable(text: str) -> str:
+    """An id as the terminal should show it: control and bidirectional characters escaped
+    (a record id is somebody's text; ``\x1b[31m`` or U+202E would act on the terminal)."""
+    return "".join(
+        c if c.isprintable() and unicodedata.category(c) != "Cf" else ascii(c)[1:-1] for c in text
+    )
+
+
 def _num(value: float) -> float | None:
-    return None if value is None or math.isnan(value) else round(value, 4)
+    """A figure for JSON: no NaN or Infinity (not JSON), None instead."""
+    return None if value is None or not math.isfinite(value) else round(value, 4)
 
 
 def run(args: argparse.Namespace) -> int:

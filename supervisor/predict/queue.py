@@ -60,6 +60,8 @@ class Workload:
     output_stddev: float = 0.0
     rate: float | None = None
     """Poisson arrivals per second (open loop), else closed loop with ``concurrency``."""
+    constant: bool = False
+    """Arrivals evenly spaced at ``rate`` instead of Poisson (guidellm's constant rate type)."""
     concurrency: int = 1
     max_requests: int | None = None
     waves: bool = False
@@ -221,7 +223,7 @@ class HostSimulation:
         if workload.rate is not None:
             t = 0.0
             while t < workload.duration_s and (limit is None or len(requests) < limit):
-                t += rng.expovariate(workload.rate)
+                t += 1 / workload.rate if workload.constant else rng.expovariate(workload.rate)
                 new_request(t, -1)
         else:
             for client in range(workload.concurrency):

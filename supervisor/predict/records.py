@@ -139,8 +139,10 @@ def load_of(record: dict[str, Any]) -> Load:
     mode = c.get("mode")
     if mode == "synchronous":
         return Load("synchronous", 1.0)
-    if mode in ("asynchronous", "constant"):
+    if mode in ("asynchronous", "poisson"):
         return Load("rate", float(c["rate_req_s"]))
+    if mode == "constant":  # guidellm's constant rate type: evenly spaced requests
+        return Load("constant", float(c["rate_req_s"]))
     if mode == "throughput":
         mc = c.get("max_concurrency")
         # Records without a number ran guidellm's default; 128, the value most of the
@@ -198,6 +200,59 @@ def kind_of(record: dict[str, Any]) -> str:
     return "static" if record["benchmark_kind"] == "static_batch" else "served"
 
 
+MAX_CONCURRENCY = 100_000
+MAX_RATE = 10_000.0
+"""Bounds of a record's load: a published benchmark is far inside them, and past them a
+virtual-time run would only eat memory (a concurrency of 10^7 took gigabytes)."""
+
+
+def _whole(value: Any, low: int = 1, high: int = 10**9) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _problem(record: dict[str, Any]) -> str | None:
+    """What makes a record unusable, in words; None when it is fine. The schema's optional
+    fields may be absent or null, never of another type."""
+    for key in ("tp", "batch_size", "input_tokens", "output_tokens"):
+        if not _whole(record[key]):
+            return f"{key} must be a whole number above 0, not {record[key]!r}"
+    for key in ("sequence_length", "replicas"):
+        if record.get(key) is not None and not _whole(record[key]):
+            return f"{key} must be a whole number above 0 (or absent), not {record[key]!r}"
+    size = record.get("model_params_b")
+    if size is not None and not (
+        isinstance(size, int | float) and not isinstance(size, bool) and 0 < size <= 10_000
+    ):
+        return f"model_params_b must be billions of parameters above 0, not {size!r}"
+    for key in ("engine", "model_family", "sdk_version", "benchmark_kind"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            return f"{key} must be a string (or absent), not {record[key]!r}"
+    load = record["concurrency_or_rate"]
+    if not isinstance(load, dict):
+        return "concurrency_or_rate must be an object (see the schema)"
+    kind, mode = load.get("kind"), load.get("mode")
+    if kind == "static_batch":
+        if load.get("value") is not None and not _whole(load["value"]):
+            return f"a static batch's value must be a whole number above 0, not {load['value']!r}"
+    elif kind == "concurrency":
+        if not _whole(load.get("value"), high=MAX_CONCURRENCY):
+            value = load.get("value")
+            return f"a concurrency must be a whole number in 1-{MAX_CONCURRENCY}, not {value!r}"
+    elif mode in ("asynchronous", "constant", "poisson"):
+        rate = load.get("rate_req_s")
+        if not (
+            isinstance(rate, int | float) and not isinstance(rate, bool) and 0 < rate <= MAX_RATE
+        ):
+            return f"a {mode} guidellm run needs rate_req_s in (0, {MAX_RATE:g}], not {rate!r}"
+    elif mode == "throughput":
+        most = load.get("max_concurrency")  # a number, or words for guidellm's default
+        if isinstance(most, int | float) and not _whole(most, high=MAX_CONCURRENCY):
+            return f"max_concurrency must be a whole number in 1-{MAX_CONCURRENCY}, not {most!r}"
+    elif mode != "synchronous":
+        return f"unknown load {load!r}: kind static_batch or concurrency, or a guidellm mode"
+    return None
+
+
 def load_records(path: str | Path | None = None) -> list[dict[str, Any]]:
     """The packaged calibration data, or a JSON list in the same schema."""
     if path is None:
@@ -221,10 +276,7 @@ def load_records(path: str | Path | None = None) -> list[dict[str, Any]]:
         missing = [k for k in required if k not in record]
         if missing:
             raise ValueError(f"{name} lacks {', '.join(missing)}")
-        for key in ("tp", "batch_size", "input_tokens", "output_tokens"):
-            value = record[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: {key} must be a whole number above 0, not {value!r}")
-        if not isinstance(record["concurrency_or_rate"], dict):
-            raise ValueError(f"{name}: concurrency_or_rate must be an object (see the schema)")
+        problem = _problem(record)
+        if problem:
+            raise ValueError(f"{name}: {problem}")
     return data

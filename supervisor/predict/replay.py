@@ -13,7 +13,7 @@ from typing import Any
 
 from .queue import HostSimulation, Result, Workload, mean, percentile
 from .records import cpu_sampling, kind_of, load_of, serving_engine, target
-from .timing import EXCLUDED_FAMILIES, Shape, TimingModel
+from .timing import EXCLUDED_FAMILIES, Shape, TimingModel, with_own_records
 
 GUIDELLM_DURATION_S = 120.0
 """Length of a guidellm rate or throughput run (not in the records; the blog's runs
@@ -66,8 +66,13 @@ def workload_of(record: dict[str, Any], seed: int = 0, output_fraction: float = 
         return Workload(
             concurrency=1, max_requests=SYNCHRONOUS_REQUESTS, duration_s=math.inf, **common
         )
-    if load.kind == "rate":
-        return Workload(rate=load.value, duration_s=GUIDELLM_DURATION_S, **common)
+    if load.kind in ("rate", "constant"):
+        return Workload(
+            rate=load.value,
+            constant=load.kind == "constant",
+            duration_s=GUIDELLM_DURATION_S,
+            **common,
+        )
     if load.kind == "throughput":
         return Workload(concurrency=int(load.value), duration_s=GUIDELLM_DURATION_S, **common)
     raise ValueError(f"record {record.get('id')}: no served workload for {load.kind}")
@@ -110,6 +115,15 @@ def record_warnings(model: TimingModel, record: dict[str, Any]) -> list[str]:
     out = []
     if not record.get("model_params_b"):
         out.append("the record gives no model_params_b: taken as an 8B model")
+    needed = int(record["input_tokens"]) + int(record["output_tokens"])
+    compiled = record.get("sequence_length")
+    if compiled is None:
+        out.append(f"the record gives no sequence_length: taken as input + output ({needed})")
+    elif needed > compiled:
+        out.append(
+            f"input + output ({needed}) exceed the sequence_length {compiled}: a server would "
+            "refuse such requests"
+        )
     shape = Shape.of_record(record)
     sdk = str(record.get("sdk_version") or "")
     return out + model.coverage.warnings(shape, int(record["input_tokens"]), sdk)
@@ -144,11 +158,15 @@ def _score(model: TimingModel, served: list[dict[str, Any]]) -> float:
     return sum(min(e, 200.0) for e in errors) / max(len(errors), 1)
 
 
-def fit(records: list[dict[str, Any]]) -> TimingModel:
+def fit(records: list[dict[str, Any]], own: list[dict[str, Any]] | None = None) -> TimingModel:
     """Static coefficients, then per serving engine and software generation the serving
     terms that best fit its served records through the virtual-time host: a coordinate
-    search, one term's grid at a time with the others held, ``FIT_ROUNDS`` times over."""
+    search, one term's grid at a time with the others held, ``FIT_ROUNDS`` times over.
+    ``own``: one's measured records (already among ``records``), whose step times get
+    their own multipliers on top (``timing.with_own_records``)."""
     model = TimingModel.fit_static(records)
+    if own:
+        model = with_own_records(model, own)
     groups: dict[str, list[dict[str, Any]]] = {}
     cpu: list[dict[str, Any]] = []
     for r in records:
