@@ -208,6 +208,15 @@ def _timing(args: argparse.Namespace, batch_size: int, max_total: int) -> StepTi
         family=args.model_family.lower() if args.model_family else None,
         heads=heads(args.model_family),
     )
+    from supervisor.predict.plan import Layout
+
+    layout = Layout(1, shape)
+    if not layout.fits():  # simulated anyway: a what-if; the real export would not load
+        logging.getLogger(__name__).warning(
+            "a %gB model at tp %d, batch %d, %d tokens needs %.1f GB per NeuronCore: it "
+            "would not load on inf2 (simulated anyway)",
+            args.model_size, args.tp, batch_size, max_total, layout.memory_per_core_gb(),
+        )  # fmt: skip
     return SimulatorTiming(packaged_model(), shape)
 
 
